@@ -1,0 +1,1 @@
+"""tf_smallmm: fast many-small-matrix products for TensorFlow."""
