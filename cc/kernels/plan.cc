@@ -1,0 +1,306 @@
+// Shape and broadcast logic (the one place for it) and run-time ISA dispatch.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "cc/kernels/smallmm.h"
+
+namespace smallmm {
+
+using RunFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
+extern const RunFn kRunTable_baseline[int(DType::kNumDTypes)];
+#ifdef SMALLMM_HAVE_AVX2
+extern const RunFn kRunTable_avx2[int(DType::kNumDTypes)];
+#endif
+#ifdef SMALLMM_HAVE_AVX512
+extern const RunFn kRunTable_avx512[int(DType::kNumDTypes)];
+#endif
+
+const char* DTypeName(DType t) {
+  static const char* names[] = {"float16",   "bfloat16",  "float32",
+                                "float64",   "complex64", "complex128"};
+  const int i = int(t);
+  return i >= 0 && i < int(DType::kNumDTypes) ? names[i] : "invalid";
+}
+
+int DTypeSize(DType t) {
+  static const int sizes[] = {2, 2, 4, 8, 8, 16};
+  const int i = int(t);
+  return i >= 0 && i < int(DType::kNumDTypes) ? sizes[i] : 0;
+}
+
+namespace {
+
+std::string ShapeString(const Operand& x) {
+  std::ostringstream s;
+  s << "[";
+  for (int i = 0; i < x.rank; ++i) s << (i ? "," : "") << x.dims[i];
+  s << "]";
+  return s.str();
+}
+
+bool MulOverflows(int64_t a, int64_t b, int64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+
+// Drops size-1 loops and merges neighbours that walk memory as one loop.
+int Simplify(Loop* loops, int n) {
+  int w = 0;
+  for (int i = 0; i < n; ++i) {
+    if (loops[i].size == 1) continue;
+    if (w > 0) {
+      Loop& outer = loops[w - 1];
+      const Loop& inner = loops[i];
+      if (outer.size != 0 && inner.size != 0 && outer.a == inner.a * inner.size &&
+          outer.b == inner.b * inner.size && outer.c == inner.c * inner.size) {
+        outer.size *= inner.size;
+        outer.a = inner.a;
+        outer.b = inner.b;
+        outer.c = inner.c;
+        continue;
+      }
+    }
+    loops[w++] = loops[i];
+  }
+  return w;
+}
+
+}  // namespace
+
+bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
+                     int target_rank, GemmPlan* plan, int* out_rank,
+                     int64_t out_dims[kMaxBatchDims + 2], std::string* error) {
+  auto fail = [&](const std::string& msg) {
+    *error = msg;
+    return false;
+  };
+  if (a.rank < 2 || b.rank < 2) {
+    return fail(std::string(a.rank < 2 ? "x" : "y") + " must have rank >= 2, got x" +
+                ShapeString(a) + " and y" + ShapeString(b));
+  }
+  for (const Operand* x : {&a, &b}) {
+    for (int i = 0; i < x->rank; ++i) {
+      if (x->dims[i] < 0) return fail("negative dimension in shape " + ShapeString(*x));
+    }
+  }
+  const int ra = a.rank - 2, rb = b.rank - 2;
+  const bool has_target = target_rank >= 0;
+  const int rt = has_target ? target_rank : 0;
+  for (int i = 0; i < rt; ++i) {
+    if (target_batch[i] < 0) return fail("batch_shape has a negative dimension");
+  }
+  const int nb = std::max(std::max(ra, rb), rt);
+  if (nb > kMaxBatchDims) {
+    std::ostringstream s;
+    s << "at most " << kMaxBatchDims << " batch dimensions are supported, got x"
+      << ShapeString(a) << " and y" << ShapeString(b);
+    return fail(s.str());
+  }
+
+  GemmPlan p;
+  const int64_t* ad = a.dims + ra;  // the two matrix axes
+  const int64_t* as = a.strides + ra;
+  const int64_t* bd = b.dims + rb;
+  const int64_t* bs = b.strides + rb;
+  p.m = a.transpose ? ad[1] : ad[0];
+  const int64_t ka = a.transpose ? ad[0] : ad[1];
+  const int64_t kb = b.transpose ? bd[1] : bd[0];
+  p.n = b.transpose ? bd[0] : bd[1];
+  if (ka != kb) {
+    std::ostringstream s;
+    s << "Matrix size-incompatible: x" << ShapeString(a) << (a.transpose ? " (transposed)" : "")
+      << " has " << ka << " columns but y" << ShapeString(b)
+      << (b.transpose ? " (transposed)" : "") << " has " << kb << " rows";
+    return fail(s.str());
+  }
+  p.k = ka;
+  p.a_rs = a.transpose ? as[1] : as[0];
+  p.a_cs = a.transpose ? as[0] : as[1];
+  p.b_rs = b.transpose ? bs[1] : bs[0];
+  p.b_cs = b.transpose ? bs[0] : bs[1];
+  p.conj_a = a.conjugate;
+  p.conj_b = b.conjugate;
+
+  // Broadcast the batch axes (right-aligned) and decide output vs reduction per axis.
+  int64_t full[kMaxBatchDims], odim[kMaxBatchDims], sa[kMaxBatchDims], sb[kMaxBatchDims];
+  bool reduced[kMaxBatchDims];
+  int orank = 0;
+  for (int d = 0; d < nb; ++d) {
+    const int ia = d - (nb - ra), ib = d - (nb - rb), it = d - (nb - rt);
+    const int64_t da = ia >= 0 ? a.dims[ia] : 1;
+    const int64_t db = ib >= 0 ? b.dims[ib] : 1;
+    const int64_t dt = (has_target && it >= 0) ? target_batch[it] : 1;
+    int64_t f = 1;
+    for (int64_t s : {da, db, dt}) {
+      if (s == 1) continue;
+      if (f == 1) {
+        f = s;
+      } else if (s != f) {
+        std::ostringstream m;
+        m << "Incompatible batch dimensions: x" << ShapeString(a) << " and y" << ShapeString(b);
+        if (has_target) {
+          m << " with batch_shape [";
+          for (int i = 0; i < rt; ++i) m << (i ? "," : "") << target_batch[i];
+          m << "]";
+        }
+        m << " cannot be broadcast (batch axis " << d - nb << ": " << da << " vs " << db;
+        if (has_target) m << " vs " << dt;
+        m << ")";
+        return fail(m.str());
+      }
+    }
+    full[d] = f;
+    sa[d] = (da == 1) ? 0 : a.strides[ia];
+    sb[d] = (db == 1) ? 0 : b.strides[ib];
+    reduced[d] = has_target && dt == 1 && f != 1;
+    if (!has_target || it >= 0) odim[orank++] = has_target ? dt : f;
+  }
+
+  // Output shape and its dense strides.
+  *out_rank = orank + 2;
+  int64_t total = 1;
+  for (int i = 0; i < orank; ++i) {
+    out_dims[i] = odim[i];
+    if (MulOverflows(total, odim[i], &total)) return fail("output element count overflows int64");
+  }
+  out_dims[orank] = p.m;
+  out_dims[orank + 1] = p.n;
+  p.num_outputs = total;
+  if (MulOverflows(total, p.m, &total) || MulOverflows(total, p.n, &total)) {
+    return fail("output element count overflows int64");
+  }
+  p.output_elements = total;
+  p.c_cs = 1;
+  p.c_rs = p.n;
+  int64_t cstride[kMaxBatchDims];
+  int64_t run = p.m * p.n;
+  for (int i = orank - 1; i >= 0; --i) {
+    cstride[i] = run;
+    run *= odim[i];  // cannot overflow: bounded by output_elements
+  }
+
+  // Loop nests. Axes missing from the target are leading, so output axis indices line up
+  // with the trailing `orank` broadcast axes.
+  int no = 0, nr = 0;
+  int64_t reduced_count = 1;
+  for (int d = 0; d < nb; ++d) {
+    const int oi = d - (nb - orank);
+    if (reduced[d]) {
+      p.red[nr++] = {full[d], sa[d], sb[d], 0};
+      if (MulOverflows(reduced_count, full[d], &reduced_count)) {
+        return fail("reduction element count overflows int64");
+      }
+    } else if (oi >= 0) {
+      p.out[no++] = {odim[oi], sa[d], sb[d], cstride[oi]};
+    }
+  }
+  p.num_reduced = reduced_count;
+
+  // Loop order: an axis along which an operand is broadcast (stride 0) reuses that
+  // operand; put the axes with the largest reuse innermost so the reused matrix stays in
+  // L1 across consecutive work items (capsules: W[i] stays hot while the batch streams).
+  const int64_t a_bytes = p.m * p.k, b_bytes = p.k * p.n;
+  auto reuse = [&](const Loop& l) {
+    return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0);
+  };
+  std::stable_sort(p.out, p.out + no,
+                   [&](const Loop& x, const Loop& y) { return reuse(x) < reuse(y); });
+  p.num_out = Simplify(p.out, no);
+  p.num_red = Simplify(p.red, nr);
+  *plan = p;
+  return true;
+}
+
+int64_t CostPerOutput(const GemmPlan& p) {
+  const int64_t flops = std::max<int64_t>(p.m * p.n * std::max<int64_t>(p.k, 1), 1);
+  return std::max<int64_t>(p.num_reduced, 1) * (flops + p.m * p.k + p.k * p.n) + p.m * p.n + 20;
+}
+
+// ---------------------------------------------------------------- ISA dispatch
+namespace {
+
+struct Isa {
+  const char* name;
+  const RunFn* table;
+  bool (*supported)();
+};
+
+bool Always() { return true; }
+#ifdef SMALLMM_HAVE_AVX2
+bool HasAvx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+#ifdef SMALLMM_HAVE_AVX512
+bool HasAvx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("fma");
+}
+#endif
+
+// Best first.
+const Isa kIsas[] = {
+#ifdef SMALLMM_HAVE_AVX512
+    {"avx512", kRunTable_avx512, &HasAvx512},
+#endif
+#ifdef SMALLMM_HAVE_AVX2
+    {"avx2", kRunTable_avx2, &HasAvx2},
+#endif
+    {"baseline", kRunTable_baseline, &Always},
+};
+constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
+
+// TF_SMALLMM_ISA=avx2|baseline caps the choice (for A/B checks on one machine).
+int DefaultIsa() {
+  const char* want = getenv("TF_SMALLMM_ISA");
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (!kIsas[i].supported()) continue;
+    if (want == nullptr || *want == 0 || strcmp(want, kIsas[i].name) == 0) return i;
+  }
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (kIsas[i].supported()) return i;
+  }
+  return kNumIsas - 1;
+}
+
+std::atomic<int>& Current() {
+  static std::atomic<int> current{DefaultIsa()};
+  return current;
+}
+
+}  // namespace
+
+void RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
+                    void* c, int64_t begin, int64_t end) {
+  const int d = int(dtype);
+  if (d < 0 || d >= int(DType::kNumDTypes)) return;
+  kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
+}
+
+const char* ActiveIsa() { return kIsas[Current().load()].name; }
+
+const char* CompiledIsas() {
+  static const std::string names = [] {
+    std::string s;
+    for (int i = 0; i < kNumIsas; ++i) s += (i ? "," : "") + std::string(kIsas[i].name);
+    return s;
+  }();
+  return names.c_str();
+}
+
+bool SetIsa(const std::string& name) {
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (name == kIsas[i].name && kIsas[i].supported()) {
+      Current().store(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace smallmm

@@ -1,0 +1,117 @@
+// smallmm.h — the framework-free kernel core of tf_smallmm.
+//
+// Terminology (used everywhere in cc/, cuda/ and tf_smallmm/):
+//   lhs, rhs   the two operands, called A and B here and x, y in the TF ops.
+//   op(X)      X, optionally transposed (swap its two matrix axes) and optionally
+//              conjugated. adjoint = transpose + conjugate. Transposition is free: it
+//              only swaps the two matrix strides.
+//   M, N, K    op(A) is M×K, op(B) is K×N, the product C is M×N. N = 1 is a matvec.
+//   batch      every axis left of the two matrix axes. Batch axes are right-aligned
+//              and broadcast as in numpy / tf.matmul: an operand with size 1 (or no
+//              axis) along a batch axis is reused, which the engine expresses as
+//              stride 0 — it is never copied.
+//   output loop / reduction loop
+//              after broadcasting, each batch axis is either kept in the output
+//              (an output loop) or summed over inside the kernel (a reduction loop).
+//              Reduction loops are how gradients of broadcast operands are formed
+//              without materialising a per-batch copy and calling reduce_sum.
+//   strides    always in elements, never bytes; 0 means broadcast.
+//   layout     TF tensors are dense row-major; the pybind11 module passes numpy
+//              strides through, so views (including stride 0) work without copies.
+//
+// The primitive, for every output batch index o:
+//   C[o] = Σ_r op(A[ia(o, r)]) · op(B[ib(o, r)])
+// Float16 and bfloat16 accumulate in float32, everything else in its own type.
+#ifndef TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+#define TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+
+#include <cstdint>
+#include <string>
+
+namespace smallmm {
+
+// Element types. float16 and bfloat16 are 16-bit storage types (binary-compatible with
+// Eigen::half / Eigen::bfloat16 and numpy's float16 / ml_dtypes.bfloat16); complex types
+// are interleaved (re, im) pairs like std::complex.
+enum class DType : int {
+  kHalf = 0,
+  kBFloat16,
+  kFloat,
+  kDouble,
+  kComplex64,
+  kComplex128,
+  kNumDTypes
+};
+const char* DTypeName(DType t);
+int DTypeSize(DType t);
+
+constexpr int kMaxBatchDims = 8;  // after broadcasting, before merging axes
+
+// Compile-time tile sizes of the micro-kernels (gemm_isa.cc): a run-time M (or N) of
+// 1..4 uses the exact tile, 5..8 an 8-tile, larger sizes 16-tiles with the last one
+// zero-padded. Tests and benchmarks loop over this table.
+constexpr int kTileSizes[] = {1, 2, 3, 4, 8, 16};
+constexpr int kNumTileSizes = 6;
+
+// One loop of the batch nest: `size` iterations, advancing A, B and C by these strides.
+// In a reduction loop c is 0.
+struct Loop {
+  int64_t size;
+  int64_t a, b, c;
+};
+
+// A fully resolved problem: what the kernels execute. Built by PlanBatchMatMul.
+struct GemmPlan {
+  int64_t m = 0, n = 0, k = 0;
+  // op(A)[i, l] = A[i * a_rs + l * a_cs], op(B)[l, j] = B[l * b_rs + j * b_cs],
+  // C[i, j] = C[i * c_rs + j * c_cs].
+  int64_t a_rs = 0, a_cs = 0, b_rs = 0, b_cs = 0, c_rs = 0, c_cs = 0;
+  bool conj_a = false, conj_b = false;
+  int num_out = 0, num_red = 0;
+  Loop out[kMaxBatchDims];  // outermost first; flattened order = work-item order
+  Loop red[kMaxBatchDims];
+  int64_t num_outputs = 1;     // product of out[].size (number of C matrices)
+  int64_t num_reduced = 1;     // product of red[].size
+  int64_t output_elements = 0; // num_outputs * m * n
+};
+
+// An operand as the caller sees it: shape and element strides (dense or not).
+struct Operand {
+  int rank = 0;
+  const int64_t* dims = nullptr;
+  const int64_t* strides = nullptr;
+  bool transpose = false;
+  bool conjugate = false;
+};
+
+// Builds the plan for C = op(A) · op(B) with batch broadcasting. When target_rank >= 0,
+// the output batch shape is exactly target_batch[0..target_rank): every
+// broadcast batch axis where the target has size 1 or no axis is summed over inside the
+// kernel (a reduction loop); target axes must otherwise broadcast with the operands.
+// target_rank = -1 means the
+// plain broadcast product. Output is written dense row-major in shape `out_dims` (batch + [M, N]).
+// Returns false and sets *error (naming the operands and their shapes) on bad input;
+// never aborts. Checks element counts for int64 overflow.
+bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
+                     int target_rank, GemmPlan* plan, int* out_rank,
+                     int64_t out_dims[kMaxBatchDims + 2], std::string* error);
+
+// Rough cost of one output matrix in cycles, for sharding work over threads.
+int64_t CostPerOutput(const GemmPlan& plan);
+
+// Computes output matrices [begin, end) of the plan (in flattened out-loop order).
+// Safe to call concurrently on disjoint ranges. Reduction loops of size 0 and K = 0 give
+// zeros. `c` must be a dense row-major buffer for the plan's output shape.
+void RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
+                    int64_t begin, int64_t end);
+
+// Which instruction set the running process dispatched to: "avx512", "avx2" or "baseline".
+const char* ActiveIsa();
+// The instruction sets compiled into this library, e.g. "avx512,avx2,baseline".
+const char* CompiledIsas();
+// Force an ISA (for tests and benchmarks); returns false if the CPU lacks it.
+bool SetIsa(const std::string& name);
+
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CC_KERNELS_SMALLMM_H_

@@ -1,0 +1,202 @@
+// TF adapter: op registrations, shape functions and the one base OpKernel. It only
+// validates, broadcasts (through the kernel core's planner), allocates and shards; the
+// math is in cc/kernels/.
+#include <string>
+#include <vector>
+
+#include "cc/kernels/smallmm.h"
+#include "cc/ops/smallmm_types.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// Same inference as TF's BatchMatMulV2Shape (so static shapes match tf.matmul exactly,
+// unknown dims and rank included), with our transpose attrs; with `reduce`, the output
+// batch shape comes from the `batch_shape` input instead of the broadcast.
+absl::Status MatMulShape(InferenceContext* c, bool reduce) {
+  ShapeHandle x, y;
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(1), 2, &y));
+  bool tx, ty;
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_x", &tx));
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_y", &ty));
+  DimensionHandle rows = c->Dim(x, tx ? -1 : -2);
+  DimensionHandle cols = c->Dim(y, ty ? -2 : -1);
+  DimensionHandle inner;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, tx ? -2 : -1), c->Dim(y, ty ? -1 : -2), &inner));
+  ShapeHandle xb, yb, batch;
+  TF_RETURN_IF_ERROR(c->Subshape(x, 0, -2, &xb));
+  TF_RETURN_IF_ERROR(c->Subshape(y, 0, -2, &yb));
+  TF_RETURN_IF_ERROR(BroadcastBinaryOpOutputShapeFnHelper(c, xb, yb, true, &batch));
+  if (reduce) {
+    ShapeHandle target, unused;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &unused));
+    TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &target));
+    TF_RETURN_IF_ERROR(BroadcastBinaryOpOutputShapeFnHelper(c, batch, target, true, &unused));
+    batch = target;
+  }
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->Concatenate(batch, c->Matrix(rows, cols), &out));
+  c->set_output(0, out);
+  return absl::OkStatus();
+}
+
+// "T: {half, bfloat16, ...}" spelled from the one dtype list.
+const std::string& TypeAttr() {
+  static const std::string attr = [] {
+    std::string s;
+#define SMALLMM_NAME(T, DT, CORE) s += std::string(s.empty() ? "" : ", ") + DataTypeString(DT);
+    SMALLMM_TYPE_LIST(SMALLMM_NAME)
+#undef SMALLMM_NAME
+    return "T: {" + s + "}";
+  }();
+  return attr;
+}
+
+REGISTER_OP("SmallMMBatchMatMul")
+    .Input("x: T")
+    .Input("y: T")
+    .Output("output: T")
+    .Attr(TypeAttr())
+    .Attr("transpose_x: bool = false")
+    .Attr("conjugate_x: bool = false")
+    .Attr("transpose_y: bool = false")
+    .Attr("conjugate_y: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, false); })
+    .Doc(R"doc(
+Batched small matrix product with numpy-style batch broadcasting:
+output[..., :, :] = op(x[..., :, :]) · op(y[..., :, :]), where op transposes and/or
+conjugates as the attrs say (adjoint = both). Like BatchMatMulV2, but the transposes are
+separate from conjugation and broadcast operands are never copied.
+)doc");
+
+REGISTER_OP("SmallMMBatchMatMulReduce")
+    .Input("x: T")
+    .Input("y: T")
+    .Input("batch_shape: Tshape")
+    .Output("output: T")
+    .Attr(TypeAttr())
+    .Attr("Tshape: {int32, int64} = DT_INT32")
+    .Attr("transpose_x: bool = false")
+    .Attr("conjugate_x: bool = false")
+    .Attr("transpose_y: bool = false")
+    .Attr("conjugate_y: bool = false")
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, true); })
+    .Doc(R"doc(
+SmallMMBatchMatMul whose output has batch shape `batch_shape`: batch axes of the
+broadcast product that `batch_shape` lacks or has as 1 are summed over inside the kernel.
+This is the gradient of a broadcast operand without a per-batch intermediate.
+)doc");
+
+// The one base kernel for both ops (and every dtype: the core is type-erased).
+template <typename Device>
+class SmallMMMatMulOp : public OpKernel {
+ public:
+  explicit SmallMMMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_x", &transpose_x_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_x", &conjugate_x_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_y", &transpose_y_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y", &conjugate_y_));
+    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
+                errors::InvalidArgument("SmallMM: unsupported dtype ",
+                                        DataTypeString(ctx->input_type(0))));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& y = ctx->input(1);
+    std::vector<int64_t> xd, xs, yd, ys, target;
+    DenseLayout(x.shape(), &xd, &xs);
+    DenseLayout(y.shape(), &yd, &ys);
+    const bool reduce = ctx->num_inputs() == 3;
+    if (reduce) {
+      const Tensor& bs = ctx->input(2);
+      OP_REQUIRES(ctx, TensorShapeUtils::IsVector(bs.shape()),
+                  errors::InvalidArgument("batch_shape must be a vector, got shape ",
+                                          bs.shape().DebugString()));
+      for (int64_t i = 0; i < bs.NumElements(); ++i) {
+        target.push_back(bs.dtype() == DT_INT32 ? int64_t(bs.flat<int32>()(i))
+                                                : int64_t(bs.flat<int64_t>()(i)));
+      }
+    }
+    smallmm::Operand a{x.dims(), xd.data(), xs.data(), transpose_x_, conjugate_x_};
+    smallmm::Operand b{y.dims(), yd.data(), ys.data(), transpose_y_, conjugate_y_};
+    smallmm::GemmPlan plan;
+    int out_rank = 0;
+    int64_t out_dims[smallmm::kMaxBatchDims + 2];
+    std::string error;
+    OP_REQUIRES(ctx,
+                smallmm::PlanBatchMatMul(a, b, reduce ? target.data() : nullptr,
+                                         reduce ? int(target.size()) : -1, &plan, &out_rank, out_dims, &error),
+                errors::InvalidArgument(name(), ": ", error));
+    TensorShape out_shape;
+    for (int i = 0; i < out_rank; ++i) OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(out_dims[i]));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &out));
+    if (plan.output_elements == 0) return;
+    Launch(ctx, plan, x, y, out);
+  }
+
+ private:
+  static void DenseLayout(const TensorShape& s, std::vector<int64_t>* dims,
+                          std::vector<int64_t>* strides) {
+    const int r = s.dims();
+    dims->resize(r);
+    strides->resize(r);
+    int64_t run = 1;
+    for (int i = r - 1; i >= 0; --i) {
+      (*dims)[i] = s.dim_size(i);
+      (*strides)[i] = run;
+      run *= s.dim_size(i);
+    }
+  }
+
+  void Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan, const Tensor& x,
+              const Tensor& y, Tensor* out);
+
+  bool transpose_x_, conjugate_x_, transpose_y_, conjugate_y_;
+  smallmm::DType dtype_;
+};
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+template <>
+void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan,
+                                        const Tensor& x, const Tensor& y, Tensor* out) {
+  const void* a = x.tensor_data().data();
+  const void* b = y.tensor_data().data();
+  void* c = const_cast<char*>(out->tensor_data().data());
+  const smallmm::DType dtype = dtype_;
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  // Shard over output matrices; the cost estimate lets Shard keep tiny problems on the
+  // calling thread instead of paying the thread-pool hand-off.
+  Shard(workers->num_threads, workers->workers, plan.num_outputs,
+        smallmm::CostPerOutput(plan), [&](int64_t begin, int64_t end) {
+          smallmm::RunBatchMatMul(dtype, plan, a, b, c, begin, end);
+        });
+}
+
+#define SMALLMM_REGISTER_CPU(T, DT, CORE)                                                    \
+  REGISTER_KERNEL_BUILDER(                                                           \
+      Name("SmallMMBatchMatMul").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+      SmallMMMatMulOp<CPUDevice>);                                                   \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
+                              .Device(DEVICE_CPU)                                    \
+                              .TypeConstraint<T>("T")                                \
+                              .HostMemory("batch_shape"),                            \
+                          SmallMMMatMulOp<CPUDevice>);
+SMALLMM_TYPE_LIST(SMALLMM_REGISTER_CPU)
+#undef SMALLMM_REGISTER_CPU
+
+}  // namespace
+}  // namespace tensorflow

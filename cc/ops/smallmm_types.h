@@ -1,0 +1,36 @@
+// The one list of dtypes the SmallMM ops support. The op's type attr, the kernel
+// registrations and the TF -> kernel-core dtype map all come from here; a test checks
+// that every advertised dtype has a registered kernel.
+#ifndef TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
+#define TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
+
+#include "cc/kernels/smallmm.h"
+#include "tensorflow/core/framework/types.h"
+
+// X(C++ type, TF DataType, kernel-core DType)
+#define SMALLMM_TYPE_LIST(X)                                     \
+  X(Eigen::half, DT_HALF, kHalf)                                 \
+  X(::tensorflow::bfloat16, DT_BFLOAT16, kBFloat16)              \
+  X(float, DT_FLOAT, kFloat)                                     \
+  X(double, DT_DOUBLE, kDouble)                                  \
+  X(::tensorflow::complex64, DT_COMPLEX64, kComplex64)           \
+  X(::tensorflow::complex128, DT_COMPLEX128, kComplex128)
+
+namespace smallmm_tf {
+
+inline bool ToCoreDType(tensorflow::DataType t, smallmm::DType* out) {
+  switch (t) {
+#define SMALLMM_CASE(T, DT, CORE) \
+  case tensorflow::DT:            \
+    *out = smallmm::DType::CORE;  \
+    return true;
+    SMALLMM_TYPE_LIST(SMALLMM_CASE)
+#undef SMALLMM_CASE
+    default:
+      return false;
+  }
+}
+
+}  // namespace smallmm_tf
+
+#endif  // TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_

@@ -1,0 +1,93 @@
+// pybind11 module: the kernel core on numpy arrays, without TensorFlow. Used by the
+// kernel tests (every tile size, strides of 0 through np.broadcast_to views) and by
+// micro-benchmarks that want no TF overhead. numpy strides are passed through as-is.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cc/kernels/smallmm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+smallmm::DType CoreDType(const py::dtype& dt) {
+  const std::string name = py::str(dt.attr("name"));
+  if (name == "float16") return smallmm::DType::kHalf;
+  if (name == "bfloat16") return smallmm::DType::kBFloat16;
+  if (name == "float32") return smallmm::DType::kFloat;
+  if (name == "float64") return smallmm::DType::kDouble;
+  if (name == "complex64") return smallmm::DType::kComplex64;
+  if (name == "complex128") return smallmm::DType::kComplex128;
+  throw py::type_error("smallmm: unsupported dtype " + name);
+}
+
+struct Layout {
+  std::vector<int64_t> dims, strides;
+};
+
+Layout LayoutOf(const py::array& x, const char* name) {
+  Layout l;
+  for (py::ssize_t i = 0; i < x.ndim(); ++i) {
+    if (x.strides(i) % py::ssize_t(x.itemsize()) != 0) {
+      throw py::value_error(std::string(name) + ": strides must be multiples of the itemsize");
+    }
+    l.dims.push_back(x.shape(i));
+    l.strides.push_back(x.strides(i) / py::ssize_t(x.itemsize()));
+  }
+  return l;
+}
+
+py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+                 bool transpose_y, bool conjugate_y,
+                 std::optional<std::vector<int64_t>> batch_shape) {
+  if (!x.dtype().is(y.dtype())) {
+    throw py::type_error("smallmm: x and y must have the same dtype, got " +
+                         std::string(py::str(x.dtype())) + " and " +
+                         std::string(py::str(y.dtype())));
+  }
+  const smallmm::DType dtype = CoreDType(x.dtype());
+  const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
+  smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), transpose_x,
+                     conjugate_x};
+  smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), transpose_y,
+                     conjugate_y};
+  smallmm::GemmPlan plan;
+  int out_rank = 0;
+  int64_t out_dims[smallmm::kMaxBatchDims + 2];
+  std::string error;
+  const bool ok = smallmm::PlanBatchMatMul(
+      a, b, batch_shape ? batch_shape->data() : nullptr,
+      batch_shape ? int(batch_shape->size()) : -1, &plan, &out_rank, out_dims, &error);
+  if (!ok) throw py::value_error(error);
+  std::vector<py::ssize_t> shape(out_dims, out_dims + out_rank);
+  py::array out(x.dtype(), shape);
+  const void* pa = x.data();
+  const void* pb = y.data();
+  void* pc = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_smallmm_core, m) {
+  m.doc() = "tf_smallmm kernel core on numpy arrays (no TensorFlow).";
+  m.def("matmul", &MatMul, py::arg("x"), py::arg("y"), py::arg("transpose_x") = false,
+        py::arg("conjugate_x") = false, py::arg("transpose_y") = false,
+        py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
+        "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
+        "it (or 1 in it) are summed over. Accepts any strides, including 0.");
+  m.def("active_isa", &smallmm::ActiveIsa);
+  m.def("compiled_isas", &smallmm::CompiledIsas);
+  m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
+                                          std::end(smallmm::kTileSizes));
+}

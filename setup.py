@@ -1,0 +1,164 @@
+"""Builds tf_smallmm: the TF op library and the pybind11 kernel module.
+
+Install with ``pip install --no-build-isolation .`` after TensorFlow 2.21 and pybind11
+(build isolation would download a second TensorFlow just to read its headers).
+
+Environment:
+  TF_SMALLMM_CUDA=0|1   build the CUDA kernels (default: when nvcc is found)
+  TF_SMALLMM_JOBS=N     parallel compile jobs (default: CPU count)
+  NVCC=path             nvcc to use
+"""
+
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Flags common to every C++ file. No -march=native and no -ffast-math: the library must
+# run on any x86-64 CPU and keep IEEE semantics (NaN/Inf propagate as in tf.matmul).
+CXXFLAGS = ["-O3", "-g0", "-fPIC", "-fvisibility=hidden", "-Wall",
+            "-Wno-sign-compare", "-Wno-unused-function"]
+# Per-ISA builds of the kernel core; plan.cc dispatches between them at run time.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
+               "-mf16c", "-mprefer-vector-width=512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "baseline": [],
+}
+KERNEL_SOURCES = ["cc/kernels/plan.cc"]
+TF_SOURCES = ["cc/ops/smallmm_ops.cc"]
+CUDA_ARCHS = ["80", "90"]
+
+
+def _run(cmd):
+    print(" ".join(cmd), flush=True)
+    subprocess.check_call(cmd, cwd=HERE)
+
+
+def _find_nvcc():
+    want = os.environ.get("TF_SMALLMM_CUDA", "")
+    if want == "0":
+        return None
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if want == "1" and not nvcc:
+        raise RuntimeError("TF_SMALLMM_CUDA=1 but nvcc was not found")
+    return nvcc
+
+
+EXTRA_OUTPUTS = ["_smallmm_ops.so", "_build_info.json"]
+
+
+class BuildSmallMM(build_ext):
+    """Compiles cc/ (and cuda/) with g++/nvcc directly; setuptools' compiler abstraction
+    cannot express per-file ISA flags or nvcc."""
+
+    def copy_extensions_to_source(self):
+        # --inplace / editable installs: setuptools copies only the declared extension.
+        super().copy_extensions_to_source()
+        src = os.path.join(self.build_lib, "tf_smallmm")
+        for name in EXTRA_OUTPUTS:
+            shutil.copy2(os.path.join(src, name), os.path.join(HERE, "tf_smallmm", name))
+
+    def get_outputs(self):
+        out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
+        return super().get_outputs() + [os.path.join(out_dir, n) for n in EXTRA_OUTPUTS]
+
+    def build_extensions(self):
+        import pybind11
+        import tensorflow as tf
+
+        out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
+        obj_dir = os.path.join(self.build_temp, "smallmm_obj")
+        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(obj_dir, exist_ok=True)
+        cxx = os.environ.get("CXX", "g++")
+        tf_cflags = tf.sysconfig.get_compile_flags()  # ABI + C++ standard, from TF itself
+        tf_lflags = tf.sysconfig.get_link_flags()
+        std = [f for f in tf_cflags if f.startswith(("--std", "-std"))] or ["-std=c++17"]
+        base = [cxx] + CXXFLAGS + std + ["-I" + HERE]
+
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        isas = list(ISA_FLAGS) if x86 else ["baseline"]
+        jobs = []  # (command, object)
+
+        def obj(name):
+            return os.path.join(obj_dir, name.replace("/", "_") + ".o")
+
+        core_objs = []
+        for isa in isas:
+            o = obj(f"gemm_{isa}")
+            jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c",
+                                                 "cc/kernels/gemm_isa.cc", "-o", o])
+            core_objs.append(o)
+        isa_defs = [f"-DSMALLMM_HAVE_{i.upper()}" for i in isas if i != "baseline"]
+        for src in KERNEL_SOURCES:
+            jobs.append(base + isa_defs + ["-c", src, "-o", obj(src)])
+            core_objs.append(obj(src))
+
+        tf_objs = []
+        tf_base = base + tf_cflags + ["-Wno-deprecated-declarations",
+                                      "--param", "destructive-interference-size=128"]
+        nvcc = _find_nvcc()
+        cuda_srcs = sorted(
+            os.path.join("cuda", f) for f in os.listdir(os.path.join(HERE, "cuda"))
+            if f.endswith(".cu.cc")) if os.path.isdir(os.path.join(HERE, "cuda")) else []
+        cuda = bool(nvcc and cuda_srcs)
+        if cuda:
+            tf_base += ["-DGOOGLE_CUDA=1"]
+        for src in TF_SOURCES:
+            jobs.append(tf_base + ["-c", src, "-o", obj(src)])
+            tf_objs.append(obj(src))
+        if cuda:
+            gencode = []
+            for a in CUDA_ARCHS:
+                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+            gencode += ["-gencode", f"arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
+            for src in cuda_srcs:
+                o = obj(src)
+                jobs.append([nvcc, "-x", "cu", "-O3", "-DGOOGLE_CUDA=1", "--expt-relaxed-constexpr",
+                             "-Xcompiler", "-fPIC", "-I" + HERE] + std + gencode
+                            + [f for f in tf_cflags if not f.startswith(("--std", "-std"))]
+                            + ["-Wno-deprecated-gpu-targets", "-c", src, "-o", o])
+                tf_objs.append(o)
+
+        n = int(os.environ.get("TF_SMALLMM_JOBS", os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+            for f in [pool.submit(_run, j) for j in jobs]:
+                f.result()
+
+        # The op library: loaded with tf.load_op_library. No -lcudart: TF's framework
+        # library provides the CUDA runtime symbols.
+        _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
+             + tf_objs + core_objs + tf_lflags)
+        # The pybind11 kernel module (no TF).
+        core_so = os.path.join(out_dir, "_smallmm_core" + sysconfig.get_config_var("EXT_SUFFIX"))
+        _run(base + ["-shared", "-I" + pybind11.get_include(),
+                     "-I" + sysconfig.get_paths()["include"], "cc/python/module.cc", "-o",
+                     core_so] + core_objs)
+
+        info = {
+            "tf_version": tf.__version__,
+            "isas": isas,
+            "cuda": cuda,
+            "cuda_archs": CUDA_ARCHS if cuda else [],
+            "compiler": subprocess.check_output([cxx, "--version"], text=True).splitlines()[0],
+            "built": datetime.date.today().isoformat(),
+        }
+        with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+setup(
+    ext_modules=[Extension("tf_smallmm._smallmm_core", sources=[])],
+    cmdclass={"build_ext": BuildSmallMM},
+)

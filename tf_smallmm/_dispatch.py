@@ -1,0 +1,57 @@
+"""When to use a SmallMM kernel and when to call TensorFlow's built-in instead.
+
+The result, errors and static shapes are the same either way; this only decides speed.
+"""
+
+import os
+
+import tensorflow as tf
+from tensorflow.python.framework import ops
+
+from tf_smallmm import _loader
+
+SUPPORTED_DTYPES = frozenset(
+    [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128])
+
+# Above this many multiply-adds per matrix product (M·N·K) the built-in GEMM (oneDNN /
+# Eigen, cuBLAS on GPU) wins: its blocking and packing pay off once a single product is
+# large. Chosen from `python -m tf_smallmm.bench --sweep` on a 2-core AVX-512 machine,
+# TF 2.21 (2026-11-25): at n×n×n with n = 32 ours was still ahead, at n = 64 level.
+MAX_SMALL_MACS = 64 * 64 * 64
+
+
+def disabled():
+    """TF_SMALLMM_DISABLE=1 forces the TF built-ins everywhere (for A/B checks)."""
+    return os.environ.get("TF_SMALLMM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_xla_context():
+    """True while tracing inside tf.function(jit_compile=True): custom ops cannot be
+    compiled by XLA, so the built-ins must be used there."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+    except Exception:  # private API moved: assume no XLA (the op then fails loudly)
+        return False
+
+
+def _gpu_without_kernels():
+    if "GPU" in _loader.build_info().get("devices", []):
+        return False
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def use_kernel(dtype, macs=None):
+    """Whether a SmallMM op should run a product of this dtype and static size.
+
+    `macs` is M·N·K when all three are statically known, else None (the kernel handles
+    any size correctly; unknown sizes are assumed small).
+    """
+    if disabled() or dtype not in SUPPORTED_DTYPES or not _loader.kernels_loaded():
+        return False
+    if macs is not None and macs > MAX_SMALL_MACS:
+        return False
+    if in_xla_context() or _gpu_without_kernels():
+        return False
+    return True

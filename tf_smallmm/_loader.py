@@ -1,0 +1,88 @@
+"""Loads the compiled op library once and says what it contains.
+
+The library is tied to the TensorFlow it was compiled against: on a mismatch (or any load
+failure) we warn once, naming both versions and the reinstall command, and every wrapper
+falls back to TensorFlow's built-in ops instead of crashing.
+"""
+
+import functools
+import json
+import os
+import warnings
+
+import tensorflow as tf
+from packaging.version import Version
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_OPS_PATH = os.path.join(_DIR, "_smallmm_ops.so")
+_INFO_PATH = os.path.join(_DIR, "_build_info.json")
+REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_smallmm source dir>"
+
+
+class _State:
+    lib = None
+    error = None
+    info = {}
+
+
+def _same_release(built, running):
+    # Custom-op ABI is stable within a TF minor release (2.21.0 vs 2.21.1), not across.
+    return Version(built).release[:2] == Version(running).release[:2]
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """Returns the op-library module, or None (after one warning) if it cannot be used."""
+    try:
+        with open(_INFO_PATH) as f:
+            _State.info = json.load(f)
+    except OSError:
+        _State.error = f"tf_smallmm's compiled library was not found next to {_DIR}"
+    if _State.error is None:
+        built = _State.info.get("tf_version", "unknown")
+        if built == "unknown" or not _same_release(built, tf.__version__):
+            _State.error = (
+                f"tf_smallmm was built against TensorFlow {built} but TensorFlow "
+                f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's "
+                f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
+    if _State.error is None:
+        try:
+            _State.lib = tf.load_op_library(_OPS_PATH)
+        except Exception as e:  # NotFoundError (undefined symbol), OSError, ...
+            _State.error = (f"tf_smallmm's op library failed to load ({e}); TensorFlow's "
+                            f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
+    if _State.error is not None:
+        warnings.warn(_State.error, RuntimeWarning, stacklevel=3)
+    return _State.lib
+
+
+def kernels_loaded():
+    """True when the SmallMM op library is loaded and usable."""
+    return load() is not None
+
+
+def _registered_devices(op_name):
+    from tensorflow.python.framework import kernels
+
+    devs = set()
+    for k in kernels.get_registered_kernels_for_op(op_name).kernel:
+        devs.add(k.device_type)
+    return sorted(devs)
+
+
+def build_info():
+    """What was compiled and what is running: TF versions, ISAs, devices with kernels."""
+    lib = load()
+    info = dict(_State.info)
+    info["tf_runtime_version"] = tf.__version__
+    info["kernels_loaded"] = lib is not None
+    info["load_error"] = _State.error
+    info["devices"] = _registered_devices("SmallMMBatchMatMul") if lib is not None else []
+    try:
+        from tf_smallmm import _smallmm_core as core
+
+        info["active_isa"] = core.active_isa()
+        info["tile_sizes"] = list(core.tile_sizes)
+    except ImportError:
+        info["active_isa"] = None
+    return info

@@ -1,0 +1,86 @@
+"""Drop-in `matmul` and `matvec` (same signatures, results, static shapes and errors as
+tf.linalg.matmul / tf.linalg.matvec)."""
+
+import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.framework import ops
+
+from tf_smallmm import _dispatch, _ops
+
+
+def _dim(shape, i):
+    return shape[i] if shape is not None else None
+
+
+def _convert(a, b):
+    # The same conversions tf.linalg.matmul makes (b takes a's dtype as a hint).
+    if not (context.executing_eagerly() and isinstance(a, ops.EagerTensor)):
+        a = ops.convert_to_tensor(a, name="a")
+    if not (context.executing_eagerly() and isinstance(b, ops.EagerTensor)):
+        b = ops.convert_to_tensor(b, dtype_hint=a.dtype.base_dtype, name="b")
+    return a, b
+
+
+def _eligible(a, b, transpose_a, transpose_b):
+    """Static checks: our kernel runs only where its result and errors match the built-in
+    and it is faster; anything else (bad ranks, mismatched dims or dtypes, big products,
+    unsupported dtypes, XLA) goes to tf.linalg.matmul, which raises its own errors."""
+    if a.dtype != b.dtype:
+        return False
+    sa, sb = a.shape, b.shape
+    if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
+        return False
+    if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
+        pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
+    sa = sa.as_list() if sa.rank is not None else None
+    sb = sb.as_list() if sb.rank is not None else None
+    m = _dim(sa, -1 if transpose_a else -2)
+    ka = _dim(sa, -2 if transpose_a else -1)
+    kb = _dim(sb, -1 if transpose_b else -2)
+    n = _dim(sb, -2 if transpose_b else -1)
+    if ka is not None and kb is not None and ka != kb:
+        return False
+    k = ka if ka is not None else kb
+    macs = m * n * k if None not in (m, n, k) else None
+    if sa is not None and sb is not None:
+        ba, bb = sa[:-2], sb[:-2]
+        for da, db in zip(reversed(ba), reversed(bb)):
+            if da is not None and db is not None and da != db and 1 not in (da, db):
+                return False
+    return _dispatch.use_kernel(a.dtype.base_dtype, macs)
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_b=False,
+           a_is_sparse=False, b_is_sparse=False, output_type=None, grad_a=False,
+           grad_b=False, name=None):
+    """Drop-in for `tf.linalg.matmul`: the same arguments, results and errors.
+
+    Small float/complex products run on the SmallMM kernel (batch broadcasting without
+    copies, transposes as strides, gradients of broadcast operands summed inside the
+    kernel); everything else calls `tf.linalg.matmul` with the same arguments.
+    """
+    builtin_kwargs = dict(transpose_a=transpose_a, transpose_b=transpose_b,
+                          adjoint_a=adjoint_a, adjoint_b=adjoint_b, a_is_sparse=a_is_sparse,
+                          b_is_sparse=b_is_sparse, output_type=output_type, grad_a=grad_a,
+                          grad_b=grad_b)
+    with ops.name_scope(name, "MatMul", [a, b]) as name:
+        if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
+            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)  # raises ValueError
+        if a_is_sparse or b_is_sparse or isinstance(a, tf.SparseTensor) or isinstance(
+                b, tf.SparseTensor):
+            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
+        a, b = _convert(a, b)
+        ta, tb = transpose_a or adjoint_a, transpose_b or adjoint_b
+        if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
+            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
+        return _ops.product(a, b, transpose_x=ta, conjugate_x=adjoint_a, transpose_y=tb,
+                            conjugate_y=adjoint_b, name=name)
+
+
+def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
+           name=None):
+    """Drop-in for `tf.linalg.matvec`: op(a)[..., M, K] · b[..., K] -> [..., M]."""
+    with ops.name_scope(name, "MatVec", [a, b]) as name:
+        output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
+                        adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
+        return tf.squeeze(output, axis=-1)
