@@ -1,0 +1,149 @@
+"""The kernel core alone, through the pybind11 module (numpy in, numpy out, no TF)."""
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tf_smallmm import _smallmm_core as core
+
+NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
+             np.complex128]
+# Every tile size, one past the largest, sizes that straddle tiles, and primes.
+SIZES = sorted(set(core.tile_sizes) | {5, 7, 9, 13, 17, 31, 33})
+ISAS = core.compiled_isas().split(",")
+
+
+def ints(rng, shape, dtype):
+    # Small integers: every product and sum below is exact in every dtype (bfloat16 has
+    # 8 significant bits, so its entries stay in {-1, 0, 1}).
+    hi = 2 if dtype == ml_dtypes.bfloat16 else 3
+    x = rng.integers(-hi + 1, hi, size=shape).astype(np.float64)
+    if np.issubdtype(dtype, np.complexfloating):
+        x = x + 1j * rng.integers(-hi + 1, hi, size=shape)
+    return x.astype(dtype)
+
+
+def ref(x, y, tx=False, cx=False, ty=False, cy=False):
+    w = np.complex128 if np.iscomplexobj(x) else np.float64
+    x, y = x.astype(w), y.astype(w)
+    if tx:
+        x = np.swapaxes(x, -1, -2)
+    if cx:
+        x = np.conj(x)
+    if ty:
+        y = np.swapaxes(y, -1, -2)
+    if cy:
+        y = np.conj(y)
+    return np.matmul(x, y)
+
+
+def check_exact(got, want):
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.astype(want.dtype), want)
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("form", ["cube", "M", "N", "K"])
+def test_every_tile_size_exact(dtype, size, form):
+    m, n, k = {"cube": (size, size, size), "M": (size, 3, 5), "N": (2, size, 7),
+               "K": (3, 4, size)}[form]
+    rng = np.random.default_rng(size)
+    x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
+    check_exact(core.matmul(x, y), ref(x, y))
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
+@pytest.mark.parametrize("dtype", [np.float32, np.complex128], ids=lambda d: np.dtype(d).name)
+def test_transpose_and_conjugate_flags(flags, dtype):
+    tx, cx, ty, cy = flags
+    rng = np.random.default_rng(1)
+    x = ints(rng, (3, 5, 4) if tx else (3, 4, 5), dtype)
+    y = ints(rng, (6, 5) if ty else (5, 6), dtype)
+    got = core.matmul(x, y, transpose_x=tx, conjugate_x=cx, transpose_y=ty, conjugate_y=cy)
+    check_exact(got, ref(x, y, tx, cx, ty, cy))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_compiled_isa_agrees(isa, dtype):
+    rng = np.random.default_rng(2)
+    x, y = ints(rng, (4, 1, 9, 17), dtype), ints(rng, (3, 17, 5), dtype)
+    before = core.active_isa()
+    if not core.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        check_exact(core.matmul(x, y), ref(x, y))
+    finally:
+        core.set_isa(before)
+
+
+def test_stride_zero_and_strided_views():
+    rng = np.random.default_rng(3)
+    w = ints(rng, (8, 3), np.float32)
+    xb = np.broadcast_to(w, (5, 7, 8, 3))  # strides of 0 on both batch axes
+    assert xb.strides[0] == 0 and xb.strides[1] == 0
+    y = ints(rng, (5, 7, 3, 2), np.float32)
+    check_exact(core.matmul(xb, y), ref(xb, y))
+    big = ints(rng, (6, 10, 12), np.float64)
+    view = big[::2, 1::3, ::-2]  # non-unit, offset and negative strides
+    check_exact(core.matmul(view, np.swapaxes(view, -1, -2)), ref(view, np.swapaxes(view, -1, -2)))
+
+
+@pytest.mark.parametrize("xs,ys,target", [
+    ((5, 3, 4), (4, 2), []),              # sum over the whole batch
+    ((5, 3, 4), (5, 4, 2), [1]),          # keep the axis as size 1
+    ((2, 5, 3, 4), (1, 5, 4, 2), [5]),    # leading axis summed
+    ((2, 1, 3, 4), (1, 6, 4, 2), [2, 1]), # broadcast axis summed
+    ((3, 4), (4, 2), [7]),                # expand: every output equal
+    ((0, 3, 4), (4, 2), []),              # reduction over nothing gives zeros
+])
+def test_reduction_to_batch_shape(xs, ys, target):
+    rng = np.random.default_rng(4)
+    x, y = ints(rng, xs, np.float64), ints(rng, ys, np.float64)
+    full = ref(x, y)
+    want = full
+    lead = full.ndim - 2 - len(target)
+    want = want.sum(axis=tuple(range(lead))) if lead > 0 else want
+    for i, t in enumerate(target):
+        if t == 1:
+            want = want.sum(axis=i, keepdims=True)
+    want = np.broadcast_to(want, tuple(target) + full.shape[-2:])
+    check_exact(core.matmul(x, y, batch_shape=target), want)
+
+
+@pytest.mark.parametrize("xs,ys,out", [
+    ((0, 3, 4), (4, 5), (0, 3, 5)),
+    ((2, 3, 0), (0, 5), (2, 3, 5)),       # K = 0: zeros
+    ((2, 0, 4), (4, 5), (2, 0, 5)),
+    ((3, 4), (2, 0, 4, 5), (2, 0, 3, 5)),
+])
+def test_empty(xs, ys, out):
+    got = core.matmul(np.ones(xs, np.float32), np.ones(ys, np.float32))
+    assert got.shape == out
+    assert not got.any()
+
+
+def test_nan_and_inf_propagate():
+    x = np.array([[np.nan, 1.0], [np.inf, 0.0], [1.0, 2.0]], np.float32)
+    y = np.array([[1.0, 0.0], [2.0, np.inf]], np.float32)
+    np.testing.assert_array_equal(core.matmul(x, y), ref(x, y).astype(np.float32))
+
+
+@pytest.mark.parametrize("xs,ys,message", [
+    ((3, 4), (5, 6), "Matrix size-incompatible"),
+    ((2, 3, 4), (3, 4, 6), "Incompatible batch dimensions"),
+    ((4,), (4, 6), "rank >= 2"),
+])
+def test_bad_shapes_raise(xs, ys, message):
+    with pytest.raises(ValueError, match=message):
+        core.matmul(np.ones(xs, np.float32), np.ones(ys, np.float32))
+
+
+def test_bad_dtypes_raise():
+    with pytest.raises(TypeError, match="same dtype"):
+        core.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float64))
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
