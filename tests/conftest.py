@@ -97,11 +97,17 @@ def run_python(code, env=None, timeout=120):
     """Runs `code` in a fresh interpreter: a crash (segfault, abort) fails the caller's
     test instead of killing the test process. Returns CompletedProcess."""
     full_env = dict(os.environ)
+    # The child imports the same tf_smallmm as this process (installed or in-tree build),
+    # never a source checkout that happens to be its working directory.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(smm.__file__)))
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [package_root, os.path.dirname(os.path.abspath(__file__))]
+        + [p for p in [os.environ.get("PYTHONPATH")] if p])
     full_env.update(env or {})
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=full_env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session", autouse=True)
