@@ -782,10 +782,11 @@ def decompose_model(
         "random_state"} -- or None/False to leave the layer alone; or a callable
         `policy(layer) -> options or None`. Example:
         `{"Dense": {"rank": "vbmf"}, "conv1": {"method": "tucker", "ranks": "vbmf"}}`.
-      min_params: leave alone layers with fewer weights than this, unless the dict names the
-        layer explicitly (a name is taken as a request). A key naming a layer's own class,
-        a name, or a callable's answer is a request: a layer that cannot be decomposed
-        (e.g. groups > 1) raises; a key naming a base class ("Layer") skips such layers.
+      min_params: layers with fewer weights than this are skipped (and listed in
+        `report.skipped`), unless the dict names the layer.
+        A layer matched by its name, by its own class name or by a callable is a request: if
+        it cannot be decomposed (e.g. groups > 1) that raises. A key naming a base class
+        (e.g. "Layer") silently skips layers that cannot be decomposed.
       allow_growth: if False (default), a decomposition that would have more weights than
         the original layer (e.g. a rank VBMF found too high to pay off) is not applied and
         is listed in `report.skipped`.
@@ -815,7 +816,7 @@ def decompose_model(
     _check_policy(model, policy, layers)
 
     taken = {layer.name for layer in model.layers}
-    factored = {}  # id(original layer) -> _Factored
+    factored = {}  # id(original layer) -> (original layer, _Factored)
     skipped = []
     for layer in layers:
         options, how = _policy_lookup(layer, policy)
