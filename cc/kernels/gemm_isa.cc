@@ -118,28 +118,64 @@ template <>
 struct Traits<DType::kComplex128> : PlainTraits<double, true> {};
 
 // ---------------------------------------------------------------- micro-kernels
-// acc[MT][NT] += Σ_l ap[l][0..MT) ⊗ bp[l][0..NT). For complex operands ap/bp/acc hold
-// a real plane followed by an imaginary plane (ap_im = ap + k*MT, acc_im = acc + MT*NT).
-template <typename R, int MT, int NT>
-void MicroReal(int64_t k, const R* __restrict ap, const R* __restrict bp, R* __restrict acc) {
-  R c[MT * NT];
-  for (int x = 0; x < MT * NT; ++x) c[x] = acc[x];
-  for (int64_t l = 0; l < k; ++l) {
-    const R* __restrict a = ap + l * MT;
-    const R* __restrict b = bp + l * NT;
-    for (int i = 0; i < MT; ++i)
-      for (int j = 0; j < NT; ++j) c[i * NT + j] += a[i] * b[j];
-  }
-  for (int x = 0; x < MT * NT; ++x) acc[x] = c[x];
-}
+// acc (+)= Σ_l ap[l][0..MT) ⊗ bp[l][0..NT) over one MT×NT tile (overwrites acc unless
+// `accumulate`).
+//
+// Real types vectorise along the longer tile side with GCC vector extensions (lowered to
+// zmm / ymm / xmm by each ISA build): with MT > NT the accumulators are MT-lane column
+// vectors and the tile is stored column-major (acc[j*MT + i]); otherwise NT-lane row
+// vectors, row-major (acc[i*NT + j]). Each k step is one vector load and MT or NT
+// broadcast-FMAs, all accumulators in registers. TileColMajor says which layout.
+constexpr bool TileColMajor(int mt, int nt, bool complex) { return !complex && mt > nt; }
+
+template <typename R, int L>
+struct VecOf {
+  typedef R type __attribute__((vector_size(sizeof(R) * L)));
+};
 
 template <typename R, int MT, int NT>
+void MicroReal(int64_t k, const R* __restrict ap, const R* __restrict bp, R* __restrict acc,
+               bool accumulate) {
+  constexpr bool kAlongM = TileColMajor(MT, NT, false);
+  constexpr int L = kAlongM ? MT : NT;  // vector lanes
+  constexpr int S = kAlongM ? NT : MT;  // accumulators
+  const R* __restrict vp = kAlongM ? ap : bp;  // [l][L]
+  const R* __restrict sp = kAlongM ? bp : ap;  // [l][S]
+  if constexpr (L == 1 || L == 3) {  // not a vector size: plain loops
+    R c[S * L];
+    for (int x = 0; x < S * L; ++x) c[x] = accumulate ? acc[x] : R(0);
+    for (int64_t l = 0; l < k; ++l)
+      for (int s = 0; s < S; ++s)
+        for (int v = 0; v < L; ++v) c[s * L + v] += sp[l * S + s] * vp[l * L + v];
+    for (int x = 0; x < S * L; ++x) acc[x] = c[x];
+  } else {
+    using V = typename VecOf<R, L>::type;
+    V c[S];
+    for (int s = 0; s < S; ++s) {
+      if (accumulate) {
+        memcpy(&c[s], acc + s * L, sizeof(V));
+      } else {
+        c[s] = V{};
+      }
+    }
+    for (int64_t l = 0; l < k; ++l) {
+      V v;
+      memcpy(&v, vp + l * L, sizeof(V));
+      for (int s = 0; s < S; ++s) c[s] += sp[l * S + s] * v;
+    }
+    for (int s = 0; s < S; ++s) memcpy(acc + s * L, &c[s], sizeof(V));
+  }
+}
+
+// Complex: split real/imaginary planes (ap_im = ap + k*MT, acc_im = acc + MT*NT),
+// row-major tile.
+template <typename R, int MT, int NT>
 void MicroComplex(int64_t k, const R* __restrict ap, const R* __restrict bp,
-                  R* __restrict acc) {
+                  R* __restrict acc, bool accumulate) {
   R cr[MT * NT], ci[MT * NT];
   for (int x = 0; x < MT * NT; ++x) {
-    cr[x] = acc[x];
-    ci[x] = acc[MT * NT + x];
+    cr[x] = accumulate ? acc[x] : R(0);
+    ci[x] = accumulate ? acc[MT * NT + x] : R(0);
   }
   const R* __restrict api = ap + k * MT;
   const R* __restrict bpi = bp + k * NT;
@@ -167,7 +203,7 @@ inline int TileClass(int64_t n) {
 }
 
 template <typename R, bool C>
-using MicroFn = void (*)(int64_t, const R*, const R*, R*);
+using MicroFn = void (*)(int64_t, const R*, const R*, R*, bool);
 
 template <typename R, bool C, int MT, int NT>
 constexpr MicroFn<R, C> MicroFor() {
@@ -208,28 +244,59 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
   using T = Traits<D>;
   using R = typename T::R;
   constexpr int kPlanes = T::kComplex ? 2 : 1;
+  constexpr int kElem = T::kComplex ? 2 : 1;  // storage scalars per element
   const int64_t ntiles = (rows + tile - 1) / tile;
   const R sign = conj ? R(-1) : R(1);
+  // Walk memory in its own order (the smaller stride innermost): a folded batch axis can
+  // make one of the strides huge, and crossing a page per element thrashes the TLB.
+  const bool rows_inner = !(k_stride >= 0 && row_stride >= 0 && k_stride < row_stride);
   for (int64_t t = 0; t < ntiles; ++t) {
     R* dst = out + t * kPlanes * k * tile;
     const int64_t r0 = t * tile;
     const int64_t valid = rows - r0 < tile ? rows - r0 : tile;
+    auto put = [&](int64_t i, int64_t l) {
+      const int64_t idx = kElem * (off + (r0 + i) * row_stride + l * k_stride);
+      dst[l * tile + i] = T::Load(x, idx);
+      if constexpr (T::kComplex) dst[k * tile + l * tile + i] = sign * T::Load(x, idx + 1);
+    };
+    if (rows_inner) {
+      for (int64_t l = 0; l < k; ++l)
+        for (int64_t i = 0; i < valid; ++i) put(i, l);
+    } else {
+      for (int64_t i = 0; i < valid; ++i)
+        for (int64_t l = 0; l < k; ++l) put(i, l);
+    }
     for (int64_t l = 0; l < k; ++l) {
-      for (int64_t i = 0; i < tile; ++i) {
-        if (i < valid) {
-          const int64_t idx = off + (r0 + i) * row_stride + l * k_stride;
-          if constexpr (T::kComplex) {
-            dst[l * tile + i] = T::Load(x, 2 * idx);
-            dst[k * tile + l * tile + i] = sign * T::Load(x, 2 * idx + 1);
-          } else {
-            dst[l * tile + i] = T::Load(x, idx);
-          }
-        } else {
-          dst[l * tile + i] = R(0);
-          if constexpr (T::kComplex) dst[k * tile + l * tile + i] = R(0);
-        }
+      for (int64_t i = valid; i < tile; ++i) {
+        dst[l * tile + i] = R(0);
+        if constexpr (T::kComplex) dst[k * tile + l * tile + i] = R(0);
       }
     }
+  }
+}
+
+// Writes the valid rows × cols of an accumulator tile to C, in C's own memory order.
+template <DType D>
+void StoreTile(const typename Traits<D>::R* t, int mt, int nt, int64_t rows, int64_t cols,
+               void* c, int64_t off, int64_t rs, int64_t cs) {
+  using T = Traits<D>;
+  const bool col = TileColMajor(mt, nt, T::kComplex);
+  const int64_t ti = col ? 1 : nt, tj = col ? mt : 1;
+  auto put = [&](int64_t i, int64_t j) {
+    const int64_t idx = off + i * rs + j * cs;
+    if constexpr (T::kComplex) {
+      T::Store(c, 2 * idx, t[i * ti + j * tj]);
+      T::Store(c, 2 * idx + 1, t[mt * nt + i * ti + j * tj]);
+    } else {
+      T::Store(c, idx, t[i * ti + j * tj]);
+    }
+  };
+  if (rs >= 0 && cs >= 0 && rs < cs) {
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i < rows; ++i) put(i, j);
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) put(i, j);
   }
 }
 
@@ -285,10 +352,14 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   const MicroFn<R, kC> micro = SelectMicro<R, kC>(mi, ni);
 
   // Scratch: packed A, packed B, accumulators. Sized by the plan, so bounded by the
-  // inputs' own sizes; one allocation per call (a call covers a whole shard).
+  // inputs' own sizes; one allocation per call (a call covers a whole shard). Without
+  // reduction loops one accumulator tile suffices (each tile is stored as soon as it is
+  // done); with them, all tiles accumulate across the reduction.
+  const bool reducing = p.num_reduced > 1;
+  const int64_t acc_tile = kPlanes * mt * nt;
   const int64_t a_elems = mtiles * mt * p.k * kPlanes;
   const int64_t b_elems = ntiles * nt * p.k * kPlanes;
-  const int64_t acc_elems = mtiles * ntiles * mt * nt * kPlanes;
+  const int64_t acc_elems = reducing ? mtiles * ntiles * acc_tile : acc_tile;
   R* scratch = static_cast<R*>(malloc(sizeof(R) * (a_elems + b_elems + acc_elems + 1)));
   if (scratch == nullptr) return;  // callers size-check; never reached on valid plans
   R* ap = scratch;
@@ -296,51 +367,55 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   R* acc = bp + b_elems;
 
   const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
-  const int64_t acc_tile = kPlanes * mt * nt;
   // Remember which matrices are packed: a broadcast operand is packed once.
   int64_t packed_a = -1, packed_b = -1;
+  auto pack = [&](int64_t ao, int64_t bo) {
+    if (ao != packed_a) {
+      PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, ap);
+      packed_a = ao;
+    }
+    if (bo != packed_b) {
+      PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, bp);
+      packed_b = bo;
+    }
+  };
+  auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
+    const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
+    const int64_t cols = p.n - tj * nt < nt ? p.n - tj * nt : nt;
+    StoreTile<D>(t, mt, nt, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
+                 p.c_rs, p.c_cs);
+  };
 
   NestCursor out;
   out.Seek(p.out, p.num_out, begin);
   NestCursor red;
   for (int64_t o = begin; o < end; ++o, out.Next()) {
-    for (int64_t x = 0; x < acc_elems; ++x) acc[x] = R(0);
-    if (p.num_reduced > 0 && p.k > 0) {
-      red.Seek(p.red, p.num_red, 0);
-      for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
-        const int64_t ao = out.a + red.a, bo = out.b + red.b;
-        if (ao != packed_a) {
-          PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, ap);
-          packed_a = ao;
-        }
-        if (bo != packed_b) {
-          PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, bp);
-          packed_b = bo;
-        }
-        for (int64_t ti = 0; ti < mtiles; ++ti)
-          for (int64_t tj = 0; tj < ntiles; ++tj)
-            micro(p.k, ap + ti * a_tile, bp + tj * b_tile, acc + (ti * ntiles + tj) * acc_tile);
-      }
-    }
-    // Store the valid part of each tile.
-    for (int64_t ti = 0; ti < mtiles; ++ti) {
-      for (int64_t tj = 0; tj < ntiles; ++tj) {
-        const R* t = acc + (ti * ntiles + tj) * acc_tile;
-        const int64_t i_end = p.m - ti * mt < mt ? p.m - ti * mt : mt;
-        const int64_t j_end = p.n - tj * nt < nt ? p.n - tj * nt : nt;
-        for (int64_t i = 0; i < i_end; ++i) {
-          for (int64_t j = 0; j < j_end; ++j) {
-            const int64_t idx = out.c + (ti * mt + i) * p.c_rs + (tj * nt + j) * p.c_cs;
-            if constexpr (kC) {
-              T::Store(c, 2 * idx, t[i * nt + j]);
-              T::Store(c, 2 * idx + 1, t[mt * nt + i * nt + j]);
-            } else {
-              T::Store(c, idx, t[i * nt + j]);
-            }
+    if (!reducing) {
+      // One product per output (num_reduced is 1, or 0: an empty sum gives zeros).
+      const bool empty = p.num_reduced == 0 || p.k == 0;
+      if (!empty) pack(out.a, out.b);  // size-1 reduction loops were simplified away
+      for (int64_t ti = 0; ti < mtiles; ++ti) {
+        for (int64_t tj = 0; tj < ntiles; ++tj) {
+          if (empty) {
+            for (int64_t x = 0; x < acc_tile; ++x) acc[x] = R(0);
+          } else {
+            micro(p.k, ap + ti * a_tile, bp + tj * b_tile, acc, false);
           }
+          store(acc, ti, tj, out.c);
         }
       }
+      continue;
     }
+    red.Seek(p.red, p.num_red, 0);
+    for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
+      pack(out.a + red.a, out.b + red.b);
+      for (int64_t ti = 0; ti < mtiles; ++ti)
+        for (int64_t tj = 0; tj < ntiles; ++tj)
+          micro(p.k, ap + ti * a_tile, bp + tj * b_tile, acc + (ti * ntiles + tj) * acc_tile,
+                r > 0);
+    }
+    for (int64_t ti = 0; ti < mtiles; ++ti)
+      for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
   }
   free(scratch);
 }

@@ -67,6 +67,90 @@ int Simplify(Loop* loops, int n) {
   return w;
 }
 
+// Largest divisor of n that is <= cap.
+int64_t DivisorAtMost(int64_t n, int64_t cap) {
+  for (int64_t d = std::min(n, cap); d > 1; --d) {
+    if (n % d == 0) return d;
+  }
+  return 1;
+}
+
+// Columns per folded GEMM: enough to amortise packing the shared matrix and fill the
+// 16-wide micro-kernels, few enough to leave one work item per thread on a batch of ~100.
+constexpr int64_t kMaxFoldedColumns = 64;
+
+// Removes loop i from a nest, or shrinks it to `size / taken` iterations when only part of
+// it was folded (its strides then step over the folded part).
+void TakeFromLoop(Loop* loops, int* n, int i, int64_t taken) {
+  Loop& l = loops[i];
+  if (taken == l.size) {
+    for (int j = i; j + 1 < *n; ++j) loops[j] = loops[j + 1];
+    --*n;
+  } else {
+    l.size /= taken;
+    l.a *= taken;
+    l.b *= taken;
+    l.c *= taken;
+  }
+}
+
+// Turns batches of matrix-vector products that share a matrix into matrix-matrix products:
+//  - N = 1 and an output loop along which A is broadcast: that loop becomes N (capsule
+//    prediction: W[i] · u[b, i] for all b is one 160×8 · 8×B GEMM);
+//  - M = 1 and an output loop along which B is broadcast: that loop becomes M;
+//  - K = 1 and a reduction loop: that loop becomes K (the capsule weight gradient
+//    Σ_b g[b, i] · u[b, i]ᵀ is one 160×B · B×8 GEMM).
+// The shared operand is then packed once and reused from registers across the columns.
+void FoldLoopsIntoMatrix(GemmPlan* p) {
+  auto pick = [](const Loop* loops, int n, bool (*ok)(const Loop&)) {
+    int best = -1;
+    for (int i = 0; i < n; ++i) {
+      if (loops[i].size > 1 && ok(loops[i]) && (best < 0 || loops[i].size > loops[best].size)) {
+        best = i;
+      }
+    }
+    return best;
+  };
+  if (p->n == 1) {
+    const int i = pick(p->out, p->num_out, [](const Loop& l) { return l.a == 0; });
+    if (i >= 0) {
+      const int64_t take = DivisorAtMost(p->out[i].size, kMaxFoldedColumns);
+      if (take > 1) {
+        p->n = take;
+        p->b_cs = p->out[i].b;
+        p->c_cs = p->out[i].c;
+        TakeFromLoop(p->out, &p->num_out, i, take);
+      }
+    }
+  } else if (p->m == 1) {
+    const int i = pick(p->out, p->num_out, [](const Loop& l) { return l.b == 0; });
+    if (i >= 0) {
+      const int64_t take = DivisorAtMost(p->out[i].size, kMaxFoldedColumns);
+      if (take > 1) {
+        p->m = take;
+        p->a_rs = p->out[i].a;
+        p->c_rs = p->out[i].c;
+        TakeFromLoop(p->out, &p->num_out, i, take);
+      }
+    }
+  }
+  if (p->k == 1) {
+    const int i = pick(p->red, p->num_red, [](const Loop&) { return true; });
+    if (i >= 0) {
+      const int64_t take = p->red[i].size;  // no parallelism is lost: reductions are serial
+      p->k = take;
+      p->a_cs = p->red[i].a;
+      p->b_rs = p->red[i].b;
+      TakeFromLoop(p->red, &p->num_red, i, take);
+    }
+  }
+  int64_t outputs = 1, reduced = 1;
+  for (int i = 0; i < p->num_out; ++i) outputs *= p->out[i].size;
+  for (int i = 0; i < p->num_red; ++i) reduced *= p->red[i].size;
+  p->num_outputs = outputs;
+  p->num_reduced = reduced;
+}
+
 }  // namespace
 
 bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
@@ -209,6 +293,7 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
                    [&](const Loop& x, const Loop& y) { return reuse(x) < reuse(y); });
   p.num_out = Simplify(p.out, no);
   p.num_red = Simplify(p.red, nr);
+  FoldLoopsIntoMatrix(&p);
   *plan = p;
   return true;
 }
