@@ -1,0 +1,348 @@
+"""`python -m tf_smallmm.bench`: SmallMM against every built-in way to do the same work.
+
+For each case, in one run: our function and the TF built-ins (tf.einsum, tf.matmul, the
+classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-reduce) and the
+best of them under tf.function(jit_compile=True), forward and forward+backward (the step
+returns the loss *and* the gradients, so nothing is dead-code-eliminated). Reports the
+median time after warm-up, the peak extra memory of the forward+backward step, and the
+fraction of this machine's bandwidth floor: the minimum bytes the case must move (inputs
+and output once forward; forward + read upstream gradient and inputs, write both gradients
+backward) divided by a large copy's bandwidth measured in the same run.
+
+    python -m tf_smallmm.bench                  # full suite -> benchmarks/RESULTS.md + .png
+    python -m tf_smallmm.bench --quick          # a subset, under two minutes
+    python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import tf_smallmm as smm
+from tf_smallmm import _ops
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- measuring
+def _fetch(x):
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, x)
+
+
+def median_ms(fn, args, repeats, min_seconds=0.0):
+    """Median wall time of fn(*args) in ms after two warm-up calls (results fetched)."""
+    for _ in range(2):
+        _fetch(fn(*args))
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        _fetch(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return 1e3 * float(np.median(times))
+
+
+def peak_extra_mib(fn, args):
+    """Peak CPU allocator memory during one call, above what was allocated before it."""
+    try:
+        _fetch(fn(*args))
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        out = fn(*args)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        _fetch(out)
+        return (peak - before) / MiB
+    except (ValueError, tf.errors.OpError):
+        return float("nan")
+
+
+def copy_bandwidth_gbs(mib=256):
+    """Bandwidth of a large streaming copy (read + write), the best of numpy and TF."""
+    n = mib * MiB // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    t_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    x = tf.ones([n])
+    f = tf.function(lambda x: x + 0.0)
+    _fetch(f(x))
+    t_tf = min(_timed(lambda: _fetch(f(x))) for _ in range(5))
+    return 2 * n * 4 / min(t_np, t_tf) / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- cases
+def _nbytes(*ts):
+    return sum(int(np.prod(t.shape)) * t.dtype.size for t in ts)
+
+
+class Case:
+    """Inputs a, b; implementations name -> f(a, b) that all return the same tensor."""
+
+    def __init__(self, name, a, b, impls, ours, xla_candidates):
+        self.name, self.a, self.b = name, a, b
+        self.impls, self.ours, self.xla = impls, ours, xla_candidates
+        y = impls[ours](a, b)
+        self.y_shape, self.dtype = y.shape, y.dtype
+        self.fwd_bytes = _nbytes(a, b, y)
+        self.bwd_bytes = self.fwd_bytes + _nbytes(y, a, b, a, b)
+
+
+def _keras_backend():
+    try:
+        import tf_keras
+
+        return tf_keras.backend
+    except ImportError:
+        return None
+
+
+def capsule_case(dtype, batch=50):
+    w = tf.cast(tf.random.normal([1152, 10, 16, 8], seed=1), dtype)
+    u = tf.cast(tf.random.normal([batch, 1152, 8], seed=2), dtype)
+
+    def via(mm):
+        def f(w, u):
+            y = mm(tf.reshape(w, [1152, 160, 8]), u[..., None])
+            return tf.reshape(y, [-1, 1152, 10, 16])
+        return f
+
+    def tiled(w, u):  # the classic CapsNet formulation: W copied per batch row
+        b = tf.shape(u)[0]
+        wt = tf.tile(w[None], [b, 1, 1, 1, 1])
+        ut = tf.tile(u[:, :, None, :, None], [1, 1, 10, 1, 1])
+        return tf.squeeze(tf.matmul(wt, ut), -1)
+
+    impls = {
+        "tf_smallmm": getattr(smm, "capsule_predict", None) or via(smm.matmul),
+        "tf.einsum": lambda w, u: tf.einsum("ijkl,bil->bijk", w, u),
+        "tf.matmul (broadcast)": via(tf.linalg.matmul),
+        "tf.matmul (tiled)": tiled,
+        "multiply+reduce_sum": lambda w, u: tf.reduce_sum(w[None] * u[:, :, None, None, :], -1),
+    }
+    return Case(f"capsule W[1152,10,16,8] u[{batch},1152,8]", w, u, impls, "tf_smallmm",
+                ["tf.einsum", "tf.matmul (broadcast)", "multiply+reduce_sum"])
+
+
+def matvec_case(count, n, dtype):
+    a = tf.cast(tf.random.normal([count, n, n], seed=3), dtype)
+    x = tf.cast(tf.random.normal([count, n], seed=4), dtype)
+    impls = {
+        "tf_smallmm": smm.matvec,
+        "tf.linalg.matvec": tf.linalg.matvec,
+        "tf.einsum": lambda a, x: tf.einsum("bij,bj->bi", a, x),
+        "tf.matmul": lambda a, x: tf.squeeze(tf.linalg.matmul(a, x[..., None]), -1),
+    }
+    kb = _keras_backend()
+    if kb is not None:
+        impls["keras batch_dot"] = lambda a, x: kb.batch_dot(a, x, axes=(2, 1))
+    return Case(f"matvec {count}x({n}x{n})", a, x, impls, "tf_smallmm",
+                ["tf.linalg.matvec", "tf.einsum"])
+
+
+def matmul_case(m, k, n, dtype, elements=8_000_000):
+    count = max(1, elements // max(m * k, k * n))
+    a = tf.cast(tf.random.normal([count, m, k], seed=5), dtype)
+    b = tf.cast(tf.random.normal([count, k, n], seed=6), dtype)
+    impls = {
+        "tf_smallmm": smm.matmul,
+        "tf.matmul": tf.linalg.matmul,
+        "tf.einsum": lambda a, b: tf.einsum("bij,bjk->bik", a, b),
+    }
+    kb = _keras_backend()
+    if kb is not None:
+        impls["keras batch_dot"] = lambda a, b: kb.batch_dot(a, b, axes=(2, 1))
+    return Case(f"matmul {count}x({m}x{k} @ {k}x{n})", a, b, impls, "tf_smallmm",
+                ["tf.matmul", "tf.einsum"])
+
+
+def steps(fn, jit=False):
+    """The forward step and the forward+backward step (loss and both gradients)."""
+    fwd = tf.function(fn, jit_compile=jit or None)
+
+    @tf.function(jit_compile=jit or None)
+    def fwd_bwd(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            y = fn(a, b)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32))
+        return loss, tape.gradient(loss, [a, b])
+
+    return fwd, fwd_bwd
+
+
+# --------------------------------------------------------------------------- running
+def run_case(case, repeats, bandwidth):
+    rows = []
+    impls = dict(case.impls)
+    for name in case.xla:
+        impls[f"XLA: {name}"] = (case.impls[name], True)
+    for name, impl in impls.items():
+        fn, jit = impl if isinstance(impl, tuple) else (impl, False)
+        fwd, fwd_bwd = steps(fn, jit)
+        try:
+            t_f = median_ms(fwd, (case.a, case.b), repeats)
+            t_fb = median_ms(fwd_bwd, (case.a, case.b), repeats)
+            mem = peak_extra_mib(fwd_bwd, (case.a, case.b))
+        except (tf.errors.OpError, ValueError, TypeError) as e:  # e.g. no bf16 kernel
+            print(f"  {name}: skipped ({type(e).__name__})")
+            continue
+        rows.append(dict(impl=name, fwd=t_f, fwd_bwd=t_fb, mem=mem))
+        print(f"  {name:<28} fwd {t_f:8.2f} ms   fwd+bwd {t_fb:8.2f} ms   peak +{mem:7.1f} MiB",
+              flush=True)
+    floor_f = case.fwd_bytes / bandwidth / 1e6
+    floor_fb = case.bwd_bytes / bandwidth / 1e6
+    xla = [r for r in rows if r["impl"].startswith("XLA")]
+    builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
+    ours = next(r for r in rows if r["impl"] == case.ours)
+    return dict(case=case.name, dtype=case.dtype.name, rows=rows, floor_fwd=floor_f,
+                floor_fwd_bwd=floor_fb, ours=ours,
+                best_builtin=min(builtin, key=lambda r: r["fwd"]) if builtin else None,
+                best_builtin_fb=min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
+                best_xla=min(xla, key=lambda r: r["fwd"]) if xla else None,
+                out_mib=(_nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size) / MiB)
+
+
+def cases(quick):
+    out = [lambda: capsule_case(tf.float32)]
+    sizes = [2, 8, 32] if quick else [2, 3, 4, 8, 16, 20, 32]
+    out += [lambda n=n: matmul_case(n, n, n, tf.float32) for n in sizes]
+    out += [lambda: matvec_case(900, 20, tf.float32), lambda: matvec_case(100_000, 20, tf.float32)]
+    if not quick:
+        out += [lambda: matmul_case(16, 8, 1, tf.float32), lambda: matmul_case(8, 8, 64, tf.float32),
+                lambda: capsule_case(tf.bfloat16), lambda: matmul_case(8, 8, 8, tf.bfloat16)]
+    return out
+
+
+def markdown(results, bandwidth, args):
+    info = smm.build_info()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
+        f"copy bandwidth {bandwidth:.1f} GB/s (the floor's unit). Times are medians in ms "
+        f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
+        f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
+        f"peak = extra allocator memory of the forward+backward step.",
+        "",
+        "| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
+        "ours × (fwd) | ours × (fwd+bwd) | peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        o = r["ours"]
+        for row in r["rows"]:
+            lines.append(
+                f"| {r['case']} | {r['dtype']} | {row['impl']} | {row['fwd']:.2f} | "
+                f"{row['fwd'] / r['floor_fwd']:.1f} | {row['fwd_bwd']:.2f} | "
+                f"{row['fwd_bwd'] / r['floor_fwd_bwd']:.1f} | {row['fwd'] / o['fwd']:.2f} | "
+                f"{row['fwd_bwd'] / o['fwd_bwd']:.2f} | {row['mem']:.1f} |")
+    lines += ["", "Summary (ours vs the fastest built-in, and vs the fastest XLA variant):", "",
+              "| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
+              "floor f+b ms | ours f+b ms | best built-in f+b |",
+              "|---|---|---:|---:|---|---|---:|---:|---|"]
+    for r in results:
+        o, bb, bx, bf = r["ours"], r["best_builtin"], r["best_xla"], r["best_builtin_fb"]
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['floor_fwd']:.2f} | {o['fwd']:.2f} | "
+            f"{bb['impl']} {bb['fwd']:.2f} ({bb['fwd'] / o['fwd']:.1f}×) | "
+            + (f"{bx['impl'][5:]} {bx['fwd']:.2f} ({bx['fwd'] / o['fwd']:.1f}×)" if bx else "-")
+            + f" | {r['floor_fwd_bwd']:.2f} | {o['fwd_bwd']:.2f} | "
+            f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    pts = []
+    for r in results:
+        if r["case"].startswith("matmul") and r["dtype"] == "float32":
+            dims = r["case"].split("(")[1].split(" @ ")[0].split("x")
+            if dims[0] == dims[1]:
+                pts.append((int(dims[0]), r))
+    pts.sort(key=lambda p: p[0])
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = [p[0] for p in pts]
+    ax.plot(n, [r["best_builtin"]["fwd"] / r["ours"]["fwd"] for _, r in pts], "o-",
+            label="forward vs best built-in")
+    ax.plot(n, [r["best_builtin_fb"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for _, r in pts], "s-",
+            label="forward+backward vs best built-in")
+    ax.plot(n, [r["best_xla"]["fwd"] / r["ours"]["fwd"] for _, r in pts], "^--",
+            label="forward vs best XLA")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("n (batched n×n @ n×n, ~8M elements per operand, float32)")
+    ax.set_ylabel("speed-up of tf_smallmm (×)")
+    ax.set_title(f"tf_smallmm speed-up, TF {tf.__version__}, {os.cpu_count()} cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sweep(repeats):
+    """Raw kernel vs tf.matmul on batched n×n×n products, to set MAX_SMALL_MACS."""
+    print("| n | batch | SmallMM kernel ms | tf.matmul ms | tf.matmul / ours |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in [16, 24, 32, 48, 64, 96, 128]:
+        count = max(1, 4_000_000 // (n * n))
+        a = tf.random.normal([count, n, n])
+        b = tf.random.normal([count, n, n])
+        ours = median_ms(tf.function(lambda a, b: _ops.product(a, b)), (a, b), repeats)
+        theirs = median_ms(tf.function(tf.linalg.matmul), (a, b), repeats)
+        print(f"| {n} | {count} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f} |", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a subset with fewer repeats")
+    p.add_argument("--sweep", action="store_true", help="only the n×n×n threshold sweep")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default=None, help="markdown file (default benchmarks/RESULTS.md "
+                   "for a full run, benchmarks/RESULTS-quick.md for --quick)")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    if args.sweep:
+        sweep(repeats)
+        return
+    if not smm.kernels_loaded():
+        raise SystemExit("SmallMM kernels are not loaded: " + str(smm.build_info()["load_error"]))
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
+    results = []
+    for make in cases(args.quick):
+        case = make()
+        print(f"{case.name} ({case.dtype.name})", flush=True)
+        results.append(run_case(case, repeats, bandwidth))
+    out = args.out or os.path.join("benchmarks", "RESULTS-quick.md" if args.quick else "RESULTS.md")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(markdown(results, bandwidth, args))
+    plot(results, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
