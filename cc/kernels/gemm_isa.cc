@@ -300,6 +300,73 @@ void StoreTile(const typename Traits<D>::R* t, int mt, int nt, int64_t rows, int
   }
 }
 
+// ---------------------------------------------------------------- tiny products
+// M, N, K <= 4 with real types and no reduction: packing would cost more than the product
+// itself, so each product is computed straight from memory with compile-time sizes (fully
+// unrolled, operands in registers), walking a run of the innermost batch loop.
+constexpr int kTinyMax = 4;
+
+template <DType D, int M, int N, int K>
+void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
+             int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
+  using T = Traits<D>;
+  using R = typename T::R;
+  const int64_t ars = p.a_rs, acs = p.a_cs, brs = p.b_rs, bcs = p.b_cs;
+  const int64_t crs = p.c_rs, ccs = p.c_cs;
+  for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
+    R av[M][K], bv[K][N];
+    for (int i = 0; i < M; ++i)
+      for (int l = 0; l < K; ++l) av[i][l] = T::Load(a, ao + i * ars + l * acs);
+    for (int l = 0; l < K; ++l)
+      for (int j = 0; j < N; ++j) bv[l][j] = T::Load(b, bo + l * brs + j * bcs);
+    for (int i = 0; i < M; ++i) {
+      for (int j = 0; j < N; ++j) {
+        R sum = av[i][0] * bv[0][j];
+        for (int l = 1; l < K; ++l) sum += av[i][l] * bv[l][j];
+        T::Store(c, co + i * crs + j * ccs, sum);
+      }
+    }
+  }
+}
+
+template <DType D>
+using TinyFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, int64_t);
+
+template <DType D, int M, int N>
+struct TinyRow {
+  static constexpr TinyFn<D> fns[kTinyMax] = {&TinyRun<D, M, N, 1>, &TinyRun<D, M, N, 2>,
+                                              &TinyRun<D, M, N, 3>, &TinyRun<D, M, N, 4>};
+};
+
+template <DType D, int M>
+TinyFn<D> SelectTinyN(int n, int k) {
+  switch (n) {
+    case 1: return TinyRow<D, M, 1>::fns[k - 1];
+    case 2: return TinyRow<D, M, 2>::fns[k - 1];
+    case 3: return TinyRow<D, M, 3>::fns[k - 1];
+    default: return TinyRow<D, M, 4>::fns[k - 1];
+  }
+}
+
+template <DType D>
+TinyFn<D> SelectTiny(const GemmPlan& p) {
+  if (Traits<D>::kComplex || p.num_reduced != 1 || p.m < 1 || p.n < 1 || p.k < 1 ||
+      p.m > kTinyMax || p.n > kTinyMax || p.k > kTinyMax) {
+    return nullptr;
+  }
+  if constexpr (Traits<D>::kComplex) {
+    return nullptr;
+  } else {
+    switch (p.m) {
+      case 1: return SelectTinyN<D, 1>(int(p.n), int(p.k));
+      case 2: return SelectTinyN<D, 2>(int(p.n), int(p.k));
+      case 3: return SelectTinyN<D, 3>(int(p.n), int(p.k));
+      default: return SelectTinyN<D, 4>(int(p.n), int(p.k));
+    }
+  }
+}
+
 // Walks a loop nest: offsets of the current multi-index, advanced in row-major order.
 struct NestCursor {
   int n = 0;
@@ -345,6 +412,20 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   constexpr bool kC = T::kComplex;
   constexpr int kPlanes = kC ? 2 : 1;
   if (begin >= end) return;
+
+  if (const TinyFn<D> tiny = SelectTiny<D>(p)) {
+    // Runs along the innermost output loop; one Seek per run, not per product.
+    const Loop inner = p.num_out > 0 ? p.out[p.num_out - 1] : Loop{1, 0, 0, 0};
+    NestCursor out;
+    for (int64_t o = begin; o < end;) {
+      out.Seek(p.out, p.num_out, o);
+      const int64_t pos = p.num_out > 0 ? out.idx[p.num_out - 1] : 0;
+      const int64_t count = inner.size - pos < end - o ? inner.size - pos : end - o;
+      tiny(p, a, b, c, count, out.a, inner.a, out.b, inner.b, out.c, inner.c);
+      o += count;
+    }
+    return;
+  }
 
   const int mi = TileClass(p.m), ni = TileClass(p.n);
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
