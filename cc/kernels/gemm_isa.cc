@@ -118,15 +118,27 @@ template <>
 struct Traits<DType::kComplex128> : PlainTraits<double, true> {};
 
 // ---------------------------------------------------------------- micro-kernels
-// acc (+)= Σ_l ap[l][0..MT) ⊗ bp[l][0..NT) over one MT×NT tile (overwrites acc unless
-// `accumulate`).
+// One MT×NT output tile: out (+)= Σ_l A[:, l] ⊗ B[l, :] (overwrites unless `accumulate`).
+// The operands are strided views, so a micro-kernel reads either a packed panel or the
+// caller's matrix directly (no packing when the layout already suits it):
+//   A(i, l) = a[l*a_ls + i*a_is], B(l, j) = b[l*b_ls + j*b_js], out(i, j) = out[i*o_is + j*o_js].
 //
 // Real types vectorise along the longer tile side with GCC vector extensions (lowered to
 // zmm / ymm / xmm by each ISA build): with MT > NT the accumulators are MT-lane column
-// vectors and the tile is stored column-major (acc[j*MT + i]); otherwise NT-lane row
-// vectors, row-major (acc[i*NT + j]). Each k step is one vector load and MT or NT
-// broadcast-FMAs, all accumulators in registers. TileColMajor says which layout.
+// vectors (needs a_is = 1 and o_is = 1); otherwise NT-lane row vectors (needs b_js = 1 and
+// o_js = 1). Each k step is one vector load and MT or NT broadcast-FMAs with every
+// accumulator in a register. TileColMajor says which; packed tiles are laid out to suit.
 constexpr bool TileColMajor(int mt, int nt, bool complex) { return !complex && mt > nt; }
+
+template <typename R>
+struct TileArgs {
+  const R* a;
+  int64_t a_ls, a_is;
+  const R* b;
+  int64_t b_ls, b_js;
+  R* out;
+  int64_t o_is, o_js;
+};
 
 template <typename R, int L>
 struct VecOf {
@@ -134,44 +146,52 @@ struct VecOf {
 };
 
 template <typename R, int MT, int NT>
-void MicroReal(int64_t k, const R* __restrict ap, const R* __restrict bp, R* __restrict acc,
-               bool accumulate) {
+void MicroReal(int64_t k, const TileArgs<R>& t, bool accumulate) {
   constexpr bool kAlongM = TileColMajor(MT, NT, false);
   constexpr int L = kAlongM ? MT : NT;  // vector lanes
   constexpr int S = kAlongM ? NT : MT;  // accumulators
-  const R* __restrict vp = kAlongM ? ap : bp;  // [l][L]
-  const R* __restrict sp = kAlongM ? bp : ap;  // [l][S]
+  const R* __restrict vp = kAlongM ? t.a : t.b;
+  const int64_t v_ls = kAlongM ? t.a_ls : t.b_ls;
+  const R* __restrict sp = kAlongM ? t.b : t.a;
+  const int64_t s_ls = kAlongM ? t.b_ls : t.a_ls, s_ss = kAlongM ? t.b_js : t.a_is;
+  R* __restrict out = t.out;
+  const int64_t o_ss = kAlongM ? t.o_js : t.o_is, o_vs = kAlongM ? t.o_is : t.o_js;
+  const int64_t v_vs = kAlongM ? t.a_is : t.b_js;
   if constexpr (L == 1 || L == 3) {  // not a vector size: plain loops
     R c[S * L];
-    for (int x = 0; x < S * L; ++x) c[x] = accumulate ? acc[x] : R(0);
+    for (int s = 0; s < S; ++s)
+      for (int v = 0; v < L; ++v) c[s * L + v] = accumulate ? out[s * o_ss + v * o_vs] : R(0);
     for (int64_t l = 0; l < k; ++l)
       for (int s = 0; s < S; ++s)
-        for (int v = 0; v < L; ++v) c[s * L + v] += sp[l * S + s] * vp[l * L + v];
-    for (int x = 0; x < S * L; ++x) acc[x] = c[x];
+        for (int v = 0; v < L; ++v) c[s * L + v] += sp[l * s_ls + s * s_ss] * vp[l * v_ls + v * v_vs];
+    for (int s = 0; s < S; ++s)
+      for (int v = 0; v < L; ++v) out[s * o_ss + v * o_vs] = c[s * L + v];
   } else {
     using V = typename VecOf<R, L>::type;
     V c[S];
     for (int s = 0; s < S; ++s) {
       if (accumulate) {
-        memcpy(&c[s], acc + s * L, sizeof(V));
+        memcpy(&c[s], out + s * o_ss, sizeof(V));
       } else {
         c[s] = V{};
       }
     }
     for (int64_t l = 0; l < k; ++l) {
       V v;
-      memcpy(&v, vp + l * L, sizeof(V));
-      for (int s = 0; s < S; ++s) c[s] += sp[l * S + s] * v;
+      memcpy(&v, vp + l * v_ls, sizeof(V));
+      for (int s = 0; s < S; ++s) c[s] += sp[l * s_ls + s * s_ss] * v;
     }
-    for (int s = 0; s < S; ++s) memcpy(acc + s * L, &c[s], sizeof(V));
+    for (int s = 0; s < S; ++s) memcpy(out + s * o_ss, &c[s], sizeof(V));
   }
 }
 
-// Complex: split real/imaginary planes (ap_im = ap + k*MT, acc_im = acc + MT*NT),
-// row-major tile.
+// Complex: always packed operands with split real/imaginary planes (a_im = a + k*MT) and
+// a row-major tile (out_im = out + MT*NT).
 template <typename R, int MT, int NT>
-void MicroComplex(int64_t k, const R* __restrict ap, const R* __restrict bp,
-                  R* __restrict acc, bool accumulate) {
+void MicroComplex(int64_t k, const TileArgs<R>& t, bool accumulate) {
+  const R* __restrict ap = t.a;
+  const R* __restrict bp = t.b;
+  R* __restrict acc = t.out;
   R cr[MT * NT], ci[MT * NT];
   for (int x = 0; x < MT * NT; ++x) {
     cr[x] = accumulate ? acc[x] : R(0);
@@ -203,7 +223,7 @@ inline int TileClass(int64_t n) {
 }
 
 template <typename R, bool C>
-using MicroFn = void (*)(int64_t, const R*, const R*, R*, bool);
+using MicroFn = void (*)(int64_t, const TileArgs<R>&, bool);
 
 template <typename R, bool C, int MT, int NT>
 constexpr MicroFn<R, C> MicroFor() {
@@ -448,17 +468,54 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   R* acc = bp + b_elems;
 
   const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
+  // Pack-free paths (float/double): an operand whose layout already suits the
+  // micro-kernel, and whose size is a whole number of tiles, is read in place; a full
+  // output tile is written straight to C when there is nothing to accumulate across.
+  const bool col = TileColMajor(mt, nt, kC);
+  constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
+  const bool direct_a = kInPlace && p.m % mt == 0 && (!col || p.a_rs == 1);
+  const bool direct_b = kInPlace && p.n % nt == 0 && (col || p.b_cs == 1);
+  const bool direct_c = kInPlace && !reducing && (col ? p.c_rs == 1 : p.c_cs == 1);
+  const R* a_mem = static_cast<const R*>(a);
+  const R* b_mem = static_cast<const R*>(b);
+  R* c_mem = static_cast<R*>(c);
   // Remember which matrices are packed: a broadcast operand is packed once.
   int64_t packed_a = -1, packed_b = -1;
   auto pack = [&](int64_t ao, int64_t bo) {
-    if (ao != packed_a) {
+    if (!direct_a && ao != packed_a) {
       PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, ap);
       packed_a = ao;
     }
-    if (bo != packed_b) {
+    if (!direct_b && bo != packed_b) {
       PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, bp);
       packed_b = bo;
     }
+  };
+  // The views of tile (ti, tj) for operands at offsets ao, bo, accumulating into `tile`.
+  auto args = [&](int64_t ti, int64_t tj, int64_t ao, int64_t bo, R* tile) {
+    TileArgs<R> t;
+    if (direct_a) {
+      t.a = a_mem + ao + ti * mt * p.a_rs;
+      t.a_ls = p.a_cs;
+      t.a_is = p.a_rs;
+    } else {
+      t.a = ap + ti * a_tile;
+      t.a_ls = mt;
+      t.a_is = 1;
+    }
+    if (direct_b) {
+      t.b = b_mem + bo + tj * nt * p.b_cs;
+      t.b_ls = p.b_rs;
+      t.b_js = p.b_cs;
+    } else {
+      t.b = bp + tj * b_tile;
+      t.b_ls = nt;
+      t.b_js = 1;
+    }
+    t.out = tile;
+    t.o_is = col ? 1 : nt;
+    t.o_js = col ? mt : 1;
+    return t;
   };
   auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
     const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
@@ -479,21 +536,31 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
         for (int64_t tj = 0; tj < ntiles; ++tj) {
           if (empty) {
             for (int64_t x = 0; x < acc_tile; ++x) acc[x] = R(0);
-          } else {
-            micro(p.k, ap + ti * a_tile, bp + tj * b_tile, acc, false);
+            store(acc, ti, tj, out.c);
+            continue;
           }
-          store(acc, ti, tj, out.c);
+          TileArgs<R> t = args(ti, tj, out.a, out.b, acc);
+          const bool full = (ti + 1) * mt <= p.m && (tj + 1) * nt <= p.n;
+          if (direct_c && full) {
+            t.out = c_mem + out.c + ti * mt * p.c_rs + tj * nt * p.c_cs;
+            t.o_is = p.c_rs;
+            t.o_js = p.c_cs;
+            micro(p.k, t, false);
+          } else {
+            micro(p.k, t, false);
+            store(acc, ti, tj, out.c);
+          }
         }
       }
       continue;
     }
     red.Seek(p.red, p.num_red, 0);
     for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
-      pack(out.a + red.a, out.b + red.b);
+      const int64_t ao = out.a + red.a, bo = out.b + red.b;
+      pack(ao, bo);
       for (int64_t ti = 0; ti < mtiles; ++ti)
         for (int64_t tj = 0; tj < ntiles; ++tj)
-          micro(p.k, ap + ti * a_tile, bp + tj * b_tile, acc + (ti * ntiles + tj) * acc_tile,
-                r > 0);
+          micro(p.k, args(ti, tj, ao, bo, acc + (ti * ntiles + tj) * acc_tile), r > 0);
     }
     for (int64_t ti = 0; ti < mtiles; ++ti)
       for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
