@@ -46,10 +46,12 @@ def check_exact(got, want):
 
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("form", ["cube", "M", "N", "K"])
+@pytest.mark.parametrize("form", ["cube", "M", "N", "K", "matvec"])
 def test_every_tile_size_exact(dtype, size, form):
+    # Covers every kernel path: tiny direct products (all sizes <= 4), packed and in-place
+    # micro-kernels (whole and partial tiles), and dot products (N = 1, K >= 8).
     m, n, k = {"cube": (size, size, size), "M": (size, 3, 5), "N": (2, size, 7),
-               "K": (3, 4, size)}[form]
+               "K": (3, 4, size), "matvec": (size, 1, size + 3)}[form]
     rng = np.random.default_rng(size)
     x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
     check_exact(core.matmul(x, y), ref(x, y))

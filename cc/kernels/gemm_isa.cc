@@ -387,6 +387,46 @@ TinyFn<D> SelectTiny(const GemmPlan& p) {
   }
 }
 
+// ---------------------------------------------------------------- matrix-vector products
+// N = 1 with contiguous rows of A and a contiguous vector (float/double, no reduction):
+// each output element is a dot product along K, vectorised along K, so A is streamed once
+// in its own layout instead of being transposed into a packed panel.
+template <DType D>
+void DotRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
+            int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
+  using R = typename Traits<D>::R;
+  constexpr int L = 64 / sizeof(R);
+  using V = typename VecOf<R, L>::type;
+  const R* A = static_cast<const R*>(a);
+  const R* X = static_cast<const R*>(b);
+  R* C = static_cast<R*>(c);
+  const int64_t m = p.m, k = p.k, ars = p.a_rs, crs = p.c_rs;
+  const int64_t kv = k - k % L;
+  for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
+    const R* x = X + bo;
+    for (int64_t i = 0; i < m; ++i) {
+      const R* row = A + ao + i * ars;
+      V acc = V{};
+      for (int64_t l = 0; l < kv; l += L) {
+        V va, vx;
+        memcpy(&va, row + l, sizeof(V));
+        memcpy(&vx, x + l, sizeof(V));
+        acc += va * vx;
+      }
+      R sum = R(0);
+      for (int v = 0; v < L; ++v) sum += acc[v];
+      for (int64_t l = kv; l < k; ++l) sum += row[l] * x[l];
+      C[co + i * crs] = sum;
+    }
+  }
+}
+
+template <DType D>
+bool UseDot(const GemmPlan& p) {
+  return (D == DType::kFloat || D == DType::kDouble) && p.n == 1 && p.num_reduced == 1 &&
+         p.a_cs == 1 && p.b_rs == 1 && p.k >= 8 && p.m >= 1;
+}
+
 // Walks a loop nest: offsets of the current multi-index, advanced in row-major order.
 struct NestCursor {
   int n = 0;
@@ -433,15 +473,18 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   constexpr int kPlanes = kC ? 2 : 1;
   if (begin >= end) return;
 
-  if (const TinyFn<D> tiny = SelectTiny<D>(p)) {
-    // Runs along the innermost output loop; one Seek per run, not per product.
+  TinyFn<D> run_fn = SelectTiny<D>(p);
+  if (run_fn == nullptr && UseDot<D>(p)) run_fn = &DotRun<D>;
+  if (run_fn != nullptr) {
+    // Direct kernels (tiny products, dot products) walk runs of the innermost output
+    // loop: one Seek per run, not per product.
     const Loop inner = p.num_out > 0 ? p.out[p.num_out - 1] : Loop{1, 0, 0, 0};
     NestCursor out;
     for (int64_t o = begin; o < end;) {
       out.Seek(p.out, p.num_out, o);
       const int64_t pos = p.num_out > 0 ? out.idx[p.num_out - 1] : 0;
       const int64_t count = inner.size - pos < end - o ? inner.size - pos : end - o;
-      tiny(p, a, b, c, count, out.a, inner.a, out.b, inner.b, out.c, inner.c);
+      run_fn(p, a, b, c, count, out.a, inner.a, out.b, inner.b, out.c, inner.c);
       o += count;
     }
     return;
