@@ -3,6 +3,7 @@
 The result, errors and static shapes are the same either way; this only decides speed.
 """
 
+import functools
 import os
 
 import tensorflow as tf
@@ -36,7 +37,10 @@ def in_xla_context():
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_without_kernels():
+    # Devices and registered kernels do not change within a process: ask once (the
+    # registry query costs milliseconds, more than a small product).
     if "GPU" in _loader.build_info().get("devices", []):
         return False
     return bool(tf.config.list_logical_devices("GPU"))
