@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Flags common to every C++ file. No -march=native and no -ffast-math: the library must
 # run on any x86-64 CPU and keep IEEE semantics (NaN/Inf propagate as in tf.matmul).
 CXXFLAGS = ["-O3", "-g0", "-fPIC", "-fvisibility=hidden", "-Wall",
-            "-Wno-sign-compare", "-Wno-unused-function"]
+            "-Wno-sign-compare", "-Wno-unused-function",
+            "-Wno-psabi"]  # vector-extension values only cross internal functions
 # Per-ISA builds of the kernel core; plan.cc dispatches between them at run time.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",

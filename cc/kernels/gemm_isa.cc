@@ -119,16 +119,28 @@ struct Traits<DType::kComplex128> : PlainTraits<double, true> {};
 
 // ---------------------------------------------------------------- micro-kernels
 // One MT×NT output tile: out (+)= Σ_l A[:, l] ⊗ B[l, :] (overwrites unless `accumulate`).
-// The operands are strided views, so a micro-kernel reads either a packed panel or the
-// caller's matrix directly (no packing when the layout already suits it):
+// The operands and the output are strided views, so a micro-kernel reads the caller's
+// matrices directly when their layout suits (no packing), or packed panels:
 //   A(i, l) = a[l*a_ls + i*a_is], B(l, j) = b[l*b_ls + j*b_js], out(i, j) = out[i*o_is + j*o_js].
 //
 // Real types vectorise along the longer tile side with GCC vector extensions (lowered to
 // zmm / ymm / xmm by each ISA build): with MT > NT the accumulators are MT-lane column
 // vectors (needs a_is = 1 and o_is = 1); otherwise NT-lane row vectors (needs b_js = 1 and
 // o_js = 1). Each k step is one vector load and MT or NT broadcast-FMAs with every
-// accumulator in a register. TileColMajor says which; packed tiles are laid out to suit.
-constexpr bool TileColMajor(int mt, int nt, bool complex) { return !complex && mt > nt; }
+// accumulator in a register. ColumnMode picks the direction per problem; packed panels
+// suit both.
+
+// Column vectors when C's columns are contiguous (the tile then goes to C with vector
+// stores), row vectors when its rows are; otherwise along the longer tile side. A side
+// of 1 or 3 is not a vector, so the other side wins when it is one. Complex: row-major.
+bool ColumnMode(int mt, int nt, bool complex, int64_t c_rs, int64_t c_cs) {
+  if (complex) return false;
+  auto vec = [](int t) { return t != 1 && t != 3; };
+  if (vec(mt) != vec(nt)) return vec(mt);
+  if (c_rs == 1 && c_cs != 1) return true;
+  if (c_cs == 1 && c_rs != 1) return false;
+  return mt > nt;
+}
 
 template <typename R>
 struct TileArgs {
@@ -145,15 +157,29 @@ struct VecOf {
   typedef R type __attribute__((vector_size(sizeof(R) * L)));
 };
 
-template <typename R, int MT, int NT>
+// Unaligned vector load / store (memcpy compiles to one vmovups).
+template <typename V, typename R>
+inline V LoadVec(const R* p) {
+  V v;
+  memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename R>
+inline void StoreVec(R* p, const V& v) {
+  memcpy(p, &v, sizeof(V));
+}
+
+template <typename R, int MT, int NT, bool kAlongM, bool kScalarPacked>
 void MicroReal(int64_t k, const TileArgs<R>& t, bool accumulate) {
-  constexpr bool kAlongM = TileColMajor(MT, NT, false);
   constexpr int L = kAlongM ? MT : NT;  // vector lanes
   constexpr int S = kAlongM ? NT : MT;  // accumulators
   const R* __restrict vp = kAlongM ? t.a : t.b;
   const int64_t v_ls = kAlongM ? t.a_ls : t.b_ls;
+  // The broadcast (scalar) side: a packed panel [l][S] (compile-time strides keep the
+  // FMA addresses simple) or the caller's matrix in place.
   const R* __restrict sp = kAlongM ? t.b : t.a;
-  const int64_t s_ls = kAlongM ? t.b_ls : t.a_ls, s_ss = kAlongM ? t.b_js : t.a_is;
+  const int64_t s_ls = kScalarPacked ? S : (kAlongM ? t.b_ls : t.a_ls);
+  const int64_t s_ss = kScalarPacked ? 1 : (kAlongM ? t.b_js : t.a_is);
   R* __restrict out = t.out;
   const int64_t o_ss = kAlongM ? t.o_js : t.o_is, o_vs = kAlongM ? t.o_is : t.o_js;
   const int64_t v_vs = kAlongM ? t.a_is : t.b_js;
@@ -168,20 +194,18 @@ void MicroReal(int64_t k, const TileArgs<R>& t, bool accumulate) {
       for (int v = 0; v < L; ++v) out[s * o_ss + v * o_vs] = c[s * L + v];
   } else {
     using V = typename VecOf<R, L>::type;
+    // Fully unrolled so every accumulator lives in a register (no stack array).
     V c[S];
-    for (int s = 0; s < S; ++s) {
-      if (accumulate) {
-        memcpy(&c[s], out + s * o_ss, sizeof(V));
-      } else {
-        c[s] = V{};
-      }
-    }
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) c[s] = accumulate ? LoadVec<V>(out + s * o_ss) : V{};
     for (int64_t l = 0; l < k; ++l) {
-      V v;
-      memcpy(&v, vp + l * v_ls, sizeof(V));
-      for (int s = 0; s < S; ++s) c[s] += sp[l * s_ls + s * s_ss] * v;
+      const V v = LoadVec<V>(vp + l * v_ls);
+      const R* __restrict sl = sp + l * s_ls;
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s) c[s] += sl[s * s_ss] * v;
     }
-    for (int s = 0; s < S; ++s) memcpy(out + s * o_ss, &c[s], sizeof(V));
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) StoreVec(out + s * o_ss, c[s]);
   }
 }
 
@@ -225,32 +249,47 @@ inline int TileClass(int64_t n) {
 template <typename R, bool C>
 using MicroFn = void (*)(int64_t, const TileArgs<R>&, bool);
 
-template <typename R, bool C, int MT, int NT>
+// kMode bit 0: column vectors; bit 1: scalar side read in place.
+template <typename R, bool C, int MT, int NT, int kMode>
 constexpr MicroFn<R, C> MicroFor() {
   if constexpr (C) {
     return &MicroComplex<R, MT, NT>;
   } else {
-    return &MicroReal<R, MT, NT>;
+    return &MicroReal<R, MT, NT, (kMode & 1) != 0, (kMode & 2) == 0>;
   }
 }
 
-template <typename R, bool C, int MI>
+template <typename R, bool C, int MI, int kCol>
 struct MicroRow {
   static constexpr MicroFn<R, C> fns[kNumTiles] = {
-      MicroFor<R, C, kTileSizes[MI], 1>(), MicroFor<R, C, kTileSizes[MI], 2>(),
-      MicroFor<R, C, kTileSizes[MI], 3>(), MicroFor<R, C, kTileSizes[MI], 4>(),
-      MicroFor<R, C, kTileSizes[MI], 8>(), MicroFor<R, C, kTileSizes[MI], 16>()};
+      MicroFor<R, C, kTileSizes[MI], 1, kCol>(), MicroFor<R, C, kTileSizes[MI], 2, kCol>(),
+      MicroFor<R, C, kTileSizes[MI], 3, kCol>(), MicroFor<R, C, kTileSizes[MI], 4, kCol>(),
+      MicroFor<R, C, kTileSizes[MI], 8, kCol>(), MicroFor<R, C, kTileSizes[MI], 16, kCol>()};
 };
 
-template <typename R, bool C>
-MicroFn<R, C> SelectMicro(int mi, int ni) {
+template <typename R, bool C, int kCol>
+MicroFn<R, C> SelectMicroMode(int mi, int ni) {
   switch (mi) {
-    case 0: return MicroRow<R, C, 0>::fns[ni];
-    case 1: return MicroRow<R, C, 1>::fns[ni];
-    case 2: return MicroRow<R, C, 2>::fns[ni];
-    case 3: return MicroRow<R, C, 3>::fns[ni];
-    case 4: return MicroRow<R, C, 4>::fns[ni];
-    default: return MicroRow<R, C, 5>::fns[ni];
+    case 0: return MicroRow<R, C, 0, kCol>::fns[ni];
+    case 1: return MicroRow<R, C, 1, kCol>::fns[ni];
+    case 2: return MicroRow<R, C, 2, kCol>::fns[ni];
+    case 3: return MicroRow<R, C, 3, kCol>::fns[ni];
+    case 4: return MicroRow<R, C, 4, kCol>::fns[ni];
+    default: return MicroRow<R, C, 5, kCol>::fns[ni];
+  }
+}
+
+template <typename R, bool C>
+MicroFn<R, C> SelectMicro(int mi, int ni, bool col, bool scalar_in_place) {
+  if constexpr (C) {
+    return SelectMicroMode<R, C, 0>(mi, ni);
+  } else {
+    switch (int(col) | (int(scalar_in_place) << 1)) {
+      case 0: return SelectMicroMode<R, C, 0>(mi, ni);
+      case 1: return SelectMicroMode<R, C, 1>(mi, ni);
+      case 2: return SelectMicroMode<R, C, 2>(mi, ni);
+      default: return SelectMicroMode<R, C, 3>(mi, ni);
+    }
   }
 }
 
@@ -297,10 +336,9 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
 
 // Writes the valid rows × cols of an accumulator tile to C, in C's own memory order.
 template <DType D>
-void StoreTile(const typename Traits<D>::R* t, int mt, int nt, int64_t rows, int64_t cols,
-               void* c, int64_t off, int64_t rs, int64_t cs) {
+void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t rows,
+               int64_t cols, void* c, int64_t off, int64_t rs, int64_t cs) {
   using T = Traits<D>;
-  const bool col = TileColMajor(mt, nt, T::kComplex);
   const int64_t ti = col ? 1 : nt, tj = col ? mt : 1;
   auto put = [&](int64_t i, int64_t j) {
     const int64_t idx = off + i * rs + j * cs;
@@ -493,7 +531,14 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   const int mi = TileClass(p.m), ni = TileClass(p.n);
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
-  const MicroFn<R, kC> micro = SelectMicro<R, kC>(mi, ni);
+  const bool col = ColumnMode(mt, nt, kC, p.c_rs, p.c_cs);
+  // Pack-free paths (float/double): an operand whose size is a whole number of tiles is
+  // read in place when the micro-kernel can (vector side: contiguous lanes); a full
+  // output tile is written straight to C when there is nothing to accumulate across.
+  constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
+  const bool direct_a = kInPlace && p.m % mt == 0 && (!col || p.a_rs == 1);
+  const bool direct_b = kInPlace && p.n % nt == 0 && (col || p.b_cs == 1);
+  const MicroFn<R, kC> micro = SelectMicro<R, kC>(mi, ni, col, col ? direct_b : direct_a);
 
   // Scratch: packed A, packed B, accumulators. Sized by the plan, so bounded by the
   // inputs' own sizes; one allocation per call (a call covers a whole shard). Without
@@ -511,13 +556,6 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   R* acc = bp + b_elems;
 
   const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
-  // Pack-free paths (float/double): an operand whose layout already suits the
-  // micro-kernel, and whose size is a whole number of tiles, is read in place; a full
-  // output tile is written straight to C when there is nothing to accumulate across.
-  const bool col = TileColMajor(mt, nt, kC);
-  constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
-  const bool direct_a = kInPlace && p.m % mt == 0 && (!col || p.a_rs == 1);
-  const bool direct_b = kInPlace && p.n % nt == 0 && (col || p.b_cs == 1);
   const bool direct_c = kInPlace && !reducing && (col ? p.c_rs == 1 : p.c_cs == 1);
   const R* a_mem = static_cast<const R*>(a);
   const R* b_mem = static_cast<const R*>(b);
@@ -563,7 +601,7 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
     const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
     const int64_t cols = p.n - tj * nt < nt ? p.n - tj * nt : nt;
-    StoreTile<D>(t, mt, nt, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
+    StoreTile<D>(t, mt, nt, col, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
                  p.c_rs, p.c_cs);
   };
 
