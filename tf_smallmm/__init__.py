@@ -6,14 +6,16 @@ matrices are small (and fall back to the built-ins otherwise):
     import tf_smallmm as smm
     y = smm.matmul(a, b)          # tf.linalg.matmul
     v = smm.matvec(a, x)          # tf.linalg.matvec
+    e = smm.einsum(eq, a, b)      # tf.einsum
 
 `kernels_loaded()` and `build_info()` report what was compiled and what runs;
 TF_SMALLMM_DISABLE=1 forces the built-ins everywhere.
 """
 
+from tf_smallmm._einsum import einsum
 from tf_smallmm._loader import build_info, kernels_loaded
 from tf_smallmm._matmul import matmul, matvec
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "kernels_loaded", "matmul", "matvec"]
+__all__ = ["build_info", "einsum", "kernels_loaded", "matmul", "matvec"]
