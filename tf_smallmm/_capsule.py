@@ -1,0 +1,65 @@
+"""Capsule prediction vectors: û = einsum('ijkl,bil->bijk', W, u) on the SmallMM engine."""
+
+import tensorflow as tf
+from tensorflow.python.framework import ops
+
+from tf_smallmm import _einsum
+
+EQUATION = "ijkl,bil->bijk"
+
+
+def _shape(t):
+    return t.shape.as_list() if t.shape.rank is not None else "<unknown rank>"
+
+
+def _check(w, u):
+    """ValueError naming the argument and both shapes when they cannot be capsule weights
+    [in_caps, out_caps, out_dim, in_dim] (or [1, in_caps, ...]) and inputs
+    [batch, in_caps, in_dim]."""
+    both = f"w has shape {_shape(w)} and u has shape {_shape(u)}"
+    if w.shape.rank not in (4, 5):
+        raise ValueError(
+            "capsule_predict: w must have rank 4 [in_caps, out_caps, out_dim, in_dim] or 5 "
+            f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
+    if w.shape.rank == 5 and w.shape[0] not in (None, 1):
+        raise ValueError(
+            "capsule_predict: a rank-5 w must have a leading axis of size 1 "
+            f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
+    if u.shape.rank != 3:
+        raise ValueError(
+            f"capsule_predict: u must have rank 3 [batch, in_caps, in_dim]; {both}")
+    for what, dw, du in (("in_caps", w.shape[-4], u.shape[1]),
+                         ("in_dim", w.shape[-1], u.shape[2])):
+        if dw is not None and du is not None and dw != du:
+            raise ValueError(
+                f"capsule_predict: {what} differs between w ({dw}) and u ({du}); {both}")
+
+
+def capsule_predict(w, u, name=None):
+    """Prediction vectors of a capsule layer: û[b, i, j, k] = Σ_l w[i, j, k, l] · u[b, i, l].
+
+    Args:
+      w: weights [in_caps, out_caps, out_dim, in_dim] (or with a leading axis of size 1).
+      u: input capsules [batch, in_caps, in_dim], same dtype.
+      name: optional name scope.
+
+    Returns:
+      û [batch, in_caps, out_caps, out_dim]; the same as
+      `tf.einsum('ijkl,bil->bijk', w, u)`, which is what runs where the SmallMM kernels
+      do not (other dtypes, big products, XLA, TF_SMALLMM_DISABLE=1).
+
+    On the engine this is one product per (b, i): w[i] viewed as an
+    [out_caps·out_dim, in_dim] matrix times u[b, i] as a column, with w broadcast over the
+    batch (never tiled). The gradient for w is summed over the batch inside the kernel, so
+    training allocates no [batch, in_caps, out_caps, out_dim, in_dim] intermediate.
+
+    Raises:
+      ValueError: wrong ranks, or in_caps / in_dim that differ between w and u.
+    """
+    with ops.name_scope(name, "CapsulePredict", [w, u]):
+        w = ops.convert_to_tensor(w, name="w")
+        u = ops.convert_to_tensor(u, dtype_hint=w.dtype, name="u")
+        _check(w, u)
+        if w.shape.rank == 5:
+            w = tf.squeeze(w, axis=0)  # raises at run time if the axis is not 1
+        return _einsum.einsum(EQUATION, w, u)
