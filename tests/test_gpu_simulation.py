@@ -137,6 +137,20 @@ def test_capsule_prediction_stages_the_shared_weight_once(dtype):
     assert info["a_reused"] >= info["items"] - (6 + 4)
 
 
+@pytest.mark.parametrize("xs,ys,tiled", [
+    ((300, 4), (10, 4, 1), "m"),          # x shared by every output, 3 row tiles
+    ((10, 3, 4), (4, 70), "n"),           # y shared by every output, 3 column tiles
+])
+def test_shared_operand_is_reused_only_for_the_same_tile(xs, ys, tiled):
+    # Small blocks cut the shared operand into several tiles; one block's items cross
+    # from one tile to the next while the shared operand's offset stays the same.
+    rng = np.random.default_rng(10)
+    info = check(rand(rng, xs, np.float32), rand(rng, ys, np.float32), block=32, max_blocks=2)
+    assert info["tiles"][0 if tiled == "m" else 1] == 3
+    assert info["a_shared" if tiled == "m" else "b_shared"]
+    assert info["a_reused" if tiled == "m" else "b_reused"] > 0
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.complex64],
                          ids=lambda d: np.dtype(d).name)
 def test_capsule_gradients_reduce_inside_the_kernel(dtype):
