@@ -70,7 +70,8 @@ cudaError_t MaxBlocks(int64_t* out) {
     e = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
   }
   if (e != cudaSuccess) return e;
-  const int64_t blocks = int64_t(sms > 0 ? sms : 1) * (threads_per_sm >= kThreads ? threads_per_sm / kThreads : 1);
+  const int64_t blocks =
+      int64_t(sms > 0 ? sms : 1) * (threads_per_sm >= kThreads ? threads_per_sm / kThreads : 1);
   if (dev >= 0 && dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
   *out = blocks;
   return cudaSuccess;
