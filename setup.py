@@ -4,7 +4,8 @@ Install with ``pip install --no-build-isolation .`` after TensorFlow 2.21 and py
 (build isolation would download a second TensorFlow just to read its headers).
 
 Environment:
-  TF_SMALLMM_CUDA=0|1   build the CUDA kernels (default: when nvcc is found)
+  TF_SMALLMM_CUDA=0|1   build the CUDA kernels (default: when nvcc is found); 1 fails the
+                        build when nvcc is missing, and any nvcc error fails it too
   TF_SMALLMM_JOBS=N     parallel compile jobs (default: CPU count)
   NVCC=path             nvcc to use
 """
@@ -38,6 +39,11 @@ ISA_FLAGS = {
 }
 KERNEL_SOURCES = ["cc/kernels/plan.cc"]
 TF_SOURCES = ["cc/ops/smallmm_ops.cc"]
+# With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
+# runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
+# every cuda/*.cu.cc.
+TF_GPU_SOURCES = ["cc/ops/smallmm_ops_gpu.cc"]
+CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
 CUDA_ARCHS = ["80", "90"]
 
 
@@ -116,7 +122,7 @@ class BuildSmallMM(build_ext):
         cuda = bool(nvcc and cuda_srcs)
         if cuda:
             tf_base += ["-DGOOGLE_CUDA=1"]
-        for src in TF_SOURCES:
+        for src in TF_SOURCES + (TF_GPU_SOURCES if cuda else []):
             jobs.append(tf_base + ["-c", src, "-o", obj(src)])
             tf_objs.append(obj(src))
         if cuda:
@@ -124,13 +130,16 @@ class BuildSmallMM(build_ext):
             for a in CUDA_ARCHS:
                 gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
             gencode += ["-gencode", f"arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
+            nvcc_base = [nvcc, "-O3", "-DGOOGLE_CUDA=1", "-Xcompiler", "-fPIC", "-I" + HERE] + std \
+                + [f for f in tf_cflags if not f.startswith(("--std", "-std"))]
             for src in cuda_srcs:
                 o = obj(src)
-                jobs.append([nvcc, "-x", "cu", "-O3", "-DGOOGLE_CUDA=1", "--expt-relaxed-constexpr",
-                             "-Xcompiler", "-fPIC", "-I" + HERE] + std + gencode
-                            + [f for f in tf_cflags if not f.startswith(("--std", "-std"))]
+                jobs.append(nvcc_base + ["-x", "cu", "--expt-relaxed-constexpr"] + gencode
                             + ["-Wno-deprecated-gpu-targets", "-c", src, "-o", o])
                 tf_objs.append(o)
+            for src in CUDA_HOST_SOURCES:
+                jobs.append(nvcc_base + ["-x", "c++", "-c", src, "-o", obj(src)])
+                tf_objs.append(obj(src))
 
         n = int(os.environ.get("TF_SMALLMM_JOBS", os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
@@ -138,9 +147,11 @@ class BuildSmallMM(build_ext):
                 f.result()
 
         # The op library: loaded with tf.load_op_library. No -lcudart: TF's framework
-        # library provides the CUDA runtime symbols.
+        # library provides the CUDA runtime symbols; cuda/cuda_runtime_shim.cc looks them
+        # up at first use (-ldl), so the library also loads under tensorflow-cpu, whose
+        # framework library has none.
         _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
-             + tf_objs + core_objs + tf_lflags)
+             + tf_objs + core_objs + tf_lflags + (["-ldl"] if cuda else []))
         # The pybind11 kernel module (no TF).
         core_so = os.path.join(out_dir, "_smallmm_core" + sysconfig.get_config_var("EXT_SUFFIX"))
         _run(base + ["-shared", "-I" + pybind11.get_include(),
@@ -152,6 +163,8 @@ class BuildSmallMM(build_ext):
             "isas": isas,
             "cuda": cuda,
             "cuda_archs": CUDA_ARCHS if cuda else [],
+            "nvcc": subprocess.check_output([nvcc, "--version"], text=True).strip().splitlines()[-1]
+            if cuda else None,
             "compiler": subprocess.check_output([cxx, "--version"], text=True).splitlines()[0],
             "built": datetime.date.today().isoformat(),
         }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cc/kernels/smallmm.h"
+#include "cuda/smallmm_gpu_sim.h"
 
 namespace py = pybind11;
 
@@ -76,6 +77,84 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   return out;
 }
 
+// Element-index range [lo, hi] a view may address (lo > hi when it has no elements).
+void IndexRange(const Layout& l, int64_t* lo, int64_t* hi) {
+  *lo = 0;
+  *hi = 0;
+  for (size_t i = 0; i < l.dims.size(); ++i) {
+    if (l.dims[i] == 0) {
+      *lo = 0;
+      *hi = -1;
+      return;
+    }
+    const int64_t span = (l.dims[i] - 1) * l.strides[i];
+    (span < 0 ? *lo : *hi) += span;
+  }
+}
+
+// The GPU kernels' block program run on the host over a simulated grid (see
+// cuda/smallmm_gpu_sim.h): same arguments as MatMul plus the launch shape. Returns the
+// output and what the launch did.
+py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpose_x,
+                            bool conjugate_x, bool transpose_y, bool conjugate_y,
+                            std::optional<std::vector<int64_t>> batch_shape, int block,
+                            int smem_budget, int64_t max_blocks) {
+  if (!x.dtype().is(y.dtype())) throw py::type_error("smallmm: x and y must have the same dtype");
+  const smallmm::DType dtype = CoreDType(x.dtype());
+  const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
+  smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), transpose_x,
+                     conjugate_x};
+  smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), transpose_y,
+                     conjugate_y};
+  smallmm::GemmPlan plan;
+  int out_rank = 0;
+  int64_t out_dims[smallmm::kMaxBatchDims + 2];
+  std::string error;
+  if (!smallmm::PlanBatchMatMul(a, b, batch_shape ? batch_shape->data() : nullptr,
+                                batch_shape ? int(batch_shape->size()) : -1, &plan, &out_rank,
+                                out_dims, &error)) {
+    throw py::value_error(error);
+  }
+  std::vector<py::ssize_t> shape(out_dims, out_dims + out_rank);
+  py::array out(x.dtype(), shape);
+  smallmm::gpu::SimOptions opt;
+  opt.threads = block;
+  opt.smem_budget = smem_budget;
+  opt.max_blocks = max_blocks;
+  IndexRange(lx, &opt.a_lo, &opt.a_hi);
+  IndexRange(ly, &opt.b_lo, &opt.b_hi);
+  smallmm::gpu::SimStats st;
+  try {
+    st = smallmm::gpu::SimulateBatchMatMul(dtype, plan, x.data(), y.data(), out.mutable_data(),
+                                           opt);
+  } catch (const smallmm::gpu::SimError& e) {
+    throw std::runtime_error(e.what());
+  }
+  const smallmm::gpu::LaunchConfig& c = st.cfg;
+  py::dict info;
+  info["blocks"] = c.blocks;
+  info["threads"] = c.threads;
+  info["items"] = c.items;
+  info["items_per_block"] = c.items_per_block;
+  info["tile"] = py::make_tuple(c.bm, c.bn);
+  info["tiles"] = py::make_tuple(c.tiles_m, c.tiles_n);
+  info["group"] = c.group;
+  info["span"] = c.span;
+  info["kc"] = c.kc;
+  info["kl"] = c.kl;
+  info["nrc"] = c.nrc;
+  info["chunks"] = c.r_chunks * c.l_chunks;
+  info["a_shared"] = c.a_shared;
+  info["b_shared"] = c.b_shared;
+  info["smem_bytes"] = c.smem_bytes;
+  info["barriers"] = st.barriers;
+  info["a_stages"] = st.a_stages;
+  info["a_reused"] = st.a_reused;
+  info["b_stages"] = st.b_stages;
+  info["b_reused"] = st.b_reused;
+  return py::make_tuple(out, info);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_smallmm_core, m) {
@@ -85,6 +164,16 @@ PYBIND11_MODULE(_smallmm_core, m) {
         py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
         "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
         "it (or 1 in it) are summed over. Accepts any strides, including 0.");
+  m.def("simulate_gpu_matmul", &SimulateGpuMatMul, py::arg("x"), py::arg("y"),
+        py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
+        py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
+        py::arg("batch_shape") = py::none(), py::arg("block") = smallmm::gpu::kThreads,
+        py::arg("smem_budget") = smallmm::gpu::kSmemBudget,
+        py::arg("max_blocks") = smallmm::gpu::SimOptions().max_blocks,
+        "matmul computed by the GPU kernels' block program on the host over a simulated "
+        "grid of `block` threads per block (at most `max_blocks` blocks, `smem_budget` "
+        "bytes of shared memory each), checking shared- and global-memory accesses. "
+        "Returns (output, launch info). For tests on machines without a GPU.");
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));

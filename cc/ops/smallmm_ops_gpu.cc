@@ -1,0 +1,54 @@
+// GPU kernels of the SmallMM ops: the GPU Launch of the one base OpKernel and the GPU
+// registrations, from the one dtype list. Compiled by the host compiler with
+// -DGOOGLE_CUDA=1 only when the CUDA kernels (cuda/) are built. Includes no CUDA or Eigen
+// GPU header (the tensorflow-cpu wheel ships none): the stream comes from the op's
+// device context as the platform's raw handle and goes to cuda/smallmm_gpu.h's launcher.
+#if GOOGLE_CUDA
+
+#include "cc/kernels/smallmm.h"
+#include "cc/ops/smallmm_matmul_op.h"
+#include "cc/ops/smallmm_types.h"
+#include "cuda/smallmm_gpu.h"
+#include "tensorflow/core/framework/device_base.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "xla/stream_executor/stream.h"
+
+namespace tensorflow {
+
+using GPUDevice = Eigen::GpuDevice;
+
+template <>
+void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan,
+                                        const Tensor& x, const Tensor& y, Tensor* out) {
+  DeviceContext* dc = ctx->op_device_context();
+  stream_executor::Stream* stream = dc != nullptr ? dc->stream() : nullptr;
+  OP_REQUIRES(ctx, stream != nullptr,
+              errors::Internal(name(), ": no GPU stream in the op's device context"));
+  void* raw_stream = stream->platform_specific_handle().stream;
+  OP_REQUIRES(ctx, raw_stream != nullptr,
+              errors::Internal(name(), ": the GPU stream has no CUDA handle"));
+  const char* error = smallmm::gpu::LaunchBatchMatMul(
+      dtype_, plan, x.tensor_data().data(), y.tensor_data().data(),
+      const_cast<char*>(out->tensor_data().data()), raw_stream);
+  OP_REQUIRES(ctx, error == nullptr,
+              errors::Internal(name(), ": SmallMM GPU kernel launch failed: ", error));
+}
+
+namespace {
+
+#define SMALLMM_REGISTER_GPU(T, DT, CORE)                                            \
+  REGISTER_KERNEL_BUILDER(                                                           \
+      Name("SmallMMBatchMatMul").Device(DEVICE_GPU).TypeConstraint<T>("T"),          \
+      SmallMMMatMulOp<GPUDevice>);                                                   \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
+                              .Device(DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                \
+                              .HostMemory("batch_shape"),                            \
+                          SmallMMMatMulOp<GPUDevice>);
+SMALLMM_TYPE_LIST(SMALLMM_REGISTER_GPU)
+#undef SMALLMM_REGISTER_GPU
+
+}  // namespace
+}  // namespace tensorflow
+
+#endif  // GOOGLE_CUDA

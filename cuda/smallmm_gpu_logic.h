@@ -1,0 +1,545 @@
+// smallmm_gpu_logic.h — the GPU implementation of the kernel-core contract (smallmm.h),
+// written once as `__host__ __device__` code over plain pointers so that the same block
+// program runs on the GPU (smallmm_gpu.cu.cc) and in the host simulation
+// (smallmm_gpu_sim.h, exercised by tests/test_gpu_simulation.py on machines without a
+// GPU). Compiles with nvcc and with a plain C++17 compiler; includes no CUDA header when
+// not compiled by nvcc.
+//
+// Work decomposition (terminology as in smallmm.h):
+//   tile       an output matrix C[o] (M×N) is cut into bm×bn tiles; for the small
+//              matrices this engine is for, one tile is the whole matrix.
+//   group      `group` consecutive output matrices (in the plan's flattened out-loop
+//              order) handled together by one block. When the innermost out loop
+//              broadcasts an operand (stride 0), groups never straddle that loop, so the
+//              whole group shares that operand: it is staged once per group ("shared"),
+//              and not at all when the block's previous work item staged the same matrix
+//              (capsules: W[i] is staged once for all data-batch rows a block handles).
+//   work item  (tile, group). Block b handles the contiguous work items
+//              [b·items_per_block, (b+1)·items_per_block), so consecutive items of one
+//              block usually share the broadcast operand.
+//   KR axis    reduction loops and K are one combined axis of num_reduced·K products,
+//              ordered (r, l) exactly like the CPU engine, staged through shared memory
+//              in chunks of `kc` (= nrc whole reduction items of K when K is small, or a
+//              K-slice of one reduction item when K is large). The sum over it happens in
+//              each thread's registers: no atomics, no per-batch intermediate.
+//   threads    thread t owns the group-tile elements e = t + s·threads, s < kElemsPerThread,
+//              e = ((g·bm) + i)·bn + j, so consecutive threads write consecutive columns
+//              of one row (coalesced stores for dense row-major C).
+// fp16/bf16 are converted to fp32 when staged and accumulate in fp32; complex operands
+// are staged as a real plane followed by an imaginary plane, conjugation applied when
+// staged.
+//
+// The block program is a template on an executor `Ex` that supplies:
+//   shared()                       the block's dynamic shared memory
+//   Barrier()                      __syncthreads()
+//   ForEachThread(f)               f(thread index, this thread's Acc&): on the GPU each
+//                                  thread runs it once for itself; the simulation runs it
+//                                  for every thread in turn
+//   Read(p) / Write(p, v)          shared-memory accesses made by the current thread
+//   ReadUniform(p)                 a shared-memory read that every thread makes alike
+//                                  (block-uniform control flow)
+//   OnLoad(operand, index), OnStore(index)
+//                                  global-memory accesses (checked by the simulation)
+// Code outside ForEachThread is block-uniform: every thread computes the same values.
+#ifndef TF_SMALLMM_CUDA_SMALLMM_GPU_LOGIC_H_
+#define TF_SMALLMM_CUDA_SMALLMM_GPU_LOGIC_H_
+
+#include <cstdint>
+#include <cstring>
+
+#include "cc/kernels/smallmm.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define SMALLMM_HD __host__ __device__
+#define SMALLMM_INLINE __forceinline__
+#define SMALLMM_UNROLL _Pragma("unroll")
+#else
+#define SMALLMM_HD
+#define SMALLMM_INLINE inline
+#define SMALLMM_UNROLL
+#endif
+
+namespace smallmm {
+namespace gpu {
+
+// Tuning constants (not yet measured on hardware: no GPU was available when they were
+// chosen; they follow from the shapes the engine is for, M, N, K ≤ 32, and H100 limits).
+constexpr int kElemsPerThread = 4;      // output elements a thread owns per work item
+constexpr int kThreads = 256;           // threads per block of the real launch
+constexpr int kSmemBudget = 24 * 1024;  // bytes: 8+ blocks of 256 threads per H100 SM
+constexpr int kMaxSmemBytes = 48 * 1024;  // dynamic shared memory without an opt-in
+constexpr int kMaxKChunk = 128;         // KR products staged per step (before shrinking)
+constexpr int kMaxTileN = 32;
+
+template <typename T>
+SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) { return a < b ? b : a; }
+SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- 16-bit floats
+// Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
+// and the CPU engine). The GPU uses the hardware conversions instead.
+SMALLMM_HD SMALLMM_INLINE float BitsToFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+SMALLMM_HD SMALLMM_INLINE uint32_t FloatToBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+SMALLMM_HD SMALLMM_INLINE float HalfToFloat(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t o = (uint32_t(h) & 0x7fffu) << 13;
+  const uint32_t exp = shifted_exp & o;
+  o += (127u - 15u) << 23;
+  if (exp == shifted_exp) {
+    o += (128u - 16u) << 23;  // Inf / NaN
+  } else if (exp == 0) {      // zero / subnormal: renormalise
+    o += 1u << 23;
+    o = FloatToBits(BitsToFloat(o) - BitsToFloat(113u << 23));
+  }
+  return BitsToFloat(o | ((uint32_t(h) & 0x8000u) << 16));
+#endif
+}
+
+SMALLMM_HD SMALLMM_INLINE uint16_t FloatToHalf(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  uint32_t u = FloatToBits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint16_t o;
+  if (u >= ((127u + 16u) << 23)) {
+    o = (u > (255u << 23)) ? 0x7e00 : 0x7c00;  // NaN -> qNaN, overflow -> Inf
+  } else if (u < (113u << 23)) {               // subnormal or zero
+    const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    o = uint16_t(FloatToBits(BitsToFloat(u) + BitsToFloat(magic)) - magic);
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+    u += mant_odd;
+    o = uint16_t(u >> 13);
+  }
+  return uint16_t(o | (sign >> 16));
+#endif
+}
+
+SMALLMM_HD SMALLMM_INLINE float BF16ToFloat(uint16_t h) { return BitsToFloat(uint32_t(h) << 16); }
+
+SMALLMM_HD SMALLMM_INLINE uint16_t FloatToBF16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  const uint32_t u = FloatToBits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x0040u);  // qNaN
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+
+// ---------------------------------------------------------------- element types
+// R: accumulation type. Complex values are interleaved (re, im) in memory and staged as
+// two planes; Load/Store take the index of a real scalar.
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::kHalf> {
+  using R = float;
+  static constexpr int kPlanes = 1;
+  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
+    return HalfToFloat(static_cast<const uint16_t*>(p)[i]);
+  }
+  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
+    static_cast<uint16_t*>(p)[i] = FloatToHalf(v);
+  }
+};
+template <>
+struct Elem<DType::kBFloat16> {
+  using R = float;
+  static constexpr int kPlanes = 1;
+  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
+    return BF16ToFloat(static_cast<const uint16_t*>(p)[i]);
+  }
+  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
+    static_cast<uint16_t*>(p)[i] = FloatToBF16(v);
+  }
+};
+template <typename S, int P>
+struct PlainElem {
+  using R = S;
+  static constexpr int kPlanes = P;
+  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
+    return static_cast<const S*>(p)[i];
+  }
+  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
+    static_cast<S*>(p)[i] = v;
+  }
+};
+template <>
+struct Elem<DType::kFloat> : PlainElem<float, 1> {};
+template <>
+struct Elem<DType::kDouble> : PlainElem<double, 1> {};
+template <>
+struct Elem<DType::kComplex64> : PlainElem<float, 2> {};
+template <>
+struct Elem<DType::kComplex128> : PlainElem<double, 2> {};
+
+// Per-thread accumulators: kElemsPerThread elements, one plane per real component.
+template <typename R, int P>
+struct Acc {
+  R v[kElemsPerThread * P];
+};
+
+// ---------------------------------------------------------------- launch configuration
+// Everything the block program needs besides the plan; a POD kernel argument.
+struct LaunchConfig {
+  int threads = 0;
+  int bm = 1, bn = 1;        // output tile rows × columns
+  int group = 1;             // output matrices per work item
+  int kl = 1, nrc = 1;       // a KR chunk = nrc reduction items × a K-slice of kl
+  int kc = 1;                // = nrc·kl, the K extent of a staged operand
+  bool a_shared = false;     // one staged op(A) tile serves the whole group
+  bool b_shared = false;
+  bool a_kfast = true;       // staging order: consecutive threads walk K (else rows)
+  bool b_jfast = true;       // consecutive threads walk columns (else K)
+  int64_t span = 1;          // groups never straddle a span of this many outputs
+  int64_t groups_per_span = 1;
+  int64_t groups = 0;
+  int64_t tiles_m = 1, tiles_n = 1;
+  int64_t l_chunks = 0, r_chunks = 0;  // KR chunks: r_chunks × l_chunks, (r, l) order
+  int64_t items = 0;                   // groups × tiles_m × tiles_n
+  int64_t items_per_block = 1;
+  int64_t blocks = 0;
+  // Shared memory, byte offsets: [off_a, off_b, off_c: int64 × group][A][B].
+  int smem_a = 0, smem_b = 0, smem_bytes = 0;
+  int a_slot = 0, b_slot = 0;  // R elements per staged operand copy (all planes)
+};
+
+inline int ElemRealSize(DType d) {
+  return (d == DType::kDouble || d == DType::kComplex128) ? 8 : 4;
+}
+inline int ElemPlanes(DType d) {
+  return (d == DType::kComplex64 || d == DType::kComplex128) ? 2 : 1;
+}
+
+inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }
+
+// Chooses tiles, group size, K chunk and grid for the plan. `threads` per block, shared
+// memory at most `smem_budget` bytes, at most `max_blocks` blocks. Returns nullptr, or a
+// static message when no configuration fits (only for unrealistic budgets).
+inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
+                                    int smem_budget, int64_t max_blocks, LaunchConfig* out) {
+  if (threads < 1 || threads > 1024) return "threads per block must be in [1, 1024]";
+  if (smem_budget > kMaxSmemBytes) return "shared-memory budget above 48 KiB";
+  if (max_blocks < 1) return "max_blocks must be positive";
+  LaunchConfig c;
+  c.threads = threads;
+  const int64_t te = int64_t(threads) * kElemsPerThread;  // elements a block owns
+  const int64_t m = Max<int64_t>(p.m, 1), n = Max<int64_t>(p.n, 1);
+  // Balanced tiles: as few as fit te elements, then equal sizes.
+  c.tiles_n = CeilDiv(n, Min<int64_t>(kMaxTileN, te));
+  c.bn = int(CeilDiv(n, c.tiles_n));
+  c.tiles_m = CeilDiv(m, Max<int64_t>(1, te / c.bn));
+  c.bm = int(CeilDiv(m, c.tiles_m));
+  const int64_t tile_elems = int64_t(c.bm) * c.bn;
+  int64_t group = Min<int64_t>(Max<int64_t>(1, te / tile_elems), threads);
+
+  // Groups stay inside the innermost out loop when it broadcasts an operand, unless that
+  // loop is so short that more than half of the threads would idle.
+  const Loop* inner = p.num_out > 0 ? &p.out[p.num_out - 1] : nullptr;
+  const bool bcast = inner != nullptr && (inner->a == 0 || inner->b == 0);
+  const bool span_inner =
+      bcast && (inner->size >= group || 2 * inner->size * tile_elems >= threads);
+  c.span = span_inner ? inner->size : Max<int64_t>(p.num_outputs, 1);
+  group = Min<int64_t>(group, c.span);
+  c.a_shared = span_inner && inner->a == 0;
+  c.b_shared = span_inner && inner->b == 0;
+
+  const int64_t k = Max<int64_t>(p.k, 1), nr = Max<int64_t>(p.num_reduced, 1);
+  const int rsize = ElemRealSize(dtype), planes = ElemPlanes(dtype);
+  int64_t kc_target = Min<int64_t>(kMaxKChunk, k * nr);
+  for (;;) {
+    c.group = int(group);
+    c.kl = int(Min<int64_t>(k, kc_target));
+    c.nrc = int(Min<int64_t>(Max<int64_t>(1, kc_target / c.kl), nr));
+    c.kc = c.nrc * c.kl;
+    c.a_slot = planes * c.kc * c.bm;
+    c.b_slot = planes * c.kc * c.bn;
+    const int a_slots = c.a_shared ? 1 : c.group, b_slots = c.b_shared ? 1 : c.group;
+    c.smem_a = AlignUp(3 * 8 * c.group, 16);
+    c.smem_b = AlignUp(c.smem_a + a_slots * c.a_slot * rsize, 16);
+    c.smem_bytes = c.smem_b + b_slots * c.b_slot * rsize;
+    if (c.smem_bytes <= smem_budget) break;
+    if (kc_target > 16) {
+      kc_target = (kc_target + 1) / 2;
+    } else if (group > 1) {
+      group = (group + 1) / 2;
+    } else if (kc_target > 1) {
+      kc_target = (kc_target + 1) / 2;
+    } else {
+      return "no tile configuration fits the shared-memory budget";
+    }
+  }
+  c.groups_per_span = CeilDiv(c.span, c.group);
+  c.groups = (Max<int64_t>(p.num_outputs, 1) / c.span) * c.groups_per_span;
+  c.l_chunks = p.k > 0 ? CeilDiv(p.k, c.kl) : 0;
+  c.r_chunks = p.num_reduced > 0 ? CeilDiv(p.num_reduced, c.nrc) : 0;
+  c.items = p.output_elements > 0 ? c.groups * c.tiles_m * c.tiles_n : 0;
+  // Coalesced staging: consecutive threads walk the operand's smaller stride.
+  auto mag = [](int64_t s) { return s < 0 ? -s : s; };
+  c.a_kfast = mag(p.a_cs) <= mag(p.a_rs);
+  c.b_jfast = mag(p.b_cs) <= mag(p.b_rs);
+  if (c.items > 0) {
+    const int64_t blocks = Min<int64_t>(c.items, max_blocks);
+    c.items_per_block = CeilDiv(c.items, blocks);
+    c.blocks = CeilDiv(c.items, c.items_per_block);
+  }
+  *out = c;
+  return nullptr;
+}
+
+// ---------------------------------------------------------------- the block program
+// Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
+SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa,
+                                             int64_t* ob, int64_t* oc) {
+  int64_t a = 0, b = 0, c = 0;
+  for (int d = p.num_out - 1; d >= 0; --d) {
+    const Loop& l = p.out[d];
+    const int64_t idx = o % l.size;
+    o /= l.size;
+    a += idx * l.a;
+    b += idx * l.b;
+    c += idx * l.c;
+  }
+  *oa = a;
+  *ob = b;
+  *oc = c;
+}
+
+// Offsets of reduction item `r` in A and B.
+SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, int64_t* ra,
+                                                int64_t* rb) {
+  if (p.num_red == 1) {  // the common case: one reduction loop, no division
+    *ra = r * p.red[0].a;
+    *rb = r * p.red[0].b;
+    return;
+  }
+  int64_t a = 0, b = 0;
+  for (int d = p.num_red - 1; d >= 0; --d) {
+    const Loop& l = p.red[d];
+    const int64_t idx = r % l.size;
+    r /= l.size;
+    a += idx * l.a;
+    b += idx * l.b;
+  }
+  *ra = a;
+  *rb = b;
+}
+
+// Stages op(A) (rows i0.., KR chunk) or op(B) into shared memory for slots [0, nslots).
+// Layout per slot: plane-major, then [kk][row] so that the compute loop's reads are
+// consecutive across threads. Positions outside the matrix or chunk are zero-filled.
+//   rows_stride, k_stride: the operand's strides along its tile axis and along K.
+//   tile, valid: tile extent (bm or bn) and how much of it lies inside the matrix.
+//   kfast: linear staging index walks K fastest (coalesced when |k_stride| is small).
+template <DType D, class Ex>
+SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
+                                            const LaunchConfig& cfg, int operand,
+                                            const void* x, const int64_t* slot_off,
+                                            int nslots, int tile, int valid, int64_t row0,
+                                            int64_t rows_stride, int64_t k_stride,
+                                            bool kfast, int64_t r0, int nr, int64_t l0,
+                                            int nl, bool conj,
+                                            typename Elem<D>::R* dst) {
+  using E = Elem<D>;
+  using R = typename E::R;
+  constexpr int P = E::kPlanes;
+  const int kc = cfg.kc, kl = cfg.kl;
+  const int per_slot = tile * kc;
+  const int total = nslots * per_slot;
+  for (int idx = t; idx < total; idx += cfg.threads) {
+    const int slot = idx / per_slot;
+    const int rem = idx - slot * per_slot;
+    int row, kk;
+    if (kfast) {
+      row = rem / kc;
+      kk = rem - row * kc;
+    } else {
+      kk = rem / tile;
+      row = rem - kk * tile;
+    }
+    const int rr = kk / kl;  // reduction item within the chunk
+    const int l = kk - rr * kl;
+    R* d = dst + slot * (P * per_slot) + kk * tile + row;
+    R re = R(0), im = R(0);
+    if (row < valid && rr < nr && l < nl) {
+      int64_t ra, rb;
+      ReductionOffsets(p, r0 + rr, &ra, &rb);
+      const int64_t gi = ex.Read(&slot_off[slot]) + (operand == 0 ? ra : rb) +
+                         (row0 + row) * rows_stride + (l0 + l) * k_stride;
+      ex.OnLoad(operand, gi);
+      if constexpr (P == 2) {
+        re = E::Load(x, 2 * gi);
+        im = E::Load(x, 2 * gi + 1);
+        if (conj) im = -im;
+      } else {
+        re = E::Load(x, gi);
+      }
+    }
+    ex.Write(d, re);
+    if constexpr (P == 2) ex.Write(d + per_slot, im);
+  }
+}
+
+// One block's work: its contiguous range of work items.
+template <DType D, class Ex>
+SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, const void* a,
+                         const void* b, void* c, int64_t block) {
+  using E = Elem<D>;
+  using R = typename E::R;
+  using A = Acc<R, E::kPlanes>;
+  constexpr int P = E::kPlanes;
+  constexpr int kEpt = kElemsPerThread;
+  unsigned char* smem = ex.shared();
+  int64_t* off_a = reinterpret_cast<int64_t*>(smem);
+  int64_t* off_b = off_a + cfg.group;
+  int64_t* off_c = off_b + cfg.group;
+  R* sa = reinterpret_cast<R*>(smem + cfg.smem_a);
+  R* sb = reinterpret_cast<R*>(smem + cfg.smem_b);
+  const int T = cfg.threads, bm = cfg.bm, bn = cfg.bn, tile_elems = bm * bn;
+  const int64_t chunks = cfg.r_chunks * cfg.l_chunks;
+  const int64_t w_begin = block * cfg.items_per_block;
+  const int64_t w_end = Min(cfg.items, w_begin + cfg.items_per_block);
+  // What the block's shared memory holds from its previous work item (uniform).
+  bool have_a = false, have_b = false;
+  int64_t staged_a = 0, staged_ti = 0, staged_b = 0, staged_tj = 0;
+
+  for (int64_t w = w_begin; w < w_end; ++w) {
+    const int64_t tile = w / cfg.groups, grp = w - tile * cfg.groups;
+    const int64_t ti = tile / cfg.tiles_n, tj = tile - ti * cfg.tiles_n;
+    const int64_t q = grp / cfg.groups_per_span, gi = grp - q * cfg.groups_per_span;
+    const int64_t o0 = q * cfg.span + gi * cfg.group;
+    const int count = int(Min<int64_t>(cfg.group, cfg.span - gi * cfg.group));
+    const int64_t i0 = ti * bm, j0 = tj * bn;
+    const int rows = int(Min<int64_t>(bm, p.m - i0)), cols = int(Min<int64_t>(bn, p.n - j0));
+
+    ex.Barrier();  // the previous item is done with off_* and the staged operands
+    ex.ForEachThread([&](int t, A& acc) {
+      for (int g = t; g < count; g += T) {
+        int64_t oa, ob, oc;
+        OutputOffsets(p, o0 + g, &oa, &ob, &oc);
+        ex.Write(&off_a[g], oa);
+        ex.Write(&off_b[g], ob);
+        ex.Write(&off_c[g], oc);
+      }
+      SMALLMM_UNROLL
+      for (int s = 0; s < kEpt * P; ++s) acc.v[s] = R(0);
+    });
+    ex.Barrier();
+
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t rc = ch / cfg.l_chunks, lc = ch - rc * cfg.l_chunks;
+      const int64_t r0 = rc * cfg.nrc, l0 = lc * cfg.kl;
+      const int nr = int(Min<int64_t>(cfg.nrc, p.num_reduced - r0));
+      const int nl = int(Min<int64_t>(cfg.kl, p.k - l0));
+      const int kcv = (nr - 1) * cfg.kl + nl;  // valid KR products in this chunk
+      // A single-chunk item whose shared operand tile is already staged skips the load.
+      bool load_a = true, load_b = true;
+      if (chunks == 1) {
+        const int64_t ka = ex.ReadUniform(&off_a[0]), kb = ex.ReadUniform(&off_b[0]);
+        load_a = !(have_a && ka == staged_a && ti == staged_ti);
+        load_b = !(have_b && kb == staged_b && tj == staged_tj);
+        have_a = cfg.a_shared;
+        have_b = cfg.b_shared;
+        staged_a = ka;
+        staged_ti = ti;
+        staged_b = kb;
+        staged_tj = tj;
+      } else {
+        have_a = have_b = false;
+      }
+      ex.CountStage(load_a, load_b);
+      if (ch > 0) ex.Barrier();  // everyone is done computing on the previous chunk
+      ex.ForEachThread([&](int t, A&) {
+        if (load_a) {
+          StageOperand<D>(ex, t, p, cfg, 0, a, off_a, cfg.a_shared ? 1 : count, bm, rows, i0,
+                          p.a_rs, p.a_cs, cfg.a_kfast, r0, nr, l0, nl, p.conj_a, sa);
+        }
+        if (load_b) {
+          StageOperand<D>(ex, t, p, cfg, 1, b, off_b, cfg.b_shared ? 1 : count, bn, cols, j0,
+                          p.b_cs, p.b_rs, !cfg.b_jfast, r0, nr, l0, nl, p.conj_b, sb);
+        }
+      });
+      ex.Barrier();
+      ex.ForEachThread([&](int t, A& acc) {
+        SMALLMM_UNROLL
+        for (int s = 0; s < kEpt; ++s) {
+          const int e = t + s * T;
+          const int g = e / tile_elems;
+          const int rem = e - g * tile_elems;
+          const int i = rem / bn, j = rem - i * bn;
+          if (g >= count || i >= rows || j >= cols) continue;
+          const R* pa = sa + (cfg.a_shared ? 0 : g) * cfg.a_slot + i;
+          const R* pb = sb + (cfg.b_shared ? 0 : g) * cfg.b_slot + j;
+          if constexpr (P == 2) {
+            const int pla = cfg.kc * bm, plb = cfg.kc * bn;  // plane sizes
+            R cr = acc.v[s], ci = acc.v[kEpt + s];
+            for (int kk = 0; kk < kcv; ++kk) {
+              const R ar = ex.Read(pa + kk * bm), ai = ex.Read(pa + pla + kk * bm);
+              const R br = ex.Read(pb + kk * bn), bi = ex.Read(pb + plb + kk * bn);
+              cr += ar * br - ai * bi;
+              ci += ar * bi + ai * br;
+            }
+            acc.v[s] = cr;
+            acc.v[kEpt + s] = ci;
+          } else {
+            R cr = acc.v[s];
+            for (int kk = 0; kk < kcv; ++kk) cr += ex.Read(pa + kk * bm) * ex.Read(pb + kk * bn);
+            acc.v[s] = cr;
+          }
+        }
+      });
+    }
+
+    ex.ForEachThread([&](int t, A& acc) {
+      SMALLMM_UNROLL
+      for (int s = 0; s < kEpt; ++s) {
+        const int e = t + s * T;
+        const int g = e / tile_elems;
+        const int rem = e - g * tile_elems;
+        const int i = rem / bn, j = rem - i * bn;
+        if (g >= count || i >= rows || j >= cols) continue;
+        const int64_t idx = ex.Read(&off_c[g]) + (i0 + i) * p.c_rs + (j0 + j) * p.c_cs;
+        ex.OnStore(idx);
+        if constexpr (P == 2) {
+          E::Store(c, 2 * idx, acc.v[s]);
+          E::Store(c, 2 * idx + 1, acc.v[kEpt + s]);
+        } else {
+          E::Store(c, idx, acc.v[s]);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace gpu
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CUDA_SMALLMM_GPU_LOGIC_H_

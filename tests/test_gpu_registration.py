@@ -1,0 +1,221 @@
+"""GPU kernels: registered for every advertised dtype when built with CUDA (checked on any
+machine, GPU or not), and, on each device present, values and gradients of both ops
+against float64 references (the GPU cases are skipped on machines without a GPU)."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import DEVICES, DTYPES, assert_close, random_tensor, wide
+from tensorflow.python.framework import kernels, op_def_registry
+
+import tf_smallmm as smm
+from tf_smallmm import _loader, _ops
+
+OPS = ["SmallMMBatchMatMul", "SmallMMBatchMatMulReduce"]
+BUILT_WITH_CUDA = bool(smm.build_info().get("cuda"))
+needs_cuda_build = pytest.mark.skipif(
+    not BUILT_WITH_CUDA, reason="library built without CUDA (no nvcc, or TF_SMALLMM_CUDA=0)")
+
+
+def advertised_dtypes(op_name):
+    attr = next(a for a in op_def_registry.get(op_name).attr if a.name == "T")
+    return {tf.as_dtype(t) for t in attr.allowed_values.list.type}
+
+
+def registered(op_name, device):
+    return [k for k in kernels.get_registered_kernels_for_op(op_name).kernel
+            if k.device_type == device]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op_name", OPS)
+def test_gpu_kernel_for_every_advertised_dtype(op_name):
+    assert advertised_dtypes(op_name) == set(DTYPES)
+    found = set()
+    for k in registered(op_name, "GPU"):
+        (constraint,) = [c for c in k.constraint if c.name == "T"]
+        found |= {tf.as_dtype(t) for t in constraint.allowed_values.list.type}
+        if op_name == "SmallMMBatchMatMulReduce":
+            assert list(k.host_memory_arg) == ["batch_shape"]
+    assert found == advertised_dtypes(op_name)
+
+
+@needs_cuda_build
+def test_build_info_reports_gpu_kernels():
+    info = smm.build_info()
+    assert info["devices"] == ["CPU", "GPU"]
+    assert info["cuda_archs"] == ["80", "90"]
+
+
+def test_cpu_only_build_reports_no_gpu_kernels():
+    if BUILT_WITH_CUDA:
+        pytest.skip("library built with CUDA")
+    assert registered("SmallMMBatchMatMul", "GPU") == []
+    assert smm.build_info()["devices"] == ["CPU"]
+
+
+@needs_cuda_build
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm not installed")
+def test_library_leaves_no_cuda_symbol_to_the_loader():
+    # TF loads op libraries with RTLD_NOW and the tensorflow-cpu wheel exports no CUDA
+    # runtime: every CUDA symbol must be resolved inside the library (the shim,
+    # cuda/cuda_runtime_shim.cc), and none exported.
+    out = subprocess.run(["nm", "-D", _loader._OPS_PATH], capture_output=True, text=True,
+                         check=True).stdout
+    cuda = [line.split()[-1] for line in out.splitlines()
+            if line.split() and line.split()[-1].lstrip("_").startswith("cuda")]
+    assert cuda == []
+
+
+# ---------------------------------------------------------------- on each device
+
+def run_on(device, fn):
+    with tf.device(f"/{device}:0"):
+        out = fn()
+    assert out.device.endswith(f"{device}:0"), f"ran on {out.device}, not {device}"
+    return out
+
+
+def reference(x, y, tx=False, cx=False, ty=False, cy=False):
+    w = wide(x.dtype)
+    x, y = tf.cast(x, w), tf.cast(y, w)
+    if tx:
+        x = tf.linalg.matrix_transpose(x)
+    if cx:
+        x = tf.math.conj(x)
+    if ty:
+        y = tf.linalg.matrix_transpose(y)
+    if cy:
+        y = tf.math.conj(y)
+    return tf.matmul(x, y), tf.matmul(tf.abs(x), tf.abs(y))  # value, error bound
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_tf32():
+    # TF's own float32 GPU matmuls (used nowhere here, but by anything comparing with
+    # them) would use TF32 on Ampere+; the SmallMM kernels never do.
+    before = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    yield
+    tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("xs,ys", [
+    ((3, 5, 7), (3, 7, 4)),
+    ((5, 1, 3, 4), (1, 7, 4, 2)),       # broadcast both ways
+    ((6, 160, 8), (50, 6, 8, 1)),       # capsule prediction: W shared over the batch
+    ((2, 40, 33), (33, 35)),            # more than one tile per matrix
+    ((4, 1, 1), (4, 1, 1)),
+])
+def test_values(device, dtype, xs, ys):
+    x, y = random_tensor(xs, dtype, seed=1), random_tensor(ys, dtype, seed=2)
+    got = run_on(device, lambda: _ops.product(x, y))
+    want, bound = reference(x, y)
+    assert_close(got, want, dtype, bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flags", [(True, False, False, False), (False, False, True, True),
+                                   (True, True, True, True), (False, True, False, False)])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.complex64, tf.complex128],
+                         ids=lambda d: d.name)
+def test_transpose_and_conjugate(device, flags, dtype):
+    tx, cx, ty, cy = flags
+    x = random_tensor((3, 5, 4) if tx else (3, 4, 5), dtype, seed=3)
+    y = random_tensor((6, 5) if ty else (5, 6), dtype, seed=4)
+    got = run_on(device, lambda: _ops.product(x, y, tx, cx, ty, cy))
+    want, bound = reference(x, y, tx, cx, ty, cy)
+    assert_close(got, want, dtype, bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("xs,ys,target", [
+    ((5, 3, 4), (4, 2), []),
+    ((2, 1, 3, 4), (1, 6, 4, 2), [2, 1]),
+    ((50, 6, 160, 1), (50, 6, 1, 8), [6]),  # capsule dW: sum over the batch in-kernel
+    ((3, 4), (4, 2), [7]),
+    ((0, 3, 4), (4, 2), []),
+])
+def test_reduce_op(device, dtype, xs, ys, target):
+    x, y = random_tensor(xs, dtype, seed=5), random_tensor(ys, dtype, seed=6)
+    got = run_on(device, lambda: _ops.product(x, y, batch_shape=target))
+    full, full_bound = reference(x, y)
+
+    def reduce(t):
+        lead = t.shape.rank - 2 - len(target)
+        t = tf.reduce_sum(t, axis=list(range(lead))) if lead > 0 else t
+        for i, d in enumerate(target):
+            if d == 1:
+                t = tf.reduce_sum(t, axis=i, keepdims=True)
+        return tf.broadcast_to(t, list(target) + t.shape[-2:].as_list())
+
+    assert_close(got, reduce(full), dtype, reduce(full_bound))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("xs,ys,out", [((0, 3, 4), (4, 5), (0, 3, 5)),
+                                       ((2, 3, 0), (0, 5), (2, 3, 5))])
+def test_empty_and_k0(device, xs, ys, out):
+    got = run_on(device, lambda: _ops.product(tf.ones(xs), tf.ones(ys)))
+    assert got.shape == out and not np.asarray(got).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.complex128], ids=lambda d: d.name)
+@pytest.mark.parametrize("xs,ys,flags", [
+    ((6, 16, 8), (5, 6, 8, 1), (False, False)),   # x broadcast over the leading axis
+    ((5, 1, 3, 4), (1, 7, 2, 4), (False, True)),  # both broadcast, y transposed
+    ((4, 3), (2, 4, 5), (True, False)),
+])
+def test_gradients_against_tf_matmul(device, dtype, xs, ys, flags):
+    tx, ty = flags
+    x, y = random_tensor(xs, dtype, seed=7), random_tensor(ys, dtype, seed=8)
+    out_shape = reference(x, y, tx, False, ty, False)[0].shape
+    g = random_tensor(out_shape, dtype, seed=9)
+
+    def grads(fn, dev):
+        with tf.device(f"/{dev}:0"):
+            with tf.GradientTape() as tape:
+                tape.watch([x, y])
+                loss = tf.reduce_sum(fn(x, y) * g)
+            return tape.gradient(loss, [x, y])
+
+    got = grads(lambda a, b: _ops.product(a, b, transpose_x=tx, transpose_y=ty), device)
+    w = wide(dtype)
+    xw, yw, gw = tf.cast(x, w), tf.cast(y, w), tf.cast(g, w)
+    with tf.GradientTape() as tape:
+        tape.watch([xw, yw])
+        loss = tf.reduce_sum(tf.matmul(xw, yw, transpose_a=tx, transpose_b=ty) * gw)
+    want = tape.gradient(loss, [xw, yw])
+    # Error bound of each gradient entry: the same sums over |g|, |x|, |y|.
+    with tf.GradientTape() as tape:
+        ax, ay = tf.abs(xw), tf.abs(yw)
+        tape.watch([ax, ay])
+        loss = tf.reduce_sum(tf.matmul(ax, ay, transpose_a=tx, transpose_b=ty) * tf.abs(gw))
+    bound = tape.gradient(loss, [ax, ay])
+    for gt, wt, bd in zip(got, want, bound):
+        if device == "GPU":
+            assert gt.device.endswith("GPU:0"), gt.device
+        assert_close(gt, wt, dtype, bd)
+
+
+@pytest.mark.skipif(os.environ.get("TF_SMALLMM_DISABLE", "") not in ("", "0"),
+                    reason="kernels disabled")
+@pytest.mark.parametrize("device", DEVICES)
+def test_numeric_gradient_float64(device):
+    x, y = random_tensor((3, 1, 4, 3), tf.float64, 1), random_tensor((5, 3, 2), tf.float64, 2)
+
+    def f(a, b):
+        with tf.device(f"/{device}:0"):
+            return _ops.product(a, b)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x, y])
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
