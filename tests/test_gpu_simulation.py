@@ -123,22 +123,22 @@ def test_grid_smaller_than_the_work(max_blocks):
 
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_capsule_prediction_stages_the_shared_weight_once(dtype):
-    # û[b,i] = W[i] · u[b,i] with W[i] 160×8, as in CapsNet (fewer capsules): W is broadcast
-    # over the data batch b, which the planner makes the innermost out loop.
+    # û[b,i] = W[i] · u[b,i] with W[i] 160×8, as in CapsNet (fewer capsules). The planner
+    # folds the data batch b (along which W is broadcast) into the product's columns, so
+    # each capsule is one 160×8 · 8×50 product: W[i] is staged once per output tile, not
+    # once per batch row (which would be 50 × 6 stagings).
     rng = np.random.default_rng(5)
     w = rand(rng, (6, 160, 8), dtype)
     u = rand(rng, (50, 6, 8, 1), dtype)
     info = check(w, u, max_blocks=4)
-    assert info["a_shared"] and not info["b_shared"]
-    assert info["group"] > 1
-    # 6 capsules × 9 groups of ≤6 rows of b, in 4 blocks: W[i] is staged at most once per
-    # (block, capsule) and reused by the block's other groups of the same capsule.
-    assert info["a_stages"] <= 6 + 4
-    assert info["a_reused"] >= info["items"] - (6 + 4)
+    tiles = info["tiles"][0] * info["tiles"][1]
+    assert info["items"] == 6 * tiles
+    assert info["a_stages"] <= info["items"] < 50 * 6
+    assert info["chunks"] == 1  # K = 8 is staged in one step
 
 
 @pytest.mark.parametrize("xs,ys,tiled", [
-    ((300, 4), (10, 4, 1), "m"),          # x shared by every output, 3 row tiles
+    ((300, 4), (10, 4, 2), "m"),          # x shared by every output, several row tiles
     ((10, 3, 4), (4, 70), "n"),           # y shared by every output, 3 column tiles
 ])
 def test_shared_operand_is_reused_only_for_the_same_tile(xs, ys, tiled):
@@ -146,7 +146,7 @@ def test_shared_operand_is_reused_only_for_the_same_tile(xs, ys, tiled):
     # from one tile to the next while the shared operand's offset stays the same.
     rng = np.random.default_rng(10)
     info = check(rand(rng, xs, np.float32), rand(rng, ys, np.float32), block=32, max_blocks=2)
-    assert info["tiles"][0 if tiled == "m" else 1] == 3
+    assert info["tiles"][0 if tiled == "m" else 1] > 1
     assert info["a_shared" if tiled == "m" else "b_shared"]
     assert info["a_reused" if tiled == "m" else "b_reused"] > 0
 
@@ -158,15 +158,17 @@ def test_capsule_gradients_reduce_inside_the_kernel(dtype):
     g = rand(rng, (50, 6, 160, 1), dtype)
     u = rand(rng, (50, 6, 8, 1), dtype)
     w = rand(rng, (6, 160, 8), dtype)
-    # dW[i] = Σ_b g[b,i] · u[b,i]ᵀ: the batch axis is a reduction loop, staged with K.
+    # dW[i] = Σ_b g[b,i] · u[b,i]ᵀ: K = 1, so the planner folds the batch reduction into
+    # K = 50 (one 160×50 · 50×8 product per capsule), staged in K chunks.
     info = check(g, u, transpose_y=True, batch_shape=[6])
-    if dtype == np.complex64:  # twice the shared memory: the 50 items take two chunks
-        assert info["chunks"] == 2 and info["nrc"] == 25
+    assert info["nrc"] == 1 and info["kc"] * info["chunks"] >= 50
+    if dtype == np.complex64:  # twice the shared memory: K takes two chunks
+        assert info["chunks"] == 2
     else:
-        assert info["chunks"] == 1 and info["nrc"] == 50
-    # du[b,i] = W[i]ᵀ · g[b,i]: K = 160 in several chunks.
+        assert info["chunks"] == 1
+    # du[b,i] = W[i]ᵀ · g[b,i]: the batch folds into N; K = 160 in several chunks.
     info = check(w, g, transpose_x=True)
-    assert info["a_shared"]
+    assert info["chunks"] > 1
 
 
 @pytest.mark.parametrize("xs,ys,target", [
