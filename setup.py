@@ -173,6 +173,9 @@ class BuildSmallMM(build_ext):
 
 
 setup(
+    # Not "build/": on case-insensitive file systems that folder would collide with the
+    # Bazel BUILD file at the root.
+    options={"build": {"build_base": "_build"}},
     ext_modules=[Extension("tf_smallmm._smallmm_core", sources=[])],
     cmdclass={"build_ext": BuildSmallMM},
 )
