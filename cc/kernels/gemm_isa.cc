@@ -295,11 +295,12 @@ MicroFn<R, C> SelectMicro(int mi, int ni, bool col, bool scalar_in_place) {
 
 // ---------------------------------------------------------------- packing
 // Packs op(X) restricted to a [rows × k] panel (rows = M for A, N for B; for B the
-// roles of the strides are swapped by the caller) into tiles [tile][l][T] (+ imag plane
-// per tile), zero-padding rows up to a whole tile.
+// roles of the strides are swapped by the caller) into tiles [tile][l][width] (+ imag
+// plane per tile). Every tile is `tile` wide except the last, which is `edge` wide (the
+// smallest tile size that holds the remaining rows), zero-padded.
 template <DType D>
 void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_stride,
-               int64_t k_stride, bool conj, int tile, typename Traits<D>::R* out) {
+               int64_t k_stride, bool conj, int tile, int edge, typename Traits<D>::R* out) {
   using T = Traits<D>;
   using R = typename T::R;
   constexpr int kPlanes = T::kComplex ? 2 : 1;
@@ -312,11 +313,12 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
   for (int64_t t = 0; t < ntiles; ++t) {
     R* dst = out + t * kPlanes * k * tile;
     const int64_t r0 = t * tile;
-    const int64_t valid = rows - r0 < tile ? rows - r0 : tile;
+    const int64_t w = t == ntiles - 1 ? edge : tile;
+    const int64_t valid = rows - r0 < w ? rows - r0 : w;
     auto put = [&](int64_t i, int64_t l) {
       const int64_t idx = kElem * (off + (r0 + i) * row_stride + l * k_stride);
-      dst[l * tile + i] = T::Load(x, idx);
-      if constexpr (T::kComplex) dst[k * tile + l * tile + i] = sign * T::Load(x, idx + 1);
+      dst[l * w + i] = T::Load(x, idx);
+      if constexpr (T::kComplex) dst[k * w + l * w + i] = sign * T::Load(x, idx + 1);
     };
     if (rows_inner) {
       for (int64_t l = 0; l < k; ++l)
@@ -326,9 +328,9 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
         for (int64_t l = 0; l < k; ++l) put(i, l);
     }
     for (int64_t l = 0; l < k; ++l) {
-      for (int64_t i = valid; i < tile; ++i) {
-        dst[l * tile + i] = R(0);
-        if constexpr (T::kComplex) dst[k * tile + l * tile + i] = R(0);
+      for (int64_t i = valid; i < w; ++i) {
+        dst[l * w + i] = R(0);
+        if constexpr (T::kComplex) dst[k * w + l * w + i] = R(0);
       }
     }
   }
@@ -502,6 +504,8 @@ struct NestCursor {
   }
 };
 
+constexpr int64_t kNearStride = 1024;  // elements
+
 template <DType D>
 void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
          int64_t end) {
@@ -528,17 +532,38 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
     return;
   }
 
+  // Tiles: whole mt×nt tiles, and along each side a last "edge" tile of the smallest
+  // tile size that holds the rest (M = 20 is a 16-tile and a 4-tile, not two 16-tiles).
   const int mi = TileClass(p.m), ni = TileClass(p.n);
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
+  const int64_t mfull = p.m / mt, nfull = p.n / nt;
+  const int mte = p.m % mt ? kTileSizes[TileClass(p.m % mt)] : mt;
+  const int nte = p.n % nt ? kTileSizes[TileClass(p.n % nt)] : nt;
+  auto mw = [&](int64_t ti) { return ti < mfull ? mt : mte; };
+  auto nw = [&](int64_t tj) { return tj < nfull ? nt : nte; };
   const bool col = ColumnMode(mt, nt, kC, p.c_rs, p.c_cs);
-  // Pack-free paths (float/double): an operand whose size is a whole number of tiles is
-  // read in place when the micro-kernel can (vector side: contiguous lanes); a full
+  // Pack-free paths (float/double): an operand that fills its tiles exactly is read in place when the micro-kernel can (vector side: contiguous lanes); a full
   // output tile is written straight to C when there is nothing to accumulate across.
   constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
-  const bool direct_a = kInPlace && p.m % mt == 0 && (!col || p.a_rs == 1);
-  const bool direct_b = kInPlace && p.n % nt == 0 && (col || p.b_cs == 1);
-  const MicroFn<R, kC> micro = SelectMicro<R, kC>(mi, ni, col, col ? direct_b : direct_a);
+  // "Whole": every tile, the edge included, is exactly filled (M = 20 = 16 + 4 is; 12 is not).
+  const bool whole_m = p.m % mt == 0 || mte == p.m % mt;
+  const bool whole_n = p.n % nt == 0 || nte == p.n % nt;
+  // A K step of a page or more (a batch axis folded into K) makes every step a new,
+  // unprefetched line: pack those operands (packing streams them in memory order).
+  auto near = [](int64_t stride) { return stride > -kNearStride && stride < kNearStride; };
+  const bool direct_a = kInPlace && whole_m && (!col || p.a_rs == 1) && near(p.a_cs);
+  const bool direct_b = kInPlace && whole_n && (col || p.b_cs == 1) && near(p.b_rs);
+  const bool scalar_in_place = col ? direct_b : direct_a;
+  // [M edge?][N edge?]
+  const MicroFn<R, kC> micros[2][2] = {
+      {SelectMicro<R, kC>(mi, ni, col, scalar_in_place),
+       SelectMicro<R, kC>(mi, TileClass(nte), col, scalar_in_place)},
+      {SelectMicro<R, kC>(TileClass(mte), ni, col, scalar_in_place),
+       SelectMicro<R, kC>(TileClass(mte), TileClass(nte), col, scalar_in_place)}};
+  auto micro = [&](int64_t ti, int64_t tj, const TileArgs<R>& t, bool accumulate) {
+    micros[ti >= mfull][tj >= nfull](p.k, t, accumulate);
+  };
 
   // Scratch: packed A, packed B, accumulators. Sized by the plan, so bounded by the
   // inputs' own sizes; one allocation per call (a call covers a whole shard). Without
@@ -564,11 +589,11 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   int64_t packed_a = -1, packed_b = -1;
   auto pack = [&](int64_t ao, int64_t bo) {
     if (!direct_a && ao != packed_a) {
-      PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, ap);
+      PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, mte, ap);
       packed_a = ao;
     }
     if (!direct_b && bo != packed_b) {
-      PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, bp);
+      PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, nte, bp);
       packed_b = bo;
     }
   };
@@ -581,7 +606,7 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       t.a_is = p.a_rs;
     } else {
       t.a = ap + ti * a_tile;
-      t.a_ls = mt;
+      t.a_ls = mw(ti);
       t.a_is = 1;
     }
     if (direct_b) {
@@ -590,19 +615,19 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       t.b_js = p.b_cs;
     } else {
       t.b = bp + tj * b_tile;
-      t.b_ls = nt;
+      t.b_ls = nw(tj);
       t.b_js = 1;
     }
     t.out = tile;
-    t.o_is = col ? 1 : nt;
-    t.o_js = col ? mt : 1;
+    t.o_is = col ? 1 : nw(tj);
+    t.o_js = col ? mw(ti) : 1;
     return t;
   };
   auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
     const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
     const int64_t cols = p.n - tj * nt < nt ? p.n - tj * nt : nt;
-    StoreTile<D>(t, mt, nt, col, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
-                 p.c_rs, p.c_cs);
+    StoreTile<D>(t, mw(ti), nw(tj), col, rows, cols, c,
+                 c_off + ti * mt * p.c_rs + tj * nt * p.c_cs, p.c_rs, p.c_cs);
   };
 
   NestCursor out;
@@ -621,14 +646,15 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
             continue;
           }
           TileArgs<R> t = args(ti, tj, out.a, out.b, acc);
-          const bool full = (ti + 1) * mt <= p.m && (tj + 1) * nt <= p.n;
+          // Exactly filled (whole tile, or an edge tile of exactly the remaining size).
+          const bool full = ti * mt + mw(ti) <= p.m && tj * nt + nw(tj) <= p.n;
           if (direct_c && full) {
             t.out = c_mem + out.c + ti * mt * p.c_rs + tj * nt * p.c_cs;
             t.o_is = p.c_rs;
             t.o_js = p.c_cs;
-            micro(p.k, t, false);
+            micro(ti, tj, t, false);
           } else {
-            micro(p.k, t, false);
+            micro(ti, tj, t, false);
             store(acc, ti, tj, out.c);
           }
         }
@@ -641,7 +667,7 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       pack(ao, bo);
       for (int64_t ti = 0; ti < mtiles; ++ti)
         for (int64_t tj = 0; tj < ntiles; ++tj)
-          micro(p.k, args(ti, tj, ao, bo, acc + (ti * ntiles + tj) * acc_tile), r > 0);
+          micro(ti, tj, args(ti, tj, ao, bo, acc + (ti * ntiles + tj) * acc_tile), r > 0);
     }
     for (int64_t ti = 0; ti < mtiles; ++ti)
       for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
