@@ -16,9 +16,11 @@ SUPPORTED_DTYPES = frozenset(
 
 # Above this many multiply-adds per matrix product (M·N·K) the built-in GEMM (oneDNN /
 # Eigen, cuBLAS on GPU) wins: its blocking and packing pay off once a single product is
-# large. Chosen from `python -m tf_smallmm.bench --sweep` on a 2-core AVX-512 machine,
-# TF 2.21 (2026-11-25): at n×n×n with n = 32 ours was still ahead, at n = 64 level.
-MAX_SMALL_MACS = 64 * 64 * 64
+# large. Chosen 2026-11-25 from `python -m tf_smallmm.bench --sweep` (raw kernel vs
+# tf.matmul, batched n×n×n, ~4M elements per operand, 2-core AVX-512, TF 2.21, 2 intra-op
+# threads): n = 16 ours 1.13-1.47× faster, n = 24 1.06×, n = 32 level (0.97-1.03×),
+# n = 48 and up tf.matmul 1.3-1.8× faster.
+MAX_SMALL_MACS = 32 * 32 * 32
 
 
 def disabled():
