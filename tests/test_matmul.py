@@ -373,3 +373,23 @@ def test_version_mismatch_warns_once_and_falls_back(tmp_path):
     count, msg, total = out.stdout.strip().splitlines()[-3:]
     assert count == "1" and "2.20.0" in msg and tf.__version__ in msg and "pip install" in msg
     assert float(total) == 24.0
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64, tf.complex128],
+                         ids=lambda d: d.name)
+def test_shared_weight_gradient_over_a_long_batch(dtype):
+    # dW is one output summed over 1000 products: the op splits it into partial sums
+    # across threads (float/complex) or keeps one float32 accumulation (fp16/bf16).
+    w, x = random_tensor((8, 8), dtype, 1), random_tensor((1000, 8, 8), dtype, 2)
+    wx, ww = tf.cast(x, wide(dtype)), tf.cast(w, wide(dtype))
+    want = _grads(tf.linalg.matmul, wx, ww)[1].numpy()
+    # Forward error scale of dW = Σ_b x_bᵀ g_b: Σ_b |x_b|ᵀ |g_b|, with g = dloss/dy.
+    with tf.GradientTape() as tape:
+        y = tf.linalg.matmul(wx, ww)
+        tape.watch(y)
+        re = tf.math.real(y)
+        weights = tf.reshape(tf.cast(tf.range(tf.size(re)) % 7, re.dtype), tf.shape(re))
+        loss = tf.reduce_sum(tf.math.real(y * tf.math.conj(y))) + tf.reduce_sum(re * weights)
+    g = tape.gradient(loss, y)
+    bound = tf.reduce_sum(tf.linalg.matmul(tf.abs(wx), tf.abs(g), transpose_a=True), 0).numpy()
+    assert_close(_grads(smm.matmul, x, w)[1], want, dtype, bound)

@@ -303,6 +303,71 @@ int64_t CostPerOutput(const GemmPlan& p) {
   return std::max<int64_t>(p.num_reduced, 1) * (flops + p.m * p.k + p.k * p.n) + p.m * p.n + 20;
 }
 
+// ---------------------------------------------------------------- parallel reductions
+int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
+  if (dtype == DType::kHalf || dtype == DType::kBFloat16) return 1;
+  if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads ||
+      p.num_out >= kMaxBatchDims) {
+    return 1;
+  }
+  const int64_t s = p.red[0].size;
+  // Enough parts for two work items per thread, each still summing >= 4 products.
+  const int64_t want = (2 * threads + p.num_outputs - 1) / std::max<int64_t>(p.num_outputs, 1);
+  for (int64_t d = want; d >= 2; --d) {
+    if (s % d == 0 && s / d >= 4) return int(d);
+  }
+  for (int64_t d = want + 1; d <= 4 * want && d <= s / 4; ++d) {
+    if (s % d == 0) return int(d);
+  }
+  return 1;
+}
+
+GemmPlan SplitReduction(const GemmPlan& p, int parts) {
+  // Callers pass a divisor of red[0].size from SuggestReductionSplit (or check it).
+  GemmPlan q = p;
+  const Loop r = p.red[0];
+  const int64_t chunk = r.size / parts;
+  q.red[0].size = chunk;
+  for (int i = q.num_out; i > 0; --i) q.out[i] = q.out[i - 1];
+  q.out[0] = {parts, r.a * chunk, r.b * chunk, p.output_elements};
+  ++q.num_out;
+  q.num_outputs = p.num_outputs * parts;
+  q.num_reduced = p.num_reduced / parts;
+  q.output_elements = p.output_elements * parts;
+  return q;
+}
+
+namespace {
+template <typename R>
+void Sum(const R* partials, int parts, int64_t n, R* out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    R s = partials[i];
+    for (int q = 1; q < parts; ++q) s += partials[q * n + i];
+    out[i] = s;
+  }
+}
+}  // namespace
+
+void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
+                 int64_t begin, int64_t end) {
+  // Complex sums are sums of their (re, im) floats: n complex elements are 2n reals.
+  switch (dtype) {
+    case DType::kFloat:
+      return Sum(static_cast<const float*>(partials), parts, n, static_cast<float*>(out), begin, end);
+    case DType::kDouble:
+      return Sum(static_cast<const double*>(partials), parts, n, static_cast<double*>(out), begin,
+                 end);
+    case DType::kComplex64:
+      return Sum(static_cast<const float*>(partials), parts, 2 * n, static_cast<float*>(out),
+                 2 * begin, 2 * end);
+    case DType::kComplex128:
+      return Sum(static_cast<const double*>(partials), parts, 2 * n, static_cast<double*>(out),
+                 2 * begin, 2 * end);
+    default:
+      return;  // never split (SuggestReductionSplit)
+  }
+}
+
 // ---------------------------------------------------------------- ISA dispatch
 namespace {
 

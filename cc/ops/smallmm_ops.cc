@@ -111,6 +111,24 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
   void* c = const_cast<char*>(out->tensor_data().data());
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  // A long reduction into few outputs is split into partial sums so every thread works.
+  const int parts = smallmm::SuggestReductionSplit(dtype, plan, workers->num_threads);
+  if (parts > 1) {
+    const smallmm::GemmPlan split = smallmm::SplitReduction(plan, parts);
+    Tensor partials;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(out->dtype(), TensorShape({split.output_elements}),
+                                           &partials));
+    void* pc = const_cast<char*>(partials.tensor_data().data());
+    Shard(workers->num_threads, workers->workers, split.num_outputs,
+          smallmm::CostPerOutput(split), [&](int64_t begin, int64_t end) {
+            smallmm::RunBatchMatMul(dtype, split, a, b, pc, begin, end);
+          });
+    Shard(workers->num_threads, workers->workers, plan.output_elements, parts + 1,
+          [&](int64_t begin, int64_t end) {
+            smallmm::SumPartials(dtype, pc, parts, plan.output_elements, c, begin, end);
+          });
+    return;
+  }
   // Shard over output matrices; the cost estimate lets Shard keep tiny problems on the
   // calling thread instead of paying the thread-pool hand-off.
   Shard(workers->num_threads, workers->workers, plan.num_outputs,

@@ -45,7 +45,7 @@ Layout LayoutOf(const py::array& x, const char* name) {
 
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
-                 std::optional<std::vector<int64_t>> batch_shape) {
+                 std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
   if (!x.dtype().is(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +
                          std::string(py::str(x.dtype())) + " and " +
@@ -72,9 +72,20 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   void* pc = out.mutable_data();
   {
     py::gil_scoped_release release;
-    smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
-  }
-  return out;
+    if (reduction_parts > 1) {  // the TF op's parallel-reduction path, made testable
+      if (plan.num_red == 0 || plan.red[0].size % reduction_parts != 0) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error("reduction_parts must divide the outermost reduction loop");
+      }
+      const smallmm::GemmPlan split = smallmm::SplitReduction(plan, reduction_parts);
+      std::vector<char> partials(size_t(split.output_elements) * smallmm::DTypeSize(dtype));
+      smallmm::RunBatchMatMul(dtype, split, pa, pb, partials.data(), 0, split.num_outputs);
+      smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements, pc, 0,
+                           plan.output_elements);
+    } else {
+      smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+    }
+  }  return out;
 }
 
 // Element-index range [lo, hi] a view may address (lo > hi when it has no elements).
@@ -162,6 +173,7 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("matmul", &MatMul, py::arg("x"), py::arg("y"), py::arg("transpose_x") = false,
         py::arg("conjugate_x") = false, py::arg("transpose_y") = false,
         py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
+        py::arg("reduction_parts") = 1,
         "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
         "it (or 1 in it) are summed over. Accepts any strides, including 0.");
   m.def("simulate_gpu_matmul", &SimulateGpuMatMul, py::arg("x"), py::arg("y"),
@@ -174,6 +186,21 @@ PYBIND11_MODULE(_smallmm_core, m) {
         "grid of `block` threads per block (at most `max_blocks` blocks, `smem_budget` "
         "bytes of shared memory each), checking shared- and global-memory accesses. "
         "Returns (output, launch info). For tests on machines without a GPU.");
+  m.def("suggest_reduction_split", [](const py::array& x, const py::array& y,
+                                      std::vector<int64_t> batch_shape, int threads) {
+    const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
+    smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), false, false};
+    smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), false, false};
+    smallmm::GemmPlan plan;
+    int rank;
+    int64_t dims[smallmm::kMaxBatchDims + 2];
+    std::string error;
+    if (!smallmm::PlanBatchMatMul(a, b, batch_shape.data(), int(batch_shape.size()), &plan,
+                                  &rank, dims, &error)) {
+      throw py::value_error(error);
+    }
+    return smallmm::SuggestReductionSplit(CoreDType(x.dtype()), plan, threads);
+  });
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
