@@ -13,6 +13,7 @@ TF_SMALLMM_DISABLE=1 forces the built-ins everywhere.
 
 from tf_smallmm._loader import build_info, kernels_loaded
 from tf_smallmm._matmul import matmul, matvec
+from tf_smallmm import layers  # noqa: E402  (capsule layers; registers the ops for serving)
 
 __version__ = "0.1.0"
 
