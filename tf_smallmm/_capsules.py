@@ -212,7 +212,7 @@ def dynamic_routing_reference(u_hat, iterations=3, epsilon=EPSILON):
     dtype = u_hat.dtype
     if dtype in CAST_TO_FLOAT32:
         u_hat = tf.cast(u_hat, tf.float32)
-    logits = tf.zeros_like(u_hat[..., 0])  # [B, I, J]
+    logits = tf.zeros(tf.shape(u_hat)[:3], u_hat.dtype)  # [B, I, J]
     v = None
     for r in range(int(iterations)):
         c = tf.nn.softmax(logits, axis=2)
