@@ -37,15 +37,17 @@ bool AddOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_add_ove
 
 // The scratch formula with overflow checks; false on overflow.
 bool Scratch(const RoutingShape& s, bool backward, int64_t* out) {
-  const int64_t I = s.in_caps, J = s.out_caps, K = s.out_dim, R = s.iterations;
-  int64_t ij, jk, a, b, total;
-  if (MulOverflows(I, J, &ij) || MulOverflows(J, K, &jk)) return false;
+  const int64_t J = s.out_caps, K = s.out_dim, R = s.iterations;
+  int64_t ipad, ij, jk, a, b;
+  if (AddOverflows(s.in_caps, kRoutingBlock - 1, &ipad)) return false;
+  ipad = ipad / kRoutingBlock * kRoutingBlock;
+  if (MulOverflows(ipad, J, &ij) || MulOverflows(J, K, &jk)) return false;
   if (!backward) {
-    return !MulOverflows(J, kRoutingBlock, &a) && !AddOverflows(ij, a, &total) &&
-           !AddOverflows(total, jk, out);
+    return !MulOverflows(J, kRoutingBlock, &a) && !MulOverflows(jk, 2, &b) &&
+           !AddOverflows(a, b, out);
   }
-  if (MulOverflows(ij, 2 * R - 1, &a) || MulOverflows(jk, 3 * R + 3, &b)) return false;
-  return !AddOverflows(a, b, &total) && !AddOverflows(total, J, out);
+  if (MulOverflows(ij, 2 * R - 1, &a) || MulOverflows(jk, 3 * R + 4, &b)) return false;
+  return !AddOverflows(a, b, out);
 }
 
 }  // namespace

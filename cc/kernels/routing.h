@@ -50,11 +50,13 @@ struct RoutingShape {
 // shape, on bad input; never aborts.
 bool CheckRouting(DType dtype, const RoutingShape& shape, std::string* error);
 
-// Input capsules per block of the forward passes' vectorised softmax.
+// The kernels work on blocks of input capsules (as many as a vector has lanes, at most
+// this many); per-(i, j) scratch is padded to a multiple of it.
 constexpr int kRoutingBlock = 16;
 
-// Scratch elements (of the dtype) one kernel call allocates, whatever its row range:
-// forward I·J + kRoutingBlock·J + J·K; backward I·J·(2R-1) + J + J·K·(3R+3). Defined out of line
+// Scratch elements (of the dtype) one kernel call allocates, whatever its row range, with
+// Ipad = I rounded up to kRoutingBlock: forward kRoutingBlock·J + 2·J·K; backward
+// Ipad·J·(2R-1) + J·K·(3R+4). Defined out of line
 // (routing.cc, baseline code) so that no inline function is shared with the ISA builds.
 int64_t RoutingScratchElements(const RoutingShape& shape, bool backward);
 

@@ -7,15 +7,21 @@
 // sqrt), so no AVX-512 code can be merged into the baseline build as a COMDAT.
 //
 // Per row, with û [I, J, K] in cache:
-//   forward   R passes over û. Pass 0 sums û (c = 1/J); pass t >= 1 does, per input
-//             capsule i: logits[i, :] += <û[i, j, :], v[j]>, c = softmax, s += c·û.
-//   backward  recomputes the forward passes keeping c of every iteration (R-1 arrays of
-//             I·J), then R-1 backward passes (one per iteration with an agreement step),
-//             each fused per i: gc = <gs[j], û[i, j, :]>, softmax backward into the logits'
-//             gradient G, and G·û for the previous iteration's dL/dv. A last pass writes
-//             dû[i, j, :] = Σ_t c_t[i, j]·gs_t[j] + Σ_t G_(t+1)[i, j]·v_t[j] once.
-// Vector loops are over K (contiguous); K = 8 and 16 (CapsNet's capsule sizes) have
-// compile-time instantiations the compiler fully unrolls, other K a run-time loop.
+//   forward   R passes over û. Pass 0 sums û (c = 1/J). Pass t >= 1 works on blocks of L
+//             input capsules (L = vector lanes): agreement logits[i, j] = <û[i, j], Σ_τ<t v_τ[j]>
+//             (the logits' running sum, by linearity), a softmax over j vectorised across
+//             the block's capsules, then s[j] += c[i, j]·û[i, j].
+//   backward  recomputes the forward passes keeping c of every iteration, then R-1
+//             backward passes, each per block: gc = <gs[j], û[i, j]>, the softmax backward
+//             into the logits' gradient G, and G·û for the previous iteration's dL/dv. A
+//             last pass writes dû[i, j] = Σ_t c_t[i, j]·gs_t[j] + Σ_t G_(t+1)[i, j]·v_t[j]
+//             once, without reading û (so dû may overwrite it).
+// Per-(i, j) scalars (c, G) are stored block-transposed: block b of L capsules holds
+// [j][L] (BlockIndex), so the softmax runs on whole vectors. The L dot products of a
+// block for one j are reduced together by a transposing shuffle tree (TransposeSum):
+// ~3 vector instructions per dot instead of ~8 for a horizontal sum each.
+// K = 8 and 16 (CapsNet's capsule sizes) have compile-time instantiations; other K use
+// scalar dot products with the same layout.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,8 +39,6 @@
 namespace smallmm {
 namespace {
 
-constexpr int64_t kBlock = kRoutingBlock;
-
 inline float Sqrt(float x) { return sqrtf(x); }
 inline double Sqrt(double x) { return sqrt(x); }
 
@@ -44,8 +48,9 @@ inline int64_t Dim(int64_t k) {
   return KT > 0 ? KT : k;
 }
 
-// GCC vector extensions, as in gemm_isa.cc, at this build's native width (a wider generic
-// vector would be split through the stack).
+// ---------------------------------------------------------------- vectors
+// GCC vector extensions, as in gemm_isa.cc, at most this build's native width (a wider
+// generic vector would be split through the stack).
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 #elif defined(__AVX__)
@@ -59,10 +64,13 @@ struct VecOf {
   typedef T type __attribute__((vector_size(sizeof(T) * L)));
 };
 
-// Lanes used for a compile-time K: one native vector, or K itself when that is shorter.
+// Lanes for a compile-time K: one native vector, or K itself when that is shorter; for a
+// run-time K, a native vector. Also the number of capsules per block. Divides
+// kRoutingBlock (16), which the scratch sizes are padded to.
 template <typename T, int KT>
-constexpr int Lanes() {
-  return KT * int(sizeof(T)) < kVectorBytes ? KT : kVectorBytes / int(sizeof(T));
+constexpr int BlockLanes() {
+  constexpr int native = kVectorBytes / int(sizeof(T));
+  return (KT > 0 && KT < native) ? KT : native;
 }
 
 template <typename T, int L>
@@ -77,51 +85,117 @@ inline void StoreV(T* p, const typename VecOf<T, L>::type& v) {
   memcpy(p, &v, sizeof(v));
 }
 
-// Sum of the L lanes: add the two halves until two lanes are left (L a power of two).
 template <typename T, int L>
-inline T HorizontalSum(const typename VecOf<T, L>::type& v) {
-  if constexpr (L == 2) {
-    return v[0] + v[1];
+inline typename VecOf<T, L>::type Splat(T x) {
+  return typename VecOf<T, L>::type{} + x;
+}
+
+// One level of the transposing reduction: a and b each hold L/S segments of S lanes, each
+// segment the partial sums of one dot product; the result holds 2L/S segments of S/2 lanes
+// (a's, then b's): each segment's lower half plus its upper half.
+#define SMALLMM_LEVEL(L, S, LO, HI)                                                       \
+  template <typename V>                                                                  \
+  inline V Level##L##_##S(const V& a, const V& b) {                                      \
+    return __builtin_shufflevector(a, b, LO) + __builtin_shufflevector(a, b, HI);        \
+  }
+#define SMALLMM_ARGS(...) __VA_ARGS__
+SMALLMM_LEVEL(16, 16, SMALLMM_ARGS(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+              SMALLMM_ARGS(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+SMALLMM_LEVEL(16, 8, SMALLMM_ARGS(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+              SMALLMM_ARGS(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31))
+SMALLMM_LEVEL(16, 4, SMALLMM_ARGS(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+              SMALLMM_ARGS(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31))
+SMALLMM_LEVEL(16, 2, SMALLMM_ARGS(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+              SMALLMM_ARGS(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31))
+SMALLMM_LEVEL(8, 8, SMALLMM_ARGS(0, 1, 2, 3, 8, 9, 10, 11),
+              SMALLMM_ARGS(4, 5, 6, 7, 12, 13, 14, 15))
+SMALLMM_LEVEL(8, 4, SMALLMM_ARGS(0, 1, 4, 5, 8, 9, 12, 13),
+              SMALLMM_ARGS(2, 3, 6, 7, 10, 11, 14, 15))
+SMALLMM_LEVEL(8, 2, SMALLMM_ARGS(0, 2, 4, 6, 8, 10, 12, 14),
+              SMALLMM_ARGS(1, 3, 5, 7, 9, 11, 13, 15))
+SMALLMM_LEVEL(4, 4, SMALLMM_ARGS(0, 1, 4, 5), SMALLMM_ARGS(2, 3, 6, 7))
+SMALLMM_LEVEL(4, 2, SMALLMM_ARGS(0, 2, 4, 6), SMALLMM_ARGS(1, 3, 5, 7))
+SMALLMM_LEVEL(2, 2, SMALLMM_ARGS(0, 2), SMALLMM_ARGS(1, 3))
+#undef SMALLMM_ARGS
+#undef SMALLMM_LEVEL
+
+// p[0..L) are L vectors of L partial products; returns the vector whose lane r is the sum
+// of p[r]'s lanes (L dot products, transposed into one vector). p is clobbered.
+template <typename T, int L>
+inline typename VecOf<T, L>::type TransposeSum(typename VecOf<T, L>::type* p) {
+  if constexpr (L == 16) {
+    for (int q = 0; q < 8; ++q) p[q] = Level16_16(p[2 * q], p[2 * q + 1]);
+    for (int q = 0; q < 4; ++q) p[q] = Level16_8(p[2 * q], p[2 * q + 1]);
+    for (int q = 0; q < 2; ++q) p[q] = Level16_4(p[2 * q], p[2 * q + 1]);
+    return Level16_2(p[0], p[1]);
+  } else if constexpr (L == 8) {
+    for (int q = 0; q < 4; ++q) p[q] = Level8_8(p[2 * q], p[2 * q + 1]);
+    for (int q = 0; q < 2; ++q) p[q] = Level8_4(p[2 * q], p[2 * q + 1]);
+    return Level8_2(p[0], p[1]);
+  } else if constexpr (L == 4) {
+    for (int q = 0; q < 2; ++q) p[q] = Level4_4(p[2 * q], p[2 * q + 1]);
+    return Level4_2(p[0], p[1]);
   } else {
-    typedef typename VecOf<T, L / 2>::type H;
-    H lo, hi;
-    memcpy(&lo, &v, sizeof(H));
-    memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
-    const H sum = lo + hi;
-    return HorizontalSum<T, L / 2>(sum);
+    static_assert(L == 2, "block lanes are 2, 4, 8 or 16");
+    return Level2_2(p[0], p[1]);
   }
 }
 
-// <x, y> over K values: native-width vector products summed into one vector, then a
-// halving tree, for KT = 8 or 16; four scalar partial sums for a run-time K. (No
-// -ffast-math: the order is fixed either way.)
-template <typename T, int KT>
-inline T Dot(const T* __restrict x, const T* __restrict y, int64_t k) {
-  if constexpr (KT > 0) {
-    constexpr int W = Lanes<T, KT>();
-    typedef typename VecOf<T, W>::type V;
-    V acc = LoadV<T, W>(x) * LoadV<T, W>(y);
-    for (int c = W; c < KT; c += W) acc += LoadV<T, W>(x + c) * LoadV<T, W>(y + c);
-    return HorizontalSum<T, W>(acc);
+// ---------------------------------------------------------------- exp for softmax
+// exp(x) for x <= 0 (softmax after subtracting the maximum), NaN stays NaN. float: Cephes'
+// expf on a vector — n = round(x·log2 e), r = x - n·ln 2 (in two parts), exp(r) by a
+// degree-7 polynomial, times 2^n through the exponent bits; within 2 ulp of expf, like
+// Eigen's vectorised exp that tf.nn.softmax uses. Below -87 it returns ~1e-38 instead of
+// flushing to 0: irrelevant next to the maximum's 1. double: the C library's exp per lane
+// (float64 routing is for accuracy, not speed).
+template <int L>
+inline typename VecOf<float, L>::type ExpNonPositive(const typename VecOf<float, L>::type& x) {
+  typedef typename VecOf<float, L>::type V;
+  typedef typename VecOf<int32_t, L>::type Vi;
+  const V lo = Splat<float, L>(-87.0f);
+  const V hi = V{};
+  V y = x < lo ? lo : x;  // comparisons with NaN are false: NaN passes through
+  y = y > hi ? hi : y;
+  const V magic = Splat<float, L>(12582912.0f);  // 1.5·2^23: adding it rounds to integer
+  const V t = y * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  const Vi ni = (Vi)t - (Vi)magic;
+  V r = y - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = Splat<float, L>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const V e = (V)((Vi)p + (ni << 23));
+  return x == x ? e : x;
+}
+
+template <typename T, int L>
+inline typename VecOf<T, L>::type ExpV(const typename VecOf<T, L>::type& x) {
+  if constexpr (sizeof(T) == 4) {
+    return ExpNonPositive<L>(x);
   } else {
-    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int64_t q = 0;
-    for (; q + 4 <= k; q += 4) {
-      a0 += x[q] * y[q];
-      a1 += x[q + 1] * y[q + 1];
-      a2 += x[q + 2] * y[q + 2];
-      a3 += x[q + 3] * y[q + 3];
-    }
-    for (; q < k; ++q) a0 += x[q] * y[q];
-    return (a0 + a1) + (a2 + a3);
+    typename VecOf<T, L>::type e;
+    for (int r = 0; r < L; ++r) e[r] = exp(x[r]);
+    return e;
   }
+}
+
+// ---------------------------------------------------------------- small helpers
+// Position of (i, j) in the block-transposed [I/L][J][L] layout of per-pair scalars.
+template <int L>
+inline int64_t BlockIndex(int64_t i, int64_t j, int64_t J) {
+  return (i / L) * (L * J) + j * L + (i % L);
 }
 
 // y += a·x over K values.
 template <typename T, int KT>
 inline void Axpy(T a, const T* __restrict x, T* __restrict y, int64_t k) {
   if constexpr (KT > 0) {
-    constexpr int W = Lanes<T, KT>();
+    constexpr int W = BlockLanes<T, KT>();
     for (int c = 0; c < KT; c += W) {
       StoreV<T, W>(y + c, LoadV<T, W>(y + c) + a * LoadV<T, W>(x + c));
     }
@@ -130,83 +204,75 @@ inline void Axpy(T a, const T* __restrict x, T* __restrict y, int64_t k) {
   }
 }
 
-// ---------------------------------------------------------------- exp for softmax
-// x[0..n) = exp(x[0..n)) for x <= 0 (softmax after subtracting the maximum), NaN stays NaN.
-// float: Cephes' expf on a native vector at a time — n = round(x·log2 e), r = x - n·ln 2 (in two
-// parts), exp(r) by a degree-7 polynomial, times 2^n through the exponent bits; within
-// 2 ulp of expf, the same as Eigen's vectorised exp that tf.nn.softmax uses. Below -87.3 the
-// result is clamped to ~1e-38 instead of flushing to 0: irrelevant next to the maximum's 1.
-// double: the C library's exp (float64 routing is for accuracy, not speed).
-constexpr int kExpLanes = kVectorBytes / 4;
-typedef VecOf<float, kExpLanes>::type ExpV;
-typedef VecOf<int32_t, kExpLanes>::type ExpVi;
-
-inline ExpV ExpNonPositive(ExpV x) {
-  const ExpV lo = ExpV{} - 87.3f;
-  const ExpV hi = ExpV{};
-  ExpV y = x < lo ? lo : x;  // comparisons with NaN are false: NaN passes through
-  y = y > hi ? hi : y;
-  const ExpV magic = ExpV{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const ExpV t = y * 1.44269504088896341f + magic;
-  const ExpV n = t - magic;
-  const ExpVi ni = (ExpVi)t - (ExpVi)magic;
-  ExpV r = y - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  ExpV p = ExpV{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const ExpV e = (ExpV)((ExpVi)p + (ni << 23));
-  return x == x ? e : x;
-}
-
-inline void ExpInPlace(float* x, int64_t n) {
-  int64_t q = 0;
-  for (; q + kExpLanes <= n; q += kExpLanes) {
-    StoreV<float, kExpLanes>(x + q, ExpNonPositive(LoadV<float, kExpLanes>(x + q)));
-  }
-  if (q < n) {
-    float tail[kExpLanes] = {};
-    for (int64_t e = q; e < n; ++e) tail[e - q] = x[e];
-    StoreV<float, kExpLanes>(tail, ExpNonPositive(LoadV<float, kExpLanes>(tail)));
-    for (int64_t e = q; e < n; ++e) x[e] = tail[e - q];
+// y[:] += Σ_r a[r]·x[r·stride + :] over the `rows` capsules of a block (one load and
+// store of y per block instead of per capsule).
+template <typename T, int KT>
+inline void BlockAxpy(const T* __restrict a, const T* __restrict x, int64_t stride,
+                      int64_t rows, T* __restrict y, int64_t k) {
+  if constexpr (KT > 0) {
+    constexpr int W = BlockLanes<T, KT>();
+    typedef typename VecOf<T, W>::type V;
+    V acc[KT / W];
+    for (int c = 0; c < KT / W; ++c) acc[c] = LoadV<T, W>(y + c * W);
+    for (int64_t r = 0; r < rows; ++r) {
+      const V ar = Splat<T, W>(a[r]);
+      for (int c = 0; c < KT / W; ++c) acc[c] += ar * LoadV<T, W>(x + r * stride + c * W);
+    }
+    for (int c = 0; c < KT / W; ++c) StoreV<T, W>(y + c * W, acc[c]);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) Axpy<T, 0>(a[r], x + r * stride, y, k);
   }
 }
 
-inline void ExpInPlace(double* x, int64_t n) {
-  for (int64_t q = 0; q < n; ++q) x[q] = exp(x[q]);
-}
-
-// c[i, :] = softmax(logits[i, :]) for the `rows` rows of a block (row length J),
-// max-subtracted like tf.nn.softmax; the exps run over the whole block at once.
 template <typename T>
-inline void SoftmaxRows(const T* __restrict logits, T* __restrict c, int64_t rows, int64_t J) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* li = logits + i * J;
-    T m = li[0];
-    for (int64_t j = 1; j < J; ++j) m = li[j] > m ? li[j] : m;
-    for (int64_t j = 0; j < J; ++j) c[i * J + j] = li[j] - m;
+inline T DotScalar(const T* __restrict x, const T* __restrict y, int64_t k) {
+  T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t q = 0;
+  for (; q + 4 <= k; q += 4) {
+    a0 += x[q] * y[q];
+    a1 += x[q + 1] * y[q + 1];
+    a2 += x[q + 2] * y[q + 2];
+    a3 += x[q + 3] * y[q + 3];
   }
-  ExpInPlace(c, rows * J);
-  for (int64_t i = 0; i < rows; ++i) {
-    T* ci = c + i * J;
-    T sum = 0;
-    for (int64_t j = 0; j < J; ++j) sum += ci[j];
-    const T inv = T(1) / sum;
-    for (int64_t j = 0; j < J; ++j) ci[j] *= inv;
+  for (; q < k; ++q) a0 += x[q] * y[q];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// out[r] = <û[i0 + r, j, :], w[:]> for the `rows` capsules of a block (lanes past `rows`
+// are 0). û rows are JK apart.
+template <typename T, int KT, int L>
+inline typename VecOf<T, L>::type BlockDots(const T* __restrict u_blk, int64_t JK, int64_t j,
+                                            const T* __restrict w, int64_t rows, int64_t k) {
+  typedef typename VecOf<T, L>::type V;
+  const int64_t K = Dim<KT>(k);
+  if constexpr (KT > 0) {
+    V wv[KT / L];
+    for (int c = 0; c < KT / L; ++c) wv[c] = LoadV<T, L>(w + c * L);
+    V p[L];
+    for (int r = 0; r < L; ++r) {
+      if (r < rows) {
+        const T* x = u_blk + r * JK + j * K;
+        V acc = LoadV<T, L>(x) * wv[0];
+        for (int c = 1; c < KT / L; ++c) acc += LoadV<T, L>(x + c * L) * wv[c];
+        p[r] = acc;
+      } else {
+        p[r] = V{};
+      }
+    }
+    return TransposeSum<T, L>(p);
+  } else {
+    V out = V{};
+    for (int64_t r = 0; r < rows; ++r) out[r] = DotScalar(u_blk + r * JK + j * K, w, K);
+    return out;
   }
 }
 
 // v[j] = squash(s[j]) for all J capsules of K values.
-template <typename T, int KT>
-void Squash(const T* __restrict s, T* __restrict v, int64_t J, int64_t k, T eps) {
-  const int64_t K = Dim<KT>(k);
+template <typename T>
+void Squash(const T* __restrict s, T* __restrict v, int64_t J, int64_t K, T eps) {
   for (int64_t j = 0; j < J; ++j) {
     const T* sj = s + j * K;
-    const T n2 = Dot<T, KT>(sj, sj, K);
+    const T n2 = DotScalar(sj, sj, K);
     const T f = n2 / ((T(1) + n2) * Sqrt(n2 + eps));
     for (int64_t q = 0; q < K; ++q) v[j * K + q] = f * sj[q];
   }
@@ -215,31 +281,45 @@ void Squash(const T* __restrict s, T* __restrict v, int64_t J, int64_t k, T eps)
 // gs = dL/ds given gv = dL/dv for v = squash(s): with n2 = |s|², g = 1/((1+n2)·√(n2+ε)),
 // v = n2·g·s, so gs = n2·g·gv + 2·f'(n2)·<gv, s>·s with f' = g·(1/(1+n2) - n2/(2(n2+ε)))
 // (no 1/|s| term: finite at s = 0).
-template <typename T, int KT>
+template <typename T>
 void SquashGrad(const T* __restrict s, const T* __restrict gv, T* __restrict gs, int64_t J,
-                int64_t k, T eps) {
-  const int64_t K = Dim<KT>(k);
+                int64_t K, T eps) {
   for (int64_t j = 0; j < J; ++j) {
     const T* sj = s + j * K;
     const T* gj = gv + j * K;
-    const T n2 = Dot<T, KT>(sj, sj, K);
+    const T n2 = DotScalar(sj, sj, K);
     const T g = T(1) / ((T(1) + n2) * Sqrt(n2 + eps));
     const T fprime = g * (T(1) / (T(1) + n2) - n2 / (T(2) * (n2 + eps)));
     const T a = n2 * g;
-    const T b = T(2) * fprime * Dot<T, KT>(gj, sj, K);
+    const T b = T(2) * fprime * DotScalar(gj, sj, K);
     for (int64_t q = 0; q < K; ++q) gs[j * K + q] = a * gj[q] + b * sj[q];
   }
 }
 
-// One row's forward iterations. Scratch: logits [I·J], c_buf [kBlock·J]. When c_keep / s_keep /
-// v_keep are given (backward), c of iterations 1..R-1 ([R-1][I·J]) and s, v of every
-// iteration ([R][J·K]) are kept there; v_out receives the last v.
+// ---------------------------------------------------------------- one row
+// Row scratch (RoutingScratchElements; Ipad = I rounded up to kRoutingBlock): forward
+// c_blk [kRoutingBlock·J], s and vsum [J·K]; backward G [Ipad·J], c and alpha
+// [R-1][Ipad·J], s, v, gs [R][J·K], and gv, gv_next, v_last, vsum [J·K].
+struct RowKeep {  // what the backward pass keeps of the forward iterations (or all null)
+  void* c = nullptr;  // [R-1][Ipad·J] block-transposed: c of iterations 1..R-1
+  void* s = nullptr;  // [R][J·K]
+  void* v = nullptr;  // [R][J·K]
+};
+
+// One row's forward iterations: v_out [J·K] = the last v.
 template <typename T, int KT>
 void ForwardRow(const T* __restrict u, T* __restrict v_out, int64_t I, int64_t J, int64_t k,
-                int R, T eps, T* __restrict logits, T* __restrict c_buf, T* __restrict s_buf,
-                T* __restrict c_keep, T* __restrict s_keep, T* __restrict v_keep) {
+                int R, T eps, T* __restrict c_blk, T* __restrict s_buf, T* __restrict vsum,
+                const RowKeep& keep) {
+  constexpr int L = BlockLanes<T, KT>();
+  typedef typename VecOf<T, L>::type V;
   const int64_t K = Dim<KT>(k);
-  const int64_t JK = J * K, IJ = I * J;
+  const int64_t JK = J * K;
+  const int64_t Ipad = (I + kRoutingBlock - 1) / kRoutingBlock * kRoutingBlock;
+  T* c_keep = static_cast<T*>(keep.c);
+  T* s_keep = static_cast<T*>(keep.s);
+  T* v_keep = static_cast<T*>(keep.v);
+
   // Iteration 0: c = 1/J for every pair, so s = (1/J)·Σ_i û[i].
   T* s = s_keep ? s_keep : s_buf;
   for (int64_t x = 0; x < JK; ++x) s[x] = T(0);
@@ -249,42 +329,44 @@ void ForwardRow(const T* __restrict u, T* __restrict v_out, int64_t I, int64_t J
   }
   const T uniform = J > 0 ? T(1) / T(J) : T(0);
   for (int64_t x = 0; x < JK; ++x) s[x] *= uniform;
-  T* v = (R == 1 || !v_keep) ? v_out : v_keep;
-  Squash<T, KT>(s, v, J, K, eps);
+  T* v = v_keep ? v_keep : v_out;
+  Squash(s, v, J, K, eps);
+  for (int64_t x = 0; x < JK; ++x) vsum[x] = v[x];
+
   for (int t = 1; t < R; ++t) {
-    const T* v_prev = v;
     s = s_keep ? s_keep + t * JK : s_buf;
-    v = (t == R - 1 || !v_keep) ? v_out : v_keep + t * JK;
-    T* c_t = c_keep ? c_keep + (t - 1) * IJ : nullptr;
+    T* c_t = c_keep ? c_keep + (t - 1) * Ipad * J : nullptr;
     for (int64_t x = 0; x < JK; ++x) s[x] = T(0);
-    // Blocks of kBlock input capsules: agreement, then one vectorised softmax for the
-    // block, then the weighted sum, while the block's û is still in L1.
-    for (int64_t i0 = 0; i0 < I; i0 += kBlock) {
-      const int64_t rows = I - i0 < kBlock ? I - i0 : kBlock;
-      for (int64_t i = i0; i < i0 + rows; ++i) {
-        const T* ui = u + i * JK;
-        T* li = logits + i * J;
-        for (int64_t j = 0; j < J; ++j) {
-          const T a = Dot<T, KT>(ui + j * K, v_prev + j * K, K);
-          li[j] = (t == 1 ? T(0) : li[j]) + a;
-        }
+    for (int64_t i0 = 0; i0 < I; i0 += L) {
+      const int64_t rows = I - i0 < L ? I - i0 : L;
+      const T* u_blk = u + i0 * JK;
+      T* cb = c_t ? c_t + i0 * J : c_blk;  // [J][L] for this block
+      // logits = <û, Σ_τ<t v_τ>, then softmax over j, lane by lane.
+      V m = V{};
+      for (int64_t j = 0; j < J; ++j) {
+        const V a = BlockDots<T, KT, L>(u_blk, JK, j, vsum + j * K, rows, K);
+        StoreV<T, L>(cb + j * L, a);
+        // A NaN logit never becomes the max but still makes its lane's exps NaN.
+        m = j == 0 ? a : (a > m ? a : m);
       }
-      T* c_blk = c_t ? c_t + i0 * J : c_buf;
-      SoftmaxRows(logits + i0 * J, c_blk, rows, J);
-      for (int64_t i = i0; i < i0 + rows; ++i) {
-        const T* ui = u + i * JK;
-        const T* ci = c_blk + (i - i0) * J;
-        for (int64_t j = 0; j < J; ++j) Axpy<T, KT>(ci[j], ui + j * K, s + j * K, K);
+      V sum = V{};
+      for (int64_t j = 0; j < J; ++j) {
+        const V e = ExpV<T, L>(LoadV<T, L>(cb + j * L) - m);
+        StoreV<T, L>(cb + j * L, e);
+        sum += e;
+      }
+      const V inv = Splat<T, L>(T(1)) / sum;
+      for (int64_t j = 0; j < J; ++j) StoreV<T, L>(cb + j * L, LoadV<T, L>(cb + j * L) * inv);
+      for (int64_t j = 0; j < J; ++j) {
+        BlockAxpy<T, KT>(cb + j * L, u_blk + j * K, JK, rows, s + j * K, K);
       }
     }
-    // Without v_keep, v and v_prev are both v_out: safe, the pass above is done with v_prev.
-    Squash<T, KT>(s, v, J, K, eps);
+    v = v_keep ? v_keep + t * JK : v_out;  // without v_keep only vsum needs the old v's
+    Squash(s, v, J, K, eps);
+    for (int64_t x = 0; x < JK; ++x) vsum[x] += v[x];
   }
-  if (v_keep && R > 1) {
-    // The last v went to v_out; keep a copy with the others.
-    for (int64_t x = 0; x < JK; ++x) v_keep[(R - 1) * JK + x] = v_out[x];
-  } else if (v_keep) {
-    for (int64_t x = 0; x < JK; ++x) v_keep[x] = v_out[x];
+  if (v_keep) {
+    for (int64_t x = 0; x < JK; ++x) v_out[x] = v_keep[(R - 1) * JK + x];
   }
 }
 
@@ -295,15 +377,15 @@ bool Forward(const RoutingShape& sh, const void* u_hat, void* v_out, int64_t beg
   const int64_t I = sh.in_caps, J = sh.out_caps, K = Dim<KT>(sh.out_dim);
   T* scratch = static_cast<T*>(malloc(sizeof(T) * (RoutingScratchElements(sh, false) + 1)));
   if (scratch == nullptr) return false;
-  T* logits = scratch;  // layout of RoutingScratchElements(sh, false)
-  T* c_buf = logits + I * J;
-  T* s = c_buf + kBlock * J;
+  T* c_blk = scratch;                   // [kRoutingBlock·J]
+  T* s = c_blk + kRoutingBlock * J;     // [J·K]
+  T* vsum = s + J * K;                  // [J·K]
   const T* u = static_cast<const T*>(u_hat);
   T* v = static_cast<T*>(v_out);
   const T eps = T(sh.epsilon);
   for (int64_t b = begin; b < end; ++b) {
-    ForwardRow<T, KT>(u + b * I * J * K, v + b * J * K, I, J, K, sh.iterations, eps, logits,
-                      c_buf, s, nullptr, nullptr, nullptr);
+    ForwardRow<T, KT>(u + b * I * J * K, v + b * J * K, I, J, K, sh.iterations, eps, c_blk, s,
+                      vsum, RowKeep());
   }
   free(scratch);
   return true;
@@ -313,73 +395,91 @@ template <typename T, int KT>
 bool Backward(const RoutingShape& sh, const void* u_hat, const void* grad_v, void* grad_u,
               int64_t begin, int64_t end) {
   if (begin >= end) return true;
+  constexpr int L = BlockLanes<T, KT>();
+  typedef typename VecOf<T, L>::type V;
   const int64_t I = sh.in_caps, J = sh.out_caps, K = Dim<KT>(sh.out_dim);
   const int R = sh.iterations;
-  const int64_t IJ = I * J, JK = J * K;
+  const int64_t JK = J * K;
+  const int64_t Ipad = (I + kRoutingBlock - 1) / kRoutingBlock * kRoutingBlock;
+  const int64_t IJ = Ipad * J;
   T* scratch = static_cast<T*>(malloc(sizeof(T) * (RoutingScratchElements(sh, true) + 1)));
   if (scratch == nullptr) return false;
   // Layout of RoutingScratchElements(sh, true).
-  T* G = scratch;                      // logits in the forward pass, then dL/dlogits
-  T* c_keep = G + IJ;                  // [R-1][I·J]: c of iterations 1..R-1
-  T* alpha = c_keep + (R - 1) * IJ;    // [R-1][I·J]: dL/d(agreement of iteration t)
-  T* gc = alpha + (R - 1) * IJ;        // [J]
-  T* s_keep = gc + J;                  // [R][J·K]
+  T* G = scratch;                      // [Ipad·J] dL/dlogits, block-transposed
+  T* c_keep = G + IJ;                  // [R-1][Ipad·J]
+  T* alpha = c_keep + (R - 1) * IJ;    // [R-1][Ipad·J]: dL/d(agreement of iteration t)
+  T* s_keep = alpha + (R - 1) * IJ;    // [R][J·K]
   T* v_keep = s_keep + R * JK;         // [R][J·K]
   T* gs_keep = v_keep + R * JK;        // [R][J·K]
   T* gv = gs_keep + R * JK;            // [J·K]
   T* gv_next = gv + JK;                // [J·K]
   T* v_last = gv_next + JK;            // [J·K]
+  T* vsum = v_last + JK;               // [J·K]
   const T* u_all = static_cast<const T*>(u_hat);
   const T* gv_all = static_cast<const T*>(grad_v);
   T* du_all = static_cast<T*>(grad_u);
   const T eps = T(sh.epsilon);
   const T uniform = J > 0 ? T(1) / T(J) : T(0);
+  RowKeep keep;
+  keep.c = c_keep;
+  keep.s = s_keep;
+  keep.v = v_keep;
 
   for (int64_t b = begin; b < end; ++b) {
     const T* u = u_all + b * I * JK;
     T* du = du_all + b * I * JK;
-    // c_buf is unused when c_keep is given.
-    ForwardRow<T, KT>(u, v_last, I, J, K, R, eps, G, nullptr, nullptr, c_keep, s_keep, v_keep);
+    ForwardRow<T, KT>(u, v_last, I, J, K, R, eps, nullptr, nullptr, vsum, keep);
 
     for (int64_t x = 0; x < JK; ++x) gv[x] = gv_all[b * JK + x];
     for (int64_t x = 0; x < IJ; ++x) G[x] = T(0);
     for (int t = R - 1; t >= 1; --t) {
       T* gs = gs_keep + t * JK;
-      SquashGrad<T, KT>(s_keep + t * JK, gv, gs, J, K, eps);
+      SquashGrad(s_keep + t * JK, gv, gs, J, K, eps);
       const T* c_t = c_keep + (t - 1) * IJ;
       T* alpha_t = alpha + (t - 1) * IJ;
       for (int64_t x = 0; x < JK; ++x) gv_next[x] = T(0);
-      for (int64_t i = 0; i < I; ++i) {
-        const T* ui = u + i * JK;
-        const T* ci = c_t + i * J;
-        T* Gi = G + i * J;
-        T dot = 0;
+      for (int64_t i0 = 0; i0 < I; i0 += L) {
+        const int64_t rows = I - i0 < L ? I - i0 : L;
+        const T* u_blk = u + i0 * JK;
+        const T* cb = c_t + i0 * J;
+        T* Gb = G + i0 * J;
+        T* ab = alpha_t + i0 * J;
+        // gc[j] = <gs[j], û[i, j]>; softmax backward: G += c·(gc - Σ_j c·gc).
+        V dot = V{};
         for (int64_t j = 0; j < J; ++j) {
-          gc[j] = Dot<T, KT>(gs + j * K, ui + j * K, K);
-          dot += ci[j] * gc[j];
+          const V gc = BlockDots<T, KT, L>(u_blk, JK, j, gs + j * K, rows, K);
+          StoreV<T, L>(ab + j * L, gc);  // alpha_t doubles as gc's scratch here
+          dot += LoadV<T, L>(cb + j * L) * gc;
         }
         for (int64_t j = 0; j < J; ++j) {
-          // logits_(t+1) = logits_t + agreement_t: G flows through unchanged, plus the
-          // softmax backward of c_t.
-          Gi[j] += ci[j] * (gc[j] - dot);
-          alpha_t[i * J + j] = Gi[j];
-          Axpy<T, KT>(Gi[j], ui + j * K, gv_next + j * K, K);
+          // logits_(t+1) = logits_t + agreement_t: G flows through unchanged.
+          const V c = LoadV<T, L>(cb + j * L);
+          const V g = LoadV<T, L>(Gb + j * L) + c * (LoadV<T, L>(ab + j * L) - dot);
+          StoreV<T, L>(Gb + j * L, g);
+          StoreV<T, L>(ab + j * L, g);
+        }
+        for (int64_t j = 0; j < J; ++j) {
+          BlockAxpy<T, KT>(Gb + j * L, u_blk + j * K, JK, rows, gv_next + j * K, K);
         }
       }
       for (int64_t x = 0; x < JK; ++x) gv[x] = gv_next[x];
     }
-    SquashGrad<T, KT>(s_keep, gv, gs_keep, J, K, eps);
+    SquashGrad(s_keep, gv, gs_keep, J, K, eps);
 
     // dû written once: every iteration's c_t·gs_t plus every agreement's alpha_t·v_t.
     // This pass must not read û: dû may be û's buffer (in place, see routing.h).
-    for (int64_t i = 0; i < I; ++i) {
-      for (int64_t j = 0; j < J; ++j) {
-        T* d = du + i * JK + j * K;
-        const T* gs0 = gs_keep + j * K;
-        for (int64_t q = 0; q < K; ++q) d[q] = uniform * gs0[q];
-        for (int t = 1; t < R; ++t) {
-          Axpy<T, KT>(c_keep[(t - 1) * IJ + i * J + j], gs_keep + t * JK + j * K, d, K);
-          Axpy<T, KT>(alpha[(t - 1) * IJ + i * J + j], v_keep + (t - 1) * JK + j * K, d, K);
+    for (int64_t i0 = 0; i0 < I; i0 += L) {
+      const int64_t rows = I - i0 < L ? I - i0 : L;
+      for (int64_t r = 0; r < rows; ++r) {  // dû in memory order
+        for (int64_t j = 0; j < J; ++j) {
+          const T* gs0 = gs_keep + j * K;
+          T* d = du + (i0 + r) * JK + j * K;
+          const int64_t p = i0 * J + j * L + r;  // BlockIndex<L>(i0 + r, j, J)
+          for (int64_t q = 0; q < K; ++q) d[q] = uniform * gs0[q];
+          for (int t = 1; t < R; ++t) {
+            Axpy<T, KT>(c_keep[(t - 1) * IJ + p], gs_keep + t * JK + j * K, d, K);
+            Axpy<T, KT>(alpha[(t - 1) * IJ + p], v_keep + (t - 1) * JK + j * K, d, K);
+          }
         }
       }
     }
