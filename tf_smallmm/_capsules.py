@@ -182,7 +182,7 @@ def predict(u, w):
     if not use_predict_kernel(u.dtype, j * k * l_ if static else None):
         return predict_reference(u, w)
     w_matrix = tf.reshape(w, [i, j * k, l_] if static else tf.stack([i, j * k, l_]))
-    y = _ops.product(w_matrix, u[..., None])  # [B, I, J·K, 1]
+    y = _ops.product(w_matrix, tf.expand_dims(u, -1))  # [B, I, J·K, 1]; grad: a reshape
     (b,) = _dims(u, 0)
     shape = [b, i, j, k]
     if all(isinstance(d, int) for d in shape):
