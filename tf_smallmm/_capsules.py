@@ -240,9 +240,16 @@ def dynamic_routing(u_hat, iterations=3, epsilon=EPSILON):
 @ops.RegisterGradient("SmallMMDynamicRouting")
 def _dynamic_routing_grad(op, grad):
     """dL/dû through every iteration, by the fused backward op (recomputes the forward
-    iterations per row instead of keeping them)."""
-    return _loader.load().small_mm_dynamic_routing_grad(
-        op.inputs[0], grad, num_iterations=op.get_attr("num_iterations"),
-        epsilon=op.get_attr("epsilon"))
+    iterations per row instead of keeping them).
+
+    The control dependency on the forward op's output orders the two: the backward op then
+    holds the last reference to û and writes dû over it (saving a batch-sized allocation),
+    and the two never compete for the cache. A loss that uses v orders them anyway; one that
+    does not (e.g. a sum in a benchmark) would otherwise let them run concurrently.
+    """
+    with ops.control_dependencies([op.outputs[0]]):
+        return _loader.load().small_mm_dynamic_routing_grad(
+            op.inputs[0], grad, num_iterations=op.get_attr("num_iterations"),
+            epsilon=op.get_attr("epsilon"))
 # SmallMMDynamicRoutingGrad has no gradient: a second derivative raises TF's LookupError
 # instead of silently being zero.
