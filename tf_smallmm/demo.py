@@ -88,8 +88,8 @@ def train(epochs, batch_size, seed, verbose=1):
     return dict(accuracy=float((pred == y_test).mean()), epoch_s=timer.times,
                 smallmm_ops=sorted({op.type for op in graph.get_operations()
                                     if op.type.startswith("SmallMM")}),
-                disabled=smm._dispatch.disabled(), test_size=int(len(y_test)),
-                train_size=int(len(y_train)))
+                disabled=smm._dispatch.disabled(), test_size=len(y_test),
+                train_size=len(y_train))
 
 
 def _steady(times):
@@ -126,8 +126,8 @@ def main(argv=None):
     ours = train(epochs, args.batch_size, args.seed)
     rows = [("tf_smallmm (SmallMM prediction + fused routing)", ours)]
     if not args.no_reference:
-        print(f"\n== the same model with TensorFlow ops (TF_SMALLMM_DISABLE=1: tf.einsum "
-              f"prediction, TF-ops routing), in a subprocess ==", flush=True)
+        print("\n== the same model with TensorFlow ops (TF_SMALLMM_DISABLE=1: tf.einsum "
+              "prediction, TF-ops routing), in a subprocess ==", flush=True)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "reference.json")
             env = dict(os.environ, TF_SMALLMM_DISABLE="1")

@@ -22,14 +22,32 @@ serving process must `import tf_smallmm` before loading it, or use
 import keras
 import tensorflow as tf
 
-from tf_smallmm._capsules import (EPSILON, builtin_ops, dynamic_routing,
-                                  dynamic_routing_reference, predict, predict_reference, squash)
+from tf_smallmm._capsules import (
+    EPSILON,
+    builtin_ops,
+    dynamic_routing,
+    dynamic_routing_reference,
+    predict,
+    predict_reference,
+    squash,
+)
 
 __all__ = [
-    "PrimaryCapsules", "CapsulePredict", "DynamicRouting", "CapsuleLayer", "Length", "Mask",
-    "squash", "margin_loss", "predict", "predict_reference", "dynamic_routing",
-    "dynamic_routing_reference", "builtin_ops", "export_without_plugin",
+    "CapsuleLayer",
+    "CapsulePredict",
+    "DynamicRouting",
+    "Length",
+    "Mask",
+    "PrimaryCapsules",
+    "builtin_ops",
+    "dynamic_routing",
+    "dynamic_routing_reference",
+    "export_without_plugin",
+    "margin_loss",
+    "predict",
+    "predict_reference",
     "smallmm_ops_in_saved_model",
+    "squash",
 ]
 
 _register = keras.saving.register_keras_serializable(package="tf_smallmm")
