@@ -16,8 +16,8 @@
 //             into the logits' gradient G, and G·û for the previous iteration's dL/dv. A
 //             last pass writes dû[i, j] = Σ_t c_t[i, j]·gs_t[j] + Σ_t G_(t+1)[i, j]·v_t[j]
 //             once, without reading û (so dû may overwrite it).
-// Per-(i, j) scalars (c, G) are stored block-transposed: block b of L capsules holds
-// [j][L] (BlockIndex), so the softmax runs on whole vectors. The L dot products of a
+// Per-(i, j) scalars (c, G) are stored block-transposed, (i, j) at
+// (i / L)·L·J + j·L + i % L, so the softmax runs on whole vectors. The L dot products of a
 // block for one j are reduced together by a transposing shuffle tree (TransposeSum):
 // ~3 vector instructions per dot instead of ~8 for a horizontal sum each.
 // K = 8 and 16 (CapsNet's capsule sizes) have compile-time instantiations; other K use
@@ -185,12 +185,6 @@ inline typename VecOf<T, L>::type ExpV(const typename VecOf<T, L>::type& x) {
 }
 
 // ---------------------------------------------------------------- small helpers
-// Position of (i, j) in the block-transposed [I/L][J][L] layout of per-pair scalars.
-template <int L>
-inline int64_t BlockIndex(int64_t i, int64_t j, int64_t J) {
-  return (i / L) * (L * J) + j * L + (i % L);
-}
-
 // y += a·x over K values.
 template <typename T, int KT>
 inline void Axpy(T a, const T* __restrict x, T* __restrict y, int64_t k) {
@@ -474,7 +468,7 @@ bool Backward(const RoutingShape& sh, const void* u_hat, const void* grad_v, voi
         for (int64_t j = 0; j < J; ++j) {
           const T* gs0 = gs_keep + j * K;
           T* d = du + (i0 + r) * JK + j * K;
-          const int64_t p = i0 * J + j * L + r;  // BlockIndex<L>(i0 + r, j, J)
+          const int64_t p = i0 * J + j * L + r;  // (i0 + r, j), block-transposed
           for (int64_t q = 0; q < K; ++q) d[q] = uniform * gs0[q];
           for (int t = 1; t < R; ++t) {
             Axpy<T, KT>(c_keep[(t - 1) * IJ + p], gs_keep + t * JK + j * K, d, K);
