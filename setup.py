@@ -37,8 +37,10 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "baseline": [],
 }
-KERNEL_SOURCES = ["cc/kernels/plan.cc"]
-TF_SOURCES = ["cc/ops/smallmm_ops.cc"]
+# Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
+ISA_SOURCES = ["cc/kernels/gemm_isa.cc", "cc/kernels/routing_isa.cc"]
+KERNEL_SOURCES = ["cc/kernels/plan.cc", "cc/kernels/routing.cc"]
+TF_SOURCES = ["cc/ops/smallmm_ops.cc", "cc/ops/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
 # every cuda/*.cu.cc.
@@ -102,11 +104,12 @@ class BuildSmallMM(build_ext):
             return os.path.join(obj_dir, name.replace("/", "_") + ".o")
 
         core_objs = []
-        for isa in isas:
-            o = obj(f"gemm_{isa}")
-            jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c",
-                                                 "cc/kernels/gemm_isa.cc", "-o", o])
-            core_objs.append(o)
+        for src in ISA_SOURCES:
+            stem = os.path.basename(src).replace("_isa.cc", "")
+            for isa in isas:
+                o = obj(f"{stem}_{isa}")
+                jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
+                core_objs.append(o)
         isa_defs = [f"-DSMALLMM_HAVE_{i.upper()}" for i in isas if i != "baseline"]
         for src in KERNEL_SOURCES:
             jobs.append(base + isa_defs + ["-c", src, "-o", obj(src)])

@@ -20,6 +20,7 @@ from tf_smallmm._einsum import einsum
 from tf_smallmm._keras_ops import batch_dot, dot
 from tf_smallmm._loader import build_info, kernels_loaded
 from tf_smallmm._matmul import matmul, matvec
+from tf_smallmm import layers  # noqa: E402  (capsule layers; registers the ops for serving)
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ backward) divided by a large copy's bandwidth measured in the same run.
     python -m tf_smallmm.bench                  # full suite -> benchmarks/RESULTS.md + .png
     python -m tf_smallmm.bench --quick          # a subset, under two minutes
     python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
+    python -m tf_smallmm.bench --quick --only routings   # the CapsNet digit-caps step only
 """
 
 import argparse
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_smallmm as smm
-from tf_smallmm import _ops
+from tf_smallmm import _capsules, _ops
 
 MiB = 1 << 20
 
@@ -141,6 +142,29 @@ def capsule_case(dtype, batch=50):
                 ["tf.einsum", "tf.matmul (broadcast)", "multiply+reduce_sum"])
 
 
+def routing_case(dtype, batch=50, routings=3):
+    """CapsNet's digit-caps step: û = W·u, then `routings` iterations of routing-by-agreement.
+    Ours: the SmallMM product + the fused routing op (and their gradient ops); the others:
+    the same layer in TF ops (capsules.dynamic_routing_reference) after each prediction."""
+    w = tf.cast(tf.random.normal([1152, 10, 16, 8], seed=1), dtype)
+    u = tf.cast(tf.random.normal([batch, 1152, 8], seed=2), dtype)
+
+    def routed(predict):
+        return lambda w, u: _capsules.dynamic_routing_reference(predict(w, u), routings)
+
+    def broadcast_matmul(w, u):
+        y = tf.linalg.matmul(tf.reshape(w, [1152, 160, 8]), u[..., None])
+        return tf.reshape(y, [-1, 1152, 10, 16])
+
+    impls = {
+        "tf_smallmm": lambda w, u: _capsules.dynamic_routing(_capsules.predict(u, w), routings),
+        "tf.einsum + TF ops": routed(lambda w, u: tf.einsum("ijkl,bil->bijk", w, u)),
+        "tf.matmul (broadcast) + TF ops": routed(broadcast_matmul),
+    }
+    return Case(f"digit caps W[1152,10,16,8] u[{batch},1152,8] + {routings} routings", w, u,
+                impls, "tf_smallmm", ["tf.einsum + TF ops"])
+
+
 def matvec_case(count, n, dtype):
     a = tf.cast(tf.random.normal([count, n, n], seed=3), dtype)
     x = tf.cast(tf.random.normal([count, n], seed=4), dtype)
@@ -221,13 +245,15 @@ def run_case(case, repeats, bandwidth):
 
 
 def cases(quick):
-    out = [lambda: capsule_case(tf.float32)]
+    out = [lambda: capsule_case(tf.float32), lambda: routing_case(tf.float32),
+           lambda: routing_case(tf.float32, batch=1)]
     sizes = [2, 8, 32] if quick else [2, 3, 4, 8, 16, 20, 32]
     out += [lambda n=n: matmul_case(n, n, n, tf.float32) for n in sizes]
     out += [lambda: matvec_case(900, 20, tf.float32), lambda: matvec_case(100_000, 20, tf.float32)]
     if not quick:
         out += [lambda: matmul_case(16, 8, 1, tf.float32), lambda: matmul_case(8, 8, 64, tf.float32),
-                lambda: capsule_case(tf.bfloat16), lambda: matmul_case(8, 8, 8, tf.bfloat16)]
+                lambda: capsule_case(tf.bfloat16), lambda: matmul_case(8, 8, 8, tf.bfloat16),
+                lambda: routing_case(tf.float32, batch=8), lambda: routing_case(tf.bfloat16)]
     return out
 
 
@@ -326,6 +352,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a subset with fewer repeats")
     p.add_argument("--sweep", action="store_true", help="only the n×n×n threshold sweep")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="run only the cases whose name contains TEXT (e.g. 'routings')")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/RESULTS.md "
                    "for a full run, benchmarks/RESULTS-quick.md for --quick)")
     args = p.parse_args(argv)
@@ -340,6 +368,8 @@ def main(argv=None):
     results = []
     for make in cases(args.quick):
         case = make()
+        if args.only and args.only not in case.name:
+            continue
         print(f"{case.name} ({case.dtype.name})", flush=True)
         results.append(run_case(case, repeats, bandwidth))
     out = args.out or os.path.join("benchmarks", "RESULTS-quick.md" if args.quick else "RESULTS.md")
