@@ -19,8 +19,9 @@ SUPPORTED_DTYPES = frozenset(
 # large. Chosen 2026-11-25 from `python -m tf_smallmm.bench --sweep` (raw kernel vs
 # tf.matmul, batched n×n×n, ~4M elements per operand, 2-core AVX-512, TF 2.21, 2 intra-op
 # threads): n = 16 ours 1.13-1.47× faster, n = 24 1.06×, n = 32 level (0.97-1.03×),
-# n = 48 and up tf.matmul 1.3-1.8× faster.
-MAX_SMALL_MACS = 32 * 32 * 32
+# n = 48 and up tf.matmul 1.3-1.8× faster. The full suite the same day (benchmarks/
+# RESULTS.md) had 32×32×32 forward at 0.7× of keras batch_dot, so 32³ falls back.
+MAX_SMALL_MACS = 24 * 24 * 24
 
 
 def disabled():
