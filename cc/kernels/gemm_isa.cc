@@ -277,7 +277,9 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   using R = typename T::R;
   constexpr bool kC = T::kComplex;
   constexpr int kPlanes = kC ? 2 : 1;
-  if (begin >= end) return;
+  // An empty C (M = 0 or N = 0) has nothing to write: return before walking the batch,
+  // which for stride-0 operands (pybind11 views) may be astronomically long.
+  if (begin >= end || p.m == 0 || p.n == 0) return;
 
   const int mi = TileClass(p.m), ni = TileClass(p.n);
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
