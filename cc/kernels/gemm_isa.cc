@@ -270,8 +270,14 @@ struct NestCursor {
   }
 };
 
+// a * b + c for scratch sizes; false on int64 overflow.
+inline bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
+  int64_t ab;
+  return !__builtin_mul_overflow(a, b, &ab) && !__builtin_add_overflow(ab, c, out);
+}
+
 template <DType D>
-void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
+bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
          int64_t end) {
   using T = Traits<D>;
   using R = typename T::R;
@@ -279,20 +285,32 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   constexpr int kPlanes = kC ? 2 : 1;
   // An empty C (M = 0 or N = 0) has nothing to write: return before walking the batch,
   // which for stride-0 operands (pybind11 views) may be astronomically long.
-  if (begin >= end || p.m == 0 || p.n == 0) return;
+  if (begin >= end || p.m == 0 || p.n == 0) return true;
+  // M and N are bounded by C's element count, which the caller allocated; this keeps the
+  // tile arithmetic below free of overflow even so.
+  if (p.m > (INT64_MAX >> 8) || p.n > (INT64_MAX >> 8)) return false;
 
   const int mi = TileClass(p.m), ni = TileClass(p.n);
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
   const MicroFn<R, kC> micro = SelectMicro<R, kC>(mi, ni);
 
-  // Scratch: packed A, packed B, accumulators. Sized by the plan, so bounded by the
-  // inputs' own sizes; one allocation per call (a call covers a whole shard).
-  const int64_t a_elems = mtiles * mt * p.k * kPlanes;
-  const int64_t b_elems = ntiles * nt * p.k * kPlanes;
-  const int64_t acc_elems = mtiles * ntiles * mt * nt * kPlanes;
-  R* scratch = static_cast<R*>(malloc(sizeof(R) * (a_elems + b_elems + acc_elems + 1)));
-  if (scratch == nullptr) return;  // callers size-check; never reached on valid plans
+  // Scratch: packed A, packed B, accumulators; one allocation per call (a call covers a
+  // whole shard). For dense operands (TF tensors) this is bounded by the inputs' own
+  // sizes, but a stride-0 view can have a huge K in no memory at all, so the sizes are
+  // overflow-checked and a failed allocation is reported, never ignored.
+  int64_t a_elems, b_elems, acc_elems, total;
+  if (!MulAdd(mtiles * mt * kPlanes, p.k, 0, &a_elems) ||
+      !MulAdd(ntiles * nt * kPlanes, p.k, 0, &b_elems) ||
+      !MulAdd(mtiles * ntiles, mt * nt * kPlanes, 1, &acc_elems) ||
+      __builtin_add_overflow(a_elems, b_elems, &total) ||
+      __builtin_add_overflow(total, acc_elems, &total) ||
+      uint64_t(total) > SIZE_MAX / sizeof(R)) {
+    return false;
+  }
+  --acc_elems;  // the +1 above keeps the allocation non-empty
+  R* scratch = static_cast<R*>(malloc(sizeof(R) * size_t(total)));
+  if (scratch == nullptr) return false;
   R* ap = scratch;
   R* bp = ap + a_elems;
   R* acc = bp + b_elems;
@@ -345,13 +363,14 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
     }
   }
   free(scratch);
+  return true;
 }
 
 }  // namespace
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
-using RunFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
+using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 // Indexed by DType.
 extern const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)];
 const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)] = {

@@ -9,7 +9,7 @@
 
 namespace smallmm {
 
-using RunFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
+using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 extern const RunFn kRunTable_baseline[int(DType::kNumDTypes)];
 #ifdef SMALLMM_HAVE_AVX2
 extern const RunFn kRunTable_avx2[int(DType::kNumDTypes)];
@@ -275,11 +275,11 @@ std::atomic<int>& Current() {
 
 }  // namespace
 
-void RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
+bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
                     void* c, int64_t begin, int64_t end) {
   const int d = int(dtype);
-  if (d < 0 || d >= int(DType::kNumDTypes)) return;
-  kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
+  if (d < 0 || d >= int(DType::kNumDTypes)) return false;
+  return kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
 }
 
 const char* ActiveIsa() { return kIsas[Current().load()].name; }

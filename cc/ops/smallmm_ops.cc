@@ -1,6 +1,7 @@
 // TF adapter: op registrations, shape functions and the one base OpKernel. It only
 // validates, broadcasts (through the kernel core's planner), allocates and shards; the
 // math is in cc/kernels/.
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -111,12 +112,19 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
   void* c = const_cast<char*>(out->tensor_data().data());
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  std::atomic<bool> ran{true};
   // Shard over output matrices; the cost estimate lets Shard keep tiny problems on the
   // calling thread instead of paying the thread-pool hand-off.
   Shard(workers->num_threads, workers->workers, plan.num_outputs,
         smallmm::CostPerOutput(plan), [&](int64_t begin, int64_t end) {
-          smallmm::RunBatchMatMul(dtype, plan, a, b, c, begin, end);
+          if (!smallmm::RunBatchMatMul(dtype, plan, a, b, c, begin, end)) {
+            ran.store(false, std::memory_order_relaxed);
+          }
         });
+  OP_REQUIRES(ctx, ran.load(),
+              errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
+                                        "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
+                                        ")"));
 }
 
 namespace {

@@ -69,9 +69,17 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   const void* pa = x.data();
   const void* pb = y.data();
   void* pc = out.mutable_data();
+  bool ran;
   {
     py::gil_scoped_release release;
-    smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+    ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+  }
+  if (!ran) {
+    // Only stride-0 views with a huge K get here (see RunBatchMatMul).
+    PyErr_Format(PyExc_MemoryError,
+                 "smallmm: cannot allocate the packing scratch for M=%lld, N=%lld, K=%lld",
+                 (long long)plan.m, (long long)plan.n, (long long)plan.k);
+    throw py::error_already_set();
   }
   return out;
 }
