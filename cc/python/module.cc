@@ -31,6 +31,18 @@ struct Layout {
 };
 
 Layout LayoutOf(const py::array& x, const char* name) {
+  // The kernels read elements in native byte order through typed pointers: a byte-swapped
+  // array would be read as garbage and a misaligned one is undefined behaviour.
+  if (!x.dtype().attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string("smallmm: ") + name + " has non-native byte order (" +
+                         std::string(py::str(x.dtype())) +
+                         "); convert it with .astype(dtype.newbyteorder('='))");
+  }
+  if (!(x.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    throw py::value_error(std::string("smallmm: ") + name +
+                          " is not aligned for its dtype; copy it with np.require(" + name +
+                          ", requirements='A')");
+  }
   Layout l;
   for (py::ssize_t i = 0; i < x.ndim(); ++i) {
     if (x.strides(i) % py::ssize_t(x.itemsize()) != 0) {
@@ -45,7 +57,7 @@ Layout LayoutOf(const py::array& x, const char* name) {
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
                  std::optional<std::vector<int64_t>> batch_shape) {
-  if (!x.dtype().is(y.dtype())) {
+  if (!x.dtype().equal(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +
                          std::string(py::str(x.dtype())) + " and " +
                          std::string(py::str(y.dtype())));
