@@ -19,6 +19,11 @@ SUPPORTED_DTYPES = frozenset(
 # TF 2.21 (2026-11-25): at n×n×n with n = 32 ours was still ahead, at n = 64 level.
 MAX_SMALL_MACS = 64 * 64 * 64
 
+# The kernels take at most this many batch axes (after broadcasting); tf.matmul takes
+# more, so wrappers fall back to it above this. Equal to smallmm::kMaxBatchDims
+# (cc/kernels/smallmm.h; tests check it through _smallmm_core.max_batch_dims).
+MAX_BATCH_DIMS = 8
+
 
 def disabled():
     """TF_SMALLMM_DISABLE=1 forces the TF built-ins everywhere (for A/B checks)."""

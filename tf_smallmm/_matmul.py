@@ -30,6 +30,8 @@ def _eligible(a, b, transpose_a, transpose_b):
     sa, sb = a.shape, b.shape
     if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
         return False
+    if max(sa.rank or 0, sb.rank or 0) - 2 > _dispatch.MAX_BATCH_DIMS:
+        return False
     if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
         pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
     sa = sa.as_list() if sa.rank is not None else None

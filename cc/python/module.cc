@@ -108,6 +108,7 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
   m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
                                           std::end(smallmm::kTileSizes));
 }
