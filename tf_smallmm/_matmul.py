@@ -3,13 +3,22 @@ tf.linalg.matmul / tf.linalg.matvec)."""
 
 import tensorflow as tf
 from tensorflow.python.eager import context
-from tensorflow.python.framework import ops
+from tensorflow.python.framework import composite_tensor, ops
 
 from tf_smallmm import _dispatch, _ops
 
 
 def _dim(shape, i):
     return shape[i] if shape is not None else None
+
+
+def _dispatched_by_builtin(*args):
+    """Arguments the built-ins hand to other implementations through TF's API dispatch
+    (SparseTensor, RaggedTensor, extension types): those calls go to the built-in as a
+    whole, so their results and errors are its own. Variables are composite too, but
+    plain dense operands."""
+    return any(isinstance(x, composite_tensor.CompositeTensor) and not isinstance(x, tf.Variable)
+               for x in args)
 
 
 def _convert(a, b):
@@ -88,8 +97,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
     with ops.name_scope(name, "MatMul", [a, b]) as name:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)  # raises ValueError
-        if a_is_sparse or b_is_sparse or isinstance(a, tf.SparseTensor) or isinstance(
-                b, tf.SparseTensor):
+        if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
         a, b = _convert(a, b)
         _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
@@ -106,6 +114,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
            name=None):
     """Drop-in for `tf.linalg.matvec`: op(a)[..., M, K] · b[..., K] -> [..., M]."""
+    if _dispatched_by_builtin(a, b):
+        return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
+                                a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
     with ops.name_scope(name, "MatVec", [a, b]) as name:
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
