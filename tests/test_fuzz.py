@@ -143,3 +143,25 @@ def test_ragged_arguments_go_to_the_builtin(fn, ref):
                 fn(*args)
         else:
             fn(*args)
+
+
+@pytest.mark.parametrize("xs,ys,flags,batch_shape,want", [
+    ([0, 2**62, 4, 3], [3, 2], {}, None, [0, 2**62, 4, 2]),
+    ([0, 2**40, 2**40], [0, 2**40, 2**40], {}, None, [0, 2**40, 2**40]),
+    ([2, 2**61, 0, 16], [0, 16], {"transpose_x": True}, [2, 1], [2, 1, 16, 16]),
+    ([0, 3, 4], [4, 2], {}, [], [3, 2]),
+])
+def test_zero_element_operands_with_huge_dims(xs, ys, flags, batch_shape, want):
+    """Shapes TF accepts because they hold no elements. Their dense strides overflow int64
+    (signed overflow in the adapter and the planner, found by UBSan in
+    scripts/sanitize.sh); the result is empty or zeros (K = 0 / empty reduction)."""
+    lib = _loader.load()
+    x, y = (tf.reshape(tf.zeros([0]), s) if 0 in s else tf.ones(s) for s in (xs, ys))
+    if batch_shape is None:
+        got = lib.small_mm_batch_mat_mul(x, y, **flags)
+    else:
+        got = lib.small_mm_batch_mat_mul_reduce(x, y, tf.constant(batch_shape, tf.int64),
+                                                **flags)
+    assert got.shape.as_list() == want
+    if got.shape.num_elements():
+        assert not np.any(got.numpy())
