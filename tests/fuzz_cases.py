@@ -192,7 +192,7 @@ def plan_model(xs, ys, tx, ty, target):
     pb = [1] * (nb - rb) + list(ys[:-2])
     pt = [1] * (nb - rt) + (list(target) if target is not None else [])
     full, reduced = [], 1
-    for d, (da, db, dt) in enumerate(zip(pa, pb, pt)):
+    for da, db, dt in zip(pa, pb, pt):
         f = 1
         for s in (da, db, dt):
             if s == 1:
@@ -748,8 +748,8 @@ def core_oracle(x, y, reduce, bs, flags, extra_kw):
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
         return ANY
     problems = []
-    if x.dtype != y.dtype or x.dtype not in TF_OF_NP and not (
-            x.dtype.newbyteorder("=") in TF_OF_NP):
+    if x.dtype != y.dtype or (x.dtype not in TF_OF_NP
+                              and x.dtype.newbyteorder("=") not in TF_OF_NP):
         problems.append(P_DTYPE)
     elif not (x.dtype.isnative and y.dtype.isnative):
         problems.append(P_DTYPE)

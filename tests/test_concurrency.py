@@ -153,10 +153,11 @@ _CHILD = """
     workloads = [c.make_calls(1000 + t, {calls}) for t in range({threads})]
     serial = c.run_serial(workloads)
     threaded = c.run_threads(workloads)
+    threading = tf.config.threading
     print("RESULT " + json.dumps({{"bad": c.compare(serial, threaded)[:5],
                                    "digest": c.digest(serial),
-                                   "intra": tf.config.threading.get_intra_op_parallelism_threads(),
-                                   "inter": tf.config.threading.get_inter_op_parallelism_threads()}}))
+                                   "intra": threading.get_intra_op_parallelism_threads(),
+                                   "inter": threading.get_inter_op_parallelism_threads()}}))
 """
 
 
