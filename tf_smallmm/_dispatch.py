@@ -23,6 +23,11 @@ SUPPORTED_DTYPES = frozenset(
 # RESULTS.md) had 32×32×32 forward at 0.7× of keras batch_dot, so 32³ falls back.
 MAX_SMALL_MACS = 24 * 24 * 24
 
+# The kernels take at most this many batch axes (after broadcasting); tf.matmul takes
+# more, so wrappers fall back to it above this. Equal to smallmm::kMaxBatchDims
+# (cc/kernels/smallmm.h; tests check it through _smallmm_core.max_batch_dims).
+MAX_BATCH_DIMS = 8
+
 
 def disabled():
     """TF_SMALLMM_DISABLE=1 forces the TF built-ins everywhere (for A/B checks)."""

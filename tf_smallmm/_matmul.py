@@ -3,13 +3,22 @@ tf.linalg.matmul / tf.linalg.matvec)."""
 
 import tensorflow as tf
 from tensorflow.python.eager import context
-from tensorflow.python.framework import ops
+from tensorflow.python.framework import composite_tensor, ops
 
 from tf_smallmm import _dispatch, _ops
 
 
 def _dim(shape, i):
     return shape[i] if shape is not None else None
+
+
+def _dispatched_by_builtin(*args):
+    """Arguments the built-ins hand to other implementations through TF's API dispatch
+    (SparseTensor, RaggedTensor, extension types): those calls go to the built-in as a
+    whole, so their results and errors are its own. Variables are composite too, but
+    plain dense operands."""
+    return any(isinstance(x, composite_tensor.CompositeTensor) and not isinstance(x, tf.Variable)
+               for x in args)
 
 
 def _convert(a, b):
@@ -29,6 +38,8 @@ def _eligible(a, b, transpose_a, transpose_b):
         return False
     sa, sb = a.shape, b.shape
     if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
+        return False
+    if max(sa.rank or 0, sb.rank or 0) - 2 > _dispatch.MAX_BATCH_DIMS:
         return False
     if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
         pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
@@ -50,6 +61,26 @@ def _eligible(a, b, transpose_a, transpose_b):
     return _dispatch.use_kernel(a.dtype.base_dtype, macs)
 
 
+def _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, grad_a,
+                              grad_b):
+    """tf.linalg.matmul passes its flags to an op that takes only Python bools (or None,
+    the default; anything else is a TypeError), after folding transpose into adjoint
+    (batch path: either rank unknown or above 2) or adjoint into transpose (two
+    matrices). Check the same values in the same way, so that odd flags (0, 1.5, '',
+    arrays, ...) raise exactly where the built-in raises."""
+    ra, rb = a.shape.rank, b.shape.rank
+    if ra is None or ra > 2 or rb is None or rb > 2:
+        values = {"adj_x": True if transpose_a else adjoint_a,
+                  "adj_y": True if transpose_b else adjoint_b}
+    else:
+        values = {"transpose_a": True if adjoint_a else transpose_a,
+                  "transpose_b": True if adjoint_b else transpose_b}
+    values.update(grad_x=grad_a, grad_y=grad_b)
+    for arg, value in values.items():
+        if value is not None and not isinstance(value, bool):  # None: the attr's default
+            raise TypeError(f"Expected bool for argument '{arg}' not {value!r}.")
+
+
 def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_b=False,
            a_is_sparse=False, b_is_sparse=False, output_type=None, grad_a=False,
            grad_b=False, name=None):
@@ -66,20 +97,26 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
     with ops.name_scope(name, "MatMul", [a, b]) as name:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)  # raises ValueError
-        if a_is_sparse or b_is_sparse or isinstance(a, tf.SparseTensor) or isinstance(
-                b, tf.SparseTensor):
+        if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
         a, b = _convert(a, b)
-        ta, tb = transpose_a or adjoint_a, transpose_b or adjoint_b
+        _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
+                                  grad_a, grad_b)
+        # Past the check every flag is truth-testable (the built-in accepts e.g. a truthy
+        # transpose_a on its batch path, where it only ever tests it with `if`).
+        ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
         if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
-        return _ops.product(a, b, transpose_x=ta, conjugate_x=adjoint_a, transpose_y=tb,
-                            conjugate_y=adjoint_b, name=name)
+        return _ops.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
+                            conjugate_y=bool(adjoint_b), name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
            name=None):
     """Drop-in for `tf.linalg.matvec`: op(a)[..., M, K] · b[..., K] -> [..., M]."""
+    if _dispatched_by_builtin(a, b):
+        return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
+                                a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
     with ops.name_scope(name, "MatVec", [a, b]) as name:
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)

@@ -505,15 +505,25 @@ struct NestCursor {
 };
 
 constexpr int64_t kNearStride = 1024;  // elements
+// a * b + c for scratch sizes; false on int64 overflow.
+inline bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
+  int64_t ab;
+  return !__builtin_mul_overflow(a, b, &ab) && !__builtin_add_overflow(ab, c, out);
+}
 
 template <DType D>
-void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
+bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
          int64_t end) {
   using T = Traits<D>;
   using R = typename T::R;
   constexpr bool kC = T::kComplex;
   constexpr int kPlanes = kC ? 2 : 1;
-  if (begin >= end) return;
+  // An empty C (M = 0 or N = 0) has nothing to write: return before walking the batch,
+  // which for stride-0 operands (pybind11 views) may be astronomically long.
+  if (begin >= end || p.m == 0 || p.n == 0) return true;
+  // M and N are bounded by C's element count, which the caller allocated; this keeps the
+  // tile arithmetic below free of overflow even so.
+  if (p.m > (INT64_MAX >> 8) || p.n > (INT64_MAX >> 8)) return false;
 
   TinyFn<D> run_fn = SelectTiny<D>(p);
   if (run_fn == nullptr && UseDot<D>(p)) run_fn = &DotRun<D>;
@@ -529,7 +539,7 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       run_fn(p, a, b, c, count, out.a, inner.a, out.b, inner.b, out.c, inner.c);
       o += count;
     }
-    return;
+    return true;
   }
 
   // Tiles: whole mt×nt tiles, and along each side a last "edge" tile of the smallest
@@ -565,17 +575,26 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
     micros[ti >= mfull][tj >= nfull](p.k, t, accumulate);
   };
 
-  // Scratch: packed A, packed B, accumulators. Sized by the plan, so bounded by the
-  // inputs' own sizes; one allocation per call (a call covers a whole shard). Without
+  // Scratch: packed A, packed B, accumulators; one allocation per call (a call covers a
+  // whole shard). For dense operands (TF tensors) this is bounded by the inputs' own
+  // sizes, but a stride-0 view can have a huge K in no memory at all, so the sizes are
+  // overflow-checked and a failed allocation is reported, never ignored. Without
   // reduction loops one accumulator tile suffices (each tile is stored as soon as it is
   // done); with them, all tiles accumulate across the reduction.
   const bool reducing = p.num_reduced > 1;
   const int64_t acc_tile = kPlanes * mt * nt;
-  const int64_t a_elems = mtiles * mt * p.k * kPlanes;
-  const int64_t b_elems = ntiles * nt * p.k * kPlanes;
-  const int64_t acc_elems = reducing ? mtiles * ntiles * acc_tile : acc_tile;
-  R* scratch = static_cast<R*>(malloc(sizeof(R) * (a_elems + b_elems + acc_elems + 1)));
-  if (scratch == nullptr) return;  // callers size-check; never reached on valid plans
+  int64_t a_elems, b_elems, acc_elems, total;
+  if (!MulAdd(mtiles * mt * kPlanes, p.k, 0, &a_elems) ||
+      !MulAdd(ntiles * nt * kPlanes, p.k, 0, &b_elems) ||
+      !MulAdd(reducing ? mtiles * ntiles : 1, acc_tile, 1, &acc_elems) ||
+      __builtin_add_overflow(a_elems, b_elems, &total) ||
+      __builtin_add_overflow(total, acc_elems, &total) ||
+      uint64_t(total) > SIZE_MAX / sizeof(R)) {
+    return false;
+  }
+  --acc_elems;  // the +1 above keeps the allocation non-empty
+  R* scratch = static_cast<R*>(malloc(sizeof(R) * size_t(total)));
+  if (scratch == nullptr) return false;
   R* ap = scratch;
   R* bp = ap + a_elems;
   R* acc = bp + b_elems;
@@ -673,13 +692,14 @@ void Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
   }
   free(scratch);
+  return true;
 }
 
 }  // namespace
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
-using RunFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
+using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 // Indexed by DType.
 extern const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)];
 const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)] = {

@@ -9,7 +9,7 @@
 
 namespace smallmm {
 
-using RunFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
+using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 extern const RunFn kRunTable_baseline[int(DType::kNumDTypes)];
 #ifdef SMALLMM_HAVE_AVX2
 extern const RunFn kRunTable_avx2[int(DType::kNumDTypes)];
@@ -45,6 +45,21 @@ bool MulOverflows(int64_t a, int64_t b, int64_t* out) {
   return __builtin_mul_overflow(a, b, out);
 }
 
+// a * b, saturated at INT64_MAX / 4 (so that a few of them still add up): for cost
+// heuristics over sizes that may be astronomically large when some other dim is 0.
+int64_t SatMul(int64_t a, int64_t b) {
+  constexpr int64_t kCap = INT64_MAX / 4;
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) || r > kCap ? kCap : r;
+}
+
+bool HasNoElements(const Operand& x) {
+  for (int i = 0; i < x.rank; ++i) {
+    if (x.dims[i] == 0) return true;
+  }
+  return false;
+}
+
 // Drops size-1 loops and merges neighbours that walk memory as one loop.
 int Simplify(Loop* loops, int n) {
   int w = 0;
@@ -53,9 +68,12 @@ int Simplify(Loop* loops, int n) {
     if (w > 0) {
       Loop& outer = loops[w - 1];
       const Loop& inner = loops[i];
-      if (outer.size != 0 && inner.size != 0 && outer.a == inner.a * inner.size &&
-          outer.b == inner.b * inner.size && outer.c == inner.c * inner.size) {
-        outer.size *= inner.size;
+      int64_t a, b, c, size;
+      if (outer.size != 0 && inner.size != 0 && !MulOverflows(inner.a, inner.size, &a) &&
+          !MulOverflows(inner.b, inner.size, &b) && !MulOverflows(inner.c, inner.size, &c) &&
+          outer.a == a && outer.b == b && outer.c == c &&
+          !MulOverflows(outer.size, inner.size, &size)) {
+        outer.size = size;
         outer.a = inner.a;
         outer.b = inner.b;
         outer.c = inner.c;
@@ -183,11 +201,19 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
     return fail(s.str());
   }
 
+  // An operand with no elements is never read (its 0 makes the output empty, K zero or a
+  // reduction empty), and its strides may be astronomically large (a [0, 2^62, 2^62, 4]
+  // view): plan it with strides of 0 so that no offset arithmetic can overflow.
+  int64_t astr[kMaxBatchDims + 2], bstr[kMaxBatchDims + 2];
+  const bool a_empty = HasNoElements(a), b_empty = HasNoElements(b);
+  for (int i = 0; i < a.rank; ++i) astr[i] = a_empty ? 0 : a.strides[i];
+  for (int i = 0; i < b.rank; ++i) bstr[i] = b_empty ? 0 : b.strides[i];
+
   GemmPlan p;
   const int64_t* ad = a.dims + ra;  // the two matrix axes
-  const int64_t* as = a.strides + ra;
+  const int64_t* as = astr + ra;
   const int64_t* bd = b.dims + rb;
-  const int64_t* bs = b.strides + rb;
+  const int64_t* bs = bstr + rb;
   p.m = a.transpose ? ad[1] : ad[0];
   const int64_t ka = a.transpose ? ad[0] : ad[1];
   const int64_t kb = b.transpose ? bd[1] : bd[0];
@@ -236,8 +262,8 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
       }
     }
     full[d] = f;
-    sa[d] = (da == 1) ? 0 : a.strides[ia];
-    sb[d] = (db == 1) ? 0 : b.strides[ib];
+    sa[d] = (da == 1) ? 0 : astr[ia];
+    sb[d] = (db == 1) ? 0 : bstr[ib];
     reduced[d] = has_target && dt == 1 && f != 1;
     if (!has_target || it >= 0) odim[orank++] = has_target ? dt : f;
   }
@@ -258,11 +284,13 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   p.output_elements = total;
   p.c_cs = 1;
   p.c_rs = p.n;
+  // Dense row-major strides of C. An empty C is never written, and its strides could
+  // overflow (batch [0, 2^62, 2^62]): 0 then.
   int64_t cstride[kMaxBatchDims];
-  int64_t run = p.m * p.n;
+  int64_t run = total == 0 ? 0 : p.m * p.n;
   for (int i = orank - 1; i >= 0; --i) {
-    cstride[i] = run;
-    run *= odim[i];  // cannot overflow: bounded by output_elements
+    cstride[i] = total == 0 ? 0 : run;
+    if (total != 0) run *= odim[i];  // bounded by output_elements: no overflow
   }
 
   // Loop nests. Axes missing from the target are leading, so output axis indices line up
@@ -285,7 +313,7 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   // Loop order: an axis along which an operand is broadcast (stride 0) reuses that
   // operand; put the axes with the largest reuse innermost so the reused matrix stays in
   // L1 across consecutive work items (capsules: W[i] stays hot while the batch streams).
-  const int64_t a_bytes = p.m * p.k, b_bytes = p.k * p.n;
+  const int64_t a_bytes = SatMul(p.m, p.k), b_bytes = SatMul(p.k, p.n);
   auto reuse = [&](const Loop& l) {
     return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0);
   };
@@ -299,8 +327,12 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
 }
 
 int64_t CostPerOutput(const GemmPlan& p) {
-  const int64_t flops = std::max<int64_t>(p.m * p.n * std::max<int64_t>(p.k, 1), 1);
-  return std::max<int64_t>(p.num_reduced, 1) * (flops + p.m * p.k + p.k * p.n) + p.m * p.n + 20;
+  // Saturating: with K = 0 or an empty reduction the factors can be huge while the work
+  // is not (an operand [2, 2^61, 0, 16] reduced to [2, 1]).
+  const int64_t mn = SatMul(p.m, p.n);
+  const int64_t flops = std::max<int64_t>(SatMul(mn, std::max<int64_t>(p.k, 1)), 1);
+  const int64_t per_item = flops + SatMul(p.m, p.k) + SatMul(p.k, p.n);  // each <= cap
+  return SatMul(std::max<int64_t>(p.num_reduced, 1), per_item) + mn + 20;
 }
 
 // ---------------------------------------------------------------- parallel reductions
@@ -425,11 +457,11 @@ std::atomic<int>& Current() {
 
 }  // namespace
 
-void RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
+bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
                     void* c, int64_t begin, int64_t end) {
   const int d = int(dtype);
-  if (d < 0 || d >= int(DType::kNumDTypes)) return;
-  kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
+  if (d < 0 || d >= int(DType::kNumDTypes)) return false;
+  return kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
 }
 
 const char* ActiveIsa() { return kIsas[Current().load()].name; }

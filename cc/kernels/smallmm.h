@@ -115,7 +115,10 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
 // Computes output matrices [begin, end) of the plan (in flattened out-loop order).
 // Safe to call concurrently on disjoint ranges. Reduction loops of size 0 and K = 0 give
 // zeros. `c` must be a dense row-major buffer for the plan's output shape.
-void RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
+// Returns false, with C unwritten, if the packing scratch (about (M + N + 32)·K elements)
+// cannot be allocated: unreachable for dense operands, but a stride-0 view can have a
+// huge K in no memory. Callers must report it.
+bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
                     int64_t begin, int64_t end);
 
 // Which instruction set the running process dispatched to: "avx512", "avx2" or "baseline".

@@ -71,11 +71,14 @@ class SmallMMMatMulOp : public OpKernel {
     const int r = s.dims();
     dims->resize(r);
     strides->resize(r);
+    // A tensor with no elements is never read, and its strides could overflow int64
+    // (shape [0, 2^62, 2^62, 4]): give it strides of 0.
+    const bool empty = s.num_elements() == 0;
     int64_t run = 1;
     for (int i = r - 1; i >= 0; --i) {
       (*dims)[i] = s.dim_size(i);
-      (*strides)[i] = run;
-      run *= s.dim_size(i);
+      (*strides)[i] = empty ? 0 : run;
+      if (!empty) run *= s.dim_size(i);  // <= num_elements(): no overflow
     }
   }
 

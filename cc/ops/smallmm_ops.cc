@@ -1,6 +1,7 @@
 // TF adapter: op registrations, shape functions and the one base OpKernel. It only
 // validates, broadcasts (through the kernel core's planner), allocates and shards; the
 // math is in cc/kernels/.
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -111,6 +112,12 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
   void* c = const_cast<char*>(out->tensor_data().data());
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  std::atomic<bool> ran{true};
+  auto run = [&](const smallmm::GemmPlan& p, void* dst, int64_t begin, int64_t end) {
+    if (!smallmm::RunBatchMatMul(dtype, p, a, b, dst, begin, end)) {
+      ran.store(false, std::memory_order_relaxed);
+    }
+  };
   // A long reduction into few outputs is split into partial sums so every thread works.
   const int parts = smallmm::SuggestReductionSplit(dtype, plan, workers->num_threads);
   if (parts > 1) {
@@ -120,9 +127,12 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
                                            &partials));
     void* pc = const_cast<char*>(partials.tensor_data().data());
     Shard(workers->num_threads, workers->workers, split.num_outputs,
-          smallmm::CostPerOutput(split), [&](int64_t begin, int64_t end) {
-            smallmm::RunBatchMatMul(dtype, split, a, b, pc, begin, end);
-          });
+          smallmm::CostPerOutput(split),
+          [&](int64_t begin, int64_t end) { run(split, pc, begin, end); });
+    OP_REQUIRES(ctx, ran.load(),
+                errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
+                                          "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
+                                          ")"));
     Shard(workers->num_threads, workers->workers, plan.output_elements, parts + 1,
           [&](int64_t begin, int64_t end) {
             smallmm::SumPartials(dtype, pc, parts, plan.output_elements, c, begin, end);
@@ -132,9 +142,12 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
   // Shard over output matrices; the cost estimate lets Shard keep tiny problems on the
   // calling thread instead of paying the thread-pool hand-off.
   Shard(workers->num_threads, workers->workers, plan.num_outputs,
-        smallmm::CostPerOutput(plan), [&](int64_t begin, int64_t end) {
-          smallmm::RunBatchMatMul(dtype, plan, a, b, c, begin, end);
-        });
+        smallmm::CostPerOutput(plan),
+        [&](int64_t begin, int64_t end) { run(plan, c, begin, end); });
+  OP_REQUIRES(ctx, ran.load(),
+              errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
+                                        "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
+                                        ")"));
 }
 
 namespace {

@@ -32,6 +32,18 @@ struct Layout {
 };
 
 Layout LayoutOf(const py::array& x, const char* name) {
+  // The kernels read elements in native byte order through typed pointers: a byte-swapped
+  // array would be read as garbage and a misaligned one is undefined behaviour.
+  if (!x.dtype().attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string("smallmm: ") + name + " has non-native byte order (" +
+                         std::string(py::str(x.dtype())) +
+                         "); convert it with .astype(dtype.newbyteorder('='))");
+  }
+  if (!(x.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    throw py::value_error(std::string("smallmm: ") + name +
+                          " is not aligned for its dtype; copy it with np.require(" + name +
+                          ", requirements='A')");
+  }
   Layout l;
   for (py::ssize_t i = 0; i < x.ndim(); ++i) {
     if (x.strides(i) % py::ssize_t(x.itemsize()) != 0) {
@@ -46,7 +58,7 @@ Layout LayoutOf(const py::array& x, const char* name) {
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
                  std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
-  if (!x.dtype().is(y.dtype())) {
+  if (!x.dtype().equal(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +
                          std::string(py::str(x.dtype())) + " and " +
                          std::string(py::str(y.dtype())));
@@ -70,22 +82,35 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   const void* pa = x.data();
   const void* pb = y.data();
   void* pc = out.mutable_data();
+  if (reduction_parts > 1 &&
+      (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
+       plan.red[0].size % reduction_parts != 0)) {
+    throw py::value_error("reduction_parts must divide the outermost reduction loop");
+  }
+  bool ran;
   {
     py::gil_scoped_release release;
     if (reduction_parts > 1) {  // the TF op's parallel-reduction path, made testable
-      if (plan.num_red == 0 || plan.red[0].size % reduction_parts != 0) {
-        py::gil_scoped_acquire acquire;
-        throw py::value_error("reduction_parts must divide the outermost reduction loop");
-      }
       const smallmm::GemmPlan split = smallmm::SplitReduction(plan, reduction_parts);
       std::vector<char> partials(size_t(split.output_elements) * smallmm::DTypeSize(dtype));
-      smallmm::RunBatchMatMul(dtype, split, pa, pb, partials.data(), 0, split.num_outputs);
-      smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements, pc, 0,
-                           plan.output_elements);
+      ran = smallmm::RunBatchMatMul(dtype, split, pa, pb, partials.data(), 0,
+                                    split.num_outputs);
+      if (ran) {
+        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements,
+                             pc, 0, plan.output_elements);
+      }
     } else {
-      smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+      ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
     }
-  }  return out;
+  }
+  if (!ran) {
+    // Only stride-0 views with a huge K get here (see RunBatchMatMul).
+    PyErr_Format(PyExc_MemoryError,
+                 "smallmm: cannot allocate the packing scratch for M=%lld, N=%lld, K=%lld",
+                 (long long)plan.m, (long long)plan.n, (long long)plan.k);
+    throw py::error_already_set();
+  }
+  return out;
 }
 
 // Element-index range [lo, hi] a view may address (lo > hi when it has no elements).
@@ -204,6 +229,7 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
   m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
                                           std::end(smallmm::kTileSizes));
 }
