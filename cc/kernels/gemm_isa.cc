@@ -381,8 +381,9 @@ void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t c
       for (int j = 0; j < N; ++j) bv[l][j] = T::Load(b, bo + l * brs + j * bcs);
     for (int i = 0; i < M; ++i) {
       for (int j = 0; j < N; ++j) {
-        R sum = av[i][0] * bv[0][j];
-        for (int l = 1; l < K; ++l) sum += av[i][l] * bv[l][j];
+        // From +0 like every GEMM, so -0·1 gives +0 as in tf.matmul.
+        R sum = R(0);
+        for (int l = 0; l < K; ++l) sum += av[i][l] * bv[l][j];
         T::Store(c, co + i * crs + j * ccs, sum);
       }
     }
