@@ -582,7 +582,7 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   // overflow-checked and a failed allocation is reported, never ignored. Without
   // reduction loops one accumulator tile suffices (each tile is stored as soon as it is
   // done); with them, all tiles accumulate across the reduction.
-  const bool reducing = p.num_reduced > 1;
+  const bool reducing = p.num_reduced > 1 && p.k > 0;  // K = 0: zeros, whatever the batch
   const int64_t acc_tile = kPlanes * mt * nt;
   int64_t a_elems, b_elems, acc_elems, total;
   if (!MulAdd(mtiles * mt * kPlanes, p.k, 0, &a_elems) ||

@@ -96,6 +96,7 @@ int64_t DivisorAtMost(int64_t n, int64_t cap) {
 // Columns per folded GEMM: enough to amortise packing the shared matrix and fill the
 // 16-wide micro-kernels, few enough to leave one work item per thread on a batch of ~100.
 constexpr int64_t kMaxFoldedColumns = 64;
+constexpr int64_t kMaxFoldedK = 1024;
 
 // Removes loop i from a nest, or shrinks it to `size / taken` iterations when only part of
 // it was folded (its strides then step over the folded part).
@@ -120,6 +121,14 @@ void TakeFromLoop(Loop* loops, int* n, int i, int64_t taken) {
 //    Σ_b g[b, i] · u[b, i]ᵀ is one 160×B · B×8 GEMM).
 // The shared operand is then packed once and reused from registers across the columns.
 void FoldLoopsIntoMatrix(GemmPlan* p) {
+  // Nothing to compute (an empty batch, or an empty sum whose result is zeros): folding
+  // the other, possibly huge, loops would only size scratch buffers for no work.
+  for (int i = 0; i < p->num_out; ++i) {
+    if (p->out[i].size == 0) return;
+  }
+  for (int i = 0; i < p->num_red; ++i) {
+    if (p->red[i].size == 0) return;
+  }
   auto pick = [](const Loop* loops, int n, bool (*ok)(const Loop&)) {
     int best = -1;
     for (int i = 0; i < n; ++i) {
@@ -154,8 +163,10 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   }
   if (p->k == 1) {
     const int i = pick(p->red, p->num_red, [](const Loop&) { return true; });
-    if (i >= 0) {
-      const int64_t take = p->red[i].size;  // no parallelism is lost: reductions are serial
+    // Reductions are serial anyway, so no parallelism is lost; the cap bounds the packed
+    // panels (M·K and K·N elements) when the batch is long.
+    const int64_t take = i >= 0 ? DivisorAtMost(p->red[i].size, kMaxFoldedK) : 1;
+    if (take > 1) {
       p->k = take;
       p->a_cs = p->red[i].a;
       p->b_rs = p->red[i].b;
