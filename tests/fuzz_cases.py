@@ -911,10 +911,17 @@ def run_family(family, seed, count, timeout, env=None):
     # would report TensorFlow's crash as ours. Our kernels do not use oneDNN.
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0",
                     **(env or {}))
+    # The child imports the same tf_smallmm as this process (installed or in-tree build),
+    # never the source folder it happens to run in.
+    import tf_smallmm
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(tf_smallmm.__file__)))
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [package_root, HERE] + [q for q in [os.environ.get("PYTHONPATH")] if q])
     try:
         try:
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               timeout=timeout, env=full_env, cwd=ROOT)
+                               timeout=timeout, env=full_env, cwd=HERE)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
             rc, out, err = "timeout", e.stdout or "", e.stderr or ""
