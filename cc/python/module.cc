@@ -55,29 +55,50 @@ Layout LayoutOf(const py::array& x, const char* name) {
   return l;
 }
 
-py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
-                 bool transpose_y, bool conjugate_y,
-                 std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
+// What both entry points share: dtype check, numpy layouts, and the engine's plan.
+struct Planned {
+  smallmm::DType dtype;
+  Layout lx, ly;
+  smallmm::GemmPlan plan;
+  std::vector<py::ssize_t> shape;  // the output's
+};
+
+Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+                bool transpose_y, bool conjugate_y,
+                const std::optional<std::vector<int64_t>>& batch_shape) {
   if (!x.dtype().equal(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +
                          std::string(py::str(x.dtype())) + " and " +
                          std::string(py::str(y.dtype())));
   }
-  const smallmm::DType dtype = CoreDType(x.dtype());
-  const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
-  smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), transpose_x,
+  Planned r;
+  r.dtype = CoreDType(x.dtype());
+  r.lx = LayoutOf(x, "x");
+  r.ly = LayoutOf(y, "y");
+  smallmm::Operand a{int(r.lx.dims.size()), r.lx.dims.data(), r.lx.strides.data(), transpose_x,
                      conjugate_x};
-  smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), transpose_y,
+  smallmm::Operand b{int(r.ly.dims.size()), r.ly.dims.data(), r.ly.strides.data(), transpose_y,
                      conjugate_y};
-  smallmm::GemmPlan plan;
   int out_rank = 0;
   int64_t out_dims[smallmm::kMaxBatchDims + 2];
   std::string error;
-  const bool ok = smallmm::PlanBatchMatMul(
-      a, b, batch_shape ? batch_shape->data() : nullptr,
-      batch_shape ? int(batch_shape->size()) : -1, &plan, &out_rank, out_dims, &error);
-  if (!ok) throw py::value_error(error);
-  std::vector<py::ssize_t> shape(out_dims, out_dims + out_rank);
+  if (!smallmm::PlanBatchMatMul(a, b, batch_shape ? batch_shape->data() : nullptr,
+                                batch_shape ? int(batch_shape->size()) : -1, &r.plan, &out_rank,
+                                out_dims, &error)) {
+    throw py::value_error(error);
+  }
+  r.shape.assign(out_dims, out_dims + out_rank);
+  return r;
+}
+
+py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+                 bool transpose_y, bool conjugate_y,
+                 std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
+                            batch_shape);
+  const smallmm::DType dtype = p.dtype;
+  const smallmm::GemmPlan& plan = p.plan;
+  const std::vector<py::ssize_t>& shape = p.shape;
   py::array out(x.dtype(), shape);
   const void* pa = x.data();
   const void* pb = y.data();
@@ -135,23 +156,13 @@ py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpo
                             bool conjugate_x, bool transpose_y, bool conjugate_y,
                             std::optional<std::vector<int64_t>> batch_shape, int block,
                             int smem_budget, int64_t max_blocks) {
-  if (!x.dtype().is(y.dtype())) throw py::type_error("smallmm: x and y must have the same dtype");
-  const smallmm::DType dtype = CoreDType(x.dtype());
-  const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
-  smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), transpose_x,
-                     conjugate_x};
-  smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), transpose_y,
-                     conjugate_y};
-  smallmm::GemmPlan plan;
-  int out_rank = 0;
-  int64_t out_dims[smallmm::kMaxBatchDims + 2];
-  std::string error;
-  if (!smallmm::PlanBatchMatMul(a, b, batch_shape ? batch_shape->data() : nullptr,
-                                batch_shape ? int(batch_shape->size()) : -1, &plan, &out_rank,
-                                out_dims, &error)) {
-    throw py::value_error(error);
-  }
-  std::vector<py::ssize_t> shape(out_dims, out_dims + out_rank);
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
+                            batch_shape);
+  const smallmm::DType dtype = p.dtype;
+  const smallmm::GemmPlan& plan = p.plan;
+  const Layout& lx = p.lx;
+  const Layout& ly = p.ly;
+  const std::vector<py::ssize_t>& shape = p.shape;
   py::array out(x.dtype(), shape);
   smallmm::gpu::SimOptions opt;
   opt.threads = block;
@@ -213,18 +224,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
         "Returns (output, launch info). For tests on machines without a GPU.");
   m.def("suggest_reduction_split", [](const py::array& x, const py::array& y,
                                       std::vector<int64_t> batch_shape, int threads) {
-    const Layout lx = LayoutOf(x, "x"), ly = LayoutOf(y, "y");
-    smallmm::Operand a{int(lx.dims.size()), lx.dims.data(), lx.strides.data(), false, false};
-    smallmm::Operand b{int(ly.dims.size()), ly.dims.data(), ly.strides.data(), false, false};
-    smallmm::GemmPlan plan;
-    int rank;
-    int64_t dims[smallmm::kMaxBatchDims + 2];
-    std::string error;
-    if (!smallmm::PlanBatchMatMul(a, b, batch_shape.data(), int(batch_shape.size()), &plan,
-                                  &rank, dims, &error)) {
-      throw py::value_error(error);
-    }
-    return smallmm::SuggestReductionSplit(CoreDType(x.dtype()), plan, threads);
+    const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
+    return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
   });
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
