@@ -151,6 +151,83 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
+# Operand-stationary kernels: K <= 16 and C contiguous along one side. The row kernel runs
+# when C's rows are contiguous (every plain product with M >= 8), the column kernel when
+# its columns are (capsule-style products: x [I, M, K] shared by a batch of vectors
+# y [B, I, K, 1], which the planner turns into one M×K · K×B product per i). Strips are
+# full vectors then halving widths (31 rows of float32: 16 + 8 + 4 + 2 + 1).
+STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17]
+STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
+
+
+def stationary_operands(kernel, k, side, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if kernel == "row":
+        return ints(rng, (3, 9, k), dtype), ints(rng, (3, k, side), dtype)
+    return ints(rng, (3, side, k), dtype), ints(rng, (9, 3, k, 1), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("k", STATIONARY_K)
+@pytest.mark.parametrize("side", STATIONARY_SIDES)
+@pytest.mark.parametrize("kernel", ["row", "column"])
+def test_stationary_kernels_exact(kernel, side, k, dtype):
+    x, y = stationary_operands(kernel, k, side, dtype, seed=side * 31 + k)
+    check_exact(core.matmul(x, y), ref(x, y))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [3, 8, 16])
+@pytest.mark.parametrize("kernel", ["row", "column"])
+def test_stationary_kernels_on_every_isa(kernel, k, isa):
+    # AVX-512 keeps up to 16 K-vectors in registers, AVX2 and the baseline 8: K = 16 takes
+    # the stationary path on one and the packed micro-kernels on the others.
+    before = core.active_isa()
+    if not core.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        for dtype in (np.float32, np.float64):
+            x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
+            check_exact(core.matmul(x, y), ref(x, y))
+    finally:
+        core.set_isa(before)
+
+
+@pytest.mark.parametrize("kernel", ["row", "column"])
+def test_stationary_kernels_read_strided_views(kernel):
+    # The strip is gathered through a transposed copy unless its lanes are contiguous, and
+    # the streamed side may have any K stride: transposes, negative and non-unit strides.
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        x, y = stationary_operands(kernel, 8, 20, dtype, seed=3)
+        big_x = ints(rng, x.shape[:-2] + (2 * x.shape[-2], 3 * x.shape[-1]), dtype)
+        big_y = ints(rng, y.shape[:-2] + (3 * y.shape[-2], 2 * y.shape[-1]), dtype)
+        xv = big_x[..., ::-2, 1::3]
+        yv = big_y[..., 2::3, ::-2]
+        check_exact(core.matmul(xv, yv), ref(xv, yv))
+        xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+        yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+        for tx, ty in itertools.product([False, True], repeat=2):
+            got = core.matmul(xt if tx else x, yt if ty else y, transpose_x=tx, transpose_y=ty)
+            check_exact(got, ref(x, y))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_large_outputs_streamed_to_memory(dtype):
+    # Outputs of 16 MiB and more are written with non-temporal stores where a whole
+    # 64-byte line is stored at an aligned address, normal stores otherwise (numpy's
+    # buffers are not always 64-byte aligned; TF's are, see test_capsule / test_matmul).
+    rng = np.random.default_rng(11)
+    w, u = ints(rng, (1152, 160, 8), dtype), ints(rng, (30, 1152, 8, 1), dtype)
+    got = core.matmul(w, u)  # column kernel
+    assert got.nbytes >= 16 << 20
+    check_exact(got, ref(w, u))
+    x, y = ints(rng, (9000, 8, 8), dtype), ints(rng, (9000, 8, 64), dtype)
+    got = core.matmul(x, y)  # row kernel
+    assert got.nbytes >= 16 << 20
+    check_exact(got, ref(x, y))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128],
                          ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("parts", [2, 3, 5, 10])

@@ -393,3 +393,20 @@ def test_shared_weight_gradient_over_a_long_batch(dtype):
     g = tape.gradient(loss, y)
     bound = tf.reduce_sum(tf.linalg.matmul(tf.abs(wx), tf.abs(g), transpose_a=True), 0).numpy()
     assert_close(_grads(smm.matmul, x, w)[1], want, dtype, bound)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64], ids=lambda d: d.name)
+@pytest.mark.parametrize("shapes", [((9000, 8, 8), (9000, 8, 64)),       # row kernel
+                                    ((1152, 160, 8), (30, 1152, 8, 1))],  # column kernel
+                         ids=["8x8@8x64", "capsule"])
+def test_outputs_over_16mib_are_exact(shapes, dtype):
+    # Outputs of 16 MiB and more go to memory with non-temporal stores (TF's buffers are
+    # 64-byte aligned, so every whole line takes that path), with a fence before the op
+    # returns: the values must be exactly tf.matmul's on integer data, read from another op.
+    a, b = (random_tensor(s, dtype, seed=i, integers=True) for i, s in enumerate(shapes))
+    got = tf.function(lambda a, b: tf.reduce_sum(tf.abs(smm.matmul(a, b) - tf.linalg.matmul(a, b))))
+    y = smm.matmul(a, b)
+    assert y.shape.num_elements() * dtype.size >= 16 << 20
+    assert "SmallMMBatchMatMul" in smallmm_ops(tf.function(smm.matmul).get_concrete_function(a, b))
+    np.testing.assert_array_equal(y.numpy(), tf.linalg.matmul(a, b).numpy())
+    assert float(got(a, b)) == 0.0

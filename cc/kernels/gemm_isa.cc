@@ -16,8 +16,12 @@
 //   store acc to C[o] (fp32 -> fp16 rounding applied here).
 // Micro-kernels have compile-time tile sizes MT×NT ∈ {1,2,3,4,8,16}² so the compiler
 // fully unrolls them and keeps the accumulators in vector registers; K is a run-time loop.
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
+#endif
 
 #include "cc/kernels/smallmm.h"
 
@@ -150,6 +154,7 @@ struct TileArgs {
   int64_t b_ls, b_js;
   R* out;
   int64_t o_is, o_js;
+  bool stream;  // store the finished tile with non-temporal stores (see Run)
 };
 
 template <typename R, int L>
@@ -167,6 +172,52 @@ inline V LoadVec(const R* p) {
 template <typename V, typename R>
 inline void StoreVec(R* p, const V& v) {
   memcpy(p, &v, sizeof(V));
+}
+
+// Outputs at least this large are written with non-temporal stores where whole lines
+// are stored at once (bigger than the last-level cache share of a core, so the consumer
+// reads them back from memory anyway).
+constexpr uint64_t kStreamBytes = uint64_t(16) << 20;
+
+// Non-temporal store of one whole cache line: the line goes to memory without first
+// being read into the cache (a normal store to a line not in cache reads it: a second
+// memory transfer) and without evicting the operands. Used for outputs far larger than the
+// cache, which the consumer reads back from memory anyway. Partial lines would be
+// written back piecemeal, so anything but a 64-byte vector at a 64-byte boundary takes a
+// normal store.
+template <typename V, typename R>
+inline void StreamVec(R* p, const V& v) {
+#if defined(__SSE2__)
+  if constexpr (sizeof(V) == 64) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+      char* dst = reinterpret_cast<char*>(p);
+#if defined(__AVX512F__)
+      __m512i x;
+      memcpy(&x, &v, 64);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), x);
+#elif defined(__AVX__)
+      __m256i x[2];
+      memcpy(x, &v, 64);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), x[0]);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 32), x[1]);
+#else
+      __m128i x[4];
+      memcpy(x, &v, 64);
+      for (int q = 0; q < 4; ++q) _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16 * q), x[q]);
+#endif
+      return;
+    }
+  }
+#endif
+  StoreVec(p, v);
+}
+
+// Orders earlier non-temporal stores before whatever the caller does next (they are
+// weakly ordered: another thread reading C must see them).
+inline void StreamFence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 template <typename R, int MT, int NT, bool kAlongM, bool kScalarPacked>
@@ -204,8 +255,13 @@ void MicroReal(int64_t k, const TileArgs<R>& t, bool accumulate) {
 #pragma GCC unroll 16
       for (int s = 0; s < S; ++s) c[s] += sl[s * s_ss] * v;
     }
+    if (t.stream) {
 #pragma GCC unroll 16
-    for (int s = 0; s < S; ++s) StoreVec(out + s * o_ss, c[s]);
+      for (int s = 0; s < S; ++s) StreamVec(out + s * o_ss, c[s]);
+    } else {
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s) StoreVec(out + s * o_ss, c[s]);
+    }
   }
 }
 
@@ -468,6 +524,180 @@ bool UseDot(const GemmPlan& p) {
          p.a_cs == 1 && p.b_rs == 1 && p.k >= 8 && p.m >= 1;
 }
 
+// ---------------------------------------------------------------- operand-stationary products
+// Short K (<= 16) and C contiguous along one side: the operand on that side stays in
+// registers, one K-vector strip at a time, while the other operand streams past it one
+// column (or row) at a time, each finished column going straight to C. Nothing is
+// packed, and each output line is written once, whole. Column kernel (C contiguous along
+// M): the strip is VL rows of A, the stream is B's columns. Row kernel: the strip is VL
+// columns of B, the stream is A's rows. The capsule prediction (160×8 · 8×50 per input
+// capsule) and 8×8 · 8×64 products are this shape.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kVecRegs = 16;
+#else
+constexpr int kVecBytes = 16, kVecRegs = 16;
+#endif
+// The strip needs K registers plus four accumulators and a broadcast.
+constexpr int kStationaryMaxK = kVecRegs / 2;
+
+// Lane type: a W-lane vector, or the scalar itself for W = 1.
+template <typename R, int W>
+struct Lanes {
+  using type = typename VecOf<R, W>::type;
+};
+template <typename R>
+struct Lanes<R, 1> {
+  using type = R;
+};
+
+template <typename R, int W>
+inline void PutLanes(R* p, const typename Lanes<R, W>::type& v, bool stream) {
+  if constexpr (W * sizeof(R) == 64) {
+    if (stream) {
+      StreamVec(p, v);
+      return;
+    }
+  }
+  StoreVec(p, v);
+}
+
+// The streamed side of a strip: out(:, j) = Σ_l sv[l] · x(l, j). kUnit: x_ls == 1, so
+// every load is a constant offset from one pointer per column.
+template <typename R, int W, int K, bool kUnit>
+__attribute__((always_inline)) inline void StationaryStream(const typename Lanes<R, W>::type* __restrict sv, const R* x,
+                      int64_t x_ls, int64_t x_js, R* out, int64_t o_js, int64_t count,
+                      bool stream) {
+  using V = typename Lanes<R, W>::type;
+  const int64_t ls = kUnit ? 1 : x_ls;
+  int64_t j = 0;
+  // Four columns at a time: four independent FMA chains.
+  for (; j + 4 <= count; j += 4) {
+    const R* x0 = x + j * x_js;
+    const R* x1 = x0 + x_js;
+    const R* x2 = x1 + x_js;
+    const R* x3 = x2 + x_js;
+    V c0 = V{}, c1 = V{}, c2 = V{}, c3 = V{};  // from +0 like every GEMM (-0 · 1 = +0)
+#pragma GCC unroll 16
+    for (int l = 0; l < K; ++l) {
+      c0 += sv[l] * x0[l * ls];
+      c1 += sv[l] * x1[l * ls];
+      c2 += sv[l] * x2[l * ls];
+      c3 += sv[l] * x3[l * ls];
+    }
+    PutLanes<R, W>(out + j * o_js, c0, stream);
+    PutLanes<R, W>(out + (j + 1) * o_js, c1, stream);
+    PutLanes<R, W>(out + (j + 2) * o_js, c2, stream);
+    PutLanes<R, W>(out + (j + 3) * o_js, c3, stream);
+  }
+  for (; j < count; ++j) {
+    const R* xj = x + j * x_js;
+    V c0 = V{};
+#pragma GCC unroll 16
+    for (int l = 0; l < K; ++l) c0 += sv[l] * xj[l * ls];
+    PutLanes<R, W>(out + j * o_js, c0, stream);
+  }
+}
+
+// One strip: s(v, l) = s[v * s_vs + l * s_ls] for v < W, l < K; stream element
+// x(l, j) = x[l * x_ls + j * x_js]; out(v, j) = out[v + j * o_js]; j < count.
+template <typename R, int W, int K>
+void StationaryStrip(const R* s, int64_t s_vs, int64_t s_ls, const R* x, int64_t x_ls,
+                     int64_t x_js, R* out, int64_t o_js, int64_t count, bool stream) {
+  using V = typename Lanes<R, W>::type;
+  V sv[K];
+  if (s_vs == 1) {
+#pragma GCC unroll 16
+    for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(s + l * s_ls);
+  } else {  // gather the strip through a small transposed copy
+    R tmp[K][W];
+    for (int v = 0; v < W; ++v)
+#pragma GCC unroll 16
+      for (int l = 0; l < K; ++l) tmp[l][v] = s[v * s_vs + l * s_ls];
+#pragma GCC unroll 16
+    for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(tmp[l]);
+  }
+  if (x_ls == 1) {  // the usual case: each streamed column is contiguous along K
+    StationaryStream<R, W, K, true>(sv, x, 1, x_js, out, o_js, count, stream);
+  } else {
+    StationaryStream<R, W, K, false>(sv, x, x_ls, x_js, out, o_js, count, stream);
+  }
+}
+
+// All `rows` strips of one product: full vector strips, then the rest in halving widths
+// (20 rows of floats with AVX-512: 16 + 4).
+template <typename R, int W, int K>
+void StationaryRows(const R* s, int64_t s_vs, int64_t s_ls, const R* x, int64_t x_ls,
+                    int64_t x_js, R* out, int64_t o_js, int64_t rows, int64_t count,
+                    bool stream) {
+  int64_t v = 0;
+  constexpr bool kWidest = W * sizeof(R) == kVecBytes;
+  for (; v + W <= rows && (kWidest || v == 0); v += W) {
+    StationaryStrip<R, W, K>(s + v * s_vs, s_vs, s_ls, x, x_ls, x_js, out + v, o_js, count,
+                             stream);
+  }
+  if constexpr (W > 1) {
+    if (v < rows) {
+      StationaryRows<R, W / 2, K>(s + v * s_vs, s_vs, s_ls, x, x_ls, x_js, out + v, o_js,
+                                  rows - v, count, stream);
+    }
+  }
+}
+
+template <DType D>
+bool UseStationary(const GemmPlan& p) {
+  if (!(D == DType::kFloat || D == DType::kDouble) || p.num_reduced != 1 || p.k < 1 ||
+      p.k > kStationaryMaxK) {
+    return false;
+  }
+  // Enough streamed columns (rows) to pay for loading the strip, and a strip side that
+  // is a vector.
+  return (p.c_rs == 1 && p.n >= 8 && p.m >= 4) || (p.c_cs == 1 && p.m >= 8 && p.n >= 4);
+}
+
+template <DType D, int K>
+void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
+                   int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
+  using R = typename Traits<D>::R;
+  constexpr int VL = kVecBytes / sizeof(R);
+  const R* A = static_cast<const R*>(a);
+  const R* B = static_cast<const R*>(b);
+  R* C = static_cast<R*>(c);
+  // Column kernel when C's columns are contiguous and there are enough of them.
+  const bool col = p.c_rs == 1 && p.n >= 8 && p.m >= 4;
+  const bool stream =
+      uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes && (col ? p.c_cs : p.c_rs) != 1;
+  for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
+    if (col) {
+      StationaryRows<R, VL, K>(A + ao, p.a_rs, p.a_cs, B + bo, p.b_rs, p.b_cs, C + co, p.c_cs,
+                               p.m, p.n, stream);
+    } else {
+      StationaryRows<R, VL, K>(B + bo, p.b_cs, p.b_rs, A + ao, p.a_cs, p.a_rs, C + co, p.c_rs,
+                               p.n, p.m, stream);
+    }
+  }
+}
+
+template <DType D, int... Ks>
+struct StationaryTable {
+  static constexpr TinyFn<D> fns[sizeof...(Ks)] = {&StationaryRun<D, Ks>...};
+};
+
+template <DType D>
+TinyFn<D> SelectStationary(const GemmPlan& p) {
+  if constexpr (D == DType::kFloat || D == DType::kDouble) {
+    if (!UseStationary<D>(p)) return nullptr;
+#if defined(__AVX512F__)
+    return StationaryTable<D, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns[p.k - 1];
+#else
+    return StationaryTable<D, 1, 2, 3, 4, 5, 6, 7, 8>::fns[p.k - 1];
+#endif
+  } else {
+    return nullptr;
+  }
+}
+
 // Walks a loop nest: offsets of the current multi-index, advanced in row-major order.
 struct NestCursor {
   int n = 0;
@@ -512,6 +742,38 @@ inline bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
   return !__builtin_mul_overflow(a, b, &ab) && !__builtin_add_overflow(ab, c, out);
 }
 
+// Software prefetch of one operand panel X[off + r*rs + l*ls] (r < rows, l < k). A batch
+// axis folded into K or N puts every K step (or column) of a panel on its own page, often
+// dozens of them: more concurrent streams than the hardware prefetchers follow, so each
+// line would be a demand miss. Prefetching the next product's panels while computing
+// this one overlaps those misses with work. Panels over kPrefetchMaxBytes are left alone.
+constexpr int64_t kPrefetchMaxBytes = 64 << 10;
+
+template <DType D>
+void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t rs,
+                   int64_t ls) {
+  constexpr int64_t kBytes = D == DType::kHalf || D == DType::kBFloat16
+                                 ? 2
+                                 : int64_t(sizeof(typename Traits<D>::R)) *
+                                       (Traits<D>::kComplex ? 2 : 1);
+  auto mag = [](int64_t v) { return v < 0 ? -v : v; };
+  int64_t n_in = rows, s_in = rs, n_out = k, s_out = ls;
+  if (mag(ls) < mag(rs)) {
+    n_in = k, s_in = ls, n_out = rows, s_out = rs;
+  }
+  if (s_in == 0) n_in = 1;
+  if (s_out == 0) n_out = 1;
+  // Only panels spread over pages, and small enough to sit in L1/L2 until used.
+  if (mag(s_out) < kNearStride || n_in * n_out * kBytes > kPrefetchMaxBytes) return;
+  const int64_t step = mag(s_in) * kBytes < 64 ? 64 / (mag(s_in) * kBytes) : 1;
+  const char* base = static_cast<const char*>(x);
+  for (int64_t o = 0; o < n_out; ++o) {
+    const char* row = base + (off + o * s_out) * kBytes;
+    for (int64_t i = 0; i < n_in; i += step) __builtin_prefetch(row + i * s_in * kBytes);
+    __builtin_prefetch(row + (n_in - 1) * s_in * kBytes);  // a run may end on a new line
+  }
+}
+
 template <DType D>
 bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
          int64_t end) {
@@ -528,6 +790,7 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
 
   TinyFn<D> run_fn = SelectTiny<D>(p);
   if (run_fn == nullptr && UseDot<D>(p)) run_fn = &DotRun<D>;
+  if (run_fn == nullptr) run_fn = SelectStationary<D>(p);
   if (run_fn != nullptr) {
     // Direct kernels (tiny products, dot products) walk runs of the innermost output
     // loop: one Seek per run, not per product.
@@ -602,6 +865,9 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
 
   const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
   const bool direct_c = kInPlace && !reducing && (col ? p.c_rs == 1 : p.c_cs == 1);
+  // An output far larger than the last-level cache is evicted before anyone reads it:
+  // write it with non-temporal stores (saves the read-for-ownership of every line).
+  const bool stream_c = direct_c && uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes;
   const R* a_mem = static_cast<const R*>(a);
   const R* b_mem = static_cast<const R*>(b);
   R* c_mem = static_cast<R*>(c);
@@ -639,6 +905,7 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
       t.b_js = 1;
     }
     t.out = tile;
+    t.stream = false;
     t.o_is = col ? 1 : nw(tj);
     t.o_js = col ? mw(ti) : 1;
     return t;
@@ -650,10 +917,20 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
                  c_off + ti * mt * p.c_rs + tj * nt * p.c_cs, p.c_rs, p.c_cs);
   };
 
+  // The next product's operands, to prefetch (see PrefetchPanel).
+  auto prefetch = [&](int64_t ao, int64_t bo) {
+    PrefetchPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs);
+    PrefetchPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs);
+  };
   NestCursor out;
   out.Seek(p.out, p.num_out, begin);
   NestCursor red;
   for (int64_t o = begin; o < end; ++o, out.Next()) {
+    if (!reducing && o + 1 < end) {
+      NestCursor next = out;
+      next.Next();
+      prefetch(next.a, next.b);
+    }
     if (!reducing) {
       // One product per output (num_reduced is 1, or 0: an empty sum gives zeros).
       const bool empty = p.num_reduced == 0 || p.k == 0;
@@ -672,6 +949,7 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
             t.out = c_mem + out.c + ti * mt * p.c_rs + tj * nt * p.c_cs;
             t.o_is = p.c_rs;
             t.o_js = p.c_cs;
+            t.stream = stream_c;
             micro(ti, tj, t, false);
           } else {
             micro(ti, tj, t, false);
@@ -684,6 +962,11 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
     red.Seek(p.red, p.num_red, 0);
     for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
       const int64_t ao = out.a + red.a, bo = out.b + red.b;
+      if (r + 1 < p.num_reduced) {
+        NestCursor next = red;
+        next.Next();
+        prefetch(out.a + next.a, out.b + next.b);
+      }
       pack(ao, bo);
       for (int64_t ti = 0; ti < mtiles; ++ti)
         for (int64_t tj = 0; tj < ntiles; ++tj)
@@ -692,6 +975,7 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
     for (int64_t ti = 0; ti < mtiles; ++ti)
       for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
   }
+  if (stream_c) StreamFence();
   free(scratch);
   return true;
 }
