@@ -13,12 +13,19 @@ backward) divided by a large copy's bandwidth measured in the same run.
     python -m tf_smallmm.bench --quick          # a subset, under two minutes
     python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
     python -m tf_smallmm.bench --quick --only routings   # the CapsNet digit-caps step only
+
+Every run also repeats our own steps in a second process with one intra-op thread and
+reports the speed-up from using all cores (--no-scaling skips it).
 """
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -213,18 +220,20 @@ def steps(fn, jit=False):
 
 
 # --------------------------------------------------------------------------- running
-def run_case(case, repeats, bandwidth):
+def run_case(case, repeats, bandwidth, ours_only=False):
     rows = []
     impls = dict(case.impls)
     for name in case.xla:
         impls[f"XLA: {name}"] = (case.impls[name], True)
+    if ours_only:
+        impls = {case.ours: impls[case.ours]}
     for name, impl in impls.items():
         fn, jit = impl if isinstance(impl, tuple) else (impl, False)
         fwd, fwd_bwd = steps(fn, jit)
         try:
             t_f = median_ms(fwd, (case.a, case.b), repeats)
             t_fb = median_ms(fwd_bwd, (case.a, case.b), repeats)
-            mem = peak_extra_mib(fwd_bwd, (case.a, case.b))
+            mem = float("nan") if ours_only else peak_extra_mib(fwd_bwd, (case.a, case.b))
         except (tf.errors.OpError, ValueError, TypeError) as e:  # e.g. no bf16 kernel
             print(f"  {name}: skipped ({type(e).__name__})")
             continue
@@ -284,16 +293,23 @@ def markdown(results, bandwidth, args):
                 f"{row['fwd_bwd'] / o['fwd_bwd']:.2f} | {row['mem']:.1f} |")
     lines += ["", "Summary (ours vs the fastest built-in, and vs the fastest XLA variant):", "",
               "| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
-              "floor f+b ms | ours f+b ms | best built-in f+b |",
-              "|---|---|---:|---:|---|---|---:|---:|---|"]
+              "floor f+b ms | ours f+b ms | best built-in f+b | ours 1 thread fwd / f+b ms | "
+              f"{os.cpu_count()} threads vs 1 (fwd / f+b) |",
+              "|---|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
     for r in results:
         o, bb, bx, bf = r["ours"], r["best_builtin"], r["best_xla"], r["best_builtin_fb"]
+        one = r.get("one_thread")
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['floor_fwd']:.2f} | {o['fwd']:.2f} | "
             f"{bb['impl']} {bb['fwd']:.2f} ({bb['fwd'] / o['fwd']:.1f}×) | "
             + (f"{bx['impl'][5:]} {bx['fwd']:.2f} ({bx['fwd'] / o['fwd']:.1f}×)" if bx else "-")
             + f" | {r['floor_fwd_bwd']:.2f} | {o['fwd_bwd']:.2f} | "
-            f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) |")
+            f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) | "
+            + (f"{one['fwd']:.2f} / {one['fwd_bwd']:.2f} | {one['fwd'] / o['fwd']:.2f}× / "
+               f"{one['fwd_bwd'] / o['fwd_bwd']:.2f}× |" if one else "- | - |"))
+    lines += ["", "Thread scaling: the 1-thread column is the same step in a separate process "
+              "with TensorFlow's intra-op pool set to one thread. Cases whose time is already "
+              "near the copy-bandwidth floor cannot scale: memory, not arithmetic, limits them."]
     return "\n".join(lines) + "\n"
 
 
@@ -347,6 +363,28 @@ def sweep(repeats):
         print(f"| {n} | {count} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f} |", flush=True)
 
 
+def one_thread(results, args, repeats):
+    """Our step again in a fresh process with one intra-op thread (TF fixes its pool size
+    at start-up, so this cannot be done in the running process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "one.json")
+        cmd = [sys.executable, "-m", "tf_smallmm.bench", "--ours-only", "--threads", "1",
+               "--repeats", str(repeats), "--json", path] + (["--quick"] if args.quick else [])
+        if args.only:
+            cmd += ["--only", args.only]
+        print("1-thread rerun:", " ".join(cmd[1:]), flush=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(smm.__file__)))]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        if subprocess.run(cmd, env=env).returncode != 0 or not os.path.exists(path):
+            print("1-thread rerun failed: no thread-scaling column")
+            return
+        with open(path) as f:
+            one = {(r["case"], r["dtype"]): r["ours"] for r in json.load(f)}
+    for r in results:
+        r["one_thread"] = one.get((r["case"], r["dtype"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a subset with fewer repeats")
@@ -354,16 +392,24 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the cases whose name contains TEXT (e.g. 'routings')")
+    p.add_argument("--threads", type=int, default=None,
+                   help="TensorFlow intra-op threads (default: TensorFlow's choice)")
+    p.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-scaling", action="store_true",
+                   help="skip the 1-thread rerun that gives the thread-scaling column")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/RESULTS.md "
                    "for a full run, benchmarks/RESULTS-quick.md for --quick)")
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 15)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.sweep:
         sweep(repeats)
         return
     if not smm.kernels_loaded():
         raise SystemExit("SmallMM kernels are not loaded: " + str(smm.build_info()["load_error"]))
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = 1.0 if args.ours_only else copy_bandwidth_gbs()
     print(f"copy bandwidth: {bandwidth:.1f} GB/s")
     results = []
     for make in cases(args.quick):
@@ -371,7 +417,13 @@ def main(argv=None):
         if args.only and args.only not in case.name:
             continue
         print(f"{case.name} ({case.dtype.name})", flush=True)
-        results.append(run_case(case, repeats, bandwidth))
+        results.append(run_case(case, repeats, bandwidth, args.ours_only))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(case=r["case"], dtype=r["dtype"], ours=r["ours"]) for r in results], f)
+        return
+    if not args.no_scaling and not args.threads:
+        one_thread(results, args, repeats)
     out = args.out or os.path.join("benchmarks", "RESULTS-quick.md" if args.quick else "RESULTS.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
