@@ -249,10 +249,10 @@ def test_forward_and_backward_graphs_run_on_smallmm_without_transposes(case):
     types = op_types(forward_backward(case).graph)
     forward_count = sum(t.startswith("SmallMM") for t in op_types(forward.graph))
     assert forward_count == 1
-    # One engine op forward and one per input backward (the reduce op: broadcast axes
-    # summed inside the kernel).
-    assert types.count("SmallMMBatchMatMulReduce") >= 2
-    assert sum(t.startswith("SmallMM") for t in types) == 1 + len(case.shapes)
+    # One engine op forward and one backward: the Pair op computes both inputs' gradients
+    # (reduce products: broadcast axes summed inside the kernel) in one pass.
+    assert types.count("SmallMMBatchMatMulPair") == 1
+    assert sum(t.startswith("SmallMM") for t in types) == 2
     assert not FORBIDDEN & set(types), FORBIDDEN & set(types)
 
 

@@ -15,7 +15,7 @@ from tensorflow.python.framework import kernels, op_def_registry
 import tf_smallmm as smm
 from tf_smallmm import _loader, _ops
 
-OPS = ["SmallMMBatchMatMul", "SmallMMBatchMatMulReduce"]
+OPS = ["SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"]
 BUILT_WITH_CUDA = bool(smm.build_info().get("cuda"))
 needs_cuda_build = pytest.mark.skipif(
     not BUILT_WITH_CUDA, reason="library built without CUDA (no nvcc, or TF_SMALLMM_CUDA=0)")
@@ -41,6 +41,8 @@ def test_gpu_kernel_for_every_advertised_dtype(op_name):
         found |= {tf.as_dtype(t) for t in constraint.allowed_values.list.type}
         if op_name == "SmallMMBatchMatMulReduce":
             assert list(k.host_memory_arg) == ["batch_shape"]
+        if op_name == "SmallMMBatchMatMulPair":
+            assert sorted(k.host_memory_arg) == ["batch_shape_1", "batch_shape_2"]
     assert found == advertised_dtypes(op_name)
 
 
@@ -219,3 +221,67 @@ def test_numeric_gradient_float64(device):
     theoretical, numerical = tf.test.compute_gradient(f, [x, y])
     for t, n in zip(theoretical, numerical):
         np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the Pair op
+PAIR_CASES = [
+    # (x, y, batch_shape) of each product, as shapes; both gradients of a product.
+    # capsule prediction's dW (summed over b) and du: equal output counts, run together.
+    (((4, 6, 16, 1), (4, 6, 3, 1), [6], False, True),
+     ((6, 16, 3), (4, 6, 16, 1), [4, 6], True, False)),
+    # a weight shared by a long batch: dW is split into partial sums, so each runs alone.
+    (((500, 8, 8), (500, 8, 8), [], True, False), ((8, 8), (500, 8, 8), [500], True, False)),
+    # different output counts (x broadcast over the batch): one after the other.
+    (((7, 5, 3), (7, 3, 4), [7], False, False), ((3, 5), (7, 3, 4), [], True, False)),
+    # a product with no elements next to one with some.
+    (((0, 5, 3), (0, 3, 4), [0], False, False), ((2, 5, 3), (2, 3, 4), [2], False, False)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("case", range(len(PAIR_CASES)))
+def test_pair_equals_two_reduce_products(device, dtype, case):
+    jobs = []
+    for p, (xs, ys, batch, tx, ty) in enumerate(PAIR_CASES[case]):
+        x = random_tensor(xs, dtype, seed=10 * case + 2 * p)
+        y = random_tensor(ys, dtype, seed=10 * case + 2 * p + 1)
+        jobs.append(((x, tx, False), (y, ty, dtype.is_complex), batch))
+    pair = [run_on(device, lambda: _ops.product_pair(*jobs)[p]).numpy() for p in (0, 1)]
+    for (l, r, batch), value in zip(jobs, pair):
+        want = run_on(device, lambda: _ops.product(l[0], r[0], l[1], l[2], r[1], r[2],
+                                                   batch_shape=batch))
+        if device == "CPU":  # the same kernels on the same plans: identical bits
+            np.testing.assert_array_equal(value, want.numpy())
+        full, bound = reference(l[0], r[0], l[1], l[2], r[1], r[2])
+        lead = len(full.shape) - 2 - len(batch)
+        axes = list(range(lead)) + [lead + i for i, n in enumerate(batch) if n == 1]
+        assert_close(value, tf.reduce_sum(full, axes), dtype, tf.reduce_sum(bound, axes))
+
+
+def test_pair_gradients_and_unused_outputs():
+    # The Pair op is what gradients produce; its own gradient (second order) treats each
+    # output as the reduce product it is; an output nobody uses contributes nothing.
+    x, y = random_tensor((3, 4, 5), tf.float64, seed=1), random_tensor((3, 5, 2), tf.float64, seed=2)
+    g = random_tensor((3, 4, 2), tf.float64, seed=3)
+    jobs = (((g, False, False), (y, True, False), [3]), ((x, True, False), (g, False, False), [3]))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, y, g])
+        dx, dy = _ops.product_pair(*jobs)
+        only_first = tf.reduce_sum(dx * dx)
+        both = tf.reduce_sum(dx) + tf.reduce_sum(dy * dy)
+    got = tape.gradient(only_first, [x, y, g])
+    assert got[0] is None or not np.any(got[0].numpy())  # dx does not depend on x
+    with tf.GradientTape() as t2:
+        t2.watch([y, g])
+        ref_dx = tf.matmul(g, y, transpose_b=True)
+        ref = tf.reduce_sum(ref_dx * ref_dx)
+    for a, b in zip(got[1:], t2.gradient(ref, [y, g])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+    got = tape.gradient(both, [x, y, g])
+    with tf.GradientTape() as t3:
+        t3.watch([x, y, g])
+        ref = (tf.reduce_sum(tf.matmul(g, y, transpose_b=True))
+               + tf.reduce_sum(tf.matmul(x, g, transpose_a=True) ** 2))
+    for a, b in zip(got, t3.gradient(ref, [x, y, g])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)

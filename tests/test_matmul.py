@@ -201,7 +201,9 @@ def test_gradient_graph_uses_smallmm_and_reduces_in_kernel():
 
     f = step.get_concrete_function(tf.TensorSpec([8, 8]), tf.TensorSpec([1000, 8, 8]))
     types = [op.type for op in f.graph.get_operations()]
+    # Only w is watched: its gradient alone, as one reduce op (no Pair computing dx too).
     assert "SmallMMBatchMatMul" in types and "SmallMMBatchMatMulReduce" in types
+    assert "SmallMMBatchMatMulPair" not in types
     # The broadcast weight's gradient is summed in the kernel: no per-batch dW then Sum.
     ops_ = f.graph.get_operations()
     reduce_op = next(op for op in ops_ if op.type == "SmallMMBatchMatMulReduce")
@@ -332,7 +334,7 @@ def test_build_info_and_every_dtype_has_a_kernel():
     info = smm.build_info()
     assert info["kernels_loaded"] and info["tf_version"] == tf.__version__
     assert "baseline" in info["isas"] and info["active_isa"] in info["isas"]
-    for op in ("SmallMMBatchMatMul", "SmallMMBatchMatMulReduce"):
+    for op in ("SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"):
         advertised = None
         for o in smm._loader.load().OP_LIST.op if hasattr(smm._loader.load(), "OP_LIST") else []:
             if o.name == op:
@@ -348,7 +350,7 @@ def test_build_info_and_every_dtype_has_a_kernel():
 def test_op_type_attr_lists_exactly_the_registered_dtypes():
     from tensorflow.python.framework import op_def_registry
 
-    for op in ("SmallMMBatchMatMul", "SmallMMBatchMatMulReduce"):
+    for op in ("SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"):
         op_def = op_def_registry.get(op)
         attr = next(a for a in op_def.attr if a.name == "T")
         assert set(attr.allowed_values.list.type) == {d.as_datatype_enum for d in DTYPES}

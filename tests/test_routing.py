@@ -286,7 +286,7 @@ def test_predict_matches_einsum_and_reduces_dw_in_kernel(dtype):
         np.testing.assert_allclose(tf.cast(a, tf.float64), b, rtol=0,
                                    atol=tol * float(np.abs(b).max()))
     ops = smallmm_ops(tf.function(lambda u, w: step(caps.predict, u, w)).get_concrete_function(u, w))
-    assert ops == {"SmallMMBatchMatMul", "SmallMMBatchMatMulReduce"}
+    assert ops == {"SmallMMBatchMatMul", "SmallMMBatchMatMulPair"}
 
 
 def test_predict_unknown_batch_and_bad_shapes():

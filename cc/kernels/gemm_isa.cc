@@ -808,7 +808,18 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
 
   // Tiles: whole mt×nt tiles, and along each side a last "edge" tile of the smallest
   // tile size that holds the rest (M = 20 is a 16-tile and a 4-tile, not two 16-tiles).
-  const int mi = TileClass(p.m), ni = TileClass(p.n);
+  constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
+  auto near = [](int64_t stride) { return stride > -kNearStride && stride < kNearStride; };
+  int mi = TileClass(p.m), ni = TileClass(p.n);
+  if (kInPlace && !kC) {
+    // A broadcast (scalar) side read in place takes one pointer per accumulator; when
+    // its lines are pages apart (a batch folded into N or M: the capsule's du = Wᵀ·dû
+    // reads 50 columns of dû 737 KB apart) 16 pointers do not fit in registers and the
+    // kernel spills every step. Four do.
+    const bool col0 = ColumnMode(kTileSizes[mi], kTileSizes[ni], kC, p.c_rs, p.c_cs);
+    if (col0 && !near(p.b_cs) && near(p.b_rs) && ni > 3) ni = 3;
+    if (!col0 && !near(p.a_rs) && near(p.a_cs) && mi > 3) mi = 3;
+  }
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
   const int64_t mfull = p.m / mt, nfull = p.n / nt;
@@ -819,13 +830,11 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
   const bool col = ColumnMode(mt, nt, kC, p.c_rs, p.c_cs);
   // Pack-free paths (float/double): an operand that fills its tiles exactly is read in place when the micro-kernel can (vector side: contiguous lanes); a full
   // output tile is written straight to C when there is nothing to accumulate across.
-  constexpr bool kInPlace = D == DType::kFloat || D == DType::kDouble;
   // "Whole": every tile, the edge included, is exactly filled (M = 20 = 16 + 4 is; 12 is not).
   const bool whole_m = p.m % mt == 0 || mte == p.m % mt;
   const bool whole_n = p.n % nt == 0 || nte == p.n % nt;
   // A K step of a page or more (a batch axis folded into K) makes every step a new,
   // unprefetched line: pack those operands (packing streams them in memory order).
-  auto near = [](int64_t stride) { return stride > -kNearStride && stride < kNearStride; };
   const bool direct_a = kInPlace && whole_m && (!col || p.a_rs == 1) && near(p.a_cs);
   const bool direct_b = kInPlace && whole_n && (col || p.b_cs == 1) && near(p.b_rs);
   const bool scalar_in_place = col ? direct_b : direct_a;

@@ -16,29 +16,71 @@
 
 namespace tensorflow {
 
-// The one base kernel for both ops (and every dtype: the core is type-erased).
+// One product of an op: op(x) · op(y), optionally reduced to a batch_shape input.
+struct SmallMMProduct {
+  int x = 0, y = 1, batch_shape = -1;  // input indices (-1: no batch_shape)
+  bool transpose_x = false, conjugate_x = false, transpose_y = false, conjugate_y = false;
+};
+
+// A product planned against its inputs, with its output allocated.
+struct SmallMMPlanned {
+  smallmm::GemmPlan plan;
+  const Tensor* x = nullptr;
+  const Tensor* y = nullptr;
+  Tensor* out = nullptr;
+};
+
+// The one base kernel for the three ops (and every dtype: the core is type-erased):
+// SmallMMBatchMatMul and SmallMMBatchMatMulReduce compute one product;
+// SmallMMBatchMatMulPair computes two (both gradients of a product) so the device can
+// run them together. The attrs of product p of the pair carry the suffix "_1" / "_2".
 template <typename Device>
 class SmallMMMatMulOp : public OpKernel {
  public:
   explicit SmallMMMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_x", &transpose_x_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_x", &conjugate_x_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_y", &transpose_y_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y", &conjugate_y_));
+    const int count = ctx->num_outputs();
+    const bool reduce = ctx->num_inputs() == 3 * count;
+    for (int p = 0; p < count; ++p) {
+      const std::string suffix = count == 1 ? "" : "_" + std::to_string(p + 1);
+      SmallMMProduct& d = products_[p];
+      d.x = (reduce ? 3 : 2) * p;
+      d.y = d.x + 1;
+      d.batch_shape = reduce ? d.x + 2 : -1;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_x" + suffix, &d.transpose_x));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_x" + suffix, &d.conjugate_x));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_y" + suffix, &d.transpose_y));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
+    }
+    count_ = count;
     OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
                 errors::InvalidArgument("SmallMM: unsupported dtype ",
                                         DataTypeString(ctx->input_type(0))));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& y = ctx->input(1);
+    SmallMMPlanned planned[2];
+    int live = 0;  // products with a non-empty output, packed to the front
+    for (int p = 0; p < count_; ++p) {
+      SmallMMPlanned q;
+      Plan(ctx, p, products_[p], &q);
+      if (!ctx->status().ok()) return;
+      if (q.plan.output_elements > 0) planned[live++] = q;
+    }
+    if (live > 0) Launch(ctx, planned, live);
+  }
+
+ private:
+  // Validates and broadcasts product d through the kernel core's planner and allocates
+  // output p.
+  void Plan(OpKernelContext* ctx, int p, const SmallMMProduct& d, SmallMMPlanned* q) {
+    const Tensor& x = ctx->input(d.x);
+    const Tensor& y = ctx->input(d.y);
     std::vector<int64_t> xd, xs, yd, ys, target;
     DenseLayout(x.shape(), &xd, &xs);
     DenseLayout(y.shape(), &yd, &ys);
-    const bool reduce = ctx->num_inputs() == 3;
+    const bool reduce = d.batch_shape >= 0;
     if (reduce) {
-      const Tensor& bs = ctx->input(2);
+      const Tensor& bs = ctx->input(d.batch_shape);
       OP_REQUIRES(ctx, TensorShapeUtils::IsVector(bs.shape()),
                   errors::InvalidArgument("batch_shape must be a vector, got shape ",
                                           bs.shape().DebugString()));
@@ -47,25 +89,23 @@ class SmallMMMatMulOp : public OpKernel {
                                                 : int64_t(bs.flat<int64_t>()(i)));
       }
     }
-    smallmm::Operand a{x.dims(), xd.data(), xs.data(), transpose_x_, conjugate_x_};
-    smallmm::Operand b{y.dims(), yd.data(), ys.data(), transpose_y_, conjugate_y_};
-    smallmm::GemmPlan plan;
+    smallmm::Operand a{x.dims(), xd.data(), xs.data(), d.transpose_x, d.conjugate_x};
+    smallmm::Operand b{y.dims(), yd.data(), ys.data(), d.transpose_y, d.conjugate_y};
     int out_rank = 0;
     int64_t out_dims[smallmm::kMaxBatchDims + 2];
     std::string error;
     OP_REQUIRES(ctx,
                 smallmm::PlanBatchMatMul(a, b, reduce ? target.data() : nullptr,
-                                         reduce ? int(target.size()) : -1, &plan, &out_rank, out_dims, &error),
+                                         reduce ? int(target.size()) : -1, &q->plan, &out_rank,
+                                         out_dims, &error),
                 errors::InvalidArgument(name(), ": ", error));
     TensorShape out_shape;
     for (int i = 0; i < out_rank; ++i) OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(out_dims[i]));
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &out));
-    if (plan.output_elements == 0) return;
-    Launch(ctx, plan, x, y, out);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(p, out_shape, &q->out));
+    q->x = &x;
+    q->y = &y;
   }
 
- private:
   static void DenseLayout(const TensorShape& s, std::vector<int64_t>* dims,
                           std::vector<int64_t>* strides) {
     const int r = s.dims();
@@ -82,10 +122,11 @@ class SmallMMMatMulOp : public OpKernel {
     }
   }
 
-  void Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan, const Tensor& x,
-              const Tensor& y, Tensor* out);
+  // Runs the `count` planned products (1 or 2, none empty) on the device.
+  void Launch(OpKernelContext* ctx, const SmallMMPlanned* planned, int count);
 
-  bool transpose_x_, conjugate_x_, transpose_y_, conjugate_y_;
+  SmallMMProduct products_[2];
+  int count_ = 1;
   smallmm::DType dtype_;
 };
 

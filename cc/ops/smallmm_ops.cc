@@ -1,7 +1,9 @@
 // TF adapter: op registrations, shape functions and the one base OpKernel. It only
 // validates, broadcasts (through the kernel core's planner), allocates and shards; the
 // math is in cc/kernels/.
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -23,15 +25,17 @@ using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
 // Same inference as TF's BatchMatMulV2Shape (so static shapes match tf.matmul exactly,
-// unknown dims and rank included), with our transpose attrs; with `reduce`, the output
-// batch shape comes from the `batch_shape` input instead of the broadcast.
-absl::Status MatMulShape(InferenceContext* c, bool reduce) {
+// unknown dims and rank included), with our transpose attrs; with a batch_shape input,
+// the output batch shape comes from it instead of the broadcast. Product `p` of an op:
+// inputs x, y[, batch_shape] at `first`, attrs with `suffix`, output p.
+absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
+                         const std::string& suffix) {
   ShapeHandle x, y;
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &x));
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(1), 2, &y));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(first), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(first + 1), 2, &y));
   bool tx, ty;
-  TF_RETURN_IF_ERROR(c->GetAttr("transpose_x", &tx));
-  TF_RETURN_IF_ERROR(c->GetAttr("transpose_y", &ty));
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_x" + suffix, &tx));
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_y" + suffix, &ty));
   DimensionHandle rows = c->Dim(x, tx ? -1 : -2);
   DimensionHandle cols = c->Dim(y, ty ? -2 : -1);
   DimensionHandle inner;
@@ -42,14 +46,14 @@ absl::Status MatMulShape(InferenceContext* c, bool reduce) {
   TF_RETURN_IF_ERROR(BroadcastBinaryOpOutputShapeFnHelper(c, xb, yb, true, &batch));
   if (reduce) {
     ShapeHandle target, unused;
-    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &unused));
-    TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(2, &target));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(first + 2), 1, &unused));
+    TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(first + 2, &target));
     TF_RETURN_IF_ERROR(BroadcastBinaryOpOutputShapeFnHelper(c, batch, target, true, &unused));
     batch = target;
   }
   ShapeHandle out;
   TF_RETURN_IF_ERROR(c->Concatenate(batch, c->Matrix(rows, cols), &out));
-  c->set_output(0, out);
+  c->set_output(p, out);
   return absl::OkStatus();
 }
 
@@ -74,7 +78,7 @@ REGISTER_OP("SmallMMBatchMatMul")
     .Attr("conjugate_x: bool = false")
     .Attr("transpose_y: bool = false")
     .Attr("conjugate_y: bool = false")
-    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, false); })
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, 0, 0, false, ""); })
     .Doc(R"doc(
 Batched small matrix product with numpy-style batch broadcasting:
 output[..., :, :] = op(x[..., :, :]) · op(y[..., :, :]), where op transposes and/or
@@ -93,61 +97,161 @@ REGISTER_OP("SmallMMBatchMatMulReduce")
     .Attr("conjugate_x: bool = false")
     .Attr("transpose_y: bool = false")
     .Attr("conjugate_y: bool = false")
-    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, true); })
+    .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, 0, 0, true, ""); })
     .Doc(R"doc(
 SmallMMBatchMatMul whose output has batch shape `batch_shape`: batch axes of the
 broadcast product that `batch_shape` lacks or has as 1 are summed over inside the kernel.
 This is the gradient of a broadcast operand without a per-batch intermediate.
 )doc");
 
+REGISTER_OP("SmallMMBatchMatMulPair")
+    .Input("x_1: T")
+    .Input("y_1: T")
+    .Input("batch_shape_1: Tshape")
+    .Input("x_2: T")
+    .Input("y_2: T")
+    .Input("batch_shape_2: Tshape")
+    .Output("output_1: T")
+    .Output("output_2: T")
+    .Attr(TypeAttr())
+    .Attr("Tshape: {int32, int64} = DT_INT32")
+    .Attr("transpose_x_1: bool = false")
+    .Attr("conjugate_x_1: bool = false")
+    .Attr("transpose_y_1: bool = false")
+    .Attr("conjugate_y_1: bool = false")
+    .Attr("transpose_x_2: bool = false")
+    .Attr("conjugate_x_2: bool = false")
+    .Attr("transpose_y_2: bool = false")
+    .Attr("conjugate_y_2: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(MatMulShape(c, 0, 0, true, "_1"));
+      return MatMulShape(c, 1, 3, true, "_2");
+    })
+    .Doc(R"doc(
+Two SmallMMBatchMatMulReduce products in one op: output_p is product p of
+(x_p, y_p, batch_shape_p) with the attrs ending in _p. Both gradients of a product read
+the upstream gradient; computed together, each slice of it is read from memory once and
+used by both while it is in cache.
+)doc");
+
 using CPUDevice = Eigen::ThreadPoolDevice;
 
 }  // namespace
 
+namespace {
+
+// Below this many cost units (about cycles: CostPerOutput) a product runs on the calling
+// thread: waking a pool thread costs tens of microseconds on a VM, more than the work.
+constexpr int64_t kInlineCost = 1 << 20;
+// A pair runs interleaved in chunks of outputs that together touch about this many
+// elements, so the second product finds the shared operand in L1/L2.
+constexpr int64_t kPairChunkElements = 16 << 10;
+
+int64_t TotalCost(const smallmm::GemmPlan& p) {
+  const int64_t per = smallmm::CostPerOutput(p);
+  return p.num_outputs > 0 && per > INT64_MAX / p.num_outputs ? INT64_MAX
+                                                               : per * p.num_outputs;
+}
+
+// Elements one output of the plan reads and writes (saturating; a rough footprint).
+int64_t Footprint(const smallmm::GemmPlan& p) {
+  const double e = double(std::max<int64_t>(p.num_reduced, 1)) *
+                       (double(p.m) * p.k + double(p.k) * p.n) + double(p.m) * p.n;
+  return e > 1e15 ? int64_t(1e15) : int64_t(e);
+}
+
+}  // namespace
+
 template <>
-void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan,
-                                        const Tensor& x, const Tensor& y, Tensor* out) {
-  const void* a = x.tensor_data().data();
-  const void* b = y.tensor_data().data();
-  void* c = const_cast<char*>(out->tensor_data().data());
+void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlanned* planned,
+                                        int count) {
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
   std::atomic<bool> ran{true};
-  auto run = [&](const smallmm::GemmPlan& p, void* dst, int64_t begin, int64_t end) {
-    if (!smallmm::RunBatchMatMul(dtype, p, a, b, dst, begin, end)) {
+  auto run = [&](const SmallMMPlanned& q, const smallmm::GemmPlan& p, void* dst,
+                 int64_t begin, int64_t end) {
+    if (!smallmm::RunBatchMatMul(dtype, p, q.x->tensor_data().data(),
+                                 q.y->tensor_data().data(), dst, begin, end)) {
       ran.store(false, std::memory_order_relaxed);
     }
   };
-  // A long reduction into few outputs is split into partial sums so every thread works.
-  const int parts = smallmm::SuggestReductionSplit(dtype, plan, workers->num_threads);
-  if (parts > 1) {
-    const smallmm::GemmPlan split = smallmm::SplitReduction(plan, parts);
-    Tensor partials;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(out->dtype(), TensorShape({split.output_elements}),
-                                           &partials));
-    void* pc = const_cast<char*>(partials.tensor_data().data());
-    Shard(workers->num_threads, workers->workers, split.num_outputs,
-          smallmm::CostPerOutput(split),
-          [&](int64_t begin, int64_t end) { run(split, pc, begin, end); });
+  auto out_ptr = [](const SmallMMPlanned& q) {
+    return static_cast<void*>(const_cast<char*>(q.out->tensor_data().data()));
+  };
+  auto check = [&](const smallmm::GemmPlan& plan) {
     OP_REQUIRES(ctx, ran.load(),
                 errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
                                           "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
                                           ")"));
-    Shard(workers->num_threads, workers->workers, plan.output_elements, parts + 1,
-          [&](int64_t begin, int64_t end) {
-            smallmm::SumPartials(dtype, pc, parts, plan.output_elements, c, begin, end);
-          });
+  };
+  // Shards [0, units) over the pool, or runs it here when the whole job is small.
+  auto shard = [&](int64_t units, int64_t cost_per_unit, int64_t total_cost,
+                   const std::function<void(int64_t, int64_t)>& fn) {
+    if (total_cost < kInlineCost || workers->num_threads < 2) {
+      fn(0, units);
+    } else {
+      Shard(workers->num_threads, workers->workers, units, cost_per_unit, fn);
+    }
+  };
+  const int parts[2] = {
+      smallmm::SuggestReductionSplit(dtype, planned[0].plan, workers->num_threads),
+      count > 1 ? smallmm::SuggestReductionSplit(dtype, planned[1].plan, workers->num_threads)
+                : 1};
+
+  // Both products of a pair together: the same output index of each (both gradients of a
+  // capsule prediction, per input capsule) reads the same slice of the upstream gradient.
+  if (count == 2 && parts[0] == 1 && parts[1] == 1 &&
+      planned[0].plan.num_outputs == planned[1].plan.num_outputs) {
+    const smallmm::GemmPlan& p0 = planned[0].plan;
+    const smallmm::GemmPlan& p1 = planned[1].plan;
+    const int64_t cost0 = smallmm::CostPerOutput(p0), cost1 = smallmm::CostPerOutput(p1);
+    const int64_t per = cost0 > INT64_MAX - cost1 ? INT64_MAX : cost0 + cost1;
+    const int64_t total = TotalCost(p0) > INT64_MAX - TotalCost(p1)
+                              ? INT64_MAX
+                              : TotalCost(p0) + TotalCost(p1);
+    const int64_t chunk = std::max<int64_t>(
+        1, kPairChunkElements / std::max<int64_t>(1, Footprint(p0) + Footprint(p1)));
+    void* c0 = out_ptr(planned[0]);
+    void* c1 = out_ptr(planned[1]);
+    shard(p0.num_outputs, per, total, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; o += chunk) {
+        const int64_t e = std::min(end, o + chunk);
+        run(planned[0], p0, c0, o, e);
+        run(planned[1], p1, c1, o, e);
+      }
+    });
+    check(p0);
     return;
   }
-  // Shard over output matrices; the cost estimate lets Shard keep tiny problems on the
-  // calling thread instead of paying the thread-pool hand-off.
-  Shard(workers->num_threads, workers->workers, plan.num_outputs,
-        smallmm::CostPerOutput(plan),
-        [&](int64_t begin, int64_t end) { run(plan, c, begin, end); });
-  OP_REQUIRES(ctx, ran.load(),
-              errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
-                                        "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
-                                        ")"));
+
+  for (int i = 0; i < count; ++i) {
+    const SmallMMPlanned& q = planned[i];
+    const smallmm::GemmPlan& plan = q.plan;
+    void* c = out_ptr(q);
+    // A long reduction into few outputs is split into partial sums so every thread works.
+    if (parts[i] > 1) {
+      const smallmm::GemmPlan split = smallmm::SplitReduction(plan, parts[i]);
+      Tensor partials;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(q.out->dtype(),
+                                             TensorShape({split.output_elements}), &partials));
+      void* pc = const_cast<char*>(partials.tensor_data().data());
+      shard(split.num_outputs, smallmm::CostPerOutput(split), TotalCost(split),
+            [&](int64_t begin, int64_t end) { run(q, split, pc, begin, end); });
+      check(plan);
+      if (!ctx->status().ok()) return;
+      const int n = parts[i];
+      shard(plan.output_elements, n + 1, TotalCost(split), [&](int64_t begin, int64_t end) {
+        smallmm::SumPartials(dtype, pc, n, plan.output_elements, c, begin, end);
+      });
+      continue;
+    }
+    // Shard over output matrices; the cost estimate keeps tiny problems on the calling
+    // thread instead of paying the thread-pool hand-off.
+    shard(plan.num_outputs, smallmm::CostPerOutput(plan), TotalCost(plan),
+          [&](int64_t begin, int64_t end) { run(q, plan, c, begin, end); });
+    check(plan);
+    if (!ctx->status().ok()) return;
+  }
 }
 
 namespace {
@@ -160,6 +264,12 @@ namespace {
                               .Device(DEVICE_CPU)                                    \
                               .TypeConstraint<T>("T")                                \
                               .HostMemory("batch_shape"),                            \
+                          SmallMMMatMulOp<CPUDevice>);                               \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
+                              .Device(DEVICE_CPU)                                    \
+                              .TypeConstraint<T>("T")                                \
+                              .HostMemory("batch_shape_1")                           \
+                              .HostMemory("batch_shape_2"),                          \
                           SmallMMMatMulOp<CPUDevice>);
 SMALLMM_TYPE_LIST(SMALLMM_REGISTER_CPU)
 #undef SMALLMM_REGISTER_CPU

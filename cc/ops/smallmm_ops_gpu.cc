@@ -17,9 +17,11 @@ namespace tensorflow {
 
 using GPUDevice = Eigen::GpuDevice;
 
+// A pair (both gradients of a product) is two launches on the op's stream: a block of
+// either product already stages the shared operand in shared memory.
 template <>
-void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const smallmm::GemmPlan& plan,
-                                        const Tensor& x, const Tensor& y, Tensor* out) {
+void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlanned* planned,
+                                        int count) {
   DeviceContext* dc = ctx->op_device_context();
   stream_executor::Stream* stream = dc != nullptr ? dc->stream() : nullptr;
   OP_REQUIRES(ctx, stream != nullptr,
@@ -27,11 +29,14 @@ void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const smallmm::Gem
   void* raw_stream = stream->platform_specific_handle().stream;
   OP_REQUIRES(ctx, raw_stream != nullptr,
               errors::Internal(name(), ": the GPU stream has no CUDA handle"));
-  const char* error = smallmm::gpu::LaunchBatchMatMul(
-      dtype_, plan, x.tensor_data().data(), y.tensor_data().data(),
-      const_cast<char*>(out->tensor_data().data()), raw_stream);
-  OP_REQUIRES(ctx, error == nullptr,
-              errors::Internal(name(), ": SmallMM GPU kernel launch failed: ", error));
+  for (int i = 0; i < count; ++i) {
+    const SmallMMPlanned& q = planned[i];
+    const char* error = smallmm::gpu::LaunchBatchMatMul(
+        dtype_, q.plan, q.x->tensor_data().data(), q.y->tensor_data().data(),
+        const_cast<char*>(q.out->tensor_data().data()), raw_stream);
+    OP_REQUIRES(ctx, error == nullptr,
+                errors::Internal(name(), ": SmallMM GPU kernel launch failed: ", error));
+  }
 }
 
 namespace {
@@ -44,6 +49,12 @@ namespace {
                               .Device(DEVICE_GPU)                                    \
                               .TypeConstraint<T>("T")                                \
                               .HostMemory("batch_shape"),                            \
+                          SmallMMMatMulOp<GPUDevice>);                               \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
+                              .Device(DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                \
+                              .HostMemory("batch_shape_1")                           \
+                              .HostMemory("batch_shape_2"),                          \
                           SmallMMMatMulOp<GPUDevice>);
 SMALLMM_TYPE_LIST(SMALLMM_REGISTER_GPU)
 #undef SMALLMM_REGISTER_GPU
