@@ -104,8 +104,8 @@ def _nbytes(*ts):
 class Case:
     """Inputs a, b; implementations name -> f(a, b) that all return the same tensor."""
 
-    def __init__(self, name, a, b, impls, ours, xla_candidates):
-        self.name, self.a, self.b = name, a, b
+    def __init__(self, name, a, b, impls, ours, xla_candidates, eager=()):
+        self.name, self.a, self.b, self.eager = name, a, b, tuple(eager)
         self.impls, self.ours, self.xla = impls, ours, xla_candidates
         y = impls[ours](a, b)
         self.y_shape, self.dtype = y.shape, y.dtype
@@ -139,7 +139,7 @@ def capsule_case(dtype, batch=50):
         return tf.squeeze(tf.matmul(wt, ut), -1)
 
     impls = {
-        "tf_smallmm": getattr(smm, "capsule_predict", None) or via(smm.matmul),
+        "tf_smallmm": lambda w, u: smm.capsule_predict(w, u),
         "tf.einsum": lambda w, u: tf.einsum("ijkl,bil->bijk", w, u),
         "tf.matmul (broadcast)": via(tf.linalg.matmul),
         "tf.matmul (tiled)": tiled,
@@ -176,8 +176,11 @@ def matvec_case(count, n, dtype):
     a = tf.cast(tf.random.normal([count, n, n], seed=3), dtype)
     x = tf.cast(tf.random.normal([count, n], seed=4), dtype)
     impls = {
-        "tf_smallmm": smm.matvec,
-        "tf.linalg.matvec": tf.linalg.matvec,
+        # Every implementation is a two-argument function: tf.function's per-call
+        # argument binding costs more for a long signature (tf.linalg.matvec's seven
+        # parameters: ~0.1 ms), which would swamp the 900-matvec case.
+        "tf_smallmm": lambda a, x: smm.matvec(a, x),
+        "tf.linalg.matvec": lambda a, x: tf.linalg.matvec(a, x),
         "tf.einsum": lambda a, x: tf.einsum("bij,bj->bi", a, x),
         "tf.matmul": lambda a, x: tf.squeeze(tf.linalg.matmul(a, x[..., None]), -1),
     }
@@ -185,7 +188,8 @@ def matvec_case(count, n, dtype):
     if kb is not None:
         impls["keras batch_dot"] = lambda a, x: kb.batch_dot(a, x, axes=(2, 1))
     return Case(f"matvec {count}x({n}x{n})", a, x, impls, "tf_smallmm",
-                ["tf.linalg.matvec", "tf.einsum"])
+                ["tf.linalg.matvec", "tf.einsum"],
+                eager=["tf_smallmm", "tf.linalg.matvec", "tf.matmul"] if count < 10_000 else ())
 
 
 def matmul_case(m, k, n, dtype, elements=8_000_000):
@@ -193,8 +197,8 @@ def matmul_case(m, k, n, dtype, elements=8_000_000):
     a = tf.cast(tf.random.normal([count, m, k], seed=5), dtype)
     b = tf.cast(tf.random.normal([count, k, n], seed=6), dtype)
     impls = {
-        "tf_smallmm": smm.matmul,
-        "tf.matmul": tf.linalg.matmul,
+        "tf_smallmm": lambda a, b: smm.matmul(a, b),  # two-argument: see matvec_case
+        "tf.matmul": lambda a, b: tf.linalg.matmul(a, b),
         "tf.einsum": lambda a, b: tf.einsum("bij,bjk->bik", a, b),
     }
     kb = _keras_backend()
@@ -240,12 +244,15 @@ def run_case(case, repeats, bandwidth, ours_only=False):
         rows.append(dict(impl=name, fwd=t_f, fwd_bwd=t_fb, mem=mem))
         print(f"  {name:<28} fwd {t_f:8.2f} ms   fwd+bwd {t_fb:8.2f} ms   peak +{mem:7.1f} MiB",
               flush=True)
+    # Per-call overhead without tf.function, for the cases small enough that it dominates.
+    eager = {name: median_ms(case.impls[name], (case.a, case.b), repeats, min_seconds=0.5)
+             for name in case.eager}
     floor_f = case.fwd_bytes / bandwidth / 1e6
     floor_fb = case.bwd_bytes / bandwidth / 1e6
     xla = [r for r in rows if r["impl"].startswith("XLA")]
     builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
     ours = next(r for r in rows if r["impl"] == case.ours)
-    return dict(case=case.name, dtype=case.dtype.name, rows=rows, floor_fwd=floor_f,
+    return dict(case=case.name, dtype=case.dtype.name, rows=rows, eager=eager, floor_fwd=floor_f,
                 floor_fwd_bwd=floor_fb, ours=ours,
                 best_builtin=min(builtin, key=lambda r: r["fwd"]) if builtin else None,
                 best_builtin_fb=min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
@@ -307,6 +314,14 @@ def markdown(results, bandwidth, args):
             f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) | "
             + (f"{one['fwd']:.2f} / {one['fwd_bwd']:.2f} | {one['fwd'] / o['fwd']:.2f}× / "
                f"{one['fwd_bwd'] / o['fwd_bwd']:.2f}× |" if one else "- | - |"))
+    eager_rows = [r for r in results if r.get("eager")]
+    if eager_rows:
+        lines += ["", "Eager calls (no tf.function; per-call overhead dominates), median ms:", "",
+                  "| case | dtype | " + " | ".join(eager_rows[0]["eager"]) + " |",
+                  "|---|---|" + "---:|" * len(eager_rows[0]["eager"])]
+        for r in eager_rows:
+            lines.append(f"| {r['case']} | {r['dtype']} | "
+                         + " | ".join(f"{v:.3f}" for v in r["eager"].values()) + " |")
     lines += ["", "Thread scaling: the 1-thread column is the same step in a separate process "
               "with TensorFlow's intra-op pool set to one thread. Cases whose time is already "
               "near the copy-bandwidth floor cannot scale: memory, not arithmetic, limits them."]
