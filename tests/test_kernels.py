@@ -167,7 +167,8 @@ def stationary_operands(kernel, k, side, dtype, seed=0):
     return ints(rng, (3, side, k), dtype), ints(rng, (9, 3, k, 1), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("k", STATIONARY_K)
 @pytest.mark.parametrize("side", STATIONARY_SIDES)
 @pytest.mark.parametrize("kernel", ["row", "column"])
@@ -186,7 +187,7 @@ def test_stationary_kernels_on_every_isa(kernel, k, isa):
     if not core.set_isa(isa):
         pytest.skip(f"this CPU lacks {isa}")
     try:
-        for dtype in (np.float32, np.float64):
+        for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
             x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
             check_exact(core.matmul(x, y), ref(x, y))
     finally:
@@ -198,7 +199,7 @@ def test_stationary_kernels_read_strided_views(kernel):
     # The strip is gathered through a transposed copy unless its lanes are contiguous, and
     # the streamed side may have any K stride: transposes, negative and non-unit strides.
     rng = np.random.default_rng(7)
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         x, y = stationary_operands(kernel, 8, 20, dtype, seed=3)
         big_x = ints(rng, x.shape[:-2] + (2 * x.shape[-2], 3 * x.shape[-1]), dtype)
         big_y = ints(rng, y.shape[:-2] + (3 * y.shape[-2], 2 * y.shape[-1]), dtype)

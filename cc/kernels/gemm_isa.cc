@@ -552,103 +552,122 @@ struct Lanes<R, 1> {
   using type = R;
 };
 
-template <typename R, int W>
-inline void PutLanes(R* p, const typename Lanes<R, W>::type& v, bool stream) {
-  if constexpr (W * sizeof(R) == 64) {
-    if (stream) {
-      StreamVec(p, v);
-      return;
+// A finished column (row) of W lanes to out[o..o+W): vector stores for float/double
+// (non-temporal when asked and a whole line), rounded lane by lane for fp16/bf16.
+template <DType D, int W>
+inline void PutLanes(void* out, int64_t o, const typename Lanes<typename Traits<D>::R, W>::type& v,
+                     bool stream) {
+  using R = typename Traits<D>::R;
+  if constexpr (D == DType::kFloat || D == DType::kDouble) {
+    R* p = static_cast<R*>(out) + o;
+    if constexpr (W * sizeof(R) == 64) {
+      if (stream) {
+        StreamVec(p, v);
+        return;
+      }
     }
+    StoreVec(p, v);
+  } else {
+    R lanes[W];
+    memcpy(lanes, &v, sizeof(lanes));
+    for (int i = 0; i < W; ++i) Traits<D>::Store(out, o + i, lanes[i]);
   }
-  StoreVec(p, v);
 }
 
-// The streamed side of a strip: out(:, j) = Σ_l sv[l] · x(l, j). kUnit: x_ls == 1, so
-// every load is a constant offset from one pointer per column.
-template <typename R, int W, int K, bool kUnit>
-__attribute__((always_inline)) inline void StationaryStream(const typename Lanes<R, W>::type* __restrict sv, const R* x,
-                      int64_t x_ls, int64_t x_js, R* out, int64_t o_js, int64_t count,
-                      bool stream) {
-  using V = typename Lanes<R, W>::type;
+// The streamed side of a strip: out(:, j) = Σ_l sv[l] · x(l, j), x(l, j) = x[xo + l * x_ls +
+// j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per column.
+template <DType D, int W, int K, bool kUnit>
+__attribute__((always_inline)) inline void StationaryStream(
+    const typename Lanes<typename Traits<D>::R, W>::type* __restrict sv, const void* x,
+    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
+    int64_t count, bool stream) {
+  using T = Traits<D>;
+  using V = typename Lanes<typename T::R, W>::type;
   const int64_t ls = kUnit ? 1 : x_ls;
   int64_t j = 0;
   // Four columns at a time: four independent FMA chains.
   for (; j + 4 <= count; j += 4) {
-    const R* x0 = x + j * x_js;
-    const R* x1 = x0 + x_js;
-    const R* x2 = x1 + x_js;
-    const R* x3 = x2 + x_js;
+    const int64_t x0 = xo + j * x_js, x1 = x0 + x_js, x2 = x1 + x_js, x3 = x2 + x_js;
     V c0 = V{}, c1 = V{}, c2 = V{}, c3 = V{};  // from +0 like every GEMM (-0 · 1 = +0)
 #pragma GCC unroll 16
     for (int l = 0; l < K; ++l) {
-      c0 += sv[l] * x0[l * ls];
-      c1 += sv[l] * x1[l * ls];
-      c2 += sv[l] * x2[l * ls];
-      c3 += sv[l] * x3[l * ls];
+      c0 += sv[l] * T::Load(x, x0 + l * ls);
+      c1 += sv[l] * T::Load(x, x1 + l * ls);
+      c2 += sv[l] * T::Load(x, x2 + l * ls);
+      c3 += sv[l] * T::Load(x, x3 + l * ls);
     }
-    PutLanes<R, W>(out + j * o_js, c0, stream);
-    PutLanes<R, W>(out + (j + 1) * o_js, c1, stream);
-    PutLanes<R, W>(out + (j + 2) * o_js, c2, stream);
-    PutLanes<R, W>(out + (j + 3) * o_js, c3, stream);
+    PutLanes<D, W>(out, oo + j * o_js, c0, stream);
+    PutLanes<D, W>(out, oo + (j + 1) * o_js, c1, stream);
+    PutLanes<D, W>(out, oo + (j + 2) * o_js, c2, stream);
+    PutLanes<D, W>(out, oo + (j + 3) * o_js, c3, stream);
   }
   for (; j < count; ++j) {
-    const R* xj = x + j * x_js;
+    const int64_t xj = xo + j * x_js;
     V c0 = V{};
 #pragma GCC unroll 16
-    for (int l = 0; l < K; ++l) c0 += sv[l] * xj[l * ls];
-    PutLanes<R, W>(out + j * o_js, c0, stream);
+    for (int l = 0; l < K; ++l) c0 += sv[l] * T::Load(x, xj + l * ls);
+    PutLanes<D, W>(out, oo + j * o_js, c0, stream);
   }
 }
 
-// One strip: s(v, l) = s[v * s_vs + l * s_ls] for v < W, l < K; stream element
-// x(l, j) = x[l * x_ls + j * x_js]; out(v, j) = out[v + j * o_js]; j < count.
-template <typename R, int W, int K>
-void StationaryStrip(const R* s, int64_t s_vs, int64_t s_ls, const R* x, int64_t x_ls,
-                     int64_t x_js, R* out, int64_t o_js, int64_t count, bool stream) {
+// One strip: s(v, l) = s[so + v * s_vs + l * s_ls] for v < W, l < K; the streamed side as
+// in StationaryStream; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
+template <DType D, int W, int K>
+void StationaryStrip(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
+                     int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo,
+                     int64_t o_js, int64_t count, bool stream) {
+  using T = Traits<D>;
+  using R = typename T::R;
   using V = typename Lanes<R, W>::type;
   V sv[K];
-  if (s_vs == 1) {
+  bool loaded = false;
+  if constexpr (D == DType::kFloat || D == DType::kDouble) {
+    if (s_vs == 1) {  // lanes contiguous: read in place
+      const R* sr = static_cast<const R*>(s) + so;
 #pragma GCC unroll 16
-    for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(s + l * s_ls);
-  } else {  // gather the strip through a small transposed copy
+      for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(sr + l * s_ls);
+      loaded = true;
+    }
+  }
+  if (!loaded) {  // gather (and widen) the strip through a small transposed copy
     R tmp[K][W];
     for (int v = 0; v < W; ++v)
 #pragma GCC unroll 16
-      for (int l = 0; l < K; ++l) tmp[l][v] = s[v * s_vs + l * s_ls];
+      for (int l = 0; l < K; ++l) tmp[l][v] = T::Load(s, so + v * s_vs + l * s_ls);
 #pragma GCC unroll 16
     for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(tmp[l]);
   }
   if (x_ls == 1) {  // the usual case: each streamed column is contiguous along K
-    StationaryStream<R, W, K, true>(sv, x, 1, x_js, out, o_js, count, stream);
+    StationaryStream<D, W, K, true>(sv, x, xo, 1, x_js, out, oo, o_js, count, stream);
   } else {
-    StationaryStream<R, W, K, false>(sv, x, x_ls, x_js, out, o_js, count, stream);
+    StationaryStream<D, W, K, false>(sv, x, xo, x_ls, x_js, out, oo, o_js, count, stream);
   }
 }
 
 // All `rows` strips of one product: full vector strips, then the rest in halving widths
 // (20 rows of floats with AVX-512: 16 + 4).
-template <typename R, int W, int K>
-void StationaryRows(const R* s, int64_t s_vs, int64_t s_ls, const R* x, int64_t x_ls,
-                    int64_t x_js, R* out, int64_t o_js, int64_t rows, int64_t count,
-                    bool stream) {
+template <DType D, int W, int K>
+void StationaryRows(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
+                    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo,
+                    int64_t o_js, int64_t rows, int64_t count, bool stream) {
+  using R = typename Traits<D>::R;
   int64_t v = 0;
   constexpr bool kWidest = W * sizeof(R) == kVecBytes;
   for (; v + W <= rows && (kWidest || v == 0); v += W) {
-    StationaryStrip<R, W, K>(s + v * s_vs, s_vs, s_ls, x, x_ls, x_js, out + v, o_js, count,
-                             stream);
+    StationaryStrip<D, W, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v,
+                             o_js, count, stream);
   }
   if constexpr (W > 1) {
     if (v < rows) {
-      StationaryRows<R, W / 2, K>(s + v * s_vs, s_vs, s_ls, x, x_ls, x_js, out + v, o_js,
-                                  rows - v, count, stream);
+      StationaryRows<D, W / 2, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out,
+                                  oo + v, o_js, rows - v, count, stream);
     }
   }
 }
 
 template <DType D>
 bool UseStationary(const GemmPlan& p) {
-  if (!(D == DType::kFloat || D == DType::kDouble) || p.num_reduced != 1 || p.k < 1 ||
-      p.k > kStationaryMaxK) {
+  if (Traits<D>::kComplex || p.num_reduced != 1 || p.k < 1 || p.k > kStationaryMaxK) {
     return false;
   }
   // Enough streamed columns (rows) to pay for loading the strip, and a strip side that
@@ -656,24 +675,23 @@ bool UseStationary(const GemmPlan& p) {
   return (p.c_rs == 1 && p.n >= 8 && p.m >= 4) || (p.c_cs == 1 && p.m >= 8 && p.n >= 4);
 }
 
+// float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
+// round (lane by lane, to nearest even).
 template <DType D, int K>
 void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
                    int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
   using R = typename Traits<D>::R;
   constexpr int VL = kVecBytes / sizeof(R);
-  const R* A = static_cast<const R*>(a);
-  const R* B = static_cast<const R*>(b);
-  R* C = static_cast<R*>(c);
   // Column kernel when C's columns are contiguous and there are enough of them.
   const bool col = p.c_rs == 1 && p.n >= 8 && p.m >= 4;
   const bool stream =
       uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes && (col ? p.c_cs : p.c_rs) != 1;
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
     if (col) {
-      StationaryRows<R, VL, K>(A + ao, p.a_rs, p.a_cs, B + bo, p.b_rs, p.b_cs, C + co, p.c_cs,
+      StationaryRows<D, VL, K>(a, ao, p.a_rs, p.a_cs, b, bo, p.b_rs, p.b_cs, c, co, p.c_cs,
                                p.m, p.n, stream);
     } else {
-      StationaryRows<R, VL, K>(B + bo, p.b_cs, p.b_rs, A + ao, p.a_cs, p.a_rs, C + co, p.c_rs,
+      StationaryRows<D, VL, K>(b, bo, p.b_cs, p.b_rs, a, ao, p.a_cs, p.a_rs, c, co, p.c_rs,
                                p.n, p.m, stream);
     }
   }
@@ -686,7 +704,7 @@ struct StationaryTable {
 
 template <DType D>
 TinyFn<D> SelectStationary(const GemmPlan& p) {
-  if constexpr (D == DType::kFloat || D == DType::kDouble) {
+  if constexpr (!Traits<D>::kComplex) {
     if (!UseStationary<D>(p)) return nullptr;
 #if defined(__AVX512F__)
     return StationaryTable<D, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns[p.k - 1];
