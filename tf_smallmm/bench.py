@@ -241,7 +241,11 @@ def run_case(case, repeats, bandwidth, ours_only=False):
         except (tf.errors.OpError, ValueError, TypeError) as e:  # e.g. no bf16 kernel
             print(f"  {name}: skipped ({type(e).__name__})")
             continue
-        rows.append(dict(impl=name, fwd=t_f, fwd_bwd=t_fb, mem=mem))
+        row = dict(impl=name, fwd=t_f, fwd_bwd=t_fb, mem=mem)
+        if name == case.ours:  # did the dispatch policy choose our kernels?
+            graph = fwd.get_concrete_function(case.a, case.b).graph
+            row["engine"] = any(op.type.startswith("SmallMM") for op in graph.get_operations())
+        rows.append(row)
         print(f"  {name:<28} fwd {t_f:8.2f} ms   fwd+bwd {t_fb:8.2f} ms   peak +{mem:7.1f} MiB",
               flush=True)
     # Per-call overhead without tf.function, for the cases small enough that it dominates.
@@ -306,8 +310,9 @@ def markdown(results, bandwidth, args):
     for r in results:
         o, bb, bx, bf = r["ours"], r["best_builtin"], r["best_xla"], r["best_builtin_fb"]
         one = r.get("one_thread")
+        fallback = "" if o.get("engine", True) else " (dispatch: built-in)"
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['floor_fwd']:.2f} | {o['fwd']:.2f} | "
+            f"| {r['case']}{fallback} | {r['dtype']} | {r['floor_fwd']:.2f} | {o['fwd']:.2f} | "
             f"{bb['impl']} {bb['fwd']:.2f} ({bb['fwd'] / o['fwd']:.1f}×) | "
             + (f"{bx['impl'][5:]} {bx['fwd']:.2f} ({bx['fwd'] / o['fwd']:.1f}×)" if bx else "-")
             + f" | {r['floor_fwd_bwd']:.2f} | {o['fwd_bwd']:.2f} | "
@@ -322,6 +327,9 @@ def markdown(results, bandwidth, args):
         for r in eager_rows:
             lines.append(f"| {r['case']} | {r['dtype']} | "
                          + " | ".join(f"{v:.3f}" for v in r["eager"].values()) + " |")
+    lines += ["", "'(dispatch: built-in)': the dispatch policy sends this shape to TensorFlow's "
+              "own op (our kernels were slower there when the threshold was measured), so "
+              "'ours' and that op are the same computation and their ratio is run-to-run noise."]
     lines += ["", "Thread scaling: the 1-thread column is the same step in a separate process "
               "with TensorFlow's intra-op pool set to one thread. Cases whose time is already "
               "near the copy-bandwidth floor cannot scale: memory, not arithmetic, limits them."]
