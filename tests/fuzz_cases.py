@@ -11,8 +11,9 @@ instead of the test run, while TensorFlow is imported once for thousands of case
            through tf.function with unknown rank. Differential: our function must raise
            exactly when TensorFlow's function does (same error class), and otherwise
            return its result.
-  raw      the TF ops called directly (SmallMMBatchMatMul, SmallMMBatchMatMulReduce),
-           eagerly and through unknown-shape graphs: the same mutations plus bad
+  raw      the TF ops called directly (SmallMMBatchMatMul, SmallMMBatchMatMulReduce, and
+           SmallMMBatchMatMulPair with the mutated product first or second next to a
+           valid one), eagerly and through unknown-shape graphs: the same mutations plus bad
            `batch_shape`s (wrong rank, dtype, negative, > 8 entries, huge values whose
            element count overflows int64 or whose allocation must fail). Oracle: a Python
            model of the planner (exact integer shapes) and numpy values.
@@ -491,7 +492,16 @@ def raw_case(pick):
             bs = tf.constant(bs, shape_dtype)
         except Exception:  # noqa: BLE001  (out of int32 range)
             bs = tf.constant(bs, tf.int64)
-    desc = (f"raw.{'reduce' if reduce else 'product'} {mode}{' graph' if graph else ''} "
+    # Half of the eager reduce cases go through the Pair op, the mutated product in slot
+    # `slot` (0 or 1) next to a valid product of the same dtype in the other.
+    # Only batch_shapes TF converts the same way with or without a second batch_shape
+    # beside them (the Pair op infers one Tshape from both): int tensors and int lists.
+    plain_bs = (isinstance(bs, tf.Tensor) and bs.dtype in (tf.int32, tf.int64)) or (
+        isinstance(bs, list) and all(type(v) is int for v in bs))
+    pair = reduce and not graph and plain_bs and pick.bool()
+    slot = pick.int(0, 1)
+    desc = (f"raw.{'pair' + str(slot + 1) if pair else 'reduce' if reduce else 'product'} "
+            f"{mode}{' graph' if graph else ''} "
             f"x={describe(x)} y={describe(y)} batch_shape={describe(bs)} "
             f"flags={describe(flags)}")
 
@@ -504,6 +514,21 @@ def raw_case(pick):
 
         def thunk():
             return f(x, y, bs) if reduce else f(x, y)
+    elif pair:
+        # The valid product: x's dtype (T is one attr for both), a batch_shape of the
+        # mutated one's integer type.
+        ok_dtype = x.dtype if isinstance(x, tf.Tensor) else dtype
+        ok_bs = tf.constant([2], bs.dtype if isinstance(bs, tf.Tensor) else
+                            tf.int64 if any(abs(v) >= 2**31 for v in bs) else tf.int32)
+        ok = (tf.ones([2, 3, 4], ok_dtype), tf.ones([2, 4, 5], ok_dtype), ok_bs)
+        ok_flags = dict(transpose_x=False, conjugate_x=False, transpose_y=False,
+                        conjugate_y=False)
+
+        def thunk():
+            products = [(x, y, bs), ok] if slot == 0 else [ok, (x, y, bs)]
+            attrs = [flags, ok_flags] if slot == 0 else [ok_flags, flags]
+            kwargs = {f"{k}_{i + 1}": v for i, a in enumerate(attrs) for k, v in a.items()}
+            return lib.small_mm_batch_mat_mul_pair(*products[0], *products[1], **kwargs)[slot]
     elif reduce:
         def thunk():
             return lib.small_mm_batch_mat_mul_reduce(x, y, bs, **flags)
