@@ -151,12 +151,12 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
-# Operand-stationary kernels: K <= 16 and C contiguous along one side. The row kernel runs
+# Operand-stationary kernels: K <= 24 (AVX-512; 8 otherwise) and C contiguous along one side. The row kernel runs
 # when C's rows are contiguous (every plain product with M >= 8), the column kernel when
 # its columns are (capsule-style products: x [I, M, K] shared by a batch of vectors
 # y [B, I, K, 1], which the planner turns into one M×K · K×B product per i). Strips are
 # full vectors then halving widths (31 rows of float32: 16 + 8 + 4 + 2 + 1).
-STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17]
+STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25]
 STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
 
 
@@ -178,11 +178,11 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("k", [3, 8, 16])
+@pytest.mark.parametrize("k", [3, 8, 16, 24])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
-    # AVX-512 keeps up to 16 K-vectors in registers, AVX2 and the baseline 8: K = 16 takes
-    # the stationary path on one and the packed micro-kernels on the others.
+    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 and the baseline 8: K = 16 and 24
+    # take the stationary path on one and the packed micro-kernels on the others.
     before = core.active_isa()
     if not core.set_isa(isa):
         pytest.skip(f"this CPU lacks {isa}")
