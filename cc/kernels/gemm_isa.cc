@@ -785,7 +785,12 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
   if (s_in == 0) n_in = 1;
   if (s_out == 0) n_out = 1;
   // Only panels spread over pages, and small enough to sit in L1/L2 until used.
-  if (mag(s_out) < kNearStride || n_in * n_out * kBytes > kPrefetchMaxBytes) return;
+  int64_t bytes;
+  if (n_in <= 0 || n_out <= 0 || mag(s_out) < kNearStride ||
+      __builtin_mul_overflow(n_in, n_out, &bytes) ||
+      __builtin_mul_overflow(bytes, kBytes, &bytes) || bytes > kPrefetchMaxBytes) {
+    return;
+  }
   const int64_t step = mag(s_in) * kBytes < 64 ? 64 / (mag(s_in) * kBytes) : 1;
   const char* base = static_cast<const char*>(x);
   for (int64_t o = 0; o < n_out; ++o) {
