@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cc/kernels/float16_bits.h"
 #include "cc/kernels/smallmm.h"
 
 #if defined(__CUDACC__)
@@ -82,75 +83,33 @@ SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b 
 // ---------------------------------------------------------------- 16-bit floats
 // Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
 // and the CPU engine). The GPU uses the hardware conversions instead.
-SMALLMM_HD SMALLMM_INLINE float BitsToFloat(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-SMALLMM_HD SMALLMM_INLINE uint32_t FloatToBits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
+// Host code (the simulation) uses cc/kernels/float16_bits.h, the CPU engine's own.
 SMALLMM_HD SMALLMM_INLINE float HalfToFloat(uint16_t h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h));
 #else
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (uint32_t(h) & 0x7fffu) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += (127u - 15u) << 23;
-  if (exp == shifted_exp) {
-    o += (128u - 16u) << 23;  // Inf / NaN
-  } else if (exp == 0) {      // zero / subnormal: renormalise
-    o += 1u << 23;
-    o = FloatToBits(BitsToFloat(o) - BitsToFloat(113u << 23));
-  }
-  return BitsToFloat(o | ((uint32_t(h) & 0x8000u) << 16));
+  return f16::HalfToFloat(h);
 #endif
 }
-
 SMALLMM_HD SMALLMM_INLINE uint16_t FloatToHalf(float f) {
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(f));
 #else
-  uint32_t u = FloatToBits(f);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint16_t o;
-  if (u >= ((127u + 16u) << 23)) {
-    o = (u > (255u << 23)) ? 0x7e00 : 0x7c00;  // NaN -> qNaN, overflow -> Inf
-  } else if (u < (113u << 23)) {               // subnormal or zero
-    const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-    o = uint16_t(FloatToBits(BitsToFloat(u) + BitsToFloat(magic)) - magic);
-  } else {
-    const uint32_t mant_odd = (u >> 13) & 1u;
-    u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
-    u += mant_odd;
-    o = uint16_t(u >> 13);
-  }
-  return uint16_t(o | (sign >> 16));
+  return f16::FloatToHalf(f);
 #endif
 }
-
-SMALLMM_HD SMALLMM_INLINE float BF16ToFloat(uint16_t h) { return BitsToFloat(uint32_t(h) << 16); }
-
+SMALLMM_HD SMALLMM_INLINE float BF16ToFloat(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(uint32_t(h) << 16);
+#else
+  return f16::BF16ToFloat(h);
+#endif
+}
 SMALLMM_HD SMALLMM_INLINE uint16_t FloatToBF16(float f) {
 #if defined(__CUDA_ARCH__)
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
-  const uint32_t u = FloatToBits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x0040u);  // qNaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return f16::FloatToBF16(f);
 #endif
 }
 

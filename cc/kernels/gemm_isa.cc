@@ -23,6 +23,7 @@
 #include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
 #endif
 
+#include "cc/kernels/float16_bits.h"
 #include "cc/kernels/smallmm.h"
 
 #ifndef SMALLMM_ISA
@@ -33,59 +34,10 @@ namespace smallmm {
 namespace {
 
 // ---------------------------------------------------------------- 16-bit floats
-// Branch-light conversions (F. Giesen's public-domain half<->float, round to nearest
-// even; same results as Eigen::half / Eigen::bfloat16, NaN stays NaN).
-inline uint32_t FloatBits(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
-inline float BitsFloat(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t shifted_exp = 0x7c00u << 13;
-  uint32_t o = (uint32_t(h) & 0x7fffu) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += (127u - 15u) << 23;
-  if (exp == shifted_exp) {
-    o += (128u - 16u) << 23;  // Inf / NaN
-  } else if (exp == 0) {      // zero / subnormal: renormalise
-    o += 1u << 23;
-    o = FloatBits(BitsFloat(o) - BitsFloat(113u << 23));
-  }
-  return BitsFloat(o | ((uint32_t(h) & 0x8000u) << 16));
-}
-
-inline uint16_t FloatToHalf(float f) {
-  uint32_t u = FloatBits(f);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint16_t o;
-  if (u >= ((127u + 16u) << 23)) {
-    o = (u > (255u << 23)) ? 0x7e00 : 0x7c00;  // NaN -> qNaN, overflow -> Inf
-  } else if (u < (113u << 23)) {               // subnormal or zero
-    const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-    o = uint16_t(FloatBits(BitsFloat(u) + BitsFloat(magic)) - magic);
-  } else {
-    const uint32_t mant_odd = (u >> 13) & 1u;
-    u += ((uint32_t)(15 - 127) << 23) + 0xfffu;
-    u += mant_odd;
-    o = uint16_t(u >> 13);
-  }
-  return uint16_t(o | (sign >> 16));
-}
-
-inline float BF16ToFloat(uint16_t h) { return BitsFloat(uint32_t(h) << 16); }
-
-inline uint16_t FloatToBF16(float f) {
-  const uint32_t u = FloatBits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x0040u);  // qNaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using f16::BF16ToFloat;
+using f16::FloatToBF16;
+using f16::FloatToHalf;
+using f16::HalfToFloat;
 
 // ---------------------------------------------------------------- element traits
 // R: accumulation type; kComplex: interleaved (re, im) storage, split planes when packed.
