@@ -27,15 +27,8 @@ using shape_inference::ShapeHandle;
   X(float, DT_FLOAT, kFloat)         \
   X(double, DT_DOUBLE, kDouble)
 
-const std::string& RoutingTypeAttr() {
-  static const std::string attr = [] {
-    std::string s;
-#define SMALLMM_NAME(T, DT, CORE) s += std::string(s.empty() ? "" : ", ") + DataTypeString(DT);
-    SMALLMM_ROUTING_TYPE_LIST(SMALLMM_NAME)
-#undef SMALLMM_NAME
-    return "T: {" + s + "}";
-  }();
-  return attr;
+std::string RoutingTypeAttr() {
+  return smallmm_tf::TypeAttr({SMALLMM_ROUTING_TYPE_LIST(SMALLMM_DATATYPE)});
 }
 
 // u_hat [batch, in_caps, out_caps, out_dim] -> v [batch, out_caps, out_dim].

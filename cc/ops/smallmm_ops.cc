@@ -58,16 +58,7 @@ absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
 }
 
 // "T: {half, bfloat16, ...}" spelled from the one dtype list.
-const std::string& TypeAttr() {
-  static const std::string attr = [] {
-    std::string s;
-#define SMALLMM_NAME(T, DT, CORE) s += std::string(s.empty() ? "" : ", ") + DataTypeString(DT);
-    SMALLMM_TYPE_LIST(SMALLMM_NAME)
-#undef SMALLMM_NAME
-    return "T: {" + s + "}";
-  }();
-  return attr;
-}
+std::string TypeAttr() { return smallmm_tf::TypeAttr({SMALLMM_TYPE_LIST(SMALLMM_DATATYPE)}); }
 
 REGISTER_OP("SmallMMBatchMatMul")
     .Input("x: T")

@@ -4,6 +4,9 @@
 #ifndef TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
 #define TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
 
+#include <initializer_list>
+#include <string>
+
 #include "cc/kernels/smallmm.h"
 #include "tensorflow/core/framework/types.h"
 
@@ -17,6 +20,18 @@
   X(::tensorflow::complex128, DT_COMPLEX128, kComplex128)
 
 namespace smallmm_tf {
+
+// One entry of a dtype list macro as a DataType: {SMALLMM_TYPE_LIST(SMALLMM_DATATYPE)}.
+#define SMALLMM_DATATYPE(T, DT, CORE) ::tensorflow::DT,
+
+// An op's type attr, "T: {half, bfloat16, ...}", spelled from a dtype list.
+inline std::string TypeAttr(std::initializer_list<tensorflow::DataType> types) {
+  std::string s;
+  for (tensorflow::DataType t : types) {
+    s += std::string(s.empty() ? "" : ", ") + tensorflow::DataTypeString(t);
+  }
+  return "T: {" + s + "}";
+}
 
 inline bool ToCoreDType(tensorflow::DataType t, smallmm::DType* out) {
   switch (t) {
