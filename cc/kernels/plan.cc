@@ -129,7 +129,8 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   for (int i = 0; i < p->num_red; ++i) {
     if (p->red[i].size == 0) return;
   }
-  auto pick = [](const Loop* loops, int n, bool (*ok)(const Loop&)) {
+  // The longest loop (size > 1) that satisfies ok, or -1.
+  auto pick = [](const Loop* loops, int n, auto ok) {
     int best = -1;
     for (int i = 0; i < n; ++i) {
       if (loops[i].size > 1 && ok(loops[i]) && (best < 0 || loops[i].size > loops[best].size)) {
@@ -138,28 +139,23 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
     }
     return best;
   };
+  // A side of 1 takes an output loop along which the other operand is broadcast: the
+  // loop's strides for the moving operand and for C become that side's.
+  auto fold_side = [&](int64_t Loop::*shared, int64_t Loop::*moving, int64_t* side,
+                       int64_t* op_stride, int64_t* c_stride) {
+    const int best = pick(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
+    const int64_t take = best >= 0 ? DivisorAtMost(p->out[best].size, kMaxFoldedColumns) : 1;
+    if (take > 1) {
+      *side = take;
+      *op_stride = p->out[best].*moving;
+      *c_stride = p->out[best].c;
+      TakeFromLoop(p->out, &p->num_out, best, take);
+    }
+  };
   if (p->n == 1) {
-    const int i = pick(p->out, p->num_out, [](const Loop& l) { return l.a == 0; });
-    if (i >= 0) {
-      const int64_t take = DivisorAtMost(p->out[i].size, kMaxFoldedColumns);
-      if (take > 1) {
-        p->n = take;
-        p->b_cs = p->out[i].b;
-        p->c_cs = p->out[i].c;
-        TakeFromLoop(p->out, &p->num_out, i, take);
-      }
-    }
+    fold_side(&Loop::a, &Loop::b, &p->n, &p->b_cs, &p->c_cs);
   } else if (p->m == 1) {
-    const int i = pick(p->out, p->num_out, [](const Loop& l) { return l.b == 0; });
-    if (i >= 0) {
-      const int64_t take = DivisorAtMost(p->out[i].size, kMaxFoldedColumns);
-      if (take > 1) {
-        p->m = take;
-        p->a_rs = p->out[i].a;
-        p->c_rs = p->out[i].c;
-        TakeFromLoop(p->out, &p->num_out, i, take);
-      }
-    }
+    fold_side(&Loop::b, &Loop::a, &p->m, &p->a_rs, &p->c_rs);
   }
   if (p->k == 1) {
     const int i = pick(p->red, p->num_red, [](const Loop&) { return true; });
