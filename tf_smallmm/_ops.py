@@ -25,10 +25,7 @@ def product(x, y, transpose_x=False, conjugate_x=False, transpose_y=False,
     has that batch shape and the broadcast batch axes it lacks (or has as 1) are summed.
     """
     lib = _loader.load()
-    flags = dict(transpose_x=bool(transpose_x), conjugate_x=bool(conjugate_x),
-                 transpose_y=bool(transpose_y), conjugate_y=bool(conjugate_y))
-    if not x.dtype.is_complex:  # conjugation is the identity: keep graphs tidy
-        flags["conjugate_x"] = flags["conjugate_y"] = False
+    flags = _flags((x, transpose_x, conjugate_x), (y, transpose_y, conjugate_y))
     if batch_shape is None:
         return lib.small_mm_batch_mat_mul(x, y, name=name, **flags)
     return lib.small_mm_batch_mat_mul_reduce(x, y, batch_shape, name=name, **flags)
@@ -51,9 +48,10 @@ def _push(lhs, rhs, transpose, conjugate):
 
 
 def _flags(lhs, rhs, suffix=""):
+    """The op attrs of the product of two factors (attr names end in `suffix`)."""
     flags = {"transpose_x": lhs[1], "conjugate_x": lhs[2], "transpose_y": rhs[1],
              "conjugate_y": rhs[2]}
-    if not lhs[0].dtype.is_complex:
+    if not lhs[0].dtype.is_complex:  # conjugation is the identity: keep graphs tidy
         flags["conjugate_x"] = flags["conjugate_y"] = False
     return {k + suffix: bool(v) for k, v in flags.items()}
 

@@ -619,14 +619,16 @@ void StationaryRows(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const
   }
 }
 
+// Which kernel suits C: the column kernel when C's columns are contiguous, the row kernel
+// when its rows are; each needs enough streamed columns (rows) to pay for loading the
+// strip, and a strip side that is a vector.
+inline bool ColumnKernelFits(const GemmPlan& p) { return p.c_rs == 1 && p.n >= 8 && p.m >= 4; }
+inline bool RowKernelFits(const GemmPlan& p) { return p.c_cs == 1 && p.m >= 8 && p.n >= 4; }
+
 template <DType D>
 bool UseStationary(const GemmPlan& p) {
-  if (Traits<D>::kComplex || p.num_reduced != 1 || p.k < 1 || p.k > kStationaryMaxK) {
-    return false;
-  }
-  // Enough streamed columns (rows) to pay for loading the strip, and a strip side that
-  // is a vector.
-  return (p.c_rs == 1 && p.n >= 8 && p.m >= 4) || (p.c_cs == 1 && p.m >= 8 && p.n >= 4);
+  return !Traits<D>::kComplex && p.num_reduced == 1 && p.k >= 1 && p.k <= kStationaryMaxK &&
+         (ColumnKernelFits(p) || RowKernelFits(p));
 }
 
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
@@ -636,8 +638,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
                    int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
   using R = typename Traits<D>::R;
   constexpr int VL = kVecBytes / sizeof(R);
-  // Column kernel when C's columns are contiguous and there are enough of them.
-  const bool col = p.c_rs == 1 && p.n >= 8 && p.m >= 4;
+  const bool col = ColumnKernelFits(p);
   const bool stream =
       uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes && (col ? p.c_cs : p.c_rs) != 1;
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
