@@ -115,3 +115,19 @@ def _kernels_are_loaded():
     # Tests of our kernels must not silently pass on the built-in fallback.
     if os.environ.get("TF_SMALLMM_DISABLE", "") in ("", "0"):
         assert smm.kernels_loaded(), smm.build_info()["load_error"]
+
+
+def small_capsnet(routings=3, seed=0, dtype=None):
+    """The tests' CapsNet on 6×6×1 inputs: Conv -> PrimaryCapsules (2·2·4 = 16 capsules of 4)
+    -> CapsuleLayer(3 × 8) -> Length. Seeded, so two calls build the same weights."""
+    import keras
+
+    from tf_smallmm import layers as caps
+
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", dtype=dtype)(x)
+    x = caps.PrimaryCapsules(4, 4, 3, dtype=dtype)(x)
+    v = caps.CapsuleLayer(3, 8, routings=routings, dtype=dtype,
+                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1))(x)
+    return keras.Model(inp, caps.Length(dtype=dtype)(v))

@@ -12,18 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_python
+from conftest import run_python, small_capsnet
 from tf_smallmm import layers as caps
-
-
-def capsnet():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6, 6, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu")(inp)
-    x = caps.PrimaryCapsules(4, 4, 3)(x)
-    v = caps.CapsuleLayer(3, 8, routings=3,
-                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))(x)
-    return keras.Model(inp, caps.Length()(v))
 
 
 class Serving(tf.Module):
@@ -41,7 +31,7 @@ class Serving(tf.Module):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     d = tmp_path_factory.mktemp("deploy")
-    model = capsnet()
+    model = small_capsnet()
     model.compile(keras.optimizers.Adam(1e-2), caps.margin_loss)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (16, 6, 6, 1)).astype("float32")
@@ -130,7 +120,7 @@ def test_export_without_plugin_leaves_the_policy_as_it_was(artifacts, tmp_path):
     from tf_smallmm import _capsules, _dispatch
 
     before = os.environ.get("TF_SMALLMM_DISABLE")
-    model = capsnet()
+    model = small_capsnet()
     caps.export_without_plugin(model, str(tmp_path / "again"), verbose=False)
     assert os.environ.get("TF_SMALLMM_DISABLE") == before
     assert not _capsules._forced_builtin() and not _dispatch.disabled()

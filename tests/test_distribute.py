@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import tf_smallmm as smm
+from conftest import small_capsnet
 
 TIMEOUT_S = 240
 GLOBAL_BATCH = 16
@@ -142,21 +143,13 @@ def work(tmp_path_factory):
     """Training script, data and initial weights, and the single-device result."""
     import keras
 
-    from tf_smallmm import layers as caps
-
     d = tmp_path_factory.mktemp("distribute")
     (d / "train.py").write_text(TRAIN)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (GLOBAL_BATCH * STEPS, 6, 6, 1)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, len(x)), 3).astype("float32")
     np.savez(d / "data.npz", x=x, y=y, batch=GLOBAL_BATCH)
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((6, 6, 1))
-    h = keras.layers.Conv2D(8, 3, activation="relu")(inp)
-    h = caps.PrimaryCapsules(4, 4, 3)(h)
-    v = caps.CapsuleLayer(3, 8, routings=3,
-                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))(h)
-    model = keras.Model(inp, caps.Length()(v))
+    model = small_capsnet()  # the same layers as TRAIN's capsnet(), which loads these weights
     np.savez(d / "init.npz", **{f"w{i}": w for i, w in enumerate(model.get_weights())})
     (single,) = _finish([_start(d, "single", d / "single.npz")])
     assert single["replicas"] == 1

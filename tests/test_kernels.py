@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from public_ops import np_product as ref
 from tf_smallmm import _smallmm_core as core
 
 NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
@@ -23,20 +24,6 @@ def ints(rng, shape, dtype):
     if np.issubdtype(dtype, np.complexfloating):
         x = x + 1j * rng.integers(-hi + 1, hi, size=shape)
     return x.astype(dtype)
-
-
-def ref(x, y, tx=False, cx=False, ty=False, cy=False):
-    w = np.complex128 if np.iscomplexobj(x) else np.float64
-    x, y = x.astype(w), y.astype(w)
-    if tx:
-        x = np.swapaxes(x, -1, -2)
-    if cx:
-        x = np.conj(x)
-    if ty:
-        y = np.swapaxes(y, -1, -2)
-    if cy:
-        y = np.conj(y)
-    return np.matmul(x, y)
 
 
 def check_exact(got, want):
@@ -238,7 +225,7 @@ def test_reduction_split_into_partial_sums(dtype, parts):
     rng = np.random.default_rng(parts)
     g, x = ints(rng, (30, 4, 8, 5), dtype), ints(rng, (30, 4, 8, 3), dtype)
     got = core.matmul(g, x, transpose_x=True, batch_shape=[4], reduction_parts=parts)
-    want = ref(g, x, tx=True).sum(axis=0)
+    want = ref(g, x, transpose_x=True).sum(axis=0)
     check_exact(got, want)
 
 

@@ -11,21 +11,10 @@ import pytest
 import tensorflow as tf
 
 import tf_smallmm as smm
-from conftest import smallmm_ops
+from conftest import small_capsnet, smallmm_ops
 from tf_smallmm import layers as caps
 
 LAYERS_WITH_OPS = [caps.CapsulePredict(3, 4), caps.DynamicRouting(2), caps.CapsuleLayer(3, 4)]
-
-
-def small_capsnet(routings=3, seed=0, dtype=None):
-    """Conv -> PrimaryCapsules (2·2·4 = 16 capsules of 4) -> CapsuleLayer(3 × 8) -> Length."""
-    keras.utils.set_random_seed(seed)
-    x = inp = keras.Input((6, 6, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu", dtype=dtype)(x)
-    x = caps.PrimaryCapsules(4, 4, 3, dtype=dtype)(x)
-    v = caps.CapsuleLayer(3, 8, routings=routings, dtype=dtype,
-                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1))(x)
-    return keras.Model(inp, caps.Length(dtype=dtype)(v))
 
 
 def data(n=32, seed=0):
