@@ -53,7 +53,7 @@ from public_ops import PUBLIC_OPS, RandomPick, broadcast_batches, matrix_dims  #
 from public_ops import np_product, np_reduce_to  # noqa: E402
 
 import tf_smallmm  # noqa: E402,F401
-from tf_smallmm import _loader  # noqa: E402
+from tf_smallmm._core import loader  # noqa: E402
 from tf_smallmm import _smallmm_core as core  # noqa: E402
 
 FAMILIES = ("public", "raw", "core")
@@ -376,7 +376,7 @@ def check_public(got, err, exp):
 def _raw_graph_fn(reduce, dtype, shape_dtype, flags):
     k = ("raw", reduce, dtype, shape_dtype, tuple(sorted(flags.items())))
     if k not in _GRAPH_CACHE:
-        lib = _loader.load()
+        lib = loader.load()
         if reduce:
             specs = [tf.TensorSpec(None, dtype)] * 2 + [tf.TensorSpec([None], shape_dtype)]
             fn = lambda x, y, s: lib.small_mm_batch_mat_mul_reduce(x, y, s, **flags)  # noqa
@@ -413,7 +413,7 @@ def _random_target(pick, full):
 
 
 def raw_case(pick):
-    lib = _loader.load()
+    lib = loader.load()
     sp = SmallPick(pick.rng)
     reduce = pick.bool()
     mode = pick.choice(_modes(["valid", "rank", "dims", "dims", "dtype", "nontensor", "flag",

@@ -18,7 +18,8 @@ import tf_keras
 from conftest import DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python, smallmm_ops, wide
 
 import tf_smallmm as smm
-from tf_smallmm import _einsum
+from tf_smallmm._core import contraction
+from tf_smallmm.dropins.einsum import parse
 
 K = tf_keras.backend
 # Ops that must not appear on the fast path, forward or backward: layout changes and
@@ -289,9 +290,9 @@ def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1, monkeypatch):
     unless the product needs a transpose: x's contracted axis is its last, or y's is
     axis 1 or its last. (The size cut-over is lifted: rank-5 cases merge into products
     above it, and this test is about the routing, not the size policy.)"""
-    from tf_smallmm import _dispatch
+    from tf_smallmm._core import dispatch
 
-    monkeypatch.setattr(_dispatch, "MAX_SMALL_MACS", 1 << 62)
+    monkeypatch.setattr(dispatch, "MAX_SMALL_MACS", 1 << 62)
     xs = [2] + [3 + i for i in range(xn - 1)]
     ys = [2] + [6 + i for i in range(yn - 1)]
     ys[a1] = xs[a0]
@@ -319,19 +320,19 @@ def test_dot_every_rank_pair_runs_on_the_engine(xn, yn):
 # ------------------------------------------------------------------ the planner
 
 def test_plans_are_cached_per_equation_and_ranks():
-    _einsum.parse.cache_clear()
-    _einsum.plan.cache_clear()
+    parse.cache_clear()
+    contraction.plan.cache_clear()
     x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
     for _ in range(3):
         smm.einsum("bij,bjk->bik", x, y)
-    assert _einsum.parse.cache_info().misses == 1 and _einsum.parse.cache_info().hits == 2
-    assert _einsum.plan.cache_info().misses == 1
+    assert parse.cache_info().misses == 1 and parse.cache_info().hits == 2
+    assert contraction.plan.cache_info().misses == 1
 
 
 def test_capsule_plan_is_the_designed_lowering():
     # x = w viewed [in_caps, out_caps*out_dim, in_dim], y = u viewed [batch, in_caps,
     # in_dim, 1]: one matrix-vector product per (b, i), w broadcast over b.
-    p = _einsum.plan(_einsum.parse(CAPSULE_EQ, 4, 3))
+    p = contraction.plan(parse(CAPSULE_EQ, 4, 3))
     assert (p.lhs_is_x, p.batch, p.m, p.k, p.n) == (True, (("b",), ("i",)), ("j", "k"),
                                                     ("l",), ())
     assert not (p.transpose_lhs or p.transpose_rhs or any(p.reduced))
@@ -363,7 +364,7 @@ def test_random_two_operand_equations_match_tf_einsum():
         x, y = random_tensor(sx, tf.float64, 1), random_tensor(sy, tf.float64, 2)
         np.testing.assert_allclose(smm.einsum(eq, x, y).numpy(), tf.einsum(eq, x, y).numpy(),
                                    rtol=1e-12, atol=1e-12)
-        if _einsum.plan(_einsum.parse(eq, len(sx), len(sy))) is not None:
+        if contraction.plan(parse(eq, len(sx), len(sy))) is not None:
             f = tf.function(lambda a, b: smm.einsum(eq, a, b)).get_concrete_function(x, y)
             assert smallmm_ops(f) and not FORBIDDEN & set(op_types(f.graph))
 

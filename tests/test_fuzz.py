@@ -20,7 +20,7 @@ from conftest import run_python
 from public_ops import PUBLIC_OPS
 
 import tf_smallmm as smm
-from tf_smallmm import _dispatch, _loader
+from tf_smallmm._core import dispatch, loader
 from tf_smallmm import _smallmm_core as core
 
 SEED = int(os.environ.get("SMALLMM_FUZZ_SEED", "20261201"))
@@ -92,12 +92,12 @@ def test_core_rejects_byteswapped_and_misaligned_arrays():
 
 
 def test_max_batch_dims_is_the_kernels():
-    assert _dispatch.MAX_BATCH_DIMS == core.max_batch_dims
+    assert dispatch.MAX_BATCH_DIMS == core.max_batch_dims
 
 
 @pytest.mark.parametrize("extra", [1, 2])  # tf.matmul itself stops at rank 12
 def test_more_batch_dims_than_the_kernels_take_fall_back(extra):
-    rank = _dispatch.MAX_BATCH_DIMS + extra
+    rank = dispatch.MAX_BATCH_DIMS + extra
     a = tf.ones([1] * rank + [3, 4])
     b = tf.ones([2] + [1] * (rank - 1) + [4, 5])
     np.testing.assert_array_equal(smm.matmul(a, b), tf.linalg.matmul(a, b))
@@ -124,7 +124,7 @@ def test_odd_flag_values_behave_like_the_builtin(flag, value, rank):
 @pytest.mark.parametrize("batch_shape", [[2**40, 2**40], [2**62, 4], [2**63 - 1, 2],
                                          [3, 2**62]])
 def test_reduce_batch_shape_whose_size_overflows_raises(batch_shape):
-    lib = _loader.load()
+    lib = loader.load()
     with pytest.raises(tf.errors.InvalidArgumentError, match="overflows int64"):
         lib.small_mm_batch_mat_mul_reduce(tf.ones([3, 4]), tf.ones([4, 2]),
                                           tf.constant(batch_shape, tf.int64))
@@ -155,7 +155,7 @@ def test_zero_element_operands_with_huge_dims(xs, ys, flags, batch_shape, want):
     """Shapes TF accepts because they hold no elements. Their dense strides overflow int64
     (signed overflow in the adapter and the planner, found by UBSan in
     scripts/sanitize.sh); the result is empty or zeros (K = 0 / empty reduction)."""
-    lib = _loader.load()
+    lib = loader.load()
     x, y = (tf.reshape(tf.zeros([0]), s) if 0 in s else tf.ones(s) for s in (xs, ys))
     if batch_shape is None:
         got = lib.small_mm_batch_mat_mul(x, y, **flags)

@@ -29,7 +29,7 @@ from conftest import DTYPES, GRAD_DTYPES, assert_close, smallmm_ops, tolerance, 
 from public_ops import (PUBLIC_OPS, HypothesisPick, RandomPick, broadcast_batches,
                         matrix_dims, np_product, np_reduce_to)
 
-from tf_smallmm import _dispatch, _loader
+from tf_smallmm._core import dispatch, loader
 from tf_smallmm import _smallmm_core as core
 
 OPS = pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.name)
@@ -136,7 +136,7 @@ def test_graphs_with_unknown_dims_match_reference(op, data):
     theirs = tf.function(lambda *xs: op.reference(*xs, **call.kwargs), input_signature=specs)
     ours_cf, theirs_cf = ours.get_concrete_function(), theirs.get_concrete_function()
     assert _static(ours_cf.structured_outputs) == _static(theirs_cf.structured_outputs)
-    if _dispatch.use_kernel(dtype):  # (not on a GPU machine with a CPU-only build)
+    if dispatch.use_kernel(dtype):  # (not on a GPU machine with a CPU-only build)
         assert smallmm_ops(ours_cf), f"{op.name} did not run the SmallMM kernel"
     got = ours(*args)
     want = op.reference(*_wide_all(args), **call.kwargs)
@@ -176,7 +176,7 @@ def test_reduce_op_sums_to_batch_shape(data):
     as_tensor = pick.choice([None, tf.int32, tf.int64])
     batch_shape = (target if as_tensor is None
                    else tf.constant(target, as_tensor, shape=[len(target)]))
-    got = _loader.load().small_mm_batch_mat_mul_reduce(x, y, batch_shape, **flags)
+    got = loader.load().small_mm_batch_mat_mul_reduce(x, y, batch_shape, **flags)
     xw, yw = (np.asarray(t) for t in _wide_all([x, y]))
     want = np_reduce_to(np_product(xw, yw, **flags), target)
     bound = np_reduce_to(np_product(np.abs(xw), np.abs(yw), **flags), target)

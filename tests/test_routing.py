@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_tensor, run_python, smallmm_ops
-from tf_smallmm import _capsules as caps
-from tf_smallmm import _loader
+from tf_smallmm.capsules import routing as caps
+from tf_smallmm._core import loader
 
 # Per-dtype tolerance relative to the largest reference magnitude (routing is a chain of
 # nonlinear steps, so an elementwise |a|·|b| bound like the matmul tests' does not apply).
@@ -23,7 +23,7 @@ SHAPES = [(3, 7, 4, 16), (2, 5, 3, 8), (2, 6, 5, 5), (1, 1, 1, 1), (2, 3, 1, 16)
 
 
 def _raw():
-    return _loader.load()
+    return loader.load()
 
 
 def reference(u_hat, iterations, upstream):
@@ -170,7 +170,7 @@ def test_xla_compilation_falls_back():
 def test_disable_env_forces_reference():
     out = run_python("""
         import json, tensorflow as tf
-        from tf_smallmm import _capsules as caps
+        from tf_smallmm.capsules import routing as caps
         from conftest import smallmm_ops
         u = tf.ones([2, 4, 3, 8]); w = tf.ones([4, 3, 8, 2]); x = tf.ones([2, 4, 2])
         f = tf.function(lambda u, x: (caps.dynamic_routing(u), caps.predict(x, w)))
@@ -184,7 +184,7 @@ def test_disable_env_forces_reference():
 def test_every_isa_matches_reference(isa):
     out = run_python("""
         import numpy as np, tensorflow as tf, tf_smallmm as smm
-        from tf_smallmm import _capsules as caps
+        from tf_smallmm.capsules import routing as caps
         rng = np.random.default_rng(0)
         worst = 0.0
         for shape in [(2, 40, 10, 16), (2, 9, 3, 8), (2, 7, 4, 5)]:

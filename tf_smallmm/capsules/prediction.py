@@ -3,9 +3,10 @@
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _einsum
+from tf_smallmm._core import contraction
 
 EQUATION = "ijkl,bil->bijk"
+CONTRACTION = contraction.Contraction(tuple("ijkl"), tuple("bil"), tuple("bijk"))
 
 
 def _shape(t):
@@ -62,4 +63,5 @@ def capsule_predict(w, u, name=None):
         _check(w, u)
         if w.shape.rank == 5:
             w = tf.squeeze(w, axis=0)  # raises at run time if the axis is not 1
-        return _einsum.einsum(EQUATION, w, u)
+        result = contraction.run(CONTRACTION, w, u)
+        return result if result is not None else tf.einsum(EQUATION, w, u)

@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
 
-from tf_smallmm import _dispatch, _ops
+from tf_smallmm._core import dispatch, engine
 
 
 def _dim(shape, i):
@@ -39,7 +39,7 @@ def _eligible(a, b, transpose_a, transpose_b):
     sa, sb = a.shape, b.shape
     if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
         return False
-    if max(sa.rank or 0, sb.rank or 0) - 2 > _dispatch.MAX_BATCH_DIMS:
+    if max(sa.rank or 0, sb.rank or 0) - 2 > dispatch.MAX_BATCH_DIMS:
         return False
     if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
         pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
@@ -58,7 +58,7 @@ def _eligible(a, b, transpose_a, transpose_b):
         for da, db in zip(reversed(ba), reversed(bb)):
             if da is not None and db is not None and da != db and 1 not in (da, db):
                 return False
-    return _dispatch.use_kernel(a.dtype.base_dtype, macs)
+    return dispatch.use_kernel(a.dtype.base_dtype, macs)
 
 
 def _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, grad_a,
@@ -107,7 +107,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
         if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
             return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
-        return _ops.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
+        return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
                             conjugate_y=bool(adjoint_b), name=name)
 
 

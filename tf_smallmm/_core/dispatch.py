@@ -9,7 +9,7 @@ import os
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _loader
+from tf_smallmm._core import loader
 
 SUPPORTED_DTYPES = frozenset(
     [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128])
@@ -49,7 +49,7 @@ def in_xla_context():
 def _gpu_without_kernels():
     # Devices and registered kernels do not change within a process: ask once (the
     # registry query costs milliseconds, more than a small product).
-    if "GPU" in _loader.build_info().get("devices", []):
+    if "GPU" in loader.build_info().get("devices", []):
         return False
     return bool(tf.config.list_logical_devices("GPU"))
 
@@ -60,7 +60,7 @@ def use_kernel(dtype, macs=None):
     `macs` is M·N·K when all three are statically known, else None (the kernel handles
     any size correctly; unknown sizes are assumed small).
     """
-    if disabled() or dtype not in SUPPORTED_DTYPES or not _loader.kernels_loaded():
+    if disabled() or dtype not in SUPPORTED_DTYPES or not loader.kernels_loaded():
         return False
     if macs is not None and macs > MAX_SMALL_MACS:
         return False

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _dispatch, _loader, _ops
+from tf_smallmm._core import dispatch, engine, loader
 
 # Inside squash's square root: keeps v and its gradient finite at s = 0 (Keras' epsilon).
 EPSILON = 1e-7
@@ -39,15 +39,15 @@ def _register_ops_for_serving():
     """Registers the SmallMM ops with TensorFlow when tf_smallmm is imported, so that
     `import tf_smallmm` is all a process needs before loading a SavedModel containing them.
 
-    Quiet on purpose: a missing or mismatched library is reported once, by `_loader.load()`,
+    Quiet on purpose: a missing or mismatched library is reported once, by `loader.load()`,
     when a function first needs the kernels (unchanged behaviour); here it is just skipped.
     """
     try:
-        with open(_loader._INFO_PATH) as f:
+        with open(loader._INFO_PATH) as f:
             built = json.load(f).get("tf_version", "unknown")
-        if _loader._same_release(built, tf.__version__):
-            tf.load_op_library(_loader._OPS_PATH)
-    except Exception:  # noqa: BLE001 - reported by _loader.load() on first use
+        if loader._same_release(built, tf.__version__):
+            tf.load_op_library(loader._OPS_PATH)
+    except Exception:  # noqa: BLE001 - reported by loader.load() on first use
         pass
 
 
@@ -91,12 +91,12 @@ def _forced_builtin():
 def _gpu_without_op(op_name):
     if not tf.config.list_logical_devices("GPU"):
         return False
-    return "GPU" not in _loader._registered_devices(op_name)
+    return "GPU" not in loader._registered_devices(op_name)
 
 
 def use_predict_kernel(dtype, macs=None):
     """Whether `predict` runs on the SmallMM engine for this dtype and J·K·L."""
-    return not _forced_builtin() and _dispatch.use_kernel(tf.as_dtype(dtype), macs)
+    return not _forced_builtin() and dispatch.use_kernel(tf.as_dtype(dtype), macs)
 
 
 def use_routing_kernel(dtype):
@@ -104,7 +104,7 @@ def use_routing_kernel(dtype):
     dtype = tf.as_dtype(dtype)
     if _forced_builtin() or dtype not in ROUTING_DTYPES | CAST_TO_FLOAT32:
         return False
-    if not _dispatch.use_kernel(dtype):
+    if not dispatch.use_kernel(dtype):
         return False
     return not _gpu_without_op("SmallMMDynamicRouting")
 
@@ -182,7 +182,7 @@ def predict(u, w):
     if not use_predict_kernel(u.dtype, j * k * l_ if static else None):
         return predict_reference(u, w)
     w_matrix = tf.reshape(w, [i, j * k, l_] if static else tf.stack([i, j * k, l_]))
-    y = _ops.product(w_matrix, tf.expand_dims(u, -1))  # [B, I, J·K, 1]; grad: a reshape
+    y = engine.product(w_matrix, tf.expand_dims(u, -1))  # [B, I, J·K, 1]; grad: a reshape
     (b,) = _dims(u, 0)
     shape = [b, i, j, k]
     if all(isinstance(d, int) for d in shape):
@@ -232,7 +232,7 @@ def dynamic_routing(u_hat, iterations=3, epsilon=EPSILON):
         return dynamic_routing_reference(u_hat, iterations, epsilon)
     dtype = u_hat.dtype
     x = tf.cast(u_hat, tf.float32) if dtype in CAST_TO_FLOAT32 else u_hat
-    v = _loader.load().small_mm_dynamic_routing(x, num_iterations=int(iterations),
+    v = loader.load().small_mm_dynamic_routing(x, num_iterations=int(iterations),
                                                 epsilon=float(epsilon))
     return tf.cast(v, dtype)
 
@@ -248,7 +248,7 @@ def _dynamic_routing_grad(op, grad):
     does not (e.g. a sum in a benchmark) would otherwise let them run concurrently.
     """
     with ops.control_dependencies([op.outputs[0]]):
-        return _loader.load().small_mm_dynamic_routing_grad(
+        return loader.load().small_mm_dynamic_routing_grad(
             op.inputs[0], grad, num_iterations=op.get_attr("num_iterations"),
             epsilon=op.get_attr("epsilon"))
 # SmallMMDynamicRoutingGrad has no gradient: a second derivative raises TF's LookupError

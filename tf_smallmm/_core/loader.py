@@ -13,7 +13,8 @@ import warnings
 import tensorflow as tf
 from packaging.version import Version
 
-_DIR = os.path.dirname(os.path.abspath(__file__))
+# The compiled libraries sit at the package root, where setup.py writes them.
+_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_PATH = os.path.join(_DIR, "_smallmm_ops.so")
 _INFO_PATH = os.path.join(_DIR, "_build_info.json")
 REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_smallmm source dir>"
