@@ -48,7 +48,7 @@ import warnings
 import keras
 import numpy as np
 
-from tf_smallmm._vbmf import estimate_rank, evbmf
+from tf_smallmm.decompose.vbmf import estimate_rank, evbmf
 
 try:  # Keras 3 keeps the functional model class private; Sequential and Model are public.
     from keras.src.models.functional import Functional as _Functional
