@@ -28,7 +28,8 @@ The package, one subpackage per domain (each imports only from those below it):
 _build_info.json) sit here, at the package root, where setup.py writes them.
 """
 
-from tf_smallmm import layers  # capsule layers; registers the ops for serving
+from tf_smallmm import layers
+from tf_smallmm._core import loader as _loader
 from tf_smallmm._core.loader import build_info, kernels_loaded
 from tf_smallmm.capsules.prediction import capsule_predict
 from tf_smallmm.dropins.einsum import einsum
@@ -36,6 +37,9 @@ from tf_smallmm.dropins.keras_backend import batch_dot, dot
 from tf_smallmm.dropins.linalg import matmul, matvec
 
 __version__ = "0.1.0"
+
+# SavedModels with SmallMM ops load after `import tf_smallmm`, before any function runs.
+_loader.register_ops()
 
 __all__ = ["batch_dot", "build_info", "capsule_predict", "dot", "einsum", "kernels_loaded",
            "layers", "matmul", "matvec"]

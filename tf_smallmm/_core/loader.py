@@ -11,7 +11,7 @@ import os
 import warnings
 
 import tensorflow as tf
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 # The compiled libraries sit at the package root, where setup.py writes them.
 _DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,22 +26,29 @@ class _State:
     info = {}
 
 
-def _same_release(built, running):
+def _read_info():
+    with open(_INFO_PATH) as f:
+        return json.load(f)
+
+
+def _built_for_running_tf(built):
     # Custom-op ABI is stable within a TF minor release (2.21.0 vs 2.21.1), not across.
-    return Version(built).release[:2] == Version(running).release[:2]
+    try:
+        return Version(built).release[:2] == Version(tf.__version__).release[:2]
+    except InvalidVersion:  # "unknown": the build did not record it
+        return False
 
 
 @functools.lru_cache(maxsize=None)
 def load():
     """Returns the op-library module, or None (after one warning) if it cannot be used."""
     try:
-        with open(_INFO_PATH) as f:
-            _State.info = json.load(f)
+        _State.info = _read_info()
     except OSError:
         _State.error = f"tf_smallmm's compiled library was not found next to {_DIR}"
     if _State.error is None:
         built = _State.info.get("tf_version", "unknown")
-        if built == "unknown" or not _same_release(built, tf.__version__):
+        if not _built_for_running_tf(built):
             _State.error = (
                 f"tf_smallmm was built against TensorFlow {built} but TensorFlow "
                 f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's "
@@ -55,6 +62,20 @@ def load():
     if _State.error is not None:
         warnings.warn(_State.error, RuntimeWarning, stacklevel=3)
     return _State.lib
+
+
+def register_ops():
+    """Registers the SmallMM ops with TensorFlow. `import tf_smallmm` calls it, so that the
+    import is all a process needs before loading a SavedModel containing the ops.
+
+    Quiet on purpose: a missing or mismatched library is reported once, by `load()`, when a
+    function first needs the kernels; here it is only skipped.
+    """
+    try:
+        if _built_for_running_tf(_read_info().get("tf_version", "unknown")):
+            tf.load_op_library(_OPS_PATH)
+    except Exception:  # noqa: BLE001, S110 - load() reports it on first use
+        pass
 
 
 def kernels_loaded():

@@ -17,7 +17,6 @@ the fused op in float32 (cast in, cast back); prediction runs in the 16-bit type
 """
 
 import contextlib
-import json
 import os
 import threading
 
@@ -33,25 +32,6 @@ EPSILON = 1e-7
 ROUTING_DTYPES = frozenset([tf.float32, tf.float64])  # the fused op's own dtypes
 CAST_TO_FLOAT32 = frozenset([tf.float16, tf.bfloat16])  # routed in float32
 
-
-
-def _register_ops_for_serving():
-    """Registers the SmallMM ops with TensorFlow when tf_smallmm is imported, so that
-    `import tf_smallmm` is all a process needs before loading a SavedModel containing them.
-
-    Quiet on purpose: a missing or mismatched library is reported once, by `loader.load()`,
-    when a function first needs the kernels (unchanged behaviour); here it is just skipped.
-    """
-    try:
-        with open(loader._INFO_PATH) as f:
-            built = json.load(f).get("tf_version", "unknown")
-        if loader._same_release(built, tf.__version__):
-            tf.load_op_library(loader._OPS_PATH)
-    except Exception:  # noqa: BLE001 - reported by loader.load() on first use
-        pass
-
-
-_register_ops_for_serving()
 
 
 # --------------------------------------------------------------------------- policy
