@@ -118,13 +118,12 @@ def test_export_without_plugin_leaves_the_policy_as_it_was(artifacts, tmp_path):
     import os
 
     from tf_smallmm._core import dispatch
-    from tf_smallmm.capsules import routing
 
     before = os.environ.get("TF_SMALLMM_DISABLE")
     model = small_capsnet()
     caps.export_without_plugin(model, str(tmp_path / "again"), verbose=False)
     assert os.environ.get("TF_SMALLMM_DISABLE") == before
-    assert not routing._forced_builtin() and not dispatch.disabled()
+    assert not dispatch.disabled()
     x = tf.zeros([2, 6, 6, 1])
     graph = tf.function(model).get_concrete_function(x).graph
     assert any(op.type == "SmallMMDynamicRouting" for op in graph.get_operations())

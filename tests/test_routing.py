@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from conftest import random_tensor, run_python, smallmm_ops
 from tf_smallmm.capsules import routing as caps
+from tf_smallmm.layers import builtin_ops
 from tf_smallmm._core import loader
 
 # Per-dtype tolerance relative to the largest reference magnitude (routing is a chain of
@@ -147,7 +148,7 @@ def test_graph_uses_fused_ops_by_default_and_builtins_when_forced():
 
     assert {"SmallMMDynamicRouting", "SmallMMDynamicRoutingGrad"} <= smallmm_ops(
         tf.function(step).get_concrete_function(u))
-    with caps.builtin_ops():
+    with builtin_ops():
         forced = tf.function(step).get_concrete_function(u)
     assert not smallmm_ops(forced)
     np.testing.assert_allclose(forced(u), step(u), rtol=1e-5, atol=1e-6)

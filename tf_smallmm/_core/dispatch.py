@@ -3,8 +3,10 @@
 The result, errors and static shapes are the same either way; this only decides speed.
 """
 
+import contextlib
 import functools
 import os
+import threading
 
 import tensorflow as tf
 from tensorflow.python.framework import ops
@@ -29,8 +31,37 @@ MAX_SMALL_MACS = 24 * 24 * 24
 MAX_BATCH_DIMS = 8
 
 
+class _Forced:
+    """How many builtin_ops() blocks are open, in all threads together."""
+
+    lock = threading.Lock()
+    depth = 0
+
+
+@contextlib.contextmanager
+def builtin_ops():
+    """Within this block every tf_smallmm function and layer traces TF's built-in ops
+    instead of SmallMM ops, as under TF_SMALLMM_DISABLE=1.
+
+    Process-wide, not per thread: tf.distribute traces replicas on other threads. Blocks
+    may nest and overlap across threads and close in any order: the built-ins are forced
+    while any is open. Used by `layers.export_without_plugin`; functions traced before the
+    block keep their ops.
+    """
+    with _Forced.lock:
+        _Forced.depth += 1
+    try:
+        yield
+    finally:
+        with _Forced.lock:
+            _Forced.depth -= 1
+
+
 def disabled():
-    """TF_SMALLMM_DISABLE=1 forces the TF built-ins everywhere (for A/B checks)."""
+    """Whether the TF built-ins are forced everywhere: TF_SMALLMM_DISABLE=1 (for A/B
+    checks) or inside builtin_ops()."""
+    if _Forced.depth > 0:
+        return True
     return os.environ.get("TF_SMALLMM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 

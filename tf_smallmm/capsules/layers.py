@@ -22,9 +22,9 @@ serving process must `import tf_smallmm` before loading it, or use
 import keras
 import tensorflow as tf
 
+from tf_smallmm._core.dispatch import builtin_ops
 from tf_smallmm.capsules.routing import (
     EPSILON,
-    builtin_ops,
     dynamic_routing,
     dynamic_routing_reference,
     predict,

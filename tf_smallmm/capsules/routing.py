@@ -16,10 +16,6 @@ the fused op in float32 (cast in, cast back); prediction runs in the 16-bit type
 (the engine accumulates in float32).
 """
 
-import contextlib
-import os
-import threading
-
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops
@@ -33,41 +29,7 @@ ROUTING_DTYPES = frozenset([tf.float32, tf.float64])  # the fused op's own dtype
 CAST_TO_FLOAT32 = frozenset([tf.float16, tf.bfloat16])  # routed in float32
 
 
-
 # --------------------------------------------------------------------------- policy
-class _Forced:
-    lock = threading.Lock()
-    depth = 0
-
-
-@contextlib.contextmanager
-def builtin_ops():
-    """Within this block, capsule functions and layers (and, through TF_SMALLMM_DISABLE,
-    every other tf_smallmm function) trace TF's built-in ops instead of SmallMM ops.
-
-    Process-wide, not per thread: tf.distribute traces replicas on other threads. Used by
-    `layers.export_without_plugin`; functions traced before the block keep their ops.
-    """
-    with _Forced.lock:
-        _Forced.depth += 1
-        previous = os.environ.get("TF_SMALLMM_DISABLE")
-        os.environ["TF_SMALLMM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        with _Forced.lock:
-            _Forced.depth -= 1
-            if _Forced.depth == 0:
-                if previous is None:
-                    os.environ.pop("TF_SMALLMM_DISABLE", None)
-                else:
-                    os.environ["TF_SMALLMM_DISABLE"] = previous
-
-
-def _forced_builtin():
-    return _Forced.depth > 0
-
-
 def _gpu_without_op(op_name):
     if not tf.config.list_logical_devices("GPU"):
         return False
@@ -76,13 +38,13 @@ def _gpu_without_op(op_name):
 
 def use_predict_kernel(dtype, macs=None):
     """Whether `predict` runs on the SmallMM engine for this dtype and J·K·L."""
-    return not _forced_builtin() and dispatch.use_kernel(tf.as_dtype(dtype), macs)
+    return dispatch.use_kernel(tf.as_dtype(dtype), macs)
 
 
 def use_routing_kernel(dtype):
     """Whether `dynamic_routing` runs the fused op for this dtype (16-bit: in float32)."""
     dtype = tf.as_dtype(dtype)
-    if _forced_builtin() or dtype not in ROUTING_DTYPES | CAST_TO_FLOAT32:
+    if dtype not in ROUTING_DTYPES | CAST_TO_FLOAT32:
         return False
     if not dispatch.use_kernel(dtype):
         return False
