@@ -77,10 +77,14 @@ def in_xla_context():
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_without_kernels():
-    # Devices and registered kernels do not change within a process: ask once (the
-    # registry query costs milliseconds, more than a small product).
-    if "GPU" in loader.build_info().get("devices", []):
+def gpu_without_kernels(op_name="SmallMMBatchMatMul"):
+    """Whether this process has a GPU but the library no GPU kernel for `op_name` (a
+    CPU-only build on a GPU machine): TF's built-ins then run there instead.
+
+    Cached: devices and registered kernels do not change within a process, and asking
+    costs milliseconds, more than a small product.
+    """
+    if "GPU" in loader.registered_devices(op_name):
         return False
     return bool(tf.config.list_logical_devices("GPU"))
 
@@ -95,6 +99,6 @@ def use_kernel(dtype, macs=None):
         return False
     if macs is not None and macs > MAX_SMALL_MACS:
         return False
-    if in_xla_context() or _gpu_without_kernels():
+    if in_xla_context() or gpu_without_kernels():
         return False
     return True

@@ -84,7 +84,7 @@ def kernels_loaded():
 
 
 @functools.lru_cache(maxsize=None)
-def _registered_devices(op_name):
+def registered_devices(op_name):
     # Cached: registrations are fixed once the library is loaded, and the dispatch policy
     # asks on every call (uncached, the registry query cost ~350 us and leaked ~280 bytes
     # per call).
@@ -103,7 +103,7 @@ def build_info():
     info["tf_runtime_version"] = tf.__version__
     info["kernels_loaded"] = lib is not None
     info["load_error"] = _State.error
-    info["devices"] = list(_registered_devices("SmallMMBatchMatMul")) if lib is not None else []
+    info["devices"] = list(registered_devices("SmallMMBatchMatMul")) if lib is not None else []
     try:
         from tf_smallmm import _smallmm_core as core
 

@@ -30,12 +30,6 @@ CAST_TO_FLOAT32 = frozenset([tf.float16, tf.bfloat16])  # routed in float32
 
 
 # --------------------------------------------------------------------------- policy
-def _gpu_without_op(op_name):
-    if not tf.config.list_logical_devices("GPU"):
-        return False
-    return "GPU" not in loader._registered_devices(op_name)
-
-
 def use_predict_kernel(dtype, macs=None):
     """Whether `predict` runs on the SmallMM engine for this dtype and J·K·L."""
     return dispatch.use_kernel(tf.as_dtype(dtype), macs)
@@ -46,9 +40,7 @@ def use_routing_kernel(dtype):
     dtype = tf.as_dtype(dtype)
     if dtype not in ROUTING_DTYPES | CAST_TO_FLOAT32:
         return False
-    if not dispatch.use_kernel(dtype):
-        return False
-    return not _gpu_without_op("SmallMMDynamicRouting")
+    return dispatch.use_kernel(dtype) and not dispatch.gpu_without_kernels("SmallMMDynamicRouting")
 
 
 # --------------------------------------------------------------------------- helpers
