@@ -34,10 +34,6 @@ from tensorflow.python.framework import ops
 
 from tf_smallmm._core import dispatch, engine
 
-# `product` supports this many batch axes (kMaxBatchDims in cc/kernels/smallmm.h).
-_MAX_BATCH_AXES = 8
-
-
 @dataclasses.dataclass(frozen=True)
 class Contraction:
     """out[out] = Σ x[x] · y[y] over the labels missing from `out`. Labels are unique
@@ -148,7 +144,7 @@ def plan(c):
                             if batch is None:
                                 continue
                             groups, reduced = _merge_batch_axes(batch, c)
-                            if len(groups) > _MAX_BATCH_AXES:
+                            if len(groups) > dispatch.MAX_BATCH_DIMS:
                                 continue
                             score = (kk, mm + nn, -(ta + tb), lhs_is_x)
                             if best_score is None or score > best_score:

@@ -41,8 +41,6 @@ def _eligible(a, b, transpose_a, transpose_b):
         return False
     if max(sa.rank or 0, sb.rank or 0) - 2 > dispatch.MAX_BATCH_DIMS:
         return False
-    if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
-        pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
     sa = sa.as_list() if sa.rank is not None else None
     sb = sb.as_list() if sb.rank is not None else None
     m = _dim(sa, -1 if transpose_a else -2)
