@@ -8,9 +8,9 @@
 `CapsuleLayer` = `CapsulePredict` (û = W·u through the SmallMM engine, dW summed over the
 batch inside the kernel) followed by `DynamicRouting` (all routing iterations of a batch
 row in one fused kernel, exact gradient by a second fused kernel). Both fall back to the
-same maths in TF ops (`tf_smallmm.capsules.routing.*_reference`) under XLA, TF_SMALLMM_DISABLE=1,
-without the op library, or for dtypes the kernels lack; float16 / bfloat16 (mixed
-precision) route in float32 inside the fused op.
+same maths in TF ops (`predict_reference`, `dynamic_routing_reference`) under XLA,
+TF_SMALLMM_DISABLE=1, without the op library, or for dtypes the kernels lack; float16 /
+bfloat16 (mixed precision) route in float32 inside the fused op.
 
 Every layer is serialisable (`.keras`, `get_config`) and sets `supports_jit = False` where
 it uses SmallMM ops, so Keras' automatic XLA on GPU machines does not silently compile the
@@ -23,12 +23,11 @@ import keras
 import tensorflow as tf
 
 from tf_smallmm._core.dispatch import builtin_ops
+from tf_smallmm.capsules.prediction import predict, predict_reference
 from tf_smallmm.capsules.routing import (
     EPSILON,
     dynamic_routing,
     dynamic_routing_reference,
-    predict,
-    predict_reference,
     squash,
 )
 

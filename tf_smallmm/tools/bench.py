@@ -165,7 +165,7 @@ def routing_case(dtype, batch=50, routings=3):
         return tf.reshape(y, [-1, 1152, 10, 16])
 
     impls = {
-        "tf_smallmm": lambda w, u: routing.dynamic_routing(routing.predict(u, w), routings),
+        "tf_smallmm": lambda w, u: routing.dynamic_routing(smm.capsule_predict(w, u), routings),
         "tf.einsum + TF ops": routed(lambda w, u: tf.einsum("ijkl,bil->bijk", w, u)),
         "tf.matmul (broadcast) + TF ops": routed(broadcast_matmul),
     }
