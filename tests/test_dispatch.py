@@ -1,15 +1,34 @@
-"""The dispatch policy's switches: builtin_ops() blocks (nested, overlapping, from many
-threads) and what they leave behind."""
+"""The dispatch policy: its dtype list against the library's, and builtin_ops() blocks
+(nested, overlapping, from many threads) and what they leave behind."""
 
 import os
 import threading
 
 import tensorflow as tf
 from conftest import smallmm_ops
+from tensorflow.python.framework import op_def_registry
 
 import tf_smallmm as smm
-from tf_smallmm._core import dispatch
+from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import dispatch, loader
 from tf_smallmm.layers import builtin_ops
+
+
+def test_supported_dtypes_are_the_librarys():
+    """SUPPORTED_DTYPES is written once in Python; the library has its own list. Compared
+    with the dtype names the kernel module exports where it does, and with the type attr
+    the op registers (which the kernel registrations come from) in any case."""
+    ours = {d.name for d in dispatch.SUPPORTED_DTYPES}
+    names = getattr(core, "dtype_names", None)
+    if names is not None:
+        assert ours == set(names)
+    assert loader.load() is not None
+    attr = next(a for a in op_def_registry.get("SmallMMBatchMatMul").attr if a.name == "T")
+    assert ours == {tf.as_dtype(t).name for t in attr.allowed_values.list.type}
+
+
+def test_max_batch_dims_is_the_kernels():
+    assert dispatch.MAX_BATCH_DIMS == core.max_batch_dims
 
 
 def matmul_ops():

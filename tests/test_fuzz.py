@@ -91,10 +91,6 @@ def test_core_rejects_byteswapped_and_misaligned_arrays():
                                   np.full((2, 2), 2.0, np.float32))
 
 
-def test_max_batch_dims_is_the_kernels():
-    assert dispatch.MAX_BATCH_DIMS == core.max_batch_dims
-
-
 @pytest.mark.parametrize("extra", [1, 2])  # tf.matmul itself stops at rank 12
 def test_more_batch_dims_than_the_kernels_take_fall_back(extra):
     rank = dispatch.MAX_BATCH_DIMS + extra

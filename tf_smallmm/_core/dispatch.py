@@ -13,6 +13,8 @@ from tensorflow.python.framework import ops
 
 from tf_smallmm._core import loader
 
+# The dtypes the SmallMM ops have kernels for. The library keeps its own list (the ops'
+# type attr, and _smallmm_core.dtype_names); tests/test_dispatch.py checks the two agree.
 SUPPORTED_DTYPES = frozenset(
     [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128])
 
@@ -27,7 +29,7 @@ MAX_SMALL_MACS = 24 * 24 * 24
 
 # The kernels take at most this many batch axes (after broadcasting); tf.matmul takes
 # more, so wrappers fall back to it above this. Equal to smallmm::kMaxBatchDims
-# (cc/kernels/smallmm.h; tests check it through _smallmm_core.max_batch_dims).
+# (cc/kernels/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
 MAX_BATCH_DIMS = 8
 
 
