@@ -22,8 +22,12 @@ from tf_smallmm.decompose.vbmf import estimate_rank
 
 _TENSORLY_HINT = "pip install tf_smallmm[decompose]  (or: pip install tensorly)"
 
-# Tucker-2 by HOOI: HOSVD start, then alternate the two channel factors. The fit rarely moves
-# after a handful of sweeps on conv kernels; stop early when it changes by less than _HOOI_TOL.
+# Tucker-2 by HOOI: HOSVD start, then alternate the two channel factors until the fit (the
+# fraction of ||K||² kept) changes by less than _HOOI_TOL, at most _HOOI_MAX_ITERS sweeps.
+# Measured 2026-12-01 on 3×3 kernels with S×T from 32×64 to 128×256 at a quarter and half
+# of each channel rank, 2 shared cores: kernels of that multilinear rank plus 5% noise stop
+# after 2 sweeps; i.i.d. Gaussian kernels (no structure: the worst case) still creep after
+# 20, but by at most 1.8e-3 of ||K||² against 200 sweeps, at 0.03-1.8 s per sweep.
 _HOOI_MAX_ITERS = 20
 _HOOI_TOL = 1e-10
 
