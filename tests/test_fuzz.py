@@ -1,8 +1,9 @@
 """Bad-input fuzzing of every op: the public functions (tests/public_ops.py), the raw TF ops
 and the pybind11 module. Each family runs thousands of cases in one subprocess (see
-tests/fuzz_cases.py for the mutations and oracles): a crash or hang fails the test and
-names the case; every case must return the oracle's result or raise a Python exception
-that names the problem, without allocating absurd memory.
+tests/fuzz_cases.py; the mutations and oracles are in fuzz_public.py, fuzz_raw.py and
+fuzz_core.py): a crash or hang fails the test and names the case; every case must return
+the oracle's result or raise a Python exception that names the problem, without
+allocating absurd memory.
 
 CI runs a fixed seed (SMALLMM_FUZZ_SEED overrides it); tests/fuzz_nightly.py runs many more
 cases with fresh seeds. Below the families: regression tests for what fuzzing found.
