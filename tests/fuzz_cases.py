@@ -40,6 +40,7 @@ import traceback
 
 import numpy as np
 import tensorflow as tf
+
 from fuzz_common import HERE, check_expect, small_enough
 from fuzz_core import TF_OF_NP, core_case
 from fuzz_public import check_public, public_case
@@ -64,7 +65,7 @@ def _limit_address_space():
         return
     with open("/proc/self/statm") as f:
         vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
     want = vm + AS_HEADROOM
     if hard == resource.RLIM_INFINITY or want <= hard:
         resource.setrlimit(resource.RLIMIT_AS, (want, hard))
@@ -187,7 +188,7 @@ def run_family(family, seed, count, timeout, env=None):
     try:
         try:
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               timeout=timeout, env=full_env, cwd=HERE)
+                               timeout=timeout, env=full_env, cwd=HERE, check=False)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
             rc, out, err = "timeout", e.stdout or "", e.stderr or ""

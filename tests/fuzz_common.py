@@ -14,11 +14,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import tensorflow as tf  # noqa: E402
-from conftest import tolerance, wide  # noqa: E402
-from public_ops import RandomPick, broadcast_batches, matrix_dims  # noqa: E402
+import tensorflow as tf
 
-from tf_smallmm import _smallmm_core as core  # noqa: E402
+from conftest import tolerance, wide
+from public_ops import RandomPick, broadcast_batches, matrix_dims
+from tf_smallmm import _smallmm_core as core
 
 MAX_BATCH = core.max_batch_dims
 INT64_MAX = 2**63 - 1
@@ -133,8 +133,8 @@ def huge_zero_tensor(shape, dtype):
 
 # ------------------------------------------------------------------ valid operands
 def random_flags(pick):
-    return dict(transpose_x=pick.bool(), conjugate_x=pick.bool(), transpose_y=pick.bool(),
-                conjugate_y=pick.bool())
+    return {"transpose_x": pick.bool(), "conjugate_x": pick.bool(), "transpose_y": pick.bool(),
+            "conjugate_y": pick.bool()}
 
 
 def valid_operands(pick):
@@ -238,11 +238,11 @@ def check_expect(got, err, exp, dtype_of=None):
         return []
     if exp.kind == "error":
         if err is None:
-            return [f"returned {describe(got)} for a bad call (want an error matching "
-                    f"{exp.patterns})"]
-        if exp.patterns and not any(re.search(p, str(err), re.I) for p in exp.patterns):
-            return [f"message does not name the problem (want /{'|'.join(exp.patterns)}/): "
-                    f"{type(err).__name__}: {str(err)[:200]}"]
+            return [(f"returned {describe(got)} for a bad call (want an error matching "
+                     f"{exp.patterns})")]
+        if exp.patterns and not any(re.search(p, str(err), re.IGNORECASE) for p in exp.patterns):
+            return [(f"message does not name the problem (want /{'|'.join(exp.patterns)}/): "
+                     f"{type(err).__name__}: {str(err)[:200]}")]
         return []
     if err is not None:
         return [f"rejected a valid call: {type(err).__name__}: {str(err)[:200]}"]

@@ -7,6 +7,7 @@ import math
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
+
 from conftest import DTYPES
 from fuzz_common import (
     ANY,
@@ -30,9 +31,7 @@ from fuzz_common import (
     weird_objects,
 )
 from public_ops import np_product, np_reduce_to
-
 from tf_smallmm import _smallmm_core as core
-
 
 NP_DTYPES = {tf.float16: np.float16, tf.bfloat16: ml_dtypes.bfloat16, tf.float32: np.float32,
              tf.float64: np.float64, tf.complex64: np.complex64,
@@ -182,10 +181,8 @@ def core_oracle(x, y, reduce, bs, flags, extra_kw):
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
         return ANY
     problems = []
-    if x.dtype != y.dtype or (x.dtype not in TF_OF_NP
-                              and x.dtype.newbyteorder("=") not in TF_OF_NP):
-        problems.append(P_DTYPE)
-    elif not (x.dtype.isnative and y.dtype.isnative):
+    unknown = x.dtype not in TF_OF_NP and x.dtype.newbyteorder("=") not in TF_OF_NP
+    if x.dtype != y.dtype or unknown or not (x.dtype.isnative and y.dtype.isnative):
         problems.append(P_DTYPE)
     if problems:
         return Expect("error", patterns=problems)

@@ -3,6 +3,7 @@ against TensorFlow's own function (see tests/fuzz_cases.py). Not a test module."
 
 import numpy as np
 import tensorflow as tf
+
 from conftest import DTYPES, wide
 from fuzz_common import (
     ANY,
@@ -23,7 +24,6 @@ from fuzz_common import (
     random_values,
     weird_objects,
 )
-
 
 _GRAPH_CACHE = {}
 
@@ -126,15 +126,15 @@ def check_public(got, err, exp):
         return []
     if exp.kind == "error":
         if err is None:
-            return [f"returned {describe(got)} where the reference raised "
-                    f"{type(exp.exc).__name__}: {str(exp.exc)[:150]}"]
+            return [(f"returned {describe(got)} where the reference raised "
+                     f"{type(exp.exc).__name__}: {str(exp.exc)[:150]}")]
         if error_kind(err) != error_kind(exp.exc):
-            return [f"raised {error_kind(err)} where the reference raised "
-                    f"{error_kind(exp.exc)} ({str(exp.exc)[:120]})"]
+            return [(f"raised {error_kind(err)} where the reference raised "
+                     f"{error_kind(exp.exc)} ({str(exp.exc)[:120]})")]
         return []
     if err is not None:
-        return [f"rejected a call the reference accepts: {type(err).__name__}: "
-                f"{str(err)[:200]}"]
+        return [(f"rejected a call the reference accepts: {type(err).__name__}: "
+                 f"{str(err)[:200]}")]
     want = exp.value
     if not isinstance(got, tf.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
         return [f"returned {describe(got)}, reference {describe(want)}"]
@@ -142,7 +142,7 @@ def check_public(got, err, exp):
         w = tf.cast(want, wide(want.dtype)).numpy()
         if not close(tf.cast(got, wide(got.dtype)).numpy(), w, exp.bound, want.dtype):
             return ["values differ from the reference beyond tolerance"]
-    elif want.dtype.is_integer or want.dtype == tf.bool:
-        if not np.array_equal(got.numpy(), want.numpy()):
-            return ["values differ from the reference"]
+    elif ((want.dtype.is_integer or want.dtype == tf.bool)
+          and not np.array_equal(got.numpy(), want.numpy())):
+        return ["values differ from the reference"]
     return []

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import tensorflow as tf
+
 from conftest import DTYPES, wide
 from fuzz_common import (
     ANY,
@@ -32,9 +33,7 @@ from fuzz_common import (
     weird_objects,
 )
 from public_ops import np_product, np_reduce_to
-
 from tf_smallmm._core import loader
-
 
 _GRAPH_CACHE = {}
 
@@ -45,16 +44,18 @@ def _raw_graph_fn(reduce, dtype, shape_dtype, flags):
         lib = loader.load()
         if reduce:
             specs = [tf.TensorSpec(None, dtype)] * 2 + [tf.TensorSpec([None], shape_dtype)]
-            fn = lambda x, y, s: lib.small_mm_batch_mat_mul_reduce(x, y, s, **flags)  # noqa
+            fn = lambda x, y, s: lib.small_mm_batch_mat_mul_reduce(x, y, s, **flags)
         else:
             specs = [tf.TensorSpec(None, dtype)] * 2
-            fn = lambda x, y: lib.small_mm_batch_mat_mul(x, y, **flags)  # noqa
+            fn = lambda x, y: lib.small_mm_batch_mat_mul(x, y, **flags)
         _GRAPH_CACHE[k] = tf.function(fn, input_signature=specs)
     return _GRAPH_CACHE[k]
 
 
-GRAPH_FLAGS = [dict(transpose_x=False, conjugate_x=False, transpose_y=False, conjugate_y=False),
-               dict(transpose_x=True, conjugate_x=True, transpose_y=False, conjugate_y=True)]
+GRAPH_FLAGS = [
+    {"transpose_x": False, "conjugate_x": False, "transpose_y": False, "conjugate_y": False},
+    {"transpose_x": True, "conjugate_x": True, "transpose_y": False, "conjugate_y": True},
+]
 
 
 def raw_case(pick):
@@ -166,8 +167,8 @@ def raw_case(pick):
         ok_bs = tf.constant([2], bs.dtype if isinstance(bs, tf.Tensor) else
                             tf.int64 if any(abs(v) >= 2**31 for v in bs) else tf.int32)
         ok = (tf.ones([2, 3, 4], ok_dtype), tf.ones([2, 4, 5], ok_dtype), ok_bs)
-        ok_flags = dict(transpose_x=False, conjugate_x=False, transpose_y=False,
-                        conjugate_y=False)
+        ok_flags = {"transpose_x": False, "conjugate_x": False, "transpose_y": False,
+                    "conjugate_y": False}
 
         def thunk():
             products = [(x, y, bs), ok] if slot == 0 else [ok, (x, y, bs)]

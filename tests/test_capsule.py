@@ -7,9 +7,9 @@ fallbacks are in test_dropins.py with the other drop-ins.)"""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close, random_tensor, smallmm_ops
 
 import tf_smallmm as smm
+from conftest import assert_close, random_tensor, smallmm_ops
 
 # The one implementation under both of its names, as f(w, u).
 ENTRY_POINTS = {"capsule_predict": smm.capsule_predict,

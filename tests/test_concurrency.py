@@ -19,9 +19,8 @@ import tensorflow as tf
 
 from conftest import DTYPES, GRAD_DTYPES, run_python
 from public_ops import PUBLIC_OPS, RandomPick
-
-from tf_smallmm._core import loader
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import loader
 
 THREADS = 8
 CALLS_PER_THREAD = 1000

@@ -68,7 +68,9 @@ def serve_in_fresh_process(d, import_tf_smallmm):
         attempt("builtin", lambda: serve("builtin"))
         if {import_tf_smallmm!r}:
             import keras
-            attempt("keras", lambda: keras.models.load_model(d + "/model.keras").predict(x, verbose=0))
+            def keras_predict():
+                return keras.models.load_model(d + "/model.keras").predict(x, verbose=0)
+            attempt("keras", keras_predict)
         out["tf_smallmm_imported"] = "tf_smallmm" in sys.modules
         print(json.dumps(out))
     """

@@ -5,10 +5,10 @@ import os
 import threading
 
 import tensorflow as tf
-from conftest import smallmm_ops
 from tensorflow.python.framework import op_def_registry
 
 import tf_smallmm as smm
+from conftest import smallmm_ops
 from tf_smallmm import _smallmm_core as core
 from tf_smallmm._core import dispatch, loader
 from tf_smallmm.layers import builtin_ops

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from conftest import DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python, smallmm_ops, wide
 
 import tf_smallmm as smm
+from conftest import DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python, smallmm_ops, wide
 from tf_smallmm._core import contraction
 from tf_smallmm.dropins.einsum import parse
 

@@ -17,12 +17,11 @@ import pytest
 import tensorflow as tf
 
 import fuzz_cases
+import tf_smallmm as smm
 from conftest import run_python
 from public_ops import PUBLIC_OPS
-
-import tf_smallmm as smm
-from tf_smallmm._core import dispatch, loader
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import dispatch, loader
 
 SEED = int(os.environ.get("SMALLMM_FUZZ_SEED", "20261201"))
 # About 17 000 cases, ~40 s on 2 shared cores (most of it TensorFlow start-up and tracing).

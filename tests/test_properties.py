@@ -26,11 +26,17 @@ from hypothesis import strategies as st
 
 import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 from conftest import DTYPES, GRAD_DTYPES, assert_close, smallmm_ops, tolerance, wide
-from public_ops import (PUBLIC_OPS, HypothesisPick, RandomPick, broadcast_batches,
-                        matrix_dims, np_product, np_reduce_to)
-
-from tf_smallmm._core import dispatch, loader
+from public_ops import (
+    PUBLIC_OPS,
+    HypothesisPick,
+    RandomPick,
+    broadcast_batches,
+    matrix_dims,
+    np_product,
+    np_reduce_to,
+)
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import dispatch, loader
 
 OPS = pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.name)
 
@@ -166,8 +172,8 @@ def test_reduce_op_sums_to_batch_shape(data):
     c = dtype.is_complex
     m, n, k = matrix_dims(pick, 3)
     bx, by = broadcast_batches(pick, 2)
-    flags = dict(transpose_x=pick.bool(), conjugate_x=pick.bool(), transpose_y=pick.bool(),
-                 conjugate_y=pick.bool())
+    flags = {"transpose_x": pick.bool(), "conjugate_x": pick.bool(), "transpose_y": pick.bool(),
+             "conjugate_y": pick.bool()}
     xs = bx + ([k, m] if flags["transpose_x"] else [m, k])
     ys = by + ([n, k] if flags["transpose_y"] else [k, n])
     x, y = _cast_all([pick.array(xs, c), pick.array(ys, c)], dtype)
@@ -212,8 +218,8 @@ def test_core_on_strided_views_matches_numpy(data):
     dtype = pick.choice(DTYPES)
     m, n, k = matrix_dims(pick, 3)
     bx, by = broadcast_batches(pick, 2)
-    flags = dict(transpose_x=pick.bool(), conjugate_x=pick.bool(), transpose_y=pick.bool(),
-                 conjugate_y=pick.bool())
+    flags = {"transpose_x": pick.bool(), "conjugate_x": pick.bool(), "transpose_y": pick.bool(),
+             "conjugate_y": pick.bool()}
     x = _view(pick, bx + ([k, m] if flags["transpose_x"] else [m, k]), dtype)
     y = _view(pick, by + ([n, k] if flags["transpose_y"] else [k, n]), dtype)
     reduce = pick.bool()

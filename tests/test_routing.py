@@ -201,7 +201,8 @@ def test_every_isa_matches_reference(isa):
                         loss = tf.reduce_sum(fn(u, 3) * g)
                     out.append(t.gradient(loss, u).numpy())
                 tol = 2e-5 if dt == tf.float32 else 1e-12
-                worst = max(worst, float(np.abs(out[0] - out[1]).max() / np.abs(out[1]).max() / tol))
+                err = float(np.abs(out[0] - out[1]).max() / np.abs(out[1]).max())
+                worst = max(worst, err / tol)
         print(smm.build_info()["active_isa"], worst)
     """, env={"TF_SMALLMM_ISA": isa})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,8 +9,8 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from conftest import run_python, smallmm_ops
 
+from conftest import run_python, smallmm_ops
 from tf_smallmm import layers as caps
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_0_1_0")

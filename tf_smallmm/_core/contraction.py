@@ -34,6 +34,7 @@ from tensorflow.python.framework import ops
 
 from tf_smallmm._core import dispatch, engine
 
+
 @dataclasses.dataclass(frozen=True)
 class Contraction:
     """out[out] = Σ x[x] · y[y] over the labels missing from `out`. Labels are unique
@@ -265,7 +266,7 @@ def run(c, x, y, name=None):
                                     else size(label) for label in group)
                 for group, red in zip(p.batch, p.reduced)]
         result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
-                              batch_shape=batch_shape)
+                                batch_shape=batch_shape)
 
         # Back to the output's axes: a broadcast label's size is the product's (the static
         # shape then follows TF's broadcasting rule, as tf.einsum's does), every other

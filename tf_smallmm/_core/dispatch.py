@@ -74,11 +74,11 @@ def in_xla_context():
         from tensorflow.python.ops import control_flow_util
 
         return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
-    except Exception:  # private API moved: assume no XLA (the op then fails loudly)
+    except Exception:  # noqa: BLE001 - private API moved: assume no XLA (the op fails loudly)
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_without_kernels(op_name="SmallMMBatchMatMul"):
     """Whether this process has a GPU but the library no GPU kernel for `op_name` (a
     CPU-only build on a GPU machine): TF's built-ins then run there instead.
@@ -101,6 +101,4 @@ def use_kernel(dtype, macs=None):
         return False
     if macs is not None and macs > MAX_SMALL_MACS:
         return False
-    if in_xla_context() or gpu_without_kernels():
-        return False
-    return True
+    return not (in_xla_context() or gpu_without_kernels())

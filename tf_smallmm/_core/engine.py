@@ -116,9 +116,9 @@ def _pair_grad(op, grad_1, grad_2):
         if grad is None:
             out += [None, None, None]
             continue
-        attr = lambda name: op.get_attr(f"{name}_{p}")  # noqa: E731
-        dx, dy = _grads(op.inputs[first], op.inputs[first + 1], attr("transpose_x"),
-                        attr("conjugate_x"), attr("transpose_y"), attr("conjugate_y"), grad,
+        flags = [op.get_attr(f"{name}_{p}")
+                 for name in ("transpose_x", "conjugate_x", "transpose_y", "conjugate_y")]
+        dx, dy = _grads(op.inputs[first], op.inputs[first + 1], *flags, grad,
                         first not in skip, first + 1 not in skip)
         out += [dx, dy, None]
     return out

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import warnings
+from typing import ClassVar
 
 import tensorflow as tf
 from packaging.version import InvalidVersion, Version
@@ -23,7 +24,7 @@ REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_sm
 class _State:
     lib = None
     error = None
-    info = {}
+    info: ClassVar[dict] = {}
 
 
 def _read_info():
@@ -39,7 +40,7 @@ def _built_for_running_tf(built):
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """Returns the op-library module, or None (after one warning) if it cannot be used."""
     try:
@@ -56,7 +57,7 @@ def load():
     if _State.error is None:
         try:
             _State.lib = tf.load_op_library(_OPS_PATH)
-        except Exception as e:  # NotFoundError (undefined symbol), OSError, ...
+        except Exception as e:  # noqa: BLE001 - NotFoundError (undefined symbol), OSError, ...
             _State.error = (f"tf_smallmm's op library failed to load ({e}); TensorFlow's "
                             f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
     if _State.error is not None:
@@ -83,7 +84,7 @@ def kernels_loaded():
     return load() is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def registered_devices(op_name):
     # Cached: registrations are fixed once the library is loaded, and the dispatch policy
     # asks on every call (uncached, the registry query cost ~350 us and leaked ~280 bytes

@@ -2,10 +2,10 @@
 al. 2017): û [B, I, J, K] -> v [B, J, K], fused, and its pure-TF reference (the fallback and
 the test oracle).
 
-`dynamic_routing(u_hat, iterations)` is the fused op SmallMMDynamicRouting (all iterations of a batch row in one
-kernel while the row's û stays in cache) with an exact gradient op. It falls back to
-`dynamic_routing_reference` (tf.nn.softmax, tf.einsum and elementwise TF ops, the same
-maths) when the dispatch policy says so: XLA compilation, TF_SMALLMM_DISABLE=1 or
+`dynamic_routing(u_hat, iterations)` is the fused op SmallMMDynamicRouting (all iterations
+of a batch row in one kernel while the row's û stays in cache) with an exact gradient op.
+It falls back to `dynamic_routing_reference` (tf.nn.softmax, tf.einsum and elementwise TF
+ops, the same maths) when the dispatch policy says so: XLA compilation, TF_SMALLMM_DISABLE=1 or
 `builtin_ops()`, no op library, a GPU without SmallMM kernels, or an unsupported dtype.
 float16 / bfloat16 are routed in float32 (cast in, cast back).
 """
@@ -93,7 +93,7 @@ def dynamic_routing(u_hat, iterations=3, epsilon=EPSILON):
     dtype = u_hat.dtype
     x = tf.cast(u_hat, tf.float32) if dtype in CAST_TO_FLOAT32 else u_hat
     v = loader.load().small_mm_dynamic_routing(x, num_iterations=int(iterations),
-                                                epsilon=float(epsilon))
+                                               epsilon=float(epsilon))
     return tf.cast(v, dtype)
 
 

@@ -55,7 +55,8 @@ def resolve_rank(layer, what: str, spec, unfolding: np.ndarray, full: int, hint:
             "'vbmf' or an energy fraction in (0, 1]"
         )
     if isinstance(spec, bool):
-        raise ValueError(f"{layer_label(layer)}: {what} must be an int, got {spec!r}")  # noqa: TRY004
+        raise ValueError(  # noqa: TRY004
+            f"{layer_label(layer)}: {what} must be an int, got {spec!r}")
     if isinstance(spec, numbers.Integral):
         if not 1 <= int(spec) <= full:
             raise ValueError(

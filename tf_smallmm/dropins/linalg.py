@@ -88,15 +88,15 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
     copies, transposes as strides, gradients of broadcast operands summed inside the
     kernel); everything else calls `tf.linalg.matmul` with the same arguments.
     """
-    builtin_kwargs = dict(transpose_a=transpose_a, transpose_b=transpose_b,
-                          adjoint_a=adjoint_a, adjoint_b=adjoint_b, a_is_sparse=a_is_sparse,
-                          b_is_sparse=b_is_sparse, output_type=output_type, grad_a=grad_a,
-                          grad_b=grad_b)
-    with ops.name_scope(name, "MatMul", [a, b]) as name:
+    builtin_kwargs = {"transpose_a": transpose_a, "transpose_b": transpose_b,
+                      "adjoint_a": adjoint_a, "adjoint_b": adjoint_b, "a_is_sparse": a_is_sparse,
+                      "b_is_sparse": b_is_sparse, "output_type": output_type, "grad_a": grad_a,
+                      "grad_b": grad_b}
+    with ops.name_scope(name, "MatMul", [a, b]) as scope:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)  # raises ValueError
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
         if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
         a, b = _convert(a, b)
         _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
                                   grad_a, grad_b)
@@ -104,9 +104,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         # transpose_a on its batch path, where it only ever tests it with `if`).
         ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
         if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
         return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
-                            conjugate_y=bool(adjoint_b), name=name)
+                              conjugate_y=bool(adjoint_b), name=scope)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
@@ -115,7 +115,7 @@ def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_spa
     if _dispatched_by_builtin(a, b):
         return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
                                 a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
-    with ops.name_scope(name, "MatVec", [a, b]) as name:
+    with ops.name_scope(name, "MatVec", [a, b]):
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
         return tf.squeeze(output, axis=-1)

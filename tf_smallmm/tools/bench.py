@@ -242,7 +242,7 @@ def run_case(case, repeats, bandwidth, ours_only=False):
         except (tf.errors.OpError, ValueError, TypeError) as e:  # e.g. no bf16 kernel
             print(f"  {name}: skipped ({type(e).__name__})")
             continue
-        row = dict(impl=name, fwd=t_f, fwd_bwd=t_fb, mem=mem)
+        row = {"impl": name, "fwd": t_f, "fwd_bwd": t_fb, "mem": mem}
         if name == case.ours:  # did the dispatch policy choose our kernels?
             graph = fwd.get_concrete_function(case.a, case.b).graph
             row["engine"] = any(op.type.startswith("SmallMM") for op in graph.get_operations())
@@ -257,12 +257,13 @@ def run_case(case, repeats, bandwidth, ours_only=False):
     xla = [r for r in rows if r["impl"].startswith("XLA")]
     builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
     ours = next(r for r in rows if r["impl"] == case.ours)
-    return dict(case=case.name, dtype=case.dtype.name, rows=rows, eager=eager, floor_fwd=floor_f,
-                floor_fwd_bwd=floor_fb, ours=ours,
-                best_builtin=min(builtin, key=lambda r: r["fwd"]) if builtin else None,
-                best_builtin_fb=min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
-                best_xla=min(xla, key=lambda r: r["fwd"]) if xla else None,
-                out_mib=(_nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size) / MiB)
+    out_bytes = _nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size
+    return {"case": case.name, "dtype": case.dtype.name, "rows": rows, "eager": eager,
+            "floor_fwd": floor_f, "floor_fwd_bwd": floor_fb, "ours": ours,
+            "best_builtin": min(builtin, key=lambda r: r["fwd"]) if builtin else None,
+            "best_builtin_fb": min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
+            "best_xla": min(xla, key=lambda r: r["fwd"]) if xla else None,
+            "out_mib": out_bytes / MiB}
 
 
 def cases(quick):
@@ -272,7 +273,8 @@ def cases(quick):
     out += [lambda n=n: matmul_case(n, n, n, tf.float32) for n in sizes]
     out += [lambda: matvec_case(900, 20, tf.float32), lambda: matvec_case(100_000, 20, tf.float32)]
     if not quick:
-        out += [lambda: matmul_case(16, 8, 1, tf.float32), lambda: matmul_case(8, 8, 64, tf.float32),
+        out += [lambda: matmul_case(16, 8, 1, tf.float32),
+                lambda: matmul_case(8, 8, 64, tf.float32),
                 lambda: capsule_case(tf.bfloat16), lambda: matmul_case(8, 8, 8, tf.bfloat16),
                 lambda: routing_case(tf.float32, batch=8), lambda: routing_case(tf.bfloat16)]
     return out
@@ -283,16 +285,16 @@ def markdown(results, bandwidth, args):
     lines = [
         "# Benchmark results",
         "",
-        f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
-        f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
-        f"copy bandwidth {bandwidth:.1f} GB/s (the floor's unit). Times are medians in ms "
-        f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
-        f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
-        f"peak = extra allocator memory of the forward+backward step.",
+        (f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
+         f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
+         f"copy bandwidth {bandwidth:.1f} GB/s (the floor's unit). Times are medians in ms "
+         f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
+         f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
+         f"peak = extra allocator memory of the forward+backward step."),
         "",
-        "| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
-        "ours × (fwd) | ours × (fwd+bwd) | peak MiB |",
+        ("| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
+         "ours × (fwd) | ours × (fwd+bwd) | peak MiB |"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -304,9 +306,9 @@ def markdown(results, bandwidth, args):
                 f"{row['fwd_bwd'] / r['floor_fwd_bwd']:.1f} | {row['fwd'] / o['fwd']:.2f} | "
                 f"{row['fwd_bwd'] / o['fwd_bwd']:.2f} | {row['mem']:.1f} |")
     lines += ["", "Summary (ours vs the fastest built-in, and vs the fastest XLA variant):", "",
-              "| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
-              "floor f+b ms | ours f+b ms | best built-in f+b | ours 1 thread fwd / f+b ms | "
-              f"{os.cpu_count()} threads vs 1 (fwd / f+b) |",
+              ("| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
+               "floor f+b ms | ours f+b ms | best built-in f+b | ours 1 thread fwd / f+b ms | "
+               f"{os.cpu_count()} threads vs 1 (fwd / f+b) |"),
               "|---|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
     for r in results:
         o, bb, bx, bf = r["ours"], r["best_builtin"], r["best_xla"], r["best_builtin_fb"]
@@ -328,12 +330,14 @@ def markdown(results, bandwidth, args):
         for r in eager_rows:
             lines.append(f"| {r['case']} | {r['dtype']} | "
                          + " | ".join(f"{v:.3f}" for v in r["eager"].values()) + " |")
-    lines += ["", "'(dispatch: built-in)': the dispatch policy sends this shape to TensorFlow's "
-              "own op (our kernels were slower there when the threshold was measured), so "
-              "'ours' and that op are the same computation and their ratio is run-to-run noise."]
-    lines += ["", "Thread scaling: the 1-thread column is the same step in a separate process "
-              "with TensorFlow's intra-op pool set to one thread. Cases whose time is already "
-              "near the copy-bandwidth floor cannot scale: memory, not arithmetic, limits them."]
+    lines += ["", ("'(dispatch: built-in)': the dispatch policy sends this shape to TensorFlow's "
+                   "own op (our kernels were slower there when the threshold was measured), so "
+                   "'ours' and that op are the same computation and their ratio is run-to-run "
+                   "noise.")]
+    lines += ["", ("Thread scaling: the 1-thread column is the same step in a separate process "
+                   "with TensorFlow's intra-op pool set to one thread. Cases whose time is "
+                   "already near the copy-bandwidth floor cannot scale: memory, not arithmetic, "
+                   "limits them.")]
     return "\n".join(lines) + "\n"
 
 
@@ -400,7 +404,7 @@ def one_thread(results, args, repeats):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [os.path.dirname(os.path.dirname(os.path.abspath(smm.__file__)))]
             + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        if subprocess.run(cmd, env=env).returncode != 0 or not os.path.exists(path):
+        if subprocess.run(cmd, env=env, check=False).returncode != 0 or not os.path.exists(path):
             print("1-thread rerun failed: no thread-scaling column")
             return
         with open(path) as f:
@@ -444,7 +448,7 @@ def main(argv=None):
         results.append(run_case(case, repeats, bandwidth, args.ours_only))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dict(case=r["case"], dtype=r["dtype"], ours=r["ours"]) for r in results], f)
+            json.dump([{k: r[k] for k in ("case", "dtype", "ours")} for r in results], f)
         return
     if not args.no_scaling and not args.threads:
         one_thread(results, args, repeats)

@@ -85,11 +85,11 @@ def train(epochs, batch_size, seed, verbose=1):
     pred = eval_model.predict(x_test, batch_size=256, verbose=0).argmax(-1)
     graph = tf.function(eval_model).get_concrete_function(
         tf.TensorSpec([None, 8, 8, 1], tf.float32)).graph
-    return dict(accuracy=float((pred == y_test).mean()), epoch_s=timer.times,
-                smallmm_ops=sorted({op.type for op in graph.get_operations()
-                                    if op.type.startswith("SmallMM")}),
-                disabled=dispatch.disabled(), test_size=len(y_test),
-                train_size=len(y_train))
+    return {"accuracy": float((pred == y_test).mean()), "epoch_s": timer.times,
+            "smallmm_ops": sorted({op.type for op in graph.get_operations()
+                                   if op.type.startswith("SmallMM")}),
+            "disabled": dispatch.disabled(), "test_size": len(y_test),
+            "train_size": len(y_train)}
 
 
 def _steady(times):
