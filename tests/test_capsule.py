@@ -55,6 +55,7 @@ def data():
     return w, u, g
 
 
+@pytest.mark.slow
 def test_values_and_gradients_match_einsum(data):
     got = fwd_bwd(smm.capsule_predict)(*data)
     w, u, g = [tf.cast(t, tf.float64) for t in data]

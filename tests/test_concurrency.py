@@ -22,6 +22,8 @@ from public_ops import PUBLIC_OPS, RandomPick
 from tf_smallmm import _smallmm_core as core
 from tf_smallmm._core import loader
 
+pytestmark = pytest.mark.slow  # thread stress, and a subprocess per thread-pool setting
+
 THREADS = 8
 CALLS_PER_THREAD = 1000
 SUBPROCESS_CALLS = 100  # per thread, in each thread-pool setting's subprocess

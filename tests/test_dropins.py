@@ -121,6 +121,17 @@ CASES = [
 ]
 FAST = [c for c in CASES if c.fast]
 BY_ID = {c.id: c for c in CASES}
+# One case per function and path, for sweeps that the fast tier (-m "not slow") runs on
+# these only and the full suite on every case.
+SAMPLE = [f"einsum[{CAPSULE_EQ}](6,3,4,5)x(2,6,5)", "einsum[...ij,...jk->...ik](2,1,3,4)x(5,4,6)",
+          "einsum[abcd,cdbe->ae](2,3,4,5)x(4,5,3,6)", "batch_dot(4,2,3)(4,3,5)axes=None",
+          "batch_dot(2,3,4)(2,5,3,6)axes=(1,2)", "dot(2,3,4)(7,4,5)", "capsule_predict",
+          "capsule_predict_w5"]
+
+
+def sampled(cases):
+    """`cases` as parameters, those outside SAMPLE marked slow."""
+    return [c if c.id in SAMPLE else pytest.param(c, marks=pytest.mark.slow) for c in cases]
 
 
 def inputs(case, dtype, seed=0, integers=False):
@@ -210,8 +221,8 @@ def test_gradients(case, dtype):
 
 # ------------------------------------------------------------------ static shapes, graphs
 
-@pytest.mark.parametrize("unknown", ["batch", "all"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("unknown", ["batch", pytest.param("all", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", sampled(CASES), ids=str)
 def test_static_shapes_with_unknown_dims(case, unknown):
     def spec(shape):
         dims = [None] * len(shape) if unknown == "all" else [None] + list(shape[1:])
@@ -243,7 +254,7 @@ def forward_backward(case, dtype=tf.float32):
     return tf.function(step, input_signature=signature).get_concrete_function()
 
 
-@pytest.mark.parametrize("case", FAST, ids=str)
+@pytest.mark.parametrize("case", sampled(FAST), ids=str)
 def test_forward_and_backward_graphs_run_on_smallmm_without_transposes(case):
     forward = tf.function(case.ours, input_signature=[
         tf.TensorSpec(s, tf.float32) for s in case.shapes]).get_concrete_function()
@@ -284,6 +295,7 @@ BATCH_DOT_AXES = [(xn, yn, a0, a1) for xn in range(2, 6) for yn in range(2, 6)
                   for a0 in range(1, xn) for a1 in range(1, yn)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xn, yn, a0, a1", BATCH_DOT_AXES)
 def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1, monkeypatch):
     """Values and static shapes against tf_keras for every axes pair; the engine runs
@@ -341,6 +353,7 @@ def test_capsule_plan_is_the_designed_lowering():
 LABELS = "abcdef"
 
 
+@pytest.mark.slow
 def test_random_two_operand_equations_match_tf_einsum():
     """Property: for random equations and shapes, einsum == tf.einsum (float64), and
     whatever the planner takes runs without transposes."""
@@ -393,6 +406,7 @@ import test_dropins as T
 """
 
 
+@pytest.mark.slow
 def test_disabled_by_environment_runs_the_builtins_exactly():
     proc = run_python(_PRELUDE + """
     bad = []
@@ -528,6 +542,7 @@ def error_types():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs()])
 def test_bad_inputs_raise_what_the_reference_raises(error_types, name):
     ours, ref = error_types[name]

@@ -29,6 +29,7 @@ CI_CASES = {"public": 1500 * len(PUBLIC_OPS), "raw": 6000, "core": 8000}
 TIMEOUT_S = 600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", fuzz_cases.FAMILIES)
 def test_bad_inputs_raise_clear_errors(family, capsys, record_property):
     want = CI_CASES[family]
@@ -55,6 +56,7 @@ def test_core_empty_output_with_huge_stride0_batch_returns_at_once():
     assert time.time() - start < 1.0
 
 
+@pytest.mark.slow
 def test_core_huge_stride0_k_raises_memory_error_instead_of_overflowing():
     """K = 2**40 returned uninitialised memory; K = 2**60 wrapped the scratch size around
     2**64 and wrote past a few-byte buffer (segfault). In a subprocess: a regression

@@ -184,6 +184,7 @@ def test_exported_under_layers_namespace():
         assert hasattr(caps, name), name
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_and_prints_the_table():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(smm.__file__))]

@@ -13,6 +13,8 @@ import pytest
 from conftest import run_python
 from public_ops import PUBLIC_OPS
 
+pytestmark = pytest.mark.slow  # RSS over thousands of calls, in a subprocess
+
 CALLS = 10_000
 WARMUP = 2_000
 LIMIT_BYTES = 1 << 20

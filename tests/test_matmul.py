@@ -261,6 +261,7 @@ def test_xla_compilation_falls_back():
     assert not smallmm_ops(f.get_concrete_function(a, b))
 
 
+@pytest.mark.slow
 def test_disable_env_forces_builtin():
     out = run_python("""
         import tensorflow as tf, tf_smallmm as smm
@@ -314,6 +315,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call,exc,message", BAD_INPUTS)
 def test_bad_input_raises_like_tf(call, exc, message):
     code = f"""
@@ -359,6 +361,7 @@ def test_op_type_attr_lists_exactly_the_registered_dtypes():
         assert set(attr.allowed_values.list.type) == {d.as_datatype_enum for d in DTYPES}
 
 
+@pytest.mark.slow
 def test_version_mismatch_warns_once_and_falls_back(tmp_path):
     info = tmp_path / "info.json"
     info.write_text(json.dumps({"tf_version": "2.20.0"}))

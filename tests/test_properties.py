@@ -38,6 +38,8 @@ from public_ops import (
 from tf_smallmm import _smallmm_core as core
 from tf_smallmm._core import dispatch, loader
 
+pytestmark = pytest.mark.slow  # hypothesis
+
 OPS = pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.name)
 
 _ACC_UNIT = {tf.float16: 2.0**-24, tf.bfloat16: 2.0**-24, tf.float32: 2.0**-24,

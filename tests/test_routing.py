@@ -170,6 +170,7 @@ def test_xla_compilation_falls_back():
     np.testing.assert_allclose(u_hat, layers.predict_reference(x, w), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_disable_env_forces_reference():
     out = run_python("""
         import json, tensorflow as tf
@@ -183,6 +184,7 @@ def test_disable_env_forces_reference():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_every_isa_matches_reference(isa):
     out = run_python("""

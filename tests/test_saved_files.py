@@ -8,6 +8,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import run_python, smallmm_ops
@@ -35,6 +36,7 @@ def test_keras_file_loads_with_its_layers_loss_and_ops():
     assert {"SmallMMBatchMatMul", "SmallMMDynamicRouting"} <= smallmm_ops(graph)
 
 
+@pytest.mark.slow
 def test_saved_model_serves_in_a_fresh_process_after_import_tf_smallmm():
     out = run_python(f"""
         import json, numpy as np
