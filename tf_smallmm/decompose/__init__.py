@@ -38,7 +38,7 @@ variable dtype. The bias and activation of the original layer go on the last new
 
 Modules: `dense` (SVD), `conv` (Tucker-2, CP), `model` (`decompose_model`), `report`
 (`DecompositionReport` and the measurements), `vbmf` (rank estimation), `common` (what
-they share). Depends on Keras and NumPy (and TensorLy for CP), on nothing else of
+they share). May import Keras and NumPy (and TensorLy for CP), nothing else of
 tf_smallmm: the new layers are stock Keras layers and run no SmallMM op.
 """
 
