@@ -49,9 +49,9 @@ def random_tensor(shape, dtype, seed=0, integers=False):
     dtype = tf.as_dtype(dtype)
     rng = np.random.default_rng(seed)
     if integers:
-        draw = lambda: rng.integers(-2, 3, size=shape).astype(np.float64)  # noqa: E731
+        draw = lambda: rng.integers(-2, 3, size=shape).astype(np.float64)
     else:
-        draw = lambda: rng.uniform(-1, 1, size=shape)  # noqa: E731
+        draw = lambda: rng.uniform(-1, 1, size=shape)
     x = draw()
     if dtype.is_complex:
         x = x + 1j * draw()
@@ -106,7 +106,7 @@ def run_python(code, env=None, timeout=120):
     full_env.update(env or {})
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env,
+                          text=True, timeout=timeout, env=full_env, check=False,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -21,15 +21,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # the helpers, and an in-place build
 
-import fuzz_cases  # noqa: E402
-from conftest import run_python  # noqa: E402
+import fuzz_cases
+from conftest import run_python
 
 # Cases too slow for CI: outputs that cannot be allocated. TensorFlow's CPU allocator
 # retries a failed allocation for 10 s before it reports OOM, so each costs 10 s.
 SLOW_CASES = """
     import tensorflow as tf
-    from tf_smallmm import _loader
-    lib = _loader.load()
+    from tf_smallmm._core import loader
+    lib = loader.load()
     x, y = tf.ones([3, 4]), tf.ones([4, 2])
     for bs in ([2**40], [2**31, 2**10], [3, 2**50]):
         try:

@@ -19,12 +19,12 @@ import sys
 
 from hypothesis import HealthCheck, settings
 
-_COMMON = dict(
-    deadline=None,  # TF's first call of each op/shape traces and allocates: timing is noise
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.function_scoped_fixture],
-    print_blob=True,  # a failure prints @reproduce_failure(...) to replay it exactly
-)
+_COMMON = {
+    "deadline": None,  # TF's first call of each op/shape traces and allocates: timing is noise
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                              HealthCheck.function_scoped_fixture],
+    "print_blob": True,  # a failure prints @reproduce_failure(...) to replay it exactly
+}
 
 settings.register_profile("ci", max_examples=100, **_COMMON)
 settings.register_profile("nightly", max_examples=5000, **_COMMON)

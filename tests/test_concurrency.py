@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from conftest import DTYPES, GRAD_DTYPES, run_python
 from public_ops import PUBLIC_OPS, RandomPick
-
-from tf_smallmm import _loader
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import loader
+
+pytestmark = pytest.mark.slow  # thread stress, and a subprocess per thread-pool setting
 
 THREADS = 8
 CALLS_PER_THREAD = 1000
@@ -52,7 +53,7 @@ def make_calls(seed, n):
     """`n` deterministic calls (thunks returning numpy arrays) of mixed ops and shapes."""
     pick = RandomPick(seed)
     small = _SmallPick(pick.rng)
-    lib = _loader.load()
+    lib = loader.load()
     calls = []
     for i in range(n):
         kind = pick.choice(["table"] * 4 + ["grad", "reduce", "core", "big"])

@@ -361,7 +361,7 @@ def test_cp_without_tensorly_says_how_to_install(monkeypatch):
         (20, 30, 3, 0.01),
         (64, 64, 8, 0.1),
         (100, 40, 5, 1.0),
-        (256, 576, 16, 0.5),
+        pytest.param(256, 576, 16, 0.5, marks=pytest.mark.slow),  # a real layer's size
         (30, 200, 1, 1.0),
         (50, 50, 10, 0.3),
         (9, 300, 2, 0.05),

@@ -68,7 +68,9 @@ def serve_in_fresh_process(d, import_tf_smallmm):
         attempt("builtin", lambda: serve("builtin"))
         if {import_tf_smallmm!r}:
             import keras
-            attempt("keras", lambda: keras.models.load_model(d + "/model.keras").predict(x, verbose=0))
+            def keras_predict():
+                return keras.models.load_model(d + "/model.keras").predict(x, verbose=0)
+            attempt("keras", keras_predict)
         out["tf_smallmm_imported"] = "tf_smallmm" in sys.modules
         print(json.dumps(out))
     """
@@ -87,24 +89,28 @@ def without_plugin(artifacts):
     return serve_in_fresh_process(artifacts, import_tf_smallmm=False)
 
 
+@pytest.mark.slow
 def test_plugin_exports_contain_smallmm_ops(artifacts):
     for name in ("plugin", "module"):
         assert {"SmallMMBatchMatMul", "SmallMMDynamicRouting"} <= caps.smallmm_ops_in_saved_model(
             str(artifacts / name)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("artifact", ["plugin", "module", "keras"])
 def test_serves_in_a_fresh_process_that_imports_tf_smallmm(with_plugin, artifact):
     assert with_plugin["tf_smallmm_imported"]
     assert with_plugin[artifact] == pytest.approx(0.0, abs=1e-6), with_plugin[artifact]
 
 
+@pytest.mark.slow
 def test_plugin_export_needs_the_op_library(without_plugin):
     assert not without_plugin["tf_smallmm_imported"]
     for name in ("plugin", "module"):
         assert "Op type not registered 'SmallMM" in str(without_plugin[name]), without_plugin[name]
 
 
+@pytest.mark.slow
 def test_export_without_plugin_has_no_smallmm_ops_and_serves_without_tf_smallmm(
         artifacts, without_plugin, with_plugin):
     assert caps.smallmm_ops_in_saved_model(str(artifacts / "builtin")) == set()
@@ -114,16 +120,16 @@ def test_export_without_plugin_has_no_smallmm_ops_and_serves_without_tf_smallmm(
     assert with_plugin["builtin"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_export_without_plugin_leaves_the_policy_as_it_was(artifacts, tmp_path):
+def test_export_without_plugin_leaves_the_policy_as_it_was(tmp_path):
     import os
 
-    from tf_smallmm import _capsules, _dispatch
+    from tf_smallmm._core import dispatch
 
     before = os.environ.get("TF_SMALLMM_DISABLE")
     model = small_capsnet()
     caps.export_without_plugin(model, str(tmp_path / "again"), verbose=False)
     assert os.environ.get("TF_SMALLMM_DISABLE") == before
-    assert not _capsules._forced_builtin() and not _dispatch.disabled()
+    assert not dispatch.disabled()
     x = tf.zeros([2, 6, 6, 1])
     graph = tf.function(model).get_concrete_function(x).graph
     assert any(op.type == "SmallMMDynamicRouting" for op in graph.get_operations())

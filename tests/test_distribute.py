@@ -20,6 +20,8 @@ import pytest
 import tf_smallmm as smm
 from conftest import small_capsnet
 
+pytestmark = pytest.mark.slow  # tf.distribute, two worker processes
+
 TIMEOUT_S = 240
 GLOBAL_BATCH = 16
 STEPS = 4

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
-from conftest import DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python, smallmm_ops, wide
 
 import tf_smallmm as smm
-from tf_smallmm import _einsum
+from conftest import DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python, smallmm_ops, wide
+from tf_smallmm._core import contraction
+from tf_smallmm.dropins.einsum import parse
 
 K = tf_keras.backend
 # Ops that must not appear on the fast path, forward or backward: layout changes and
@@ -120,6 +121,17 @@ CASES = [
 ]
 FAST = [c for c in CASES if c.fast]
 BY_ID = {c.id: c for c in CASES}
+# One case per function and path, for sweeps that the fast tier (-m "not slow") runs on
+# these only and the full suite on every case.
+SAMPLE = [f"einsum[{CAPSULE_EQ}](6,3,4,5)x(2,6,5)", "einsum[...ij,...jk->...ik](2,1,3,4)x(5,4,6)",
+          "einsum[abcd,cdbe->ae](2,3,4,5)x(4,5,3,6)", "batch_dot(4,2,3)(4,3,5)axes=None",
+          "batch_dot(2,3,4)(2,5,3,6)axes=(1,2)", "dot(2,3,4)(7,4,5)", "capsule_predict",
+          "capsule_predict_w5"]
+
+
+def sampled(cases):
+    """`cases` as parameters, those outside SAMPLE marked slow."""
+    return [c if c.id in SAMPLE else pytest.param(c, marks=pytest.mark.slow) for c in cases]
 
 
 def inputs(case, dtype, seed=0, integers=False):
@@ -209,8 +221,8 @@ def test_gradients(case, dtype):
 
 # ------------------------------------------------------------------ static shapes, graphs
 
-@pytest.mark.parametrize("unknown", ["batch", "all"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("unknown", ["batch", pytest.param("all", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", sampled(CASES), ids=str)
 def test_static_shapes_with_unknown_dims(case, unknown):
     def spec(shape):
         dims = [None] * len(shape) if unknown == "all" else [None] + list(shape[1:])
@@ -242,7 +254,7 @@ def forward_backward(case, dtype=tf.float32):
     return tf.function(step, input_signature=signature).get_concrete_function()
 
 
-@pytest.mark.parametrize("case", FAST, ids=str)
+@pytest.mark.parametrize("case", sampled(FAST), ids=str)
 def test_forward_and_backward_graphs_run_on_smallmm_without_transposes(case):
     forward = tf.function(case.ours, input_signature=[
         tf.TensorSpec(s, tf.float32) for s in case.shapes]).get_concrete_function()
@@ -283,15 +295,16 @@ BATCH_DOT_AXES = [(xn, yn, a0, a1) for xn in range(2, 6) for yn in range(2, 6)
                   for a0 in range(1, xn) for a1 in range(1, yn)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xn, yn, a0, a1", BATCH_DOT_AXES)
 def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1, monkeypatch):
     """Values and static shapes against tf_keras for every axes pair; the engine runs
     unless the product needs a transpose: x's contracted axis is its last, or y's is
     axis 1 or its last. (The size cut-over is lifted: rank-5 cases merge into products
     above it, and this test is about the routing, not the size policy.)"""
-    from tf_smallmm import _dispatch
+    from tf_smallmm._core import dispatch
 
-    monkeypatch.setattr(_dispatch, "MAX_SMALL_MACS", 1 << 62)
+    monkeypatch.setattr(dispatch, "MAX_SMALL_MACS", 1 << 62)
     xs = [2] + [3 + i for i in range(xn - 1)]
     ys = [2] + [6 + i for i in range(yn - 1)]
     ys[a1] = xs[a0]
@@ -319,19 +332,19 @@ def test_dot_every_rank_pair_runs_on_the_engine(xn, yn):
 # ------------------------------------------------------------------ the planner
 
 def test_plans_are_cached_per_equation_and_ranks():
-    _einsum.parse.cache_clear()
-    _einsum.plan.cache_clear()
+    parse.cache_clear()
+    contraction.plan.cache_clear()
     x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
     for _ in range(3):
         smm.einsum("bij,bjk->bik", x, y)
-    assert _einsum.parse.cache_info().misses == 1 and _einsum.parse.cache_info().hits == 2
-    assert _einsum.plan.cache_info().misses == 1
+    assert parse.cache_info().misses == 1 and parse.cache_info().hits == 2
+    assert contraction.plan.cache_info().misses == 1
 
 
 def test_capsule_plan_is_the_designed_lowering():
     # x = w viewed [in_caps, out_caps*out_dim, in_dim], y = u viewed [batch, in_caps,
     # in_dim, 1]: one matrix-vector product per (b, i), w broadcast over b.
-    p = _einsum.plan(_einsum.parse(CAPSULE_EQ, 4, 3))
+    p = contraction.plan(parse(CAPSULE_EQ, 4, 3))
     assert (p.lhs_is_x, p.batch, p.m, p.k, p.n) == (True, (("b",), ("i",)), ("j", "k"),
                                                     ("l",), ())
     assert not (p.transpose_lhs or p.transpose_rhs or any(p.reduced))
@@ -340,6 +353,7 @@ def test_capsule_plan_is_the_designed_lowering():
 LABELS = "abcdef"
 
 
+@pytest.mark.slow
 def test_random_two_operand_equations_match_tf_einsum():
     """Property: for random equations and shapes, einsum == tf.einsum (float64), and
     whatever the planner takes runs without transposes."""
@@ -363,7 +377,7 @@ def test_random_two_operand_equations_match_tf_einsum():
         x, y = random_tensor(sx, tf.float64, 1), random_tensor(sy, tf.float64, 2)
         np.testing.assert_allclose(smm.einsum(eq, x, y).numpy(), tf.einsum(eq, x, y).numpy(),
                                    rtol=1e-12, atol=1e-12)
-        if _einsum.plan(_einsum.parse(eq, len(sx), len(sy))) is not None:
+        if contraction.plan(parse(eq, len(sx), len(sy))) is not None:
             f = tf.function(lambda a, b: smm.einsum(eq, a, b)).get_concrete_function(x, y)
             assert smallmm_ops(f) and not FORBIDDEN & set(op_types(f.graph))
 
@@ -392,6 +406,7 @@ import test_dropins as T
 """
 
 
+@pytest.mark.slow
 def test_disabled_by_environment_runs_the_builtins_exactly():
     proc = run_python(_PRELUDE + """
     bad = []
@@ -527,6 +542,7 @@ def error_types():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs()])
 def test_bad_inputs_raise_what_the_reference_raises(error_types, name):
     ours, ref = error_types[name]

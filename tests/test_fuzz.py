@@ -1,8 +1,9 @@
 """Bad-input fuzzing of every op: the public functions (tests/public_ops.py), the raw TF ops
 and the pybind11 module. Each family runs thousands of cases in one subprocess (see
-tests/fuzz_cases.py for the mutations and oracles): a crash or hang fails the test and
-names the case; every case must return the oracle's result or raise a Python exception
-that names the problem, without allocating absurd memory.
+tests/fuzz_cases.py; the mutations and oracles are in fuzz_public.py, fuzz_raw.py and
+fuzz_core.py): a crash or hang fails the test and names the case; every case must return
+the oracle's result or raise a Python exception that names the problem, without
+allocating absurd memory.
 
 CI runs a fixed seed (SMALLMM_FUZZ_SEED overrides it); tests/fuzz_nightly.py runs many more
 cases with fresh seeds. Below the families: regression tests for what fuzzing found.
@@ -16,12 +17,11 @@ import pytest
 import tensorflow as tf
 
 import fuzz_cases
+import tf_smallmm as smm
 from conftest import run_python
 from public_ops import PUBLIC_OPS
-
-import tf_smallmm as smm
-from tf_smallmm import _dispatch, _loader
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import dispatch, loader
 
 SEED = int(os.environ.get("SMALLMM_FUZZ_SEED", "20261201"))
 # About 17 000 cases, ~40 s on 2 shared cores (most of it TensorFlow start-up and tracing).
@@ -29,6 +29,7 @@ CI_CASES = {"public": 1500 * len(PUBLIC_OPS), "raw": 6000, "core": 8000}
 TIMEOUT_S = 600
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", fuzz_cases.FAMILIES)
 def test_bad_inputs_raise_clear_errors(family, capsys, record_property):
     want = CI_CASES[family]
@@ -55,6 +56,7 @@ def test_core_empty_output_with_huge_stride0_batch_returns_at_once():
     assert time.time() - start < 1.0
 
 
+@pytest.mark.slow
 def test_core_huge_stride0_k_raises_memory_error_instead_of_overflowing():
     """K = 2**40 returned uninitialised memory; K = 2**60 wrapped the scratch size around
     2**64 and wrote past a few-byte buffer (segfault). In a subprocess: a regression
@@ -91,13 +93,9 @@ def test_core_rejects_byteswapped_and_misaligned_arrays():
                                   np.full((2, 2), 2.0, np.float32))
 
 
-def test_max_batch_dims_is_the_kernels():
-    assert _dispatch.MAX_BATCH_DIMS == core.max_batch_dims
-
-
 @pytest.mark.parametrize("extra", [1, 2])  # tf.matmul itself stops at rank 12
 def test_more_batch_dims_than_the_kernels_take_fall_back(extra):
-    rank = _dispatch.MAX_BATCH_DIMS + extra
+    rank = dispatch.MAX_BATCH_DIMS + extra
     a = tf.ones([1] * rank + [3, 4])
     b = tf.ones([2] + [1] * (rank - 1) + [4, 5])
     np.testing.assert_array_equal(smm.matmul(a, b), tf.linalg.matmul(a, b))
@@ -124,7 +122,7 @@ def test_odd_flag_values_behave_like_the_builtin(flag, value, rank):
 @pytest.mark.parametrize("batch_shape", [[2**40, 2**40], [2**62, 4], [2**63 - 1, 2],
                                          [3, 2**62]])
 def test_reduce_batch_shape_whose_size_overflows_raises(batch_shape):
-    lib = _loader.load()
+    lib = loader.load()
     with pytest.raises(tf.errors.InvalidArgumentError, match="overflows int64"):
         lib.small_mm_batch_mat_mul_reduce(tf.ones([3, 4]), tf.ones([4, 2]),
                                           tf.constant(batch_shape, tf.int64))
@@ -155,7 +153,7 @@ def test_zero_element_operands_with_huge_dims(xs, ys, flags, batch_shape, want):
     """Shapes TF accepts because they hold no elements. Their dense strides overflow int64
     (signed overflow in the adapter and the planner, found by UBSan in
     scripts/sanitize.sh); the result is empty or zeros (K = 0 / empty reduction)."""
-    lib = _loader.load()
+    lib = loader.load()
     x, y = (tf.reshape(tf.zeros([0]), s) if 0 in s else tf.ones(s) for s in (xs, ys))
     if batch_shape is None:
         got = lib.small_mm_batch_mat_mul(x, y, **flags)

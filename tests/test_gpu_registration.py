@@ -9,11 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DEVICES, DTYPES, assert_close, random_tensor, wide
 from tensorflow.python.framework import kernels, op_def_registry
 
 import tf_smallmm as smm
-from tf_smallmm import _loader, _ops
+from conftest import DEVICES, DTYPES, assert_close, random_tensor, wide
+from tf_smallmm._core import engine as _ops
+from tf_smallmm._core import loader as _loader
 
 OPS = ["SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"]
 BUILT_WITH_CUDA = bool(smm.build_info().get("cuda"))

@@ -13,6 +13,8 @@ import pytest
 from conftest import run_python
 from public_ops import PUBLIC_OPS
 
+pytestmark = pytest.mark.slow  # RSS over thousands of calls, in a subprocess
+
 CALLS = 10_000
 WARMUP = 2_000
 LIMIT_BYTES = 1 << 20
@@ -23,7 +25,7 @@ _CHILD = """
     import tensorflow as tf
     sys.path.insert(0, "tests")
     from public_ops import PUBLIC_OPS, RandomPick
-    from tf_smallmm import _loader
+    from tf_smallmm._core import loader
     from tf_smallmm import _smallmm_core as core
 
     PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,7 +34,7 @@ _CHILD = """
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * PAGE
 
-    lib = _loader.load()
+    lib = loader.load()
     pick = RandomPick(0)
     calls = {{}}
     for op in PUBLIC_OPS:

@@ -8,8 +8,16 @@ import pytest
 import tensorflow as tf
 
 import tf_smallmm as smm
-from conftest import (DEVICES, DTYPES, GRAD_DTYPES, assert_close, random_tensor, run_python,
-                      smallmm_ops, wide)
+from conftest import (
+    DEVICES,
+    DTYPES,
+    GRAD_DTYPES,
+    assert_close,
+    random_tensor,
+    run_python,
+    smallmm_ops,
+    wide,
+)
 
 # (transpose, adjoint) per side, as tf.linalg.matmul spells them.
 SIDES = [(False, False), (True, False), (False, True)]
@@ -39,7 +47,7 @@ def test_values_every_dtype_and_flag(device, dtype, side_a, side_b):
     (ta, aa), (tb, ab) = side_a, side_b
     sa, sb = shapes_for(5, 3, 7, ta or aa, tb or ab, (2,), (2,))
     a, b = random_tensor(sa, dtype, 1), random_tensor(sb, dtype, 2)
-    kw = dict(transpose_a=ta, adjoint_a=aa, transpose_b=tb, adjoint_b=ab)
+    kw = {"transpose_a": ta, "adjoint_a": aa, "transpose_b": tb, "adjoint_b": ab}
     with tf.device(device):
         got = smm.matmul(a, b, **kw)
     want, bound = reference(a, b, **kw)
@@ -156,7 +164,7 @@ def test_gradients_match_tf(device, dtype, sa, sb, side_a, side_b):
     if tb or ab:
         sb = sb[:-2] + sb[-2:][::-1]
     a, b = random_tensor(sa, dtype, 5), random_tensor(sb, dtype, 6)
-    kw = dict(transpose_a=ta, adjoint_a=aa, transpose_b=tb, adjoint_b=ab)
+    kw = {"transpose_a": ta, "adjoint_a": aa, "transpose_b": tb, "adjoint_b": ab}
     with tf.device(device):
         ours = _grads(smm.matmul, a, b, **kw)
     theirs = _grads(tf.linalg.matmul, a, b, **kw)
@@ -228,11 +236,11 @@ def test_fallback_paths_match_builtin(case):
     elif case == "large":
         a, b, kw = random_tensor((2, 128, 96), tf.float32), random_tensor((96, 80), tf.float32), {}
     elif case == "sparse_flag":
-        a, b, kw = random_tensor((4, 3), tf.float32), random_tensor((3, 2), tf.float32), dict(
-            a_is_sparse=True)
+        a, b, kw = random_tensor((4, 3), tf.float32), random_tensor((3, 2), tf.float32), {
+            "a_is_sparse": True}
     else:
         a, b = tf.constant([[1, 2]], tf.int8), tf.constant([[3], [4]], tf.int8)
-        kw = dict(output_type=tf.int32)
+        kw = {"output_type": tf.int32}
     f = tf.function(lambda a, b: smm.matmul(a, b, **kw)).get_concrete_function(a, b)
     assert not smallmm_ops(f)
     np.testing.assert_allclose(f(a, b), tf.linalg.matmul(a, b, **kw), rtol=1e-6)
@@ -248,11 +256,12 @@ def test_xla_compilation_falls_back():
             y = smm.matmul(a, b)
         return y, tape.gradient(tf.reduce_sum(y), a)
 
-    y, g = f(a, b)
+    y, _ = f(a, b)
     np.testing.assert_allclose(y, tf.linalg.matmul(a, b), rtol=1e-5, atol=1e-6)
     assert not smallmm_ops(f.get_concrete_function(a, b))
 
 
+@pytest.mark.slow
 def test_disable_env_forces_builtin():
     out = run_python("""
         import tensorflow as tf, tf_smallmm as smm
@@ -273,7 +282,7 @@ def test_name_is_honoured_and_flags_conflict_like_tf():
     names = {op.name: op.type for op in g.get_operations()}
     assert names.get("my_product") == "SmallMMBatchMatMul"
     assert any(n.startswith("my_mv/") for n in names)
-    for kw in (dict(transpose_a=True, adjoint_a=True), dict(transpose_b=True, adjoint_b=True)):
+    for kw in ({"transpose_a": True, "adjoint_a": True}, {"transpose_b": True, "adjoint_b": True}):
         with pytest.raises(ValueError, match="Only one of"):
             smm.matmul(tf.ones([2, 2]), tf.ones([2, 2]), **kw)
 
@@ -290,13 +299,13 @@ BAD_INPUTS = [
     ("smm.matmul(tf.ones([2, 2]), tf.ones([2, 2], tf.float64))", "InvalidArgumentError", "double"),
     ("smm.matmul(tf.ones([2, 2]), tf.ones([2, 2], tf.int32))", "InvalidArgumentError", "int32"),
     # Graph mode with unknown dims: the error comes from our kernel at run time.
-    ("tf.function(smm.matmul, input_signature=[tf.TensorSpec([None, None, None]), "
-     "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([2, 4, 5]))",
+    (("tf.function(smm.matmul, input_signature=[tf.TensorSpec([None, None, None]), "
+      "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([2, 4, 5]))"),
      "InvalidArgumentError", "[2,2,3]"),
-    ("tf.function(smm.matmul, input_signature=[tf.TensorSpec(None), tf.TensorSpec(None)])"
-     "(tf.ones([3]), tf.ones([3, 2]))", "InvalidArgumentError", "rank >= 2"),
-    ("tf.function(smm.matmul, input_signature=[tf.TensorSpec([None, None, None]), "
-     "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([5, 3, 5]))",
+    (("tf.function(smm.matmul, input_signature=[tf.TensorSpec(None), tf.TensorSpec(None)])"
+      "(tf.ones([3]), tf.ones([3, 2]))"), "InvalidArgumentError", "rank >= 2"),
+    (("tf.function(smm.matmul, input_signature=[tf.TensorSpec([None, None, None]), "
+      "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([5, 3, 5]))"),
      "InvalidArgumentError", "Incompatible batch"),
     # Graph construction with known shapes: ValueError / TypeError like TF.
     ("tf.function(lambda: smm.matmul(tf.ones([2, 3]), tf.ones([4, 5])))()", "ValueError", ""),
@@ -306,6 +315,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call,exc,message", BAD_INPUTS)
 def test_bad_input_raises_like_tf(call, exc, message):
     code = f"""
@@ -335,16 +345,11 @@ def test_build_info_and_every_dtype_has_a_kernel():
     assert info["kernels_loaded"] and info["tf_version"] == tf.__version__
     assert "baseline" in info["isas"] and info["active_isa"] in info["isas"]
     for op in ("SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"):
-        advertised = None
-        for o in smm._loader.load().OP_LIST.op if hasattr(smm._loader.load(), "OP_LIST") else []:
-            if o.name == op:
-                advertised = o
         registered = {(k.device_type, c.allowed_values.list.type[0])
                       for k in kernels.get_registered_kernels_for_op(op).kernel
                       for c in k.constraint if c.name == "T"}
         cpu_types = {t for d, t in registered if d == "CPU"}
         assert {d.as_datatype_enum for d in DTYPES} == cpu_types, op
-        del advertised
 
 
 def test_op_type_attr_lists_exactly_the_registered_dtypes():
@@ -356,12 +361,13 @@ def test_op_type_attr_lists_exactly_the_registered_dtypes():
         assert set(attr.allowed_values.list.type) == {d.as_datatype_enum for d in DTYPES}
 
 
+@pytest.mark.slow
 def test_version_mismatch_warns_once_and_falls_back(tmp_path):
     info = tmp_path / "info.json"
     info.write_text(json.dumps({"tf_version": "2.20.0"}))
     out = run_python(f"""
         import warnings, tensorflow as tf
-        import tf_smallmm._loader as loader
+        import tf_smallmm._core.loader as loader
         loader._INFO_PATH = {str(info)!r}
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")

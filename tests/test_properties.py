@@ -26,11 +26,19 @@ from hypothesis import strategies as st
 
 import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 from conftest import DTYPES, GRAD_DTYPES, assert_close, smallmm_ops, tolerance, wide
-from public_ops import (PUBLIC_OPS, HypothesisPick, RandomPick, broadcast_batches,
-                        matrix_dims, np_product, np_reduce_to)
-
-from tf_smallmm import _dispatch, _loader
+from public_ops import (
+    PUBLIC_OPS,
+    HypothesisPick,
+    RandomPick,
+    broadcast_batches,
+    matrix_dims,
+    np_product,
+    np_reduce_to,
+)
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm._core import dispatch, loader
+
+pytestmark = pytest.mark.slow  # hypothesis
 
 OPS = pytest.mark.parametrize("op", PUBLIC_OPS, ids=lambda op: op.name)
 
@@ -136,7 +144,7 @@ def test_graphs_with_unknown_dims_match_reference(op, data):
     theirs = tf.function(lambda *xs: op.reference(*xs, **call.kwargs), input_signature=specs)
     ours_cf, theirs_cf = ours.get_concrete_function(), theirs.get_concrete_function()
     assert _static(ours_cf.structured_outputs) == _static(theirs_cf.structured_outputs)
-    if _dispatch.use_kernel(dtype):  # (not on a GPU machine with a CPU-only build)
+    if dispatch.use_kernel(dtype):  # (not on a GPU machine with a CPU-only build)
         assert smallmm_ops(ours_cf), f"{op.name} did not run the SmallMM kernel"
     got = ours(*args)
     want = op.reference(*_wide_all(args), **call.kwargs)
@@ -166,8 +174,8 @@ def test_reduce_op_sums_to_batch_shape(data):
     c = dtype.is_complex
     m, n, k = matrix_dims(pick, 3)
     bx, by = broadcast_batches(pick, 2)
-    flags = dict(transpose_x=pick.bool(), conjugate_x=pick.bool(), transpose_y=pick.bool(),
-                 conjugate_y=pick.bool())
+    flags = {"transpose_x": pick.bool(), "conjugate_x": pick.bool(), "transpose_y": pick.bool(),
+             "conjugate_y": pick.bool()}
     xs = bx + ([k, m] if flags["transpose_x"] else [m, k])
     ys = by + ([n, k] if flags["transpose_y"] else [k, n])
     x, y = _cast_all([pick.array(xs, c), pick.array(ys, c)], dtype)
@@ -176,7 +184,7 @@ def test_reduce_op_sums_to_batch_shape(data):
     as_tensor = pick.choice([None, tf.int32, tf.int64])
     batch_shape = (target if as_tensor is None
                    else tf.constant(target, as_tensor, shape=[len(target)]))
-    got = _loader.load().small_mm_batch_mat_mul_reduce(x, y, batch_shape, **flags)
+    got = loader.load().small_mm_batch_mat_mul_reduce(x, y, batch_shape, **flags)
     xw, yw = (np.asarray(t) for t in _wide_all([x, y]))
     want = np_reduce_to(np_product(xw, yw, **flags), target)
     bound = np_reduce_to(np_product(np.abs(xw), np.abs(yw), **flags), target)
@@ -212,8 +220,8 @@ def test_core_on_strided_views_matches_numpy(data):
     dtype = pick.choice(DTYPES)
     m, n, k = matrix_dims(pick, 3)
     bx, by = broadcast_batches(pick, 2)
-    flags = dict(transpose_x=pick.bool(), conjugate_x=pick.bool(), transpose_y=pick.bool(),
-                 conjugate_y=pick.bool())
+    flags = {"transpose_x": pick.bool(), "conjugate_x": pick.bool(), "transpose_y": pick.bool(),
+             "conjugate_y": pick.bool()}
     x = _view(pick, bx + ([k, m] if flags["transpose_x"] else [m, k]), dtype)
     y = _view(pick, by + ([n, k] if flags["transpose_y"] else [k, n]), dtype)
     reduce = pick.bool()

@@ -1,5 +1,6 @@
-"""The fused routing op (SmallMMDynamicRouting and its gradient) and capsule prediction,
-against the pure-TF reference (einsum + softmax + squash) evaluated in float64."""
+"""The fused routing op (SmallMMDynamicRouting and its gradient) against the pure-TF
+reference (einsum + softmax + squash) evaluated in float64. Capsule prediction is in
+test_capsule.py."""
 
 import json
 
@@ -8,8 +9,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_tensor, run_python, smallmm_ops
-from tf_smallmm import _capsules as caps
-from tf_smallmm import _loader
+from tf_smallmm import layers
+from tf_smallmm._core import loader
+from tf_smallmm.capsules import routing as caps
+from tf_smallmm.layers import builtin_ops
 
 # Per-dtype tolerance relative to the largest reference magnitude (routing is a chain of
 # nonlinear steps, so an elementwise |a|·|b| bound like the matmul tests' does not apply).
@@ -23,7 +26,7 @@ SHAPES = [(3, 7, 4, 16), (2, 5, 3, 8), (2, 6, 5, 5), (1, 1, 1, 1), (2, 3, 1, 16)
 
 
 def _raw():
-    return _loader.load()
+    return loader.load()
 
 
 def reference(u_hat, iterations, upstream):
@@ -147,7 +150,7 @@ def test_graph_uses_fused_ops_by_default_and_builtins_when_forced():
 
     assert {"SmallMMDynamicRouting", "SmallMMDynamicRoutingGrad"} <= smallmm_ops(
         tf.function(step).get_concrete_function(u))
-    with caps.builtin_ops():
+    with builtin_ops():
         forced = tf.function(step).get_concrete_function(u)
     assert not smallmm_ops(forced)
     np.testing.assert_allclose(forced(u), step(u), rtol=1e-5, atol=1e-6)
@@ -160,31 +163,33 @@ def test_xla_compilation_falls_back():
 
     @tf.function(jit_compile=True)
     def jit(u, w, x):
-        return caps.dynamic_routing(u, 3), caps.predict(x, w)
+        return caps.dynamic_routing(u, 3), layers.predict(x, w)
 
     v, u_hat = jit(u, w, x)
     np.testing.assert_allclose(v, caps.dynamic_routing_reference(u, 3), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(u_hat, caps.predict_reference(x, w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(u_hat, layers.predict_reference(x, w), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_disable_env_forces_reference():
     out = run_python("""
         import json, tensorflow as tf
-        from tf_smallmm import _capsules as caps
+        from tf_smallmm import layers
         from conftest import smallmm_ops
         u = tf.ones([2, 4, 3, 8]); w = tf.ones([4, 3, 8, 2]); x = tf.ones([2, 4, 2])
-        f = tf.function(lambda u, x: (caps.dynamic_routing(u), caps.predict(x, w)))
+        f = tf.function(lambda u, x: (layers.dynamic_routing(u), layers.predict(x, w)))
         print(json.dumps(sorted(smallmm_ops(f.get_concrete_function(u, x)))))
     """, env={"TF_SMALLMM_DISABLE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_every_isa_matches_reference(isa):
     out = run_python("""
         import numpy as np, tensorflow as tf, tf_smallmm as smm
-        from tf_smallmm import _capsules as caps
+        from tf_smallmm.capsules import routing as caps
         rng = np.random.default_rng(0)
         worst = 0.0
         for shape in [(2, 40, 10, 16), (2, 9, 3, 8), (2, 7, 4, 5)]:
@@ -198,7 +203,8 @@ def test_every_isa_matches_reference(isa):
                         loss = tf.reduce_sum(fn(u, 3) * g)
                     out.append(t.gradient(loss, u).numpy())
                 tol = 2e-5 if dt == tf.float32 else 1e-12
-                worst = max(worst, float(np.abs(out[0] - out[1]).max() / np.abs(out[1]).max() / tol))
+                err = float(np.abs(out[0] - out[1]).max() / np.abs(out[1]).max())
+                worst = max(worst, err / tol)
         print(smm.build_info()["active_isa"], worst)
     """, env={"TF_SMALLMM_ISA": isa})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -262,42 +268,3 @@ def test_op_type_attr_lists_exactly_the_registered_dtypes():
                       if k.device_type == "CPU" for c in k.constraint if c.name == "T"}
         assert set(attr.allowed_values.list.type) == registered == {
             d.as_datatype_enum for d in caps.ROUTING_DTYPES}
-
-
-# --------------------------------------------------------------------------- prediction
-@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.float16, tf.bfloat16],
-                         ids=lambda d: d.name)
-def test_predict_matches_einsum_and_reduces_dw_in_kernel(dtype):
-    u = random_tensor((5, 6, 8), dtype, seed=13)
-    w = random_tensor((6, 3, 4, 8), dtype, seed=14)
-    g = random_tensor((5, 6, 3, 4), dtype, seed=15)
-
-    def step(fn, u, w):
-        with tf.GradientTape() as tape:
-            tape.watch([u, w])
-            loss = tf.reduce_sum(tf.cast(fn(u, w), tf.float64) * tf.cast(g, tf.float64))
-        return [fn(u, w)] + tape.gradient(loss, [u, w])
-
-    got = step(caps.predict, u, w)
-    want = step(caps.predict_reference, tf.cast(u, tf.float64), tf.cast(w, tf.float64))
-    tol = {tf.float32: 1e-5, tf.float64: 1e-12, tf.float16: 5e-3, tf.bfloat16: 4e-2}[dtype]
-    for a, b in zip(got, want):
-        assert a.dtype == dtype and a.shape == b.shape
-        np.testing.assert_allclose(tf.cast(a, tf.float64), b, rtol=0,
-                                   atol=tol * float(np.abs(b).max()))
-    ops = smallmm_ops(tf.function(lambda u, w: step(caps.predict, u, w)).get_concrete_function(u, w))
-    assert ops == {"SmallMMBatchMatMul", "SmallMMBatchMatMulPair"}
-
-
-def test_predict_unknown_batch_and_bad_shapes():
-    w = random_tensor((6, 3, 4, 8), tf.float32, seed=16)
-    f = tf.function(lambda u: caps.predict(u, w),
-                    input_signature=[tf.TensorSpec([None, 6, 8], tf.float32)])
-    assert f.get_concrete_function().structured_outputs.shape.as_list() == [None, 6, 3, 4]
-    assert f(tf.zeros([0, 6, 8])).shape == (0, 6, 3, 4)
-    with pytest.raises(ValueError, match="in_caps"):
-        caps.predict(tf.zeros([2, 5, 8]), w)
-    with pytest.raises(ValueError, match="in_dim"):
-        caps.predict(tf.zeros([2, 6, 7]), w)
-    with pytest.raises(ValueError, match="shape"):
-        caps.predict(tf.zeros([2, 6]), w)

@@ -13,16 +13,33 @@ matrices are small (and fall back to the built-ins otherwise):
 
 `kernels_loaded()` and `build_info()` report what was compiled and what runs;
 TF_SMALLMM_DISABLE=1 forces the built-ins everywhere.
+
+The package, one subpackage per domain (each imports only from those below it):
+
+    tools/       python -m tf_smallmm.bench / .demo
+    dropins/     matmul, matvec, einsum, batch_dot, dot
+    capsules/    capsule_predict, dynamic routing, the Keras layers (tf_smallmm.layers)
+    decompose/   low-rank decomposition of Keras layers (tf_smallmm.decompose)
+    _core/       the op library's loader, the dispatch policy, the ops' Python side and
+                 gradients, the contraction planner
+
+`layers`, `bench` and `demo` at the top are the public paths of what lives in
+`capsules/` and `tools/`. The compiled libraries (_smallmm_ops.so, _smallmm_core*.so,
+_build_info.json) sit here, at the package root, where setup.py writes them.
 """
 
-from tf_smallmm._capsule import capsule_predict
-from tf_smallmm._einsum import einsum
-from tf_smallmm._keras_ops import batch_dot, dot
-from tf_smallmm._loader import build_info, kernels_loaded
-from tf_smallmm._matmul import matmul, matvec
-from tf_smallmm import layers  # noqa: E402  (capsule layers; registers the ops for serving)
+from tf_smallmm import layers
+from tf_smallmm._core import loader as _loader
+from tf_smallmm._core.loader import build_info, kernels_loaded
+from tf_smallmm.capsules.prediction import capsule_predict
+from tf_smallmm.dropins.einsum import einsum
+from tf_smallmm.dropins.keras_backend import batch_dot, dot
+from tf_smallmm.dropins.linalg import matmul, matvec
 
 __version__ = "0.1.0"
 
+# SavedModels with SmallMM ops load after `import tf_smallmm`, before any function runs.
+_loader.register_ops()
+
 __all__ = ["batch_dot", "build_info", "capsule_predict", "dot", "einsum", "kernels_loaded",
-           "matmul", "matvec"]
+           "layers", "matmul", "matvec"]

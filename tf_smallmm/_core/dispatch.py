@@ -3,14 +3,18 @@
 The result, errors and static shapes are the same either way; this only decides speed.
 """
 
+import contextlib
 import functools
 import os
+import threading
 
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _loader
+from tf_smallmm._core import loader
 
+# The dtypes the SmallMM ops have kernels for. The library keeps its own list (the ops'
+# type attr, and _smallmm_core.dtype_names); tests/test_dispatch.py checks the two agree.
 SUPPORTED_DTYPES = frozenset(
     [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128])
 
@@ -25,12 +29,41 @@ MAX_SMALL_MACS = 24 * 24 * 24
 
 # The kernels take at most this many batch axes (after broadcasting); tf.matmul takes
 # more, so wrappers fall back to it above this. Equal to smallmm::kMaxBatchDims
-# (cc/kernels/smallmm.h; tests check it through _smallmm_core.max_batch_dims).
+# (cc/kernels/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
 MAX_BATCH_DIMS = 8
 
 
+class _Forced:
+    """How many builtin_ops() blocks are open, in all threads together."""
+
+    lock = threading.Lock()
+    depth = 0
+
+
+@contextlib.contextmanager
+def builtin_ops():
+    """Within this block every tf_smallmm function and layer traces TF's built-in ops
+    instead of SmallMM ops, as under TF_SMALLMM_DISABLE=1.
+
+    Process-wide, not per thread: tf.distribute traces replicas on other threads. Blocks
+    may nest and overlap across threads and close in any order: the built-ins are forced
+    while any is open. Used by `layers.export_without_plugin`; functions traced before the
+    block keep their ops.
+    """
+    with _Forced.lock:
+        _Forced.depth += 1
+    try:
+        yield
+    finally:
+        with _Forced.lock:
+            _Forced.depth -= 1
+
+
 def disabled():
-    """TF_SMALLMM_DISABLE=1 forces the TF built-ins everywhere (for A/B checks)."""
+    """Whether the TF built-ins are forced everywhere: TF_SMALLMM_DISABLE=1 (for A/B
+    checks) or inside builtin_ops()."""
+    if _Forced.depth > 0:
+        return True
     return os.environ.get("TF_SMALLMM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -41,15 +74,19 @@ def in_xla_context():
         from tensorflow.python.ops import control_flow_util
 
         return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
-    except Exception:  # private API moved: assume no XLA (the op then fails loudly)
+    except Exception:  # noqa: BLE001 - private API moved: assume no XLA (the op fails loudly)
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_without_kernels():
-    # Devices and registered kernels do not change within a process: ask once (the
-    # registry query costs milliseconds, more than a small product).
-    if "GPU" in _loader.build_info().get("devices", []):
+@functools.cache
+def gpu_without_kernels(op_name="SmallMMBatchMatMul"):
+    """Whether this process has a GPU but the library no GPU kernel for `op_name` (a
+    CPU-only build on a GPU machine): TF's built-ins then run there instead.
+
+    Cached: devices and registered kernels do not change within a process, and asking
+    costs milliseconds, more than a small product.
+    """
+    if "GPU" in loader.registered_devices(op_name):
         return False
     return bool(tf.config.list_logical_devices("GPU"))
 
@@ -60,10 +97,8 @@ def use_kernel(dtype, macs=None):
     `macs` is M·N·K when all three are statically known, else None (the kernel handles
     any size correctly; unknown sizes are assumed small).
     """
-    if disabled() or dtype not in SUPPORTED_DTYPES or not _loader.kernels_loaded():
+    if disabled() or dtype not in SUPPORTED_DTYPES or not loader.kernels_loaded():
         return False
     if macs is not None and macs > MAX_SMALL_MACS:
         return False
-    if in_xla_context() or _gpu_without_kernels():
-        return False
-    return True
+    return not (in_xla_context() or gpu_without_kernels())

@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
 
-from tf_smallmm import _dispatch, _ops
+from tf_smallmm._core import dispatch, engine
 
 
 def _dim(shape, i):
@@ -39,10 +39,8 @@ def _eligible(a, b, transpose_a, transpose_b):
     sa, sb = a.shape, b.shape
     if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
         return False
-    if max(sa.rank or 0, sb.rank or 0) - 2 > _dispatch.MAX_BATCH_DIMS:
+    if max(sa.rank or 0, sb.rank or 0) - 2 > dispatch.MAX_BATCH_DIMS:
         return False
-    if sa.rank is not None and sb.rank is not None and sa.rank == 2 and sb.rank == 2:
-        pass  # tf.matmul uses MatMul; same maths, our kernel takes it too
     sa = sa.as_list() if sa.rank is not None else None
     sb = sb.as_list() if sb.rank is not None else None
     m = _dim(sa, -1 if transpose_a else -2)
@@ -58,7 +56,7 @@ def _eligible(a, b, transpose_a, transpose_b):
         for da, db in zip(reversed(ba), reversed(bb)):
             if da is not None and db is not None and da != db and 1 not in (da, db):
                 return False
-    return _dispatch.use_kernel(a.dtype.base_dtype, macs)
+    return dispatch.use_kernel(a.dtype.base_dtype, macs)
 
 
 def _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, grad_a,
@@ -90,15 +88,15 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
     copies, transposes as strides, gradients of broadcast operands summed inside the
     kernel); everything else calls `tf.linalg.matmul` with the same arguments.
     """
-    builtin_kwargs = dict(transpose_a=transpose_a, transpose_b=transpose_b,
-                          adjoint_a=adjoint_a, adjoint_b=adjoint_b, a_is_sparse=a_is_sparse,
-                          b_is_sparse=b_is_sparse, output_type=output_type, grad_a=grad_a,
-                          grad_b=grad_b)
-    with ops.name_scope(name, "MatMul", [a, b]) as name:
+    builtin_kwargs = {"transpose_a": transpose_a, "transpose_b": transpose_b,
+                      "adjoint_a": adjoint_a, "adjoint_b": adjoint_b, "a_is_sparse": a_is_sparse,
+                      "b_is_sparse": b_is_sparse, "output_type": output_type, "grad_a": grad_a,
+                      "grad_b": grad_b}
+    with ops.name_scope(name, "MatMul", [a, b]) as scope:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)  # raises ValueError
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
         if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
         a, b = _convert(a, b)
         _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
                                   grad_a, grad_b)
@@ -106,9 +104,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         # transpose_a on its batch path, where it only ever tests it with `if`).
         ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
         if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
-            return tf.linalg.matmul(a, b, name=name, **builtin_kwargs)
-        return _ops.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
-                            conjugate_y=bool(adjoint_b), name=name)
+            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
+        return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
+                              conjugate_y=bool(adjoint_b), name=scope)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
@@ -117,7 +115,7 @@ def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_spa
     if _dispatched_by_builtin(a, b):
         return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
                                 a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
-    with ops.name_scope(name, "MatVec", [a, b]) as name:
+    with ops.name_scope(name, "MatVec", [a, b]):
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
         return tf.squeeze(output, axis=-1)

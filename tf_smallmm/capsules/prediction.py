@@ -1,11 +1,16 @@
-"""Capsule prediction vectors: û = einsum('ijkl,bil->bijk', W, u) on the SmallMM engine."""
+"""Capsule prediction vectors û[b, i, j, k] = Σ_l W[i, j, k, l] · u[b, i, l], on the SmallMM
+engine: `capsule_predict(w, u)` (tf_smallmm.capsule_predict), `predict(u, w)` (the same
+function with the layers' argument order, tf_smallmm.layers.predict) and
+`predict_reference(u, w)` (TensorFlow's einsum: the fallback's maths and the test oracle).
+"""
 
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _einsum
+from tf_smallmm._core import contraction
 
 EQUATION = "ijkl,bil->bijk"
+CONTRACTION = contraction.Contraction(tuple("ijkl"), tuple("bil"), tuple("bijk"))
 
 
 def _shape(t):
@@ -15,9 +20,10 @@ def _shape(t):
 def _check(w, u):
     """ValueError naming the argument and both shapes when they cannot be capsule weights
     [in_caps, out_caps, out_dim, in_dim] (or [1, in_caps, ...]) and inputs
-    [batch, in_caps, in_dim]."""
+    [batch, in_caps, in_dim]. Unknown ranks pass (w is then taken as rank 4): tf.einsum
+    checks them at run time."""
     both = f"w has shape {_shape(w)} and u has shape {_shape(u)}"
-    if w.shape.rank not in (4, 5):
+    if w.shape.rank not in (None, 4, 5):
         raise ValueError(
             "capsule_predict: w must have rank 4 [in_caps, out_caps, out_dim, in_dim] or 5 "
             f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
@@ -25,14 +31,26 @@ def _check(w, u):
         raise ValueError(
             "capsule_predict: a rank-5 w must have a leading axis of size 1 "
             f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
-    if u.shape.rank != 3:
+    if u.shape.rank not in (None, 3):
         raise ValueError(
             f"capsule_predict: u must have rank 3 [batch, in_caps, in_dim]; {both}")
+    if w.shape.rank is None or u.shape.rank is None:
+        return
     for what, dw, du in (("in_caps", w.shape[-4], u.shape[1]),
                          ("in_dim", w.shape[-1], u.shape[2])):
         if dw is not None and du is not None and dw != du:
             raise ValueError(
                 f"capsule_predict: {what} differs between w ({dw}) and u ({du}); {both}")
+
+
+def _arguments(w, u):
+    """w and u as checked tensors, w without its leading axis of size 1."""
+    w = ops.convert_to_tensor(w, name="w")
+    u = ops.convert_to_tensor(u, dtype_hint=w.dtype, name="u")
+    _check(w, u)
+    if w.shape.rank == 5:
+        w = tf.squeeze(w, axis=0)  # raises at run time if the axis is not 1
+    return w, u
 
 
 def capsule_predict(w, u, name=None):
@@ -46,7 +64,7 @@ def capsule_predict(w, u, name=None):
     Returns:
       û [batch, in_caps, out_caps, out_dim]; the same as
       `tf.einsum('ijkl,bil->bijk', w, u)`, which is what runs where the SmallMM kernels
-      do not (other dtypes, big products, XLA, TF_SMALLMM_DISABLE=1).
+      do not (other dtypes, big products, XLA, TF_SMALLMM_DISABLE=1, builtin_ops()).
 
     On the engine this is one product per (b, i): w[i] viewed as an
     [out_caps·out_dim, in_dim] matrix times u[b, i] as a column, with w broadcast over the
@@ -57,9 +75,17 @@ def capsule_predict(w, u, name=None):
       ValueError: wrong ranks, or in_caps / in_dim that differ between w and u.
     """
     with ops.name_scope(name, "CapsulePredict", [w, u]):
-        w = ops.convert_to_tensor(w, name="w")
-        u = ops.convert_to_tensor(u, dtype_hint=w.dtype, name="u")
-        _check(w, u)
-        if w.shape.rank == 5:
-            w = tf.squeeze(w, axis=0)  # raises at run time if the axis is not 1
-        return _einsum.einsum(EQUATION, w, u)
+        w, u = _arguments(w, u)
+        result = contraction.run(CONTRACTION, w, u)
+        return result if result is not None else tf.einsum(EQUATION, w, u)
+
+
+def predict(u, w):
+    """`capsule_predict(w, u)`, with the arguments in the order the layers use."""
+    return capsule_predict(w, u)
+
+
+def predict_reference(u, w):
+    """û with TensorFlow's own ops (tf.einsum), after the same checks."""
+    w, u = _arguments(w, u)
+    return tf.einsum(EQUATION, w, u)

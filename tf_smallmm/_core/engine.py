@@ -7,7 +7,7 @@ broadcasting, optionally summed over batch axes into `batch_shape` inside the ke
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm import _loader
+from tf_smallmm._core import loader
 
 
 def _static_or_dynamic_batch(t):
@@ -24,7 +24,7 @@ def product(x, y, transpose_x=False, conjugate_x=False, transpose_y=False,
     op transposes the two matrix axes and/or conjugates. With `batch_shape`, the output
     has that batch shape and the broadcast batch axes it lacks (or has as 1) are summed.
     """
-    lib = _loader.load()
+    lib = loader.load()
     flags = _flags((x, transpose_x, conjugate_x), (y, transpose_y, conjugate_y))
     if batch_shape is None:
         return lib.small_mm_batch_mat_mul(x, y, name=name, **flags)
@@ -63,7 +63,7 @@ def _batch_arg(shape):
 def product_pair(first, second):
     """Two reduce products in one SmallMMBatchMatMulPair op. Each argument is
     (lhs, rhs, batch_shape) with lhs / rhs factors (tensor, transpose, conjugate)."""
-    lib = _loader.load()
+    lib = loader.load()
     (l1, r1, b1), (l2, r2, b2) = first, second
     return lib.small_mm_batch_mat_mul_pair(
         l1[0], r1[0], _batch_arg(b1), l2[0], r2[0], _batch_arg(b2),
@@ -116,9 +116,9 @@ def _pair_grad(op, grad_1, grad_2):
         if grad is None:
             out += [None, None, None]
             continue
-        attr = lambda name: op.get_attr(f"{name}_{p}")  # noqa: E731
-        dx, dy = _grads(op.inputs[first], op.inputs[first + 1], attr("transpose_x"),
-                        attr("conjugate_x"), attr("transpose_y"), attr("conjugate_y"), grad,
+        flags = [op.get_attr(f"{name}_{p}")
+                 for name in ("transpose_x", "conjugate_x", "transpose_y", "conjugate_y")]
+        dx, dy = _grads(op.inputs[first], op.inputs[first + 1], *flags, grad,
                         first not in skip, first + 1 not in skip)
         out += [dx, dy, None]
     return out

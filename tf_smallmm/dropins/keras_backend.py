@@ -3,14 +3,15 @@
 
 Both validate their arguments exactly as tf_keras does (same checks, same order, same
 messages), then run the product as a Contraction on the engine when the planner finds a
-transpose-free view of it (`_einsum.plan`). Otherwise they compute it the way tf_keras
+transpose-free view of it (`contraction.plan`). Otherwise they compute it the way tf_keras
 does (its transposes and tf.matmul, ported below), so results and errors match by
 construction. tf_keras is not needed at run time.
 """
 
 import tensorflow as tf
 
-from tf_smallmm import _einsum, _matmul
+from tf_smallmm._core import contraction
+from tf_smallmm.dropins import einsum, linalg
 
 
 def _int_shape(x):
@@ -39,12 +40,12 @@ def _is_sparse(tensor):
 
 def _contract(x, y, x_labels, y_labels, out_labels, broadcast=()):
     """Runs the contraction on the engine, or None (the caller falls back)."""
-    x, y = _einsum._as_tensor(x), _einsum._as_tensor(y)
+    x, y = einsum._as_tensor(x), einsum._as_tensor(y)
     if x is None or y is None:
         return None
-    c = _einsum.Contraction(tuple(x_labels), tuple(y_labels), tuple(out_labels),
-                            frozenset(broadcast))
-    return _einsum.run(c, x, y)
+    c = contraction.Contraction(tuple(x_labels), tuple(y_labels), tuple(out_labels),
+                                frozenset(broadcast))
+    return contraction.run(c, x, y)
 
 
 # ------------------------------------------------------------------ batch_dot
@@ -212,7 +213,7 @@ def dot(x, y):
         return _keras_dot_nd(x, y)
     if _is_sparse(x):
         return tf.sparse.sparse_dense_matmul(x, y)
-    return _matmul.matmul(x, y)
+    return linalg.matmul(x, y)
 
 
 def _keras_dot_nd(x, y):

@@ -1,5 +1,5 @@
-"""Drop-in `einsum` and the contraction planner that `batch_dot`, `dot` and
-`capsule_predict` share.
+"""The contraction planner: lowers a two-operand contraction to one `product` call. The
+drop-ins `einsum`, `batch_dot` and `dot` and `capsule_predict` all run through it.
 
 A two-operand contraction is written with one label per axis (x, y -> out). Each label is
 one of
@@ -22,22 +22,17 @@ operands, repeated labels, unknown ranks, pure elementwise / outer products with
 contracted label, unsupported dtypes, big products, XLA) `tf.einsum` runs.
 
 Plans depend only on the labels (the equation and the static ranks), so they are computed
-once per trace and cached.
+once per trace and cached. Equations are parsed into Contractions by `dropins.einsum`.
 """
 
 import collections
 import dataclasses
 import functools
-import re
 
-import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import composite_tensor, ops
+from tensorflow.python.framework import ops
 
-from tf_smallmm import _dispatch, _ops
-
-# `product` supports this many batch axes (kMaxBatchDims in cc/kernels/smallmm.h).
-_MAX_BATCH_AXES = 8
+from tf_smallmm._core import dispatch, engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +145,7 @@ def plan(c):
                             if batch is None:
                                 continue
                             groups, reduced = _merge_batch_axes(batch, c)
-                            if len(groups) > _MAX_BATCH_AXES:
+                            if len(groups) > dispatch.MAX_BATCH_DIMS:
                                 continue
                             score = (kk, mm + nn, -(ta + tb), lhs_is_x)
                             if best_score is None or score > best_score:
@@ -208,7 +203,7 @@ def run(c, x, y, name=None):
 
     m, n, k = static_size(p.m), static_size(p.n), static_size(p.k)
     macs = m * n * k if None not in (m, n, k) else None
-    if not _dispatch.use_kernel(x.dtype.base_dtype, macs):
+    if not dispatch.use_kernel(x.dtype.base_dtype, macs):
         return None
 
     with ops.name_scope(name, "einsum", [x, y]) as scope:
@@ -270,8 +265,8 @@ def run(c, x, y, name=None):
                 1 if red else _prod(broadcast_size(label) if label in c.broadcast
                                     else size(label) for label in group)
                 for group, red in zip(p.batch, p.reduced)]
-        result = _ops.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
-                              batch_shape=batch_shape)
+        result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
+                                batch_shape=batch_shape)
 
         # Back to the output's axes: a broadcast label's size is the product's (the static
         # shape then follows TF's broadcasting rule, as tf.einsum's does), every other
@@ -290,85 +285,3 @@ def run(c, x, y, name=None):
             else:
                 out_shape.append(size(label))
         return tf.reshape(result, out_shape, name=scope)
-
-
-# ------------------------------------------------------------------ einsum equations
-
-_OPERAND = r"[a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*"
-_EQUATION = re.compile(rf"^({_OPERAND}),({_OPERAND})(?:->({_OPERAND}))?$")
-
-
-def _expand(subscripts, rank, ellipsis_rank):
-    """Labels of one operand with its ellipsis axes spelled out as ('...', i) labels,
-    right-aligned against the widest operand."""
-    if "..." not in subscripts:
-        return tuple(subscripts) if len(subscripts) == rank else None
-    head, tail = subscripts.split("...")
-    own = rank - len(head) - len(tail)
-    if own < 0:
-        return None
-    return (tuple(head) + tuple(("...", ellipsis_rank - own + i) for i in range(own))
-            + tuple(tail))
-
-
-@functools.lru_cache(maxsize=4096)
-def parse(equation, rank_x, rank_y):
-    """The Contraction a two-operand equation describes at these ranks, or None when it
-    is not one (the built-in decides what it means, or raises)."""
-    match = _EQUATION.match(equation.replace(" ", ""))
-    if not match:
-        return None
-    xs, ys, outs = match.groups()
-    if outs is None:  # implicit output, as tf.einsum: labels seen once, sorted, '...' first
-        counts = collections.Counter(xs.replace("...", "0") + ys.replace("...", "0"))
-        outs = "".join(label for label in sorted(counts) if counts[label] == 1)
-        outs = outs.replace("0", "...")
-    own = [rank - len(s.replace("...", "")) for s, rank in ((xs, rank_x), (ys, rank_y))
-           if "..." in s]
-    ellipsis_rank = max(own, default=0)
-    x, y = _expand(xs, rank_x, ellipsis_rank), _expand(ys, rank_y, ellipsis_rank)
-    if x is None or y is None:
-        return None
-    if "..." in outs:
-        out = _expand(outs, len(outs) - 3 + ellipsis_rank, ellipsis_rank)
-    elif ellipsis_rank:
-        return None  # broadcast axes without '...' in the output: an error for the built-in
-    else:
-        out = tuple(outs)
-    broadcast = frozenset(label for label in set(x) & set(y) if isinstance(label, tuple))
-    return Contraction(x, y, out, broadcast)
-
-
-def _as_tensor(t):
-    """t as a dense tensor when tf.einsum would take it as one (tensors, tf / Keras
-    variables, numpy arrays); None for anything else (ragged, sparse, Python lists), which
-    goes to the built-in as is."""
-    # (tf.Variable is itself a CompositeTensor, hence the order.)
-    if not isinstance(t, (tf.Variable, np.ndarray)) and (
-            isinstance(t, composite_tensor.CompositeTensor) or not tf.is_tensor(t)):
-        return None
-    try:
-        return ops.convert_to_tensor(t)
-    except (TypeError, ValueError):
-        return None
-
-
-def einsum(equation, *inputs, **kwargs):
-    """Drop-in for `tf.einsum`: the same equations, arguments, results, static shapes and
-    errors.
-
-    Two-operand equations that are a batched matmul / matvec / dot product under reshape
-    views (see `plan`) run on the SmallMM kernels, forward and backward, without
-    transposes or copies: e.g. 'ijkl,bil->bijk' (capsule prediction), 'bij,bjk->bik',
-    'bij,bj->bi', 'bhqd,bhkd->bhqk', '...ij,...jk->...ik', 'bij,bjk->bk'. Everything else
-    calls `tf.einsum(equation, *inputs, **kwargs)`.
-    """
-    if len(inputs) == 2 and isinstance(equation, str) and set(kwargs) <= {"name", "optimize"}:
-        x, y = _as_tensor(inputs[0]), _as_tensor(inputs[1])
-        if x is not None and y is not None and None not in (x.shape.rank, y.shape.rank):
-            c = parse(equation, x.shape.rank, y.shape.rank)
-            if c is not None:
-                result = run(c, x, y, name=kwargs.get("name"))
-                if result is not None:
-                    return result
-    return tf.einsum(equation, *inputs, **kwargs)

@@ -9,11 +9,13 @@ import functools
 import json
 import os
 import warnings
+from typing import ClassVar
 
 import tensorflow as tf
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
-_DIR = os.path.dirname(os.path.abspath(__file__))
+# The compiled libraries sit at the package root, where setup.py writes them.
+_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OPS_PATH = os.path.join(_DIR, "_smallmm_ops.so")
 _INFO_PATH = os.path.join(_DIR, "_build_info.json")
 REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_smallmm source dir>"
@@ -22,25 +24,32 @@ REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_sm
 class _State:
     lib = None
     error = None
-    info = {}
+    info: ClassVar[dict] = {}
 
 
-def _same_release(built, running):
+def _read_info():
+    with open(_INFO_PATH) as f:
+        return json.load(f)
+
+
+def _built_for_running_tf(built):
     # Custom-op ABI is stable within a TF minor release (2.21.0 vs 2.21.1), not across.
-    return Version(built).release[:2] == Version(running).release[:2]
+    try:
+        return Version(built).release[:2] == Version(tf.__version__).release[:2]
+    except InvalidVersion:  # "unknown": the build did not record it
+        return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """Returns the op-library module, or None (after one warning) if it cannot be used."""
     try:
-        with open(_INFO_PATH) as f:
-            _State.info = json.load(f)
+        _State.info = _read_info()
     except OSError:
         _State.error = f"tf_smallmm's compiled library was not found next to {_DIR}"
     if _State.error is None:
         built = _State.info.get("tf_version", "unknown")
-        if built == "unknown" or not _same_release(built, tf.__version__):
+        if not _built_for_running_tf(built):
             _State.error = (
                 f"tf_smallmm was built against TensorFlow {built} but TensorFlow "
                 f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's "
@@ -48,7 +57,7 @@ def load():
     if _State.error is None:
         try:
             _State.lib = tf.load_op_library(_OPS_PATH)
-        except Exception as e:  # NotFoundError (undefined symbol), OSError, ...
+        except Exception as e:  # noqa: BLE001 - NotFoundError (undefined symbol), OSError, ...
             _State.error = (f"tf_smallmm's op library failed to load ({e}); TensorFlow's "
                             f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
     if _State.error is not None:
@@ -56,13 +65,27 @@ def load():
     return _State.lib
 
 
+def register_ops():
+    """Registers the SmallMM ops with TensorFlow. `import tf_smallmm` calls it, so that the
+    import is all a process needs before loading a SavedModel containing the ops.
+
+    Quiet on purpose: a missing or mismatched library is reported once, by `load()`, when a
+    function first needs the kernels; here it is only skipped.
+    """
+    try:
+        if _built_for_running_tf(_read_info().get("tf_version", "unknown")):
+            tf.load_op_library(_OPS_PATH)
+    except Exception:  # noqa: BLE001, S110 - load() reports it on first use
+        pass
+
+
 def kernels_loaded():
     """True when the SmallMM op library is loaded and usable."""
     return load() is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _registered_devices(op_name):
+@functools.cache
+def registered_devices(op_name):
     # Cached: registrations are fixed once the library is loaded, and the dispatch policy
     # asks on every call (uncached, the registry query cost ~350 us and leaked ~280 bytes
     # per call).
@@ -81,7 +104,7 @@ def build_info():
     info["tf_runtime_version"] = tf.__version__
     info["kernels_loaded"] = lib is not None
     info["load_error"] = _State.error
-    info["devices"] = list(_registered_devices("SmallMMBatchMatMul")) if lib is not None else []
+    info["devices"] = list(registered_devices("SmallMMBatchMatMul")) if lib is not None else []
     try:
         from tf_smallmm import _smallmm_core as core
 

@@ -1,0 +1,464 @@
+"""`python -m tf_smallmm.bench`: SmallMM against every built-in way to do the same work.
+
+For each case, in one run: our function and the TF built-ins (tf.einsum, tf.matmul, the
+classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-reduce) and the
+best of them under tf.function(jit_compile=True), forward and forward+backward (the step
+returns the loss *and* the gradients, so nothing is dead-code-eliminated). Reports the
+median time after warm-up, the peak extra memory of the forward+backward step, and the
+fraction of this machine's bandwidth floor: the minimum bytes the case must move (inputs
+and output once forward; forward + read upstream gradient and inputs, write both gradients
+backward) divided by a large copy's bandwidth measured in the same run.
+
+    python -m tf_smallmm.bench                  # full suite -> benchmarks/RESULTS.md + .png
+    python -m tf_smallmm.bench --quick          # a subset, under two minutes
+    python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
+    python -m tf_smallmm.bench --quick --only routings   # the CapsNet digit-caps step only
+
+Every run also repeats our own steps in a second process with one intra-op thread and
+reports the speed-up from using all cores (--no-scaling skips it).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import tf_smallmm as smm
+from tf_smallmm._core import engine
+from tf_smallmm.capsules import routing
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- measuring
+def _fetch(x):
+    # Wait for the work without copying the result out (a .numpy() of a 37 MB output
+    # would add its own copy to every timing): CPU ops run synchronously; GPU streams are
+    # synchronised explicitly.
+    del x
+    sync = getattr(getattr(tf.test, "experimental", None), "sync_devices", None)
+    if sync is not None and tf.config.list_logical_devices("GPU"):
+        sync()
+
+
+def median_ms(fn, args, repeats, min_seconds=0.0):
+    """Median wall time of fn(*args) in ms after two warm-up calls (devices synced)."""
+    for _ in range(2):
+        _fetch(fn(*args))
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        _fetch(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return 1e3 * float(np.median(times))
+
+
+def peak_extra_mib(fn, args):
+    """Peak CPU allocator memory during one call, above what was allocated before it."""
+    try:
+        _fetch(fn(*args))
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        out = fn(*args)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        _fetch(out)
+        return (peak - before) / MiB
+    except (ValueError, tf.errors.OpError):
+        return float("nan")
+
+
+def copy_bandwidth_gbs(mib=256):
+    """Bandwidth of a large streaming copy (read + write), the best of numpy and TF."""
+    n = mib * MiB // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    t_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    x = tf.ones([n])
+    f = tf.function(lambda x: x * 1.5)  # not x + 0: grappler folds that to an identity
+    _fetch(f(x))
+    t_tf = min(_timed(lambda: _fetch(f(x))) for _ in range(5))
+    return 2 * n * 4 / min(t_np, t_tf) / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- cases
+def _nbytes(*ts):
+    return sum(int(np.prod(t.shape)) * t.dtype.size for t in ts)
+
+
+class Case:
+    """Inputs a, b; implementations name -> f(a, b) that all return the same tensor."""
+
+    def __init__(self, name, a, b, impls, ours, xla_candidates, eager=()):
+        self.name, self.a, self.b, self.eager = name, a, b, tuple(eager)
+        self.impls, self.ours, self.xla = impls, ours, xla_candidates
+        y = impls[ours](a, b)
+        self.y_shape, self.dtype = y.shape, y.dtype
+        self.fwd_bytes = _nbytes(a, b, y)
+        self.bwd_bytes = self.fwd_bytes + _nbytes(y, a, b, a, b)
+
+
+def _keras_backend():
+    try:
+        import tf_keras
+
+        return tf_keras.backend
+    except ImportError:
+        return None
+
+
+def capsule_case(dtype, batch=50):
+    w = tf.cast(tf.random.normal([1152, 10, 16, 8], seed=1), dtype)
+    u = tf.cast(tf.random.normal([batch, 1152, 8], seed=2), dtype)
+
+    def via(mm):
+        def f(w, u):
+            y = mm(tf.reshape(w, [1152, 160, 8]), u[..., None])
+            return tf.reshape(y, [-1, 1152, 10, 16])
+        return f
+
+    def tiled(w, u):  # the classic CapsNet formulation: W copied per batch row
+        b = tf.shape(u)[0]
+        wt = tf.tile(w[None], [b, 1, 1, 1, 1])
+        ut = tf.tile(u[:, :, None, :, None], [1, 1, 10, 1, 1])
+        return tf.squeeze(tf.matmul(wt, ut), -1)
+
+    impls = {
+        "tf_smallmm": lambda w, u: smm.capsule_predict(w, u),
+        "tf.einsum": lambda w, u: tf.einsum("ijkl,bil->bijk", w, u),
+        "tf.matmul (broadcast)": via(tf.linalg.matmul),
+        "tf.matmul (tiled)": tiled,
+        "multiply+reduce_sum": lambda w, u: tf.reduce_sum(w[None] * u[:, :, None, None, :], -1),
+    }
+    return Case(f"capsule W[1152,10,16,8] u[{batch},1152,8]", w, u, impls, "tf_smallmm",
+                ["tf.einsum", "tf.matmul (broadcast)", "multiply+reduce_sum"])
+
+
+def routing_case(dtype, batch=50, routings=3):
+    """CapsNet's digit-caps step: û = W·u, then `routings` iterations of routing-by-agreement.
+    Ours: the SmallMM product + the fused routing op (and their gradient ops); the others:
+    the same layer in TF ops (capsules.dynamic_routing_reference) after each prediction."""
+    w = tf.cast(tf.random.normal([1152, 10, 16, 8], seed=1), dtype)
+    u = tf.cast(tf.random.normal([batch, 1152, 8], seed=2), dtype)
+
+    def routed(predict):
+        return lambda w, u: routing.dynamic_routing_reference(predict(w, u), routings)
+
+    def broadcast_matmul(w, u):
+        y = tf.linalg.matmul(tf.reshape(w, [1152, 160, 8]), u[..., None])
+        return tf.reshape(y, [-1, 1152, 10, 16])
+
+    impls = {
+        "tf_smallmm": lambda w, u: routing.dynamic_routing(smm.capsule_predict(w, u), routings),
+        "tf.einsum + TF ops": routed(lambda w, u: tf.einsum("ijkl,bil->bijk", w, u)),
+        "tf.matmul (broadcast) + TF ops": routed(broadcast_matmul),
+    }
+    return Case(f"digit caps W[1152,10,16,8] u[{batch},1152,8] + {routings} routings", w, u,
+                impls, "tf_smallmm", ["tf.einsum + TF ops"])
+
+
+def matvec_case(count, n, dtype):
+    a = tf.cast(tf.random.normal([count, n, n], seed=3), dtype)
+    x = tf.cast(tf.random.normal([count, n], seed=4), dtype)
+    impls = {
+        # Every implementation is a two-argument function: tf.function's per-call
+        # argument binding costs more for a long signature (tf.linalg.matvec's seven
+        # parameters: ~0.1 ms), which would swamp the 900-matvec case.
+        "tf_smallmm": lambda a, x: smm.matvec(a, x),
+        "tf.linalg.matvec": lambda a, x: tf.linalg.matvec(a, x),
+        "tf.einsum": lambda a, x: tf.einsum("bij,bj->bi", a, x),
+        "tf.matmul": lambda a, x: tf.squeeze(tf.linalg.matmul(a, x[..., None]), -1),
+    }
+    kb = _keras_backend()
+    if kb is not None:
+        impls["keras batch_dot"] = lambda a, x: kb.batch_dot(a, x, axes=(2, 1))
+    return Case(f"matvec {count}x({n}x{n})", a, x, impls, "tf_smallmm",
+                ["tf.linalg.matvec", "tf.einsum"],
+                eager=["tf_smallmm", "tf.linalg.matvec", "tf.matmul"] if count < 10_000 else ())
+
+
+def matmul_case(m, k, n, dtype, elements=8_000_000):
+    count = max(1, elements // max(m * k, k * n))
+    a = tf.cast(tf.random.normal([count, m, k], seed=5), dtype)
+    b = tf.cast(tf.random.normal([count, k, n], seed=6), dtype)
+    impls = {
+        "tf_smallmm": lambda a, b: smm.matmul(a, b),  # two-argument: see matvec_case
+        "tf.matmul": lambda a, b: tf.linalg.matmul(a, b),
+        "tf.einsum": lambda a, b: tf.einsum("bij,bjk->bik", a, b),
+    }
+    kb = _keras_backend()
+    if kb is not None:
+        impls["keras batch_dot"] = lambda a, b: kb.batch_dot(a, b, axes=(2, 1))
+    return Case(f"matmul {count}x({m}x{k} @ {k}x{n})", a, b, impls, "tf_smallmm",
+                ["tf.matmul", "tf.einsum"])
+
+
+def steps(fn, jit=False):
+    """The forward step and the forward+backward step (loss and both gradients)."""
+    fwd = tf.function(fn, jit_compile=jit or None)
+
+    @tf.function(jit_compile=jit or None)
+    def fwd_bwd(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            y = fn(a, b)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32))
+        return loss, tape.gradient(loss, [a, b])
+
+    return fwd, fwd_bwd
+
+
+# --------------------------------------------------------------------------- running
+def run_case(case, repeats, bandwidth, ours_only=False):
+    rows = []
+    impls = dict(case.impls)
+    for name in case.xla:
+        impls[f"XLA: {name}"] = (case.impls[name], True)
+    if ours_only:
+        impls = {case.ours: impls[case.ours]}
+    for name, impl in impls.items():
+        fn, jit = impl if isinstance(impl, tuple) else (impl, False)
+        fwd, fwd_bwd = steps(fn, jit)
+        try:
+            t_f = median_ms(fwd, (case.a, case.b), repeats)
+            t_fb = median_ms(fwd_bwd, (case.a, case.b), repeats)
+            mem = float("nan") if ours_only else peak_extra_mib(fwd_bwd, (case.a, case.b))
+        except (tf.errors.OpError, ValueError, TypeError) as e:  # e.g. no bf16 kernel
+            print(f"  {name}: skipped ({type(e).__name__})")
+            continue
+        row = {"impl": name, "fwd": t_f, "fwd_bwd": t_fb, "mem": mem}
+        if name == case.ours:  # did the dispatch policy choose our kernels?
+            graph = fwd.get_concrete_function(case.a, case.b).graph
+            row["engine"] = any(op.type.startswith("SmallMM") for op in graph.get_operations())
+        rows.append(row)
+        print(f"  {name:<28} fwd {t_f:8.2f} ms   fwd+bwd {t_fb:8.2f} ms   peak +{mem:7.1f} MiB",
+              flush=True)
+    # Per-call overhead without tf.function, for the cases small enough that it dominates.
+    eager = {name: median_ms(case.impls[name], (case.a, case.b), repeats, min_seconds=0.5)
+             for name in case.eager}
+    floor_f = case.fwd_bytes / bandwidth / 1e6
+    floor_fb = case.bwd_bytes / bandwidth / 1e6
+    xla = [r for r in rows if r["impl"].startswith("XLA")]
+    builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
+    ours = next(r for r in rows if r["impl"] == case.ours)
+    out_bytes = _nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size
+    return {"case": case.name, "dtype": case.dtype.name, "rows": rows, "eager": eager,
+            "floor_fwd": floor_f, "floor_fwd_bwd": floor_fb, "ours": ours,
+            "best_builtin": min(builtin, key=lambda r: r["fwd"]) if builtin else None,
+            "best_builtin_fb": min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
+            "best_xla": min(xla, key=lambda r: r["fwd"]) if xla else None,
+            "out_mib": out_bytes / MiB}
+
+
+def cases(quick):
+    out = [lambda: capsule_case(tf.float32), lambda: routing_case(tf.float32),
+           lambda: routing_case(tf.float32, batch=1)]
+    sizes = [2, 8, 32] if quick else [2, 3, 4, 8, 16, 20, 32]
+    out += [lambda n=n: matmul_case(n, n, n, tf.float32) for n in sizes]
+    out += [lambda: matvec_case(900, 20, tf.float32), lambda: matvec_case(100_000, 20, tf.float32)]
+    if not quick:
+        out += [lambda: matmul_case(16, 8, 1, tf.float32),
+                lambda: matmul_case(8, 8, 64, tf.float32),
+                lambda: capsule_case(tf.bfloat16), lambda: matmul_case(8, 8, 8, tf.bfloat16),
+                lambda: routing_case(tf.float32, batch=8), lambda: routing_case(tf.bfloat16)]
+    return out
+
+
+def markdown(results, bandwidth, args):
+    info = smm.build_info()
+    lines = [
+        "# Benchmark results",
+        "",
+        (f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
+         f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
+         f"copy bandwidth {bandwidth:.1f} GB/s (the floor's unit). Times are medians in ms "
+         f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
+         f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
+         f"peak = extra allocator memory of the forward+backward step."),
+        "",
+        ("| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
+         "ours × (fwd) | ours × (fwd+bwd) | peak MiB |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        o = r["ours"]
+        for row in r["rows"]:
+            lines.append(
+                f"| {r['case']} | {r['dtype']} | {row['impl']} | {row['fwd']:.2f} | "
+                f"{row['fwd'] / r['floor_fwd']:.1f} | {row['fwd_bwd']:.2f} | "
+                f"{row['fwd_bwd'] / r['floor_fwd_bwd']:.1f} | {row['fwd'] / o['fwd']:.2f} | "
+                f"{row['fwd_bwd'] / o['fwd_bwd']:.2f} | {row['mem']:.1f} |")
+    lines += ["", "Summary (ours vs the fastest built-in, and vs the fastest XLA variant):", "",
+              ("| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
+               "floor f+b ms | ours f+b ms | best built-in f+b | ours 1 thread fwd / f+b ms | "
+               f"{os.cpu_count()} threads vs 1 (fwd / f+b) |"),
+              "|---|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
+    for r in results:
+        o, bb, bx, bf = r["ours"], r["best_builtin"], r["best_xla"], r["best_builtin_fb"]
+        one = r.get("one_thread")
+        fallback = "" if o.get("engine", True) else " (dispatch: built-in)"
+        lines.append(
+            f"| {r['case']}{fallback} | {r['dtype']} | {r['floor_fwd']:.2f} | {o['fwd']:.2f} | "
+            f"{bb['impl']} {bb['fwd']:.2f} ({bb['fwd'] / o['fwd']:.1f}×) | "
+            + (f"{bx['impl'][5:]} {bx['fwd']:.2f} ({bx['fwd'] / o['fwd']:.1f}×)" if bx else "-")
+            + f" | {r['floor_fwd_bwd']:.2f} | {o['fwd_bwd']:.2f} | "
+            f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) | "
+            + (f"{one['fwd']:.2f} / {one['fwd_bwd']:.2f} | {one['fwd'] / o['fwd']:.2f}× / "
+               f"{one['fwd_bwd'] / o['fwd_bwd']:.2f}× |" if one else "- | - |"))
+    eager_rows = [r for r in results if r.get("eager")]
+    if eager_rows:
+        lines += ["", "Eager calls (no tf.function; per-call overhead dominates), median ms:", "",
+                  "| case | dtype | " + " | ".join(eager_rows[0]["eager"]) + " |",
+                  "|---|---|" + "---:|" * len(eager_rows[0]["eager"])]
+        for r in eager_rows:
+            lines.append(f"| {r['case']} | {r['dtype']} | "
+                         + " | ".join(f"{v:.3f}" for v in r["eager"].values()) + " |")
+    lines += ["", ("'(dispatch: built-in)': the dispatch policy sends this shape to TensorFlow's "
+                   "own op (our kernels were slower there when the threshold was measured), so "
+                   "'ours' and that op are the same computation and their ratio is run-to-run "
+                   "noise.")]
+    lines += ["", ("Thread scaling: the 1-thread column is the same step in a separate process "
+                   "with TensorFlow's intra-op pool set to one thread. Cases whose time is "
+                   "already near the copy-bandwidth floor cannot scale: memory, not arithmetic, "
+                   "limits them.")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    pts = []
+    for r in results:
+        if r["case"].startswith("matmul") and r["dtype"] == "float32":
+            dims = r["case"].split("(")[1].split(" @ ")[0].split("x")
+            if dims[0] == dims[1]:
+                pts.append((int(dims[0]), r))
+    pts.sort(key=lambda p: p[0])
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = [p[0] for p in pts]
+    ax.plot(n, [r["best_builtin"]["fwd"] / r["ours"]["fwd"] for _, r in pts], "o-",
+            label="forward vs best built-in")
+    ax.plot(n, [r["best_builtin_fb"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for _, r in pts], "s-",
+            label="forward+backward vs best built-in")
+    ax.plot(n, [r["best_xla"]["fwd"] / r["ours"]["fwd"] for _, r in pts], "^--",
+            label="forward vs best XLA")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("n (batched n×n @ n×n, ~8M elements per operand, float32)")
+    ax.set_ylabel("speed-up of tf_smallmm (×)")
+    ax.set_title(f"tf_smallmm speed-up, TF {tf.__version__}, {os.cpu_count()} cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sweep(repeats):
+    """Raw kernel vs tf.matmul on batched n×n×n products, to set MAX_SMALL_MACS."""
+    print("| n | batch | SmallMM kernel ms | tf.matmul ms | tf.matmul / ours |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in [16, 24, 32, 48, 64, 96, 128]:
+        count = max(1, 4_000_000 // (n * n))
+        a = tf.random.normal([count, n, n])
+        b = tf.random.normal([count, n, n])
+        ours = median_ms(tf.function(lambda a, b: engine.product(a, b)), (a, b), repeats)
+        theirs = median_ms(tf.function(tf.linalg.matmul), (a, b), repeats)
+        print(f"| {n} | {count} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f} |", flush=True)
+
+
+def one_thread(results, args, repeats):
+    """Our step again in a fresh process with one intra-op thread (TF fixes its pool size
+    at start-up, so this cannot be done in the running process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "one.json")
+        cmd = [sys.executable, "-m", "tf_smallmm.bench", "--ours-only", "--threads", "1",
+               "--repeats", str(repeats), "--json", path] + (["--quick"] if args.quick else [])
+        if args.only:
+            cmd += ["--only", args.only]
+        print("1-thread rerun:", " ".join(cmd[1:]), flush=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(smm.__file__)))]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        if subprocess.run(cmd, env=env, check=False).returncode != 0 or not os.path.exists(path):
+            print("1-thread rerun failed: no thread-scaling column")
+            return
+        with open(path) as f:
+            one = {(r["case"], r["dtype"]): r["ours"] for r in json.load(f)}
+    for r in results:
+        r["one_thread"] = one.get((r["case"], r["dtype"]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a subset with fewer repeats")
+    p.add_argument("--sweep", action="store_true", help="only the n×n×n threshold sweep")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="run only the cases whose name contains TEXT (e.g. 'routings')")
+    p.add_argument("--threads", type=int, default=None,
+                   help="TensorFlow intra-op threads (default: TensorFlow's choice)")
+    p.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-scaling", action="store_true",
+                   help="skip the 1-thread rerun that gives the thread-scaling column")
+    p.add_argument("--out", default=None, help="markdown file (default benchmarks/RESULTS.md "
+                   "for a full run, benchmarks/RESULTS-quick.md for --quick)")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.sweep:
+        sweep(repeats)
+        return
+    if not smm.kernels_loaded():
+        raise SystemExit("SmallMM kernels are not loaded: " + str(smm.build_info()["load_error"]))
+    bandwidth = 1.0 if args.ours_only else copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
+    results = []
+    for make in cases(args.quick):
+        case = make()
+        if args.only and args.only not in case.name:
+            continue
+        print(f"{case.name} ({case.dtype.name})", flush=True)
+        results.append(run_case(case, repeats, bandwidth, args.ours_only))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: r[k] for k in ("case", "dtype", "ours")} for r in results], f)
+        return
+    if not args.no_scaling and not args.threads:
+        one_thread(results, args, repeats)
+    out = args.out or os.path.join("benchmarks", "RESULTS-quick.md" if args.quick else "RESULTS.md")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(markdown(results, bandwidth, args))
+    plot(results, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
