@@ -38,13 +38,13 @@ ISA_FLAGS = {
     "baseline": [],
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
-ISA_SOURCES = ["cc/kernels/gemm_isa.cc", "cc/kernels/routing_isa.cc"]
-KERNEL_SOURCES = ["cc/kernels/plan.cc", "cc/kernels/routing.cc"]
-TF_SOURCES = ["cc/ops/smallmm_ops.cc", "cc/ops/routing_ops.cc"]
+ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
+KERNEL_SOURCES = ["cc/engine/plan.cc", "cc/engine/routing.cc"]
+TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
 # every cuda/*.cu.cc.
-TF_GPU_SOURCES = ["cc/ops/smallmm_ops_gpu.cc"]
+TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc"]
 CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
 CUDA_ARCHS = ["80", "90"]
 

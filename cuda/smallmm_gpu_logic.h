@@ -47,8 +47,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cc/kernels/float16_bits.h"
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/float16_bits.h"
+#include "cc/engine/smallmm.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -83,7 +83,7 @@ SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b 
 // ---------------------------------------------------------------- 16-bit floats
 // Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
 // and the CPU engine). The GPU uses the hardware conversions instead.
-// Host code (the simulation) uses cc/kernels/float16_bits.h, the CPU engine's own.
+// Host code (the simulation) uses cc/engine/float16_bits.h, the CPU engine's own.
 SMALLMM_HD SMALLMM_INLINE float HalfToFloat(uint16_t h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h));

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 #include "cuda/smallmm_gpu_sim.h"
 
 namespace py = pybind11;

@@ -23,8 +23,8 @@
 #include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
 #endif
 
-#include "cc/kernels/float16_bits.h"
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/float16_bits.h"
+#include "cc/engine/smallmm.h"
 
 #ifndef SMALLMM_ISA
 #error "compile with -DSMALLMM_ISA=<name>"

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <sstream>
 
-#include "cc/kernels/routing.h"
+#include "cc/engine/routing.h"
 
 namespace smallmm {
 

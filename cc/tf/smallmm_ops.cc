@@ -1,15 +1,15 @@
 // TF adapter: op registrations, shape functions and the one base OpKernel. It only
 // validates, broadcasts (through the kernel core's planner), allocates and shards; the
-// math is in cc/kernels/.
+// math is in cc/engine/.
 #include <algorithm>
 #include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_matmul_op.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_matmul_op.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <sstream>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 
 namespace smallmm {
 

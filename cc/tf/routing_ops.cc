@@ -1,12 +1,12 @@
-// TF adapter of the fused dynamic-routing kernels (cc/kernels/routing.h): op
+// TF adapter of the fused dynamic-routing kernels (cc/engine/routing.h): op
 // registrations, shape functions and one OpKernel for the forward and backward ops. It
 // only validates, allocates and shards rows over TF's intra-op thread pool; the math is in
-// cc/kernels/routing_isa.cc. The gradient is registered in Python (tf_smallmm/_capsules.py).
+// cc/engine/routing_isa.cc. The gradient is registered in Python (tf_smallmm/_capsules.py).
 #include <atomic>
 #include <string>
 
-#include "cc/kernels/routing.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/routing.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"

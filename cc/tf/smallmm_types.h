@@ -1,13 +1,13 @@
 // The one list of dtypes the SmallMM ops support. The op's type attr, the kernel
 // registrations and the TF -> kernel-core dtype map all come from here; a test checks
 // that every advertised dtype has a registered kernel.
-#ifndef TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
-#define TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
+#ifndef TF_SMALLMM_CC_TF_SMALLMM_TYPES_H_
+#define TF_SMALLMM_CC_TF_SMALLMM_TYPES_H_
 
 #include <initializer_list>
 #include <string>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 #include "tensorflow/core/framework/types.h"
 
 // X(C++ type, TF DataType, kernel-core DType)
@@ -48,4 +48,4 @@ inline bool ToCoreDType(tensorflow::DataType t, smallmm::DType* out) {
 
 }  // namespace smallmm_tf
 
-#endif  // TF_SMALLMM_CC_OPS_SMALLMM_TYPES_H_
+#endif  // TF_SMALLMM_CC_TF_SMALLMM_TYPES_H_

@@ -5,9 +5,9 @@
 // device context as the platform's raw handle and goes to cuda/smallmm_gpu.h's launcher.
 #if GOOGLE_CUDA
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_matmul_op.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_matmul_op.h"
+#include "cc/tf/smallmm_types.h"
 #include "cuda/smallmm_gpu.h"
 #include "tensorflow/core/framework/device_base.h"
 #include "tensorflow/core/framework/op_kernel.h"

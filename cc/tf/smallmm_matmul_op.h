@@ -2,14 +2,14 @@
 // smallmm_ops.cc and the GPU ones in smallmm_ops_gpu.cc). It validates and broadcasts
 // through the kernel core's planner, allocates, handles empty outputs, and hands the plan
 // to the device's Launch.
-#ifndef TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
-#define TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
+#ifndef TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
+#define TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
 
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -132,4 +132,4 @@ class SmallMMMatMulOp : public OpKernel {
 
 }  // namespace tensorflow
 
-#endif  // TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
+#endif  // TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_

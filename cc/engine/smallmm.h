@@ -22,8 +22,8 @@
 // The primitive, for every output batch index o:
 //   C[o] = Σ_r op(A[ia(o, r)]) · op(B[ib(o, r)])
 // Float16 and bfloat16 accumulate in float32, everything else in its own type.
-#ifndef TF_SMALLMM_CC_KERNELS_SMALLMM_H_
-#define TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+#ifndef TF_SMALLMM_CC_ENGINE_SMALLMM_H_
+#define TF_SMALLMM_CC_ENGINE_SMALLMM_H_
 
 #include <cstdint>
 #include <string>
@@ -130,4 +130,4 @@ bool SetIsa(const std::string& name);
 
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+#endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

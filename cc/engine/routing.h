@@ -26,13 +26,13 @@
 // walks them backwards, and writes dû once.
 //
 // Float32 and float64 only; callers cast 16-bit types to float32 around the op.
-#ifndef TF_SMALLMM_CC_KERNELS_ROUTING_H_
-#define TF_SMALLMM_CC_KERNELS_ROUTING_H_
+#ifndef TF_SMALLMM_CC_ENGINE_ROUTING_H_
+#define TF_SMALLMM_CC_ENGINE_ROUTING_H_
 
 #include <cstdint>
 #include <string>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 
 namespace smallmm {
 
@@ -88,4 +88,4 @@ struct RoutingTable {
 
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CC_KERNELS_ROUTING_H_
+#endif  // TF_SMALLMM_CC_ENGINE_ROUTING_H_

@@ -26,7 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cc/kernels/routing.h"
+#include "cc/engine/routing.h"
 
 #ifndef SMALLMM_ISA
 #error "compile with -DSMALLMM_ISA=<name>"
