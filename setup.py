@@ -1,4 +1,4 @@
-"""Builds tf_smallmm: the TF op library and the pybind11 kernel module.
+"""Builds tf_smallmm: the TF op library and the pybind11 modules over the kernel core.
 
 Install with ``pip install --no-build-isolation .`` after TensorFlow 2.21 and pybind11
 (build isolation would download a second TensorFlow just to read its headers).
@@ -46,6 +46,11 @@ TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # every cuda/*.cu.cc.
 TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc"]
 CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
+# pybind11 modules of the tf_smallmm package -> their source; each links the kernel core.
+PYBIND_MODULES = {
+    "_smallmm_core": "cc/python/module.cc",
+    "_smallmm_gpu_sim": "cuda/testing/sim_module.cc",
+}
 CUDA_ARCHS = ["80", "90"]
 
 
@@ -155,11 +160,12 @@ class BuildSmallMM(build_ext):
         # framework library has none.
         _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
              + tf_objs + core_objs + tf_lflags + (["-ldl"] if cuda else []))
-        # The pybind11 kernel module (no TF).
-        core_so = os.path.join(out_dir, "_smallmm_core" + sysconfig.get_config_var("EXT_SUFFIX"))
-        _run(base + ["-shared", "-I" + pybind11.get_include(),
-                     "-I" + sysconfig.get_paths()["include"], "cc/python/module.cc", "-o",
-                     core_so] + core_objs)
+        # The pybind11 modules (no TF): the kernel core, and the GPU block program on a
+        # simulated grid (test support, host code only, built with or without CUDA).
+        for name, src in PYBIND_MODULES.items():
+            so = os.path.join(out_dir, name + sysconfig.get_config_var("EXT_SUFFIX"))
+            _run(base + ["-shared", "-I" + pybind11.get_include(),
+                         "-I" + sysconfig.get_paths()["include"], src, "-o", so] + core_objs)
 
         info = {
             "tf_version": tf.__version__,
@@ -179,6 +185,6 @@ setup(
     # Not "build/": on case-insensitive file systems that folder would collide with the
     # Bazel BUILD file at the root.
     options={"build": {"build_base": "_build"}},
-    ext_modules=[Extension("tf_smallmm._smallmm_core", sources=[])],
+    ext_modules=[Extension("tf_smallmm." + name, sources=[]) for name in PYBIND_MODULES],
     cmdclass={"build_ext": BuildSmallMM},
 )

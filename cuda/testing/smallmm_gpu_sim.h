@@ -1,6 +1,7 @@
-// smallmm_gpu_sim.h — runs the GPU block program (smallmm_gpu_logic.h) on the host over a
-// simulated grid, so that the GPU kernels' indexing is tested on machines without a GPU
-// (tests/test_gpu_simulation.py, through the pybind11 module). Host-only, header-only.
+// smallmm_gpu_sim.h — runs the GPU block program (cuda/smallmm_gpu_logic.h) on the host
+// over a simulated grid, so that the GPU kernels' indexing is tested on machines without a
+// GPU (tests/test_gpu_simulation.py, through the pybind11 module in sim_module.cc).
+// Host-only, header-only; test support, not part of the library.
 //
 // How: every block of the grid runs in turn. The block program's uniform code runs once
 // per block; each ForEachThread phase runs the phase for thread 0, 1, ..., T-1 in order
@@ -33,8 +34,8 @@
 //     payloads may differ).
 //   - Blocks run one after another, so it cannot show races between blocks; the kernel
 //     has none by construction (blocks write disjoint outputs and never read them).
-#ifndef TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
-#define TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
+#ifndef TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_
+#define TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_
 
 #include <algorithm>
 #include <cstdint>
@@ -270,4 +271,4 @@ inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* 
 }  // namespace gpu
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
+#endif  // TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_
