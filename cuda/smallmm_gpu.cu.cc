@@ -96,6 +96,7 @@ cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a,
 const char* LaunchBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
                               void* c, void* stream) {
   if (plan.output_elements == 0) return nullptr;
+  if (int(dtype) < 0 || int(dtype) >= kNumDTypes) return "unsupported dtype";
   int64_t max_blocks = 0;
   cudaError_t e = MaxBlocks(&max_blocks);
   if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -105,13 +106,14 @@ const char* LaunchBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, 
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kHalf: e = Launch<DType::kHalf>(plan, cfg, a, b, c, s); break;
-    case DType::kBFloat16: e = Launch<DType::kBFloat16>(plan, cfg, a, b, c, s); break;
-    case DType::kFloat: e = Launch<DType::kFloat>(plan, cfg, a, b, c, s); break;
-    case DType::kDouble: e = Launch<DType::kDouble>(plan, cfg, a, b, c, s); break;
-    case DType::kComplex64: e = Launch<DType::kComplex64>(plan, cfg, a, b, c, s); break;
-    case DType::kComplex128: e = Launch<DType::kComplex128>(plan, cfg, a, b, c, s); break;
-    default: return "unsupported dtype";
+#define SMALLMM_LAUNCH_CASE(d, name, bytes, S, A)      \
+  case DType::d:                                       \
+    e = Launch<DType::d>(plan, cfg, a, b, c, s);       \
+    break;
+    SMALLMM_DTYPES(SMALLMM_LAUNCH_CASE)
+#undef SMALLMM_LAUNCH_CASE
+    default:
+      return "unsupported dtype";
   }
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

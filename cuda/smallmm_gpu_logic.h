@@ -115,9 +115,19 @@ SMALLMM_HD SMALLMM_INLINE uint16_t FloatToBF16(float f) {
 
 // ---------------------------------------------------------------- element types
 // R: accumulation type. Complex values are interleaved (re, im) in memory and staged as
-// two planes; Load/Store take the index of a real scalar.
+// two planes; Load/Store take the index of a storage scalar. float16 / bfloat16 convert.
 template <DType D>
-struct Elem;
+struct Elem {
+  using S = typename DTypeInfo<D>::Storage;
+  using R = typename DTypeInfo<D>::Acc;
+  static constexpr int kPlanes = DTypeInfo<D>::kComponents;
+  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
+    return static_cast<const S*>(p)[i];
+  }
+  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
+    static_cast<S*>(p)[i] = v;
+  }
+};
 template <>
 struct Elem<DType::kHalf> {
   using R = float;
@@ -140,25 +150,6 @@ struct Elem<DType::kBFloat16> {
     static_cast<uint16_t*>(p)[i] = FloatToBF16(v);
   }
 };
-template <typename S, int P>
-struct PlainElem {
-  using R = S;
-  static constexpr int kPlanes = P;
-  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
-    return static_cast<const S*>(p)[i];
-  }
-  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
-    static_cast<S*>(p)[i] = v;
-  }
-};
-template <>
-struct Elem<DType::kFloat> : PlainElem<float, 1> {};
-template <>
-struct Elem<DType::kDouble> : PlainElem<double, 1> {};
-template <>
-struct Elem<DType::kComplex64> : PlainElem<float, 2> {};
-template <>
-struct Elem<DType::kComplex128> : PlainElem<double, 2> {};
 
 // Per-thread accumulators: kElemsPerThread elements, one plane per real component.
 template <typename R, int P>
@@ -191,11 +182,29 @@ struct LaunchConfig {
   int a_slot = 0, b_slot = 0;  // R elements per staged operand copy (all planes)
 };
 
+// Bytes of one accumulation scalar, and staged planes (storage scalars per element), of a
+// run-time dtype.
 inline int ElemRealSize(DType d) {
-  return (d == DType::kDouble || d == DType::kComplex128) ? 8 : 4;
+  switch (d) {
+#define SMALLMM_REAL_SIZE(e, name, bytes, S, A) \
+  case DType::e:                                \
+    return int(sizeof(A));
+    SMALLMM_DTYPES(SMALLMM_REAL_SIZE)
+#undef SMALLMM_REAL_SIZE
+    default:
+      return 4;
+  }
 }
 inline int ElemPlanes(DType d) {
-  return (d == DType::kComplex64 || d == DType::kComplex128) ? 2 : 1;
+  switch (d) {
+#define SMALLMM_PLANES(e, name, bytes, S, A) \
+  case DType::e:                             \
+    return DTypeInfo<DType::e>::kComponents;
+    SMALLMM_DTYPES(SMALLMM_PLANES)
+#undef SMALLMM_PLANES
+    default:
+      return 1;
+  }
 }
 
 inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }

@@ -15,15 +15,13 @@ the same order, so the results must be identical bit for bit, random data includ
 
 import itertools
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+from engine_dtypes import NP_DTYPES
 from tf_smallmm import _smallmm_core as core
 from tf_smallmm import _smallmm_gpu_sim as sim
 
-NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
-             np.complex128]
 # Every CPU tile size, sizes around them and around the GPU's 32-column tile, and primes.
 SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33]
 # Threads per block: the real launch (256), one warp, sizes that divide nothing, extremes.

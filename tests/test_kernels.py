@@ -6,11 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from engine_dtypes import NP_DTYPES
 from public_ops import np_product as ref
 from tf_smallmm import _smallmm_core as core
 
-NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
-             np.complex128]
 # Every tile size, one past the largest, sizes that straddle tiles, and primes.
 SIZES = sorted(set(core.tile_sizes) | {5, 7, 9, 13, 17, 31, 33})
 ISAS = core.compiled_isas().split(",")

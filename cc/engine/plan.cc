@@ -4,32 +4,20 @@
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
+#include <type_traits>
 
 #include "cc/engine/smallmm.h"
 
 namespace smallmm {
 
 using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
-extern const RunFn kRunTable_baseline[int(DType::kNumDTypes)];
+extern const RunFn kRunTable_baseline[kNumDTypes];
 #ifdef SMALLMM_HAVE_AVX2
-extern const RunFn kRunTable_avx2[int(DType::kNumDTypes)];
+extern const RunFn kRunTable_avx2[kNumDTypes];
 #endif
 #ifdef SMALLMM_HAVE_AVX512
-extern const RunFn kRunTable_avx512[int(DType::kNumDTypes)];
+extern const RunFn kRunTable_avx512[kNumDTypes];
 #endif
-
-const char* DTypeName(DType t) {
-  static const char* names[] = {"float16",   "bfloat16",  "float32",
-                                "float64",   "complex64", "complex128"};
-  const int i = int(t);
-  return i >= 0 && i < int(DType::kNumDTypes) ? names[i] : "invalid";
-}
-
-int DTypeSize(DType t) {
-  static const int sizes[] = {2, 2, 4, 8, 8, 16};
-  const int i = int(t);
-  return i >= 0 && i < int(DType::kNumDTypes) ? sizes[i] : 0;
-}
 
 namespace {
 
@@ -343,8 +331,22 @@ int64_t CostPerOutput(const GemmPlan& p) {
 }
 
 // ---------------------------------------------------------------- parallel reductions
+namespace {
+// Whether a dtype accumulates in its own storage type (not float16 / bfloat16, which
+// accumulate in float32): only those are split into partial sums.
+bool SumsInStorage(DType dtype) {
+  static const bool kSums[] = {
+#define SMALLMM_SUMS_IN_STORAGE(e, name, bytes, S, A) std::is_same<S, A>::value,
+      SMALLMM_DTYPES(SMALLMM_SUMS_IN_STORAGE)
+#undef SMALLMM_SUMS_IN_STORAGE
+  };
+  const int d = int(dtype);
+  return d >= 0 && d < kNumDTypes && kSums[d];
+}
+}  // namespace
+
 int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
-  if (dtype == DType::kHalf || dtype == DType::kBFloat16) return 1;
+  if (!SumsInStorage(dtype)) return 1;
   if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads ||
       p.num_out >= kMaxBatchDims) {
     return 1;
@@ -385,25 +387,31 @@ void Sum(const R* partials, int parts, int64_t n, R* out, int64_t begin, int64_t
     out[i] = s;
   }
 }
+
+// One dtype's partial sums, as sums of its storage scalars (a complex element is its
+// (re, im) pair); dtypes that never split (SumsInStorage) have none.
+template <DType D>
+void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin,
+           int64_t end) {
+  using S = typename DTypeInfo<D>::Storage;
+  constexpr int kC = DTypeInfo<D>::kComponents;
+  if constexpr (std::is_same<S, typename DTypeInfo<D>::Acc>::value) {
+    Sum(static_cast<const S*>(partials), parts, kC * n, static_cast<S*>(out), kC * begin,
+        kC * end);
+  }
+}
 }  // namespace
 
 void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
                  int64_t begin, int64_t end) {
-  // Complex sums are sums of their (re, im) floats: n complex elements are 2n reals.
   switch (dtype) {
-    case DType::kFloat:
-      return Sum(static_cast<const float*>(partials), parts, n, static_cast<float*>(out), begin, end);
-    case DType::kDouble:
-      return Sum(static_cast<const double*>(partials), parts, n, static_cast<double*>(out), begin,
-                 end);
-    case DType::kComplex64:
-      return Sum(static_cast<const float*>(partials), parts, 2 * n, static_cast<float*>(out),
-                 2 * begin, 2 * end);
-    case DType::kComplex128:
-      return Sum(static_cast<const double*>(partials), parts, 2 * n, static_cast<double*>(out),
-                 2 * begin, 2 * end);
+#define SMALLMM_SUM_CASE(e, name, bytes, S, A) \
+  case DType::e:                               \
+    return SumAs<DType::e>(partials, parts, n, out, begin, end);
+    SMALLMM_DTYPES(SMALLMM_SUM_CASE)
+#undef SMALLMM_SUM_CASE
     default:
-      return;  // never split (SuggestReductionSplit)
+      return;
   }
 }
 
@@ -467,7 +475,7 @@ std::atomic<int>& Current() {
 bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
                     void* c, int64_t begin, int64_t end) {
   const int d = int(dtype);
-  if (d < 0 || d >= int(DType::kNumDTypes)) return false;
+  if (d < 0 || d >= kNumDTypes) return false;
   return kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
 }
 

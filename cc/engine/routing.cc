@@ -30,7 +30,26 @@ const RoutingTable& Table() {
   return kRoutingTable_baseline;
 }
 
-int DTypeIndex(DType d) { return d == DType::kFloat ? 0 : d == DType::kDouble ? 1 : -1; }
+// The entry of a dtype in the per-ISA tables, or -1 when routing does not support it.
+int DTypeIndex(DType d) {
+  const int i = int(d);
+  return i >= 0 && i < kNumDTypes && kRoutingTable_baseline.forward[i] != nullptr ? i : -1;
+}
+
+// "float32 and float64": the dtypes of SMALLMM_ROUTING_DTYPES.
+std::string SupportedNames() {
+  const DType list[] = {
+#define SMALLMM_ROUTING_DTYPE(e) DType::e,
+      SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_DTYPE)
+#undef SMALLMM_ROUTING_DTYPE
+  };
+  const int n = int(sizeof(list) / sizeof(list[0]));
+  std::string s;
+  for (int i = 0; i < n; ++i) {
+    s += std::string(i == 0 ? "" : i + 1 == n ? " and " : ", ") + DTypeName(list[i]);
+  }
+  return s;
+}
 
 bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 bool AddOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_add_overflow(a, b, out); }
@@ -66,8 +85,7 @@ bool CheckRouting(DType dtype, const RoutingShape& s, std::string* error) {
     return false;
   };
   if (DTypeIndex(dtype) < 0) {
-    return fail(std::string("dynamic routing supports float32 and float64, got ") +
-                DTypeName(dtype));
+    return fail("dynamic routing supports " + SupportedNames() + ", got " + DTypeName(dtype));
   }
   if (s.batch < 0 || s.in_caps < 0 || s.out_caps < 0 || s.out_dim < 0) {
     return fail("negative dimension in " + shape.str());

@@ -506,9 +506,19 @@ bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* g
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
+namespace {
+constexpr RoutingTable MakeRoutingTable() {
+  RoutingTable t{};
+#define SMALLMM_ROUTING_ENTRY(e)                                                        \
+  t.forward[int(DType::e)] = &ForwardAnyK<typename DTypeInfo<DType::e>::Storage>;      \
+  t.backward[int(DType::e)] = &BackwardAnyK<typename DTypeInfo<DType::e>::Storage>;
+  SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_ENTRY)
+#undef SMALLMM_ROUTING_ENTRY
+  return t;
+}
+}  // namespace
+
 extern const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA);
-const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA) = {
-    {&ForwardAnyK<float>, &ForwardAnyK<double>},
-    {&BackwardAnyK<float>, &BackwardAnyK<double>}};
+const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA) = MakeRoutingTable();
 
 }  // namespace smallmm

@@ -28,22 +28,9 @@
 #include <cstdint>
 #include <string>
 
-namespace smallmm {
+#include "cc/engine/dtypes.h"
 
-// Element types. float16 and bfloat16 are 16-bit storage types (binary-compatible with
-// Eigen::half / Eigen::bfloat16 and numpy's float16 / ml_dtypes.bfloat16); complex types
-// are interleaved (re, im) pairs like std::complex.
-enum class DType : int {
-  kHalf = 0,
-  kBFloat16,
-  kFloat,
-  kDouble,
-  kComplex64,
-  kComplex128,
-  kNumDTypes
-};
-const char* DTypeName(DType t);
-int DTypeSize(DType t);
+namespace smallmm {
 
 constexpr int kMaxBatchDims = 8;  // after broadcasting, before merging axes
 

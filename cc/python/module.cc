@@ -80,6 +80,11 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  py::tuple dtype_names(smallmm::kNumDTypes);
+  for (int i = 0; i < smallmm::kNumDTypes; ++i) {
+    dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));
+  }
+  m.attr("dtype_names") = dtype_names;  // numpy names, in the engine's order
   m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
   m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
                                           std::end(smallmm::kTileSizes));

@@ -17,14 +17,12 @@ namespace smallmm_py {
 
 namespace py = pybind11;
 
+// The engine dtype whose name (dtypes.h) is numpy's name for `dt`.
 inline smallmm::DType CoreDType(const py::dtype& dt) {
   const std::string name = py::str(dt.attr("name"));
-  if (name == "float16") return smallmm::DType::kHalf;
-  if (name == "bfloat16") return smallmm::DType::kBFloat16;
-  if (name == "float32") return smallmm::DType::kFloat;
-  if (name == "float64") return smallmm::DType::kDouble;
-  if (name == "complex64") return smallmm::DType::kComplex64;
-  if (name == "complex128") return smallmm::DType::kComplex128;
+  for (int i = 0; i < smallmm::kNumDTypes; ++i) {
+    if (name == smallmm::DTypeName(smallmm::DType(i))) return smallmm::DType(i);
+  }
   throw py::type_error("smallmm: unsupported dtype " + name);
 }
 

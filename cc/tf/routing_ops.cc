@@ -20,15 +20,12 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
-// The dtypes of the routing ops (a subset of SMALLMM_TYPE_LIST: 16-bit types are cast to
-// float32 by the Python wrapper, complex routing is not defined). The op's type attr and the
-// kernel registrations both come from this list.
-#define SMALLMM_ROUTING_TYPE_LIST(X) \
-  X(float, DT_FLOAT, kFloat)         \
-  X(double, DT_DOUBLE, kDouble)
-
+// The op's type attr and the kernel registrations both come from the engine's list of
+// routing dtypes (SMALLMM_ROUTING_DTYPES, cc/engine/routing.h).
 std::string RoutingTypeAttr() {
-  return smallmm_tf::TypeAttr({SMALLMM_ROUTING_TYPE_LIST(SMALLMM_DATATYPE)});
+#define SMALLMM_ROUTING_DATATYPE(CORE) smallmm_tf::TfType<smallmm::DType::CORE>::kDataType,
+  return smallmm_tf::TypeAttr({SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_DATATYPE)});
+#undef SMALLMM_ROUTING_DATATYPE
 }
 
 // u_hat [batch, in_caps, out_caps, out_dim] -> v [batch, out_caps, out_dim].
@@ -157,14 +154,16 @@ class SmallMMDynamicRoutingOp : public OpKernel {
   smallmm::DType dtype_;
 };
 
-#define SMALLMM_REGISTER_ROUTING_CPU(T, DT, CORE)                                         \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("SmallMMDynamicRouting").Device(DEVICE_CPU).TypeConstraint<T>("T"),            \
-      SmallMMDynamicRoutingOp<false>);                                                    \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("SmallMMDynamicRoutingGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),        \
-      SmallMMDynamicRoutingOp<true>);
-SMALLMM_ROUTING_TYPE_LIST(SMALLMM_REGISTER_ROUTING_CPU)
+#define SMALLMM_REGISTER_ROUTING_CPU(CORE)                                              \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRouting")                                 \
+                              .Device(DEVICE_CPU)                                       \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<false>);                              \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRoutingGrad")                             \
+                              .Device(DEVICE_CPU)                                       \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<true>);
+SMALLMM_ROUTING_DTYPES(SMALLMM_REGISTER_ROUTING_CPU)
 #undef SMALLMM_REGISTER_ROUTING_CPU
 
 }  // namespace

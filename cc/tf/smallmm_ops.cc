@@ -58,7 +58,7 @@ absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
 }
 
 // "T: {half, bfloat16, ...}" spelled from the one dtype list.
-std::string TypeAttr() { return smallmm_tf::TypeAttr({SMALLMM_TYPE_LIST(SMALLMM_DATATYPE)}); }
+std::string TypeAttr() { return smallmm_tf::TypeAttr({SMALLMM_TF_DTYPES(SMALLMM_TF_DATATYPE)}); }
 
 REGISTER_OP("SmallMMBatchMatMul")
     .Input("x: T")
@@ -247,7 +247,7 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_CPU(T, DT, CORE)                                                    \
+#define SMALLMM_REGISTER_CPU(CORE, T, DT)                                                    \
   REGISTER_KERNEL_BUILDER(                                                           \
       Name("SmallMMBatchMatMul").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
       SmallMMMatMulOp<CPUDevice>);                                                   \
@@ -262,7 +262,7 @@ namespace {
                               .HostMemory("batch_shape_1")                           \
                               .HostMemory("batch_shape_2"),                          \
                           SmallMMMatMulOp<CPUDevice>);
-SMALLMM_TYPE_LIST(SMALLMM_REGISTER_CPU)
+SMALLMM_TF_DTYPES(SMALLMM_REGISTER_CPU)
 #undef SMALLMM_REGISTER_CPU
 
 }  // namespace

@@ -41,7 +41,7 @@ void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_GPU(T, DT, CORE)                                            \
+#define SMALLMM_REGISTER_GPU(CORE, T, DT)                                            \
   REGISTER_KERNEL_BUILDER(                                                           \
       Name("SmallMMBatchMatMul").Device(DEVICE_GPU).TypeConstraint<T>("T"),          \
       SmallMMMatMulOp<GPUDevice>);                                                   \
@@ -56,7 +56,7 @@ namespace {
                               .HostMemory("batch_shape_1")                           \
                               .HostMemory("batch_shape_2"),                          \
                           SmallMMMatMulOp<GPUDevice>);
-SMALLMM_TYPE_LIST(SMALLMM_REGISTER_GPU)
+SMALLMM_TF_DTYPES(SMALLMM_REGISTER_GPU)
 #undef SMALLMM_REGISTER_GPU
 
 }  // namespace

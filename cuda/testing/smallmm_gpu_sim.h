@@ -257,13 +257,14 @@ inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* 
     throw SimError(std::string("GPU launch configuration: ") + err);
   }
   switch (dtype) {
-    case DType::kHalf: SimulateTyped<DType::kHalf>(p, a, b, c, opt, &stats); break;
-    case DType::kBFloat16: SimulateTyped<DType::kBFloat16>(p, a, b, c, opt, &stats); break;
-    case DType::kFloat: SimulateTyped<DType::kFloat>(p, a, b, c, opt, &stats); break;
-    case DType::kDouble: SimulateTyped<DType::kDouble>(p, a, b, c, opt, &stats); break;
-    case DType::kComplex64: SimulateTyped<DType::kComplex64>(p, a, b, c, opt, &stats); break;
-    case DType::kComplex128: SimulateTyped<DType::kComplex128>(p, a, b, c, opt, &stats); break;
-    default: throw SimError("unsupported dtype");
+#define SMALLMM_SIM_CASE(d, name, bytes, S, A)             \
+  case DType::d:                                           \
+    SimulateTyped<DType::d>(p, a, b, c, opt, &stats);      \
+    break;
+    SMALLMM_DTYPES(SMALLMM_SIM_CASE)
+#undef SMALLMM_SIM_CASE
+    default:
+      throw SimError("unsupported dtype");
   }
   return stats;
 }

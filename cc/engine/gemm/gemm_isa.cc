@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #if defined(__SSE2__)
 #include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
 #endif
@@ -41,8 +42,16 @@ using f16::HalfToFloat;
 
 // ---------------------------------------------------------------- element traits
 // R: accumulation type; kComplex: interleaved (re, im) storage, split planes when packed.
+// Load / Store take the index of a storage scalar. float16 / bfloat16 convert on the way.
 template <DType D>
-struct Traits;
+struct Traits {
+  using S = typename DTypeInfo<D>::Storage;
+  using R = typename DTypeInfo<D>::Acc;
+  static_assert(std::is_same<S, R>::value, "a converting dtype needs its own Traits");
+  static constexpr bool kComplex = DTypeInfo<D>::kComponents == 2;
+  static R Load(const void* p, int64_t i) { return static_cast<const S*>(p)[i]; }
+  static void Store(void* p, int64_t i, R v) { static_cast<S*>(p)[i] = v; }
+};
 template <>
 struct Traits<DType::kHalf> {
   using R = float;
@@ -57,21 +66,6 @@ struct Traits<DType::kBFloat16> {
   static R Load(const void* p, int64_t i) { return BF16ToFloat(static_cast<const uint16_t*>(p)[i]); }
   static void Store(void* p, int64_t i, R v) { static_cast<uint16_t*>(p)[i] = FloatToBF16(v); }
 };
-template <typename S, bool C>
-struct PlainTraits {
-  using R = S;
-  static constexpr bool kComplex = C;
-  static R Load(const void* p, int64_t i) { return static_cast<const S*>(p)[i]; }
-  static void Store(void* p, int64_t i, R v) { static_cast<S*>(p)[i] = v; }
-};
-template <>
-struct Traits<DType::kFloat> : PlainTraits<float, false> {};
-template <>
-struct Traits<DType::kDouble> : PlainTraits<double, false> {};
-template <>
-struct Traits<DType::kComplex64> : PlainTraits<float, true> {};
-template <>
-struct Traits<DType::kComplex128> : PlainTraits<double, true> {};
 
 // ---------------------------------------------------------------- micro-kernels
 // One MT×NT output tile: out (+)= Σ_l A[:, l] ⊗ B[l, :] (overwrites unless `accumulate`).
@@ -726,10 +720,7 @@ constexpr int64_t kPrefetchMaxBytes = 64 << 10;
 template <DType D>
 void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t rs,
                    int64_t ls) {
-  constexpr int64_t kBytes = D == DType::kHalf || D == DType::kBFloat16
-                                 ? 2
-                                 : int64_t(sizeof(typename Traits<D>::R)) *
-                                       (Traits<D>::kComplex ? 2 : 1);
+  constexpr int64_t kBytes = DTypeInfo<D>::kBytes;
   auto mag = [](int64_t v) { return v < 0 ? -v : v; };
   int64_t n_in = rows, s_in = rs, n_out = k, s_out = ls;
   if (mag(ls) < mag(rs)) {
@@ -974,9 +965,11 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
 using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 // Indexed by DType.
-extern const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)];
-const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[int(DType::kNumDTypes)] = {
-    &Run<DType::kHalf>,   &Run<DType::kBFloat16>,  &Run<DType::kFloat>,
-    &Run<DType::kDouble>, &Run<DType::kComplex64>, &Run<DType::kComplex128>};
+extern const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[kNumDTypes];
+const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[kNumDTypes] = {
+#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) &Run<DType::e>,
+    SMALLMM_DTYPES(SMALLMM_RUN_ENTRY)
+#undef SMALLMM_RUN_ENTRY
+};
 
 }  // namespace smallmm
