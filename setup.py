@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CXXFLAGS = ["-O3", "-g0", "-fPIC", "-fvisibility=hidden", "-Wall",
             "-Wno-sign-compare", "-Wno-unused-function",
             "-Wno-psabi"]  # vector-extension values only cross internal functions
-# Per-ISA builds of the kernel core; plan.cc dispatches between them at run time.
+# Per-ISA builds of the kernel core; cc/engine/isa.cc dispatches between them at run time
+# (an ISA left out here, as off x86, is simply not offered).
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
                "-mf16c", "-mprefer-vector-width=512"],
@@ -39,7 +40,8 @@ ISA_FLAGS = {
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
 ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
-KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/plan.cc", "cc/engine/routing.cc"]
+KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/gemm.cc", "cc/engine/isa.cc",
+                  "cc/engine/plan.cc", "cc/engine/routing.cc"]
 TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
@@ -115,9 +117,8 @@ class BuildSmallMM(build_ext):
                 o = obj(f"{stem}_{isa}")
                 jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
                 core_objs.append(o)
-        isa_defs = [f"-DSMALLMM_HAVE_{i.upper()}" for i in isas if i != "baseline"]
         for src in KERNEL_SOURCES:
-            jobs.append(base + isa_defs + ["-c", src, "-o", obj(src)])
+            jobs.append(base + ["-c", src, "-o", obj(src)])
             core_objs.append(obj(src))
 
         tf_objs = []

@@ -1,23 +1,14 @@
-// Shape and broadcast logic (the one place for it) and run-time ISA dispatch.
+// The planner: shape and broadcast logic (the one place for it), loop folding, cost
+// estimates and the parallel-reduction split.
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <sstream>
+#include <string>
 #include <type_traits>
 
 #include "cc/engine/smallmm.h"
 
 namespace smallmm {
-
-using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
-extern const RunFn kRunTable_baseline[kNumDTypes];
-#ifdef SMALLMM_HAVE_AVX2
-extern const RunFn kRunTable_avx2[kNumDTypes];
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-extern const RunFn kRunTable_avx512[kNumDTypes];
-#endif
 
 namespace {
 
@@ -413,91 +404,6 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
     default:
       return;
   }
-}
-
-// ---------------------------------------------------------------- ISA dispatch
-namespace {
-
-struct Isa {
-  const char* name;
-  const RunFn* table;
-  bool (*supported)();
-};
-
-bool Always() { return true; }
-#ifdef SMALLMM_HAVE_AVX2
-bool HasAvx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-bool HasAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("fma");
-}
-#endif
-
-// Best first.
-const Isa kIsas[] = {
-#ifdef SMALLMM_HAVE_AVX512
-    {"avx512", kRunTable_avx512, &HasAvx512},
-#endif
-#ifdef SMALLMM_HAVE_AVX2
-    {"avx2", kRunTable_avx2, &HasAvx2},
-#endif
-    {"baseline", kRunTable_baseline, &Always},
-};
-constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
-
-// TF_SMALLMM_ISA=avx2|baseline caps the choice (for A/B checks on one machine).
-int DefaultIsa() {
-  const char* want = getenv("TF_SMALLMM_ISA");
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (!kIsas[i].supported()) continue;
-    if (want == nullptr || *want == 0 || strcmp(want, kIsas[i].name) == 0) return i;
-  }
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (kIsas[i].supported()) return i;
-  }
-  return kNumIsas - 1;
-}
-
-std::atomic<int>& Current() {
-  static std::atomic<int> current{DefaultIsa()};
-  return current;
-}
-
-}  // namespace
-
-bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
-                    void* c, int64_t begin, int64_t end) {
-  const int d = int(dtype);
-  if (d < 0 || d >= kNumDTypes) return false;
-  return kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
-}
-
-const char* ActiveIsa() { return kIsas[Current().load()].name; }
-
-const char* CompiledIsas() {
-  static const std::string names = [] {
-    std::string s;
-    for (int i = 0; i < kNumIsas; ++i) s += (i ? "," : "") + std::string(kIsas[i].name);
-    return s;
-  }();
-  return names.c_str();
-}
-
-bool SetIsa(const std::string& name) {
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (name == kIsas[i].name && kIsas[i].supported()) {
-      Current().store(i);
-      return true;
-    }
-  }
-  return false;
 }
 
 }  // namespace smallmm

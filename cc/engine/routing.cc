@@ -1,39 +1,22 @@
-// Validation and run-time ISA dispatch of the fused routing kernels (routing.h). Compiled
-// once, without ISA flags; follows the ISA the GEMM kernels use (ActiveIsa(), which
+// Validation and dispatch of the fused routing kernels (routing.h). Compiled once, without
+// ISA flags; runs the active ISA's kernels (isa.h: the GEMM kernels' ISA, which
 // TF_SMALLMM_ISA and SetIsa control), so one switch A/B-tests both.
-#include <cstring>
 #include <sstream>
+#include <string>
 
+#include "cc/engine/isa.h"
 #include "cc/engine/routing.h"
 
 namespace smallmm {
 
-extern const RoutingTable kRoutingTable_baseline;
-#ifdef SMALLMM_HAVE_AVX2
-extern const RoutingTable kRoutingTable_avx2;
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-extern const RoutingTable kRoutingTable_avx512;
-#endif
-
 namespace {
 
-const RoutingTable& Table() {
-  const char* isa = ActiveIsa();
-#ifdef SMALLMM_HAVE_AVX512
-  if (strcmp(isa, "avx512") == 0) return kRoutingTable_avx512;
-#endif
-#ifdef SMALLMM_HAVE_AVX2
-  if (strcmp(isa, "avx2") == 0) return kRoutingTable_avx2;
-#endif
-  (void)isa;
-  return kRoutingTable_baseline;
-}
+const RoutingKernels& Kernels() { return *ActiveIsaKernels().routing; }
 
 // The entry of a dtype in the per-ISA tables, or -1 when routing does not support it.
 int DTypeIndex(DType d) {
   const int i = int(d);
-  return i >= 0 && i < kNumDTypes && kRoutingTable_baseline.forward[i] != nullptr ? i : -1;
+  return i >= 0 && i < kNumDTypes && Kernels().forward[i] != nullptr ? i : -1;
 }
 
 // "float32 and float64": the dtypes of SMALLMM_ROUTING_DTYPES.
@@ -118,14 +101,14 @@ bool RunRoutingForward(DType dtype, const RoutingShape& shape, const void* u_hat
                        int64_t begin, int64_t end) {
   const int d = DTypeIndex(dtype);
   if (d < 0) return false;
-  return Table().forward[d](shape, u_hat, v, begin, end);
+  return Kernels().forward[d](shape, u_hat, v, begin, end);
 }
 
 bool RunRoutingBackward(DType dtype, const RoutingShape& shape, const void* u_hat,
                         const void* grad_v, void* grad_u_hat, int64_t begin, int64_t end) {
   const int d = DTypeIndex(dtype);
   if (d < 0) return false;
-  return Table().backward[d](shape, u_hat, grad_v, grad_u_hat, begin, end);
+  return Kernels().backward[d](shape, u_hat, grad_v, grad_u_hat, begin, end);
 }
 
 }  // namespace smallmm

@@ -82,13 +82,14 @@ bool RunRoutingForward(DType dtype, const RoutingShape& shape, const void* u_hat
 bool RunRoutingBackward(DType dtype, const RoutingShape& shape, const void* u_hat,
                         const void* grad_v, void* grad_u_hat, int64_t begin, int64_t end);
 
-// The per-ISA kernels (routing_isa.cc), indexed by DType, null for a dtype not in
-// SMALLMM_ROUTING_DTYPES; they return false only when their scratch cannot be allocated.
-// Internal to routing.cc.
+// What each ISA's build of routing_isa.cc gives the engine: its kernels, indexed by DType,
+// null for a dtype not in SMALLMM_ROUTING_DTYPES; they return false only when their
+// scratch cannot be allocated. The dispatcher (isa.cc) holds one table per ISA; routing.cc
+// calls the active ISA's.
 using RoutingForwardFn = bool (*)(const RoutingShape&, const void*, void*, int64_t, int64_t);
 using RoutingBackwardFn = bool (*)(const RoutingShape&, const void*, const void*, void*,
                                    int64_t, int64_t);
-struct RoutingTable {
+struct RoutingKernels {
   RoutingForwardFn forward[kNumDTypes];
   RoutingBackwardFn backward[kNumDTypes];
 };

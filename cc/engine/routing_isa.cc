@@ -1,6 +1,7 @@
 // Fused dynamic-routing kernels (routing.h). Compiled once per instruction set like
 // gemm_isa.cc (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the matching -m
-// flags); routing.cc picks the table of the ISA the GEMM kernels dispatched to.
+// flags); the one ISA dispatcher (isa.cc) picks the same ISA for the routing and the GEMM
+// kernels.
 //
 // Same rules as gemm_isa.cc: everything lives in an anonymous namespace and no std::
 // templates or inline library functions are used (only the C math library's expf / exp /
@@ -507,8 +508,8 @@ bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* g
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
 namespace {
-constexpr RoutingTable MakeRoutingTable() {
-  RoutingTable t{};
+constexpr RoutingKernels MakeRoutingKernels() {
+  RoutingKernels t{};
 #define SMALLMM_ROUTING_ENTRY(e)                                                        \
   t.forward[int(DType::e)] = &ForwardAnyK<typename DTypeInfo<DType::e>::Storage>;      \
   t.backward[int(DType::e)] = &BackwardAnyK<typename DTypeInfo<DType::e>::Storage>;
@@ -518,7 +519,8 @@ constexpr RoutingTable MakeRoutingTable() {
 }
 }  // namespace
 
-extern const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA);
-const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA) = MakeRoutingTable();
+// This ISA's entry of the dispatcher's table (isa.cc).
+extern const RoutingKernels SMALLMM_CAT(kRoutingKernels_, SMALLMM_ISA);
+const RoutingKernels SMALLMM_CAT(kRoutingKernels_, SMALLMM_ISA) = MakeRoutingKernels();
 
 }  // namespace smallmm

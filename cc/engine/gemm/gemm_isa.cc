@@ -1,6 +1,7 @@
 // The batched small-GEMM kernels. This file is compiled once per instruction set
-// (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the matching -m flags) and
-// dispatch.cc picks one table at run time, so the shipped library runs on any x86-64.
+// (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the matching -m flags) and the
+// dispatcher (../isa.cc) picks one table at run time, so the shipped library runs on any
+// x86-64.
 //
 // Everything here lives in an anonymous namespace and uses no std:: templates: an inline
 // function compiled with -mavx512f must never be merged (as a COMDAT) into the baseline
@@ -25,6 +26,7 @@
 #endif
 
 #include "cc/engine/float16_bits.h"
+#include "cc/engine/gemm/gemm_kernels.h"
 #include "cc/engine/smallmm.h"
 
 #ifndef SMALLMM_ISA
@@ -963,13 +965,12 @@ bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
-using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
-// Indexed by DType.
-extern const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[kNumDTypes];
-const RunFn SMALLMM_CAT(kRunTable_, SMALLMM_ISA)[kNumDTypes] = {
+// This ISA's entry of the dispatcher's table (../isa.cc).
+extern const GemmKernels SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA);
+const GemmKernels SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA) = {{
 #define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) &Run<DType::e>,
     SMALLMM_DTYPES(SMALLMM_RUN_ENTRY)
 #undef SMALLMM_RUN_ENTRY
-};
+}};
 
 }  // namespace smallmm

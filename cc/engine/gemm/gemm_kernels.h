@@ -1,0 +1,23 @@
+// gemm_kernels.h — what each ISA's build of gemm_isa.cc gives the engine: its GEMM
+// kernels, one entry per dtype. The dispatcher (../isa.cc) holds one table per ISA;
+// ../gemm.cc calls the active ISA's.
+#ifndef TF_SMALLMM_CC_ENGINE_GEMM_GEMM_KERNELS_H_
+#define TF_SMALLMM_CC_ENGINE_GEMM_GEMM_KERNELS_H_
+
+#include <cstdint>
+
+#include "cc/engine/smallmm.h"
+
+namespace smallmm {
+
+// RunBatchMatMul for one dtype (smallmm.h has the contract).
+using GemmRunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t,
+                           int64_t);
+
+struct GemmKernels {
+  GemmRunFn run[kNumDTypes];  // indexed by DType
+};
+
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CC_ENGINE_GEMM_GEMM_KERNELS_H_
