@@ -8,6 +8,7 @@ import pytest
 
 from engine_dtypes import NP_DTYPES
 from public_ops import np_product as ref
+from public_ops import np_reduce_to
 from tf_smallmm import _smallmm_core as core
 
 # Every tile size, one past the largest, sizes that straddle tiles, and primes.
@@ -235,3 +236,59 @@ def test_reduction_split_policy():
     assert core.suggest_reduction_split(x.astype(np.float16), x.astype(np.float16), [], 2) == 1
     assert core.suggest_reduction_split(x[:7], x[:7], [], 2) == 1  # 7 products: not worth it
     del w
+
+
+# ---------------------------------------------------------------- the kernel families
+# The engine tries its kernel families in the order of core.kernel_families and runs the
+# first that can implement a plan (the last implements every plan). FAMILY_CASES sweeps
+# shapes, layouts and reductions widely enough that every family is chosen by some of them
+# on every ISA, so a family added to the table is tested the day it is added (or this
+# fails, asking for a case that reaches it).
+def family_cases():
+    cases = []
+    for m, n, k in itertools.product([1, 2, 3, 4, 5, 8, 17], [1, 2, 4, 8, 20],
+                                     [1, 3, 4, 8, 9, 24, 25]):
+        cases.append(((3, m, k), (3, k, n), {}))
+    for side, k in itertools.product([4, 9, 20], [2, 8, 16, 24]):
+        cases.append(((3, side, k), (9, 3, k, 1), {}))  # capsule-style: batch folded into N
+    cases.append(((5, 6, 3), (5, 6, 2), {"transpose_x": True, "batch_shape": []}))
+    cases.append(((4, 20, 7), (4, 9, 20), {"transpose_x": True, "transpose_y": True}))
+    return cases
+
+
+FAMILY_CASES = family_cases()
+
+
+@pytest.mark.parametrize("family", core.kernel_families)
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_kernel_family_is_chosen_and_exact(isa, family):
+    before = core.active_isa()
+    if not core.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        chosen = 0
+        rng = np.random.default_rng(12)
+        for dtype in NP_DTYPES:
+            for xs, ys, kw in FAMILY_CASES:
+                x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
+                if core.kernel_for(x, y, **kw) != family:
+                    continue
+                chosen += 1
+                flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
+                want = ref(x, y, **flags)
+                if "batch_shape" in kw:
+                    want = np_reduce_to(want, kw["batch_shape"])
+                check_exact(core.matmul(x, y, **kw), want)
+        assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
+    finally:
+        core.set_isa(before)
+
+
+def test_kernel_for_every_plan():
+    # The last family implements every plan; an empty output runs no kernel.
+    assert core.kernel_families[-1] == "packed"
+    x = np.ones((2, 3, 4), np.complex64)
+    assert core.kernel_for(x, np.ones((4, 5), np.complex64)) in core.kernel_families
+    assert core.kernel_for(np.ones((0, 3, 4)), np.ones((4, 5))) == "none"
+    with pytest.raises(ValueError, match="Matrix size-incompatible"):
+        core.kernel_for(np.ones((3, 4)), np.ones((5, 6)))

@@ -108,6 +108,14 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
 bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
                     int64_t begin, int64_t end);
 
+// The kernel family RunBatchMatMul runs this plan with on the active ISA (a name from
+// KernelFamilies), "none" when the plan has no output elements, "invalid" for a bad dtype.
+const char* KernelFor(DType dtype, const GemmPlan& plan);
+
+// The active ISA's kernel families, in the order they are tried (the first that can
+// implement a plan runs it; the last implements every plan). Sets *count.
+const char* const* KernelFamilies(int* count);
+
 // Which instruction set the running process dispatched to: "avx512", "avx2" or "baseline".
 const char* ActiveIsa();
 // The instruction sets compiled into this library, e.g. "avx512,avx2,baseline".

@@ -19,6 +19,18 @@ namespace {
 using smallmm_py::Planned;
 using smallmm_py::PlanFor;
 
+// The plan matmul runs: the product's own, or with reduction_parts > 1 the one whose
+// outermost reduction loop is split into that many partial sums (the TF op's
+// parallel-reduction path, made testable).
+smallmm::GemmPlan PlanToRun(const smallmm::GemmPlan& plan, int reduction_parts) {
+  if (reduction_parts <= 1) return plan;
+  if (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
+      plan.red[0].size % reduction_parts != 0) {
+    throw py::value_error("reduction_parts must divide the outermost reduction loop");
+  }
+  return smallmm::SplitReduction(plan, reduction_parts);
+}
+
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
                  std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
@@ -26,24 +38,17 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
                             batch_shape);
   const smallmm::DType dtype = p.dtype;
   const smallmm::GemmPlan& plan = p.plan;
-  const std::vector<py::ssize_t>& shape = p.shape;
-  py::array out(x.dtype(), shape);
+  const smallmm::GemmPlan run = PlanToRun(plan, reduction_parts);
+  py::array out(x.dtype(), p.shape);
   const void* pa = x.data();
   const void* pb = y.data();
   void* pc = out.mutable_data();
-  if (reduction_parts > 1 &&
-      (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
-       plan.red[0].size % reduction_parts != 0)) {
-    throw py::value_error("reduction_parts must divide the outermost reduction loop");
-  }
   bool ran;
   {
     py::gil_scoped_release release;
-    if (reduction_parts > 1) {  // the TF op's parallel-reduction path, made testable
-      const smallmm::GemmPlan split = smallmm::SplitReduction(plan, reduction_parts);
-      std::vector<char> partials(size_t(split.output_elements) * smallmm::DTypeSize(dtype));
-      ran = smallmm::RunBatchMatMul(dtype, split, pa, pb, partials.data(), 0,
-                                    split.num_outputs);
+    if (reduction_parts > 1) {
+      std::vector<char> partials(size_t(run.output_elements) * smallmm::DTypeSize(dtype));
+      ran = smallmm::RunBatchMatMul(dtype, run, pa, pb, partials.data(), 0, run.num_outputs);
       if (ran) {
         smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements,
                              pc, 0, plan.output_elements);
@@ -72,6 +77,21 @@ PYBIND11_MODULE(_smallmm_core, m) {
         py::arg("reduction_parts") = 1,
         "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
         "it (or 1 in it) are summed over. Accepts any strides, including 0.");
+  m.def(
+      "kernel_for",
+      [](const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+         bool transpose_y, bool conjugate_y, std::optional<std::vector<int64_t>> batch_shape,
+         int reduction_parts) {
+        const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
+                                  batch_shape);
+        return std::string(smallmm::KernelFor(p.dtype, PlanToRun(p.plan, reduction_parts)));
+      },
+      py::arg("x"), py::arg("y"), py::arg("transpose_x") = false,
+      py::arg("conjugate_x") = false, py::arg("transpose_y") = false,
+      py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
+      py::arg("reduction_parts") = 1,
+      "The kernel family (one of kernel_families) that matmul with these arguments runs "
+      "on the active ISA; 'none' when the output is empty.");
   m.def("suggest_reduction_split", [](const py::array& x, const py::array& y,
                                       std::vector<int64_t> batch_shape, int threads) {
     const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
@@ -85,6 +105,11 @@ PYBIND11_MODULE(_smallmm_core, m) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));
   }
   m.attr("dtype_names") = dtype_names;  // numpy names, in the engine's order
+  int num_families = 0;
+  const char* const* families = smallmm::KernelFamilies(&num_families);
+  py::tuple kernel_families(num_families);
+  for (int i = 0; i < num_families; ++i) kernel_families[i] = families[i];
+  m.attr("kernel_families") = kernel_families;  // in the order the engine tries them
   m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
   m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
                                           std::end(smallmm::kTileSizes));
