@@ -101,7 +101,10 @@ class BuildSmallMM(build_ext):
         tf_cflags = tf.sysconfig.get_compile_flags()  # ABI + C++ standard, from TF itself
         tf_lflags = tf.sysconfig.get_link_flags()
         std = [f for f in tf_cflags if f.startswith(("--std", "-std"))] or ["-std=c++17"]
-        base = [cxx] + CXXFLAGS + std + ["-I" + HERE]
+        # Every object gets TF's C++ standard and libstdc++ ABI, not only the TF-including
+        # ones: std::string crosses from the kernel core into TF code (planner errors).
+        abi = [f for f in tf_cflags if f.startswith("-D_GLIBCXX_USE_CXX11_ABI")]
+        base = [cxx] + CXXFLAGS + std + abi + ["-I" + HERE]
 
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         isas = list(ISA_FLAGS) if x86 else ["baseline"]
@@ -122,8 +125,8 @@ class BuildSmallMM(build_ext):
             core_objs.append(obj(src))
 
         tf_objs = []
-        tf_base = base + tf_cflags + ["-Wno-deprecated-declarations",
-                                      "--param", "destructive-interference-size=128"]
+        tf_base = base + [f for f in tf_cflags if f not in std + abi] + [
+            "-Wno-deprecated-declarations", "--param", "destructive-interference-size=128"]
         nvcc = _find_nvcc()
         cuda_srcs = sorted(
             os.path.join("cuda", f) for f in os.listdir(os.path.join(HERE, "cuda"))
