@@ -1,7 +1,7 @@
 // The CUDA runtime entry points the op library uses, resolved when first called instead
 // of when the library is loaded.
 //
-// Why: the library is linked without -lcudart (DESIGN.md: TensorFlow's framework library
+// Why: the library is linked without -lcudart (setup.py: TensorFlow's framework library
 // provides the CUDA runtime). The `tensorflow` wheel's libtensorflow_framework.so.2
 // exports them (stubs that load libcudart on demand), but the `tensorflow-cpu` wheel's
 // exports none, and TF loads op libraries with RTLD_NOW: with plain undefined references

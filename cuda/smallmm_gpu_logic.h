@@ -1,7 +1,7 @@
 // smallmm_gpu_logic.h — the GPU implementation of the kernel-core contract (smallmm.h),
 // written once as `__host__ __device__` code over plain pointers so that the same block
 // program runs on the GPU (smallmm_gpu.cu.cc) and in the host simulation
-// (smallmm_gpu_sim.h, exercised by tests/test_gpu_simulation.py on machines without a
+// (testing/smallmm_gpu_sim.h, exercised by tests/test_gpu_simulation.py on machines without a
 // GPU). Compiles with nvcc and with a plain C++17 compiler; includes no CUDA header when
 // not compiled by nvcc.
 //

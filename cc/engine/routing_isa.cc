@@ -50,7 +50,7 @@ inline int64_t Dim(int64_t k) {
 }
 
 // ---------------------------------------------------------------- vectors
-// GCC vector extensions, as in gemm_isa.cc, at most this build's native width (a wider
+// GCC vector extensions, as in gemm/common.h, at most this build's native width (a wider
 // generic vector would be split through the stack).
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;

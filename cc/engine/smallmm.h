@@ -34,11 +34,12 @@ namespace smallmm {
 
 constexpr int kMaxBatchDims = 8;  // after broadcasting, before merging axes
 
-// Compile-time tile sizes of the micro-kernels (gemm_isa.cc): a run-time M (or N) of
-// 1..4 uses the exact tile, 5..8 an 8-tile, larger sizes 16-tiles with the last one
-// zero-padded. Tests and benchmarks loop over this table.
+// Compile-time tile sizes of the micro-kernels (gemm/micro.h), ascending: a run-time M (or
+// N) is cut into tiles of the smallest size that holds it (the largest for anything
+// longer), the last one an edge tile of the smallest size that holds the rest (M = 20 is a
+// 16-tile and a 4-tile). Tests and benchmarks loop over this table.
 constexpr int kTileSizes[] = {1, 2, 3, 4, 8, 16};
-constexpr int kNumTileSizes = 6;
+constexpr int kNumTileSizes = int(sizeof(kTileSizes) / sizeof(kTileSizes[0]));
 
 // One loop of the batch nest: `size` iterations, advancing A, B and C by these strides.
 // In a reduction loop c is 0.

@@ -158,19 +158,20 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
                                         int count) {
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  std::atomic<bool> ran{true};
-  auto run = [&](const SmallMMPlanned& q, const smallmm::GemmPlan& p, void* dst,
-                 int64_t begin, int64_t end) {
-    if (!smallmm::RunBatchMatMul(dtype, p, q.x->tensor_data().data(),
-                                 q.y->tensor_data().data(), dst, begin, end)) {
-      ran.store(false, std::memory_order_relaxed);
+  // Whether each product's kernel could allocate its scratch, reported per product.
+  std::atomic<bool> ran[2] = {{true}, {true}};
+  auto run = [&](int i, const smallmm::GemmPlan& p, void* dst, int64_t begin, int64_t end) {
+    if (!smallmm::RunBatchMatMul(dtype, p, planned[i].x->tensor_data().data(),
+                                 planned[i].y->tensor_data().data(), dst, begin, end)) {
+      ran[i].store(false, std::memory_order_relaxed);
     }
   };
   auto out_ptr = [](const SmallMMPlanned& q) {
     return static_cast<void*>(const_cast<char*>(q.out->tensor_data().data()));
   };
-  auto check = [&](const smallmm::GemmPlan& plan) {
-    OP_REQUIRES(ctx, ran.load(),
+  auto check = [&](int i) {
+    const smallmm::GemmPlan& plan = planned[i].plan;
+    OP_REQUIRES(ctx, ran[i].load(),
                 errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
                                           "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
                                           ")"));
@@ -207,11 +208,13 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     shard(p0.num_outputs, per, total, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; o += chunk) {
         const int64_t e = std::min(end, o + chunk);
-        run(planned[0], p0, c0, o, e);
-        run(planned[1], p1, c1, o, e);
+        run(0, p0, c0, o, e);
+        run(1, p1, c1, o, e);
       }
     });
-    check(p0);
+    check(0);
+    if (!ctx->status().ok()) return;
+    check(1);
     return;
   }
 
@@ -227,8 +230,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
                                              TensorShape({split.output_elements}), &partials));
       void* pc = const_cast<char*>(partials.tensor_data().data());
       shard(split.num_outputs, smallmm::CostPerOutput(split), TotalCost(split),
-            [&](int64_t begin, int64_t end) { run(q, split, pc, begin, end); });
-      check(plan);
+            [&](int64_t begin, int64_t end) { run(i, split, pc, begin, end); });
+      check(i);
       if (!ctx->status().ok()) return;
       const int n = parts[i];
       shard(plan.output_elements, n + 1, TotalCost(split), [&](int64_t begin, int64_t end) {
@@ -239,8 +242,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     // Shard over output matrices; the cost estimate keeps tiny problems on the calling
     // thread instead of paying the thread-pool hand-off.
     shard(plan.num_outputs, smallmm::CostPerOutput(plan), TotalCost(plan),
-          [&](int64_t begin, int64_t end) { run(q, plan, c, begin, end); });
-    check(plan);
+          [&](int64_t begin, int64_t end) { run(i, plan, c, begin, end); });
+    check(i);
     if (!ctx->status().ok()) return;
   }
 }
