@@ -84,34 +84,38 @@ SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b 
 // Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
 // and the CPU engine). The GPU uses the hardware conversions instead.
 // Host code (the simulation) uses cc/engine/float16_bits.h, the CPU engine's own.
-SMALLMM_HD SMALLMM_INLINE float HalfToFloat(uint16_t h) {
+struct HalfBits {
+  static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
 #if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
+    return __half2float(__ushort_as_half(h));
 #else
-  return f16::HalfToFloat(h);
+    return f16::HalfToFloat(h);
 #endif
-}
-SMALLMM_HD SMALLMM_INLINE uint16_t FloatToHalf(float f) {
+  }
+  static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
 #if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
+    return __half_as_ushort(__float2half_rn(f));
 #else
-  return f16::FloatToHalf(f);
+    return f16::FloatToHalf(f);
 #endif
-}
-SMALLMM_HD SMALLMM_INLINE float BF16ToFloat(uint16_t h) {
+  }
+};
+struct BF16Bits {
+  static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(uint32_t(h) << 16);
+    return __uint_as_float(uint32_t(h) << 16);
 #else
-  return f16::BF16ToFloat(h);
+    return f16::BF16ToFloat(h);
 #endif
-}
-SMALLMM_HD SMALLMM_INLINE uint16_t FloatToBF16(float f) {
+  }
+  static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
 #if defined(__CUDA_ARCH__)
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
-  return f16::FloatToBF16(f);
+    return f16::FloatToBF16(f);
 #endif
-}
+  }
+};
 
 // ---------------------------------------------------------------- element types
 // R: accumulation type. Complex values are interleaved (re, im) in memory and staged as
@@ -128,28 +132,22 @@ struct Elem {
     static_cast<S*>(p)[i] = v;
   }
 };
-template <>
-struct Elem<DType::kHalf> {
+// 16-bit storage, float accumulation, converted by Bits (HalfBits or BF16Bits).
+template <class Bits>
+struct Elem16 {
   using R = float;
   static constexpr int kPlanes = 1;
   static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
-    return HalfToFloat(static_cast<const uint16_t*>(p)[i]);
+    return Bits::ToFloat(static_cast<const uint16_t*>(p)[i]);
   }
   static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
-    static_cast<uint16_t*>(p)[i] = FloatToHalf(v);
+    static_cast<uint16_t*>(p)[i] = Bits::FromFloat(v);
   }
 };
 template <>
-struct Elem<DType::kBFloat16> {
-  using R = float;
-  static constexpr int kPlanes = 1;
-  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
-    return BF16ToFloat(static_cast<const uint16_t*>(p)[i]);
-  }
-  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
-    static_cast<uint16_t*>(p)[i] = FloatToBF16(v);
-  }
-};
+struct Elem<DType::kHalf> : Elem16<HalfBits> {};
+template <>
+struct Elem<DType::kBFloat16> : Elem16<BF16Bits> {};
 
 // Per-thread accumulators: kElemsPerThread elements, one plane per real component.
 template <typename R, int P>

@@ -130,6 +130,25 @@ class SmallMMMatMulOp : public OpKernel {
   smallmm::DType dtype_;
 };
 
+// The kernels of the three matmul ops for C++ type T on one device (DEVICE_CPU with
+// Eigen::ThreadPoolDevice, or DEVICE_GPU with Eigen::GpuDevice); batch_shape inputs are
+// read on the host.
+#define SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_TYPE, DEVICE_CLASS, T)                      \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("SmallMMBatchMatMul").Device(DEVICE_TYPE).TypeConstraint<T>("T"),              \
+      SmallMMMatMulOp<DEVICE_CLASS>);                                                     \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                                \
+                              .Device(DEVICE_TYPE)                                        \
+                              .TypeConstraint<T>("T")                                     \
+                              .HostMemory("batch_shape"),                                 \
+                          SmallMMMatMulOp<DEVICE_CLASS>);                                 \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                                  \
+                              .Device(DEVICE_TYPE)                                        \
+                              .TypeConstraint<T>("T")                                     \
+                              .HostMemory("batch_shape_1")                                \
+                              .HostMemory("batch_shape_2"),                               \
+                          SmallMMMatMulOp<DEVICE_CLASS>);
+
 }  // namespace tensorflow
 
 #endif  // TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_

@@ -250,21 +250,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_CPU(CORE, T, DT)                                                    \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("SmallMMBatchMatMul").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
-      SmallMMMatMulOp<CPUDevice>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
-                              .Device(DEVICE_CPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape"),                            \
-                          SmallMMMatMulOp<CPUDevice>);                               \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
-                              .Device(DEVICE_CPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape_1")                           \
-                              .HostMemory("batch_shape_2"),                          \
-                          SmallMMMatMulOp<CPUDevice>);
+#define SMALLMM_REGISTER_CPU(CORE, T, DT) \
+  SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_CPU, CPUDevice, T)
 SMALLMM_TF_DTYPES(SMALLMM_REGISTER_CPU)
 #undef SMALLMM_REGISTER_CPU
 

@@ -41,21 +41,8 @@ void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_GPU(CORE, T, DT)                                            \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("SmallMMBatchMatMul").Device(DEVICE_GPU).TypeConstraint<T>("T"),          \
-      SmallMMMatMulOp<GPUDevice>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
-                              .Device(DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape"),                            \
-                          SmallMMMatMulOp<GPUDevice>);                               \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
-                              .Device(DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape_1")                           \
-                              .HostMemory("batch_shape_2"),                          \
-                          SmallMMMatMulOp<GPUDevice>);
+#define SMALLMM_REGISTER_GPU(CORE, T, DT) \
+  SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_GPU, GPUDevice, T)
 SMALLMM_TF_DTYPES(SMALLMM_REGISTER_GPU)
 #undef SMALLMM_REGISTER_GPU
 

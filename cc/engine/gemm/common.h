@@ -33,20 +33,18 @@ struct Traits {
   static R Load(const void* p, int64_t i) { return static_cast<const S*>(p)[i]; }
   static void Store(void* p, int64_t i, R v) { static_cast<S*>(p)[i] = v; }
 };
-template <>
-struct Traits<DType::kHalf> {
+// 16-bit storage, float accumulation, converted by these two functions on the way.
+template <float (*kToFloat)(uint16_t), uint16_t (*kFromFloat)(float)>
+struct Traits16 {
   using R = float;
   static constexpr bool kComplex = false;
-  static R Load(const void* p, int64_t i) { return HalfToFloat(static_cast<const uint16_t*>(p)[i]); }
-  static void Store(void* p, int64_t i, R v) { static_cast<uint16_t*>(p)[i] = FloatToHalf(v); }
+  static R Load(const void* p, int64_t i) { return kToFloat(static_cast<const uint16_t*>(p)[i]); }
+  static void Store(void* p, int64_t i, R v) { static_cast<uint16_t*>(p)[i] = kFromFloat(v); }
 };
 template <>
-struct Traits<DType::kBFloat16> {
-  using R = float;
-  static constexpr bool kComplex = false;
-  static R Load(const void* p, int64_t i) { return BF16ToFloat(static_cast<const uint16_t*>(p)[i]); }
-  static void Store(void* p, int64_t i, R v) { static_cast<uint16_t*>(p)[i] = FloatToBF16(v); }
-};
+struct Traits<DType::kHalf> : Traits16<&HalfToFloat, &FloatToHalf> {};
+template <>
+struct Traits<DType::kBFloat16> : Traits16<&BF16ToFloat, &FloatToBF16> {};
 
 // A real dtype stored as its accumulation type (float, double): kernels may read and write
 // its elements in place, as vectors of R.
