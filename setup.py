@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import sysconfig
 
 from setuptools import Extension, setup
