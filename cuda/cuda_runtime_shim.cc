@@ -49,6 +49,8 @@ constexpr cudaError_t kMissing = cudaErrorSharedObjectSymbolNotFound;
     return real args;                                                     \
   }
 
+// (clang-format misreads parameter lists given as macro arguments.)
+// clang-format off
 // Fat-binary registration (run by static constructors when the library loads).
 SMALLMM_FORWARD(void**, __cudaRegisterFatBinary, (void* fat_cubin), (fat_cubin), nullptr)
 SMALLMM_FORWARD(void, __cudaRegisterFatBinaryEnd, (void** handle), (handle), )
@@ -78,3 +80,4 @@ SMALLMM_FORWARD(cudaError_t, cudaDeviceGetAttribute, (int* value, cudaDeviceAttr
                 (value, attr, device), kMissing)
 SMALLMM_FORWARD(const char*, cudaGetErrorString, (cudaError_t error), (error),
                 "the CUDA runtime is not available in this TensorFlow (CPU-only build?)")
+// clang-format on

@@ -25,12 +25,15 @@ namespace smallmm {
   X(kComplex64, "complex64", 8, float, float)   \
   X(kComplex128, "complex128", 16, double, double)
 
+// (clang-format would indent kNumDTypes as a continuation of the macro's expansion.)
+// clang-format off
 enum class DType : int {
 #define SMALLMM_DTYPE_ENUMERATOR(e, name, bytes, S, A) e,
   SMALLMM_DTYPES(SMALLMM_DTYPE_ENUMERATOR)
 #undef SMALLMM_DTYPE_ENUMERATOR
   kNumDTypes
 };
+// clang-format on
 constexpr int kNumDTypes = int(DType::kNumDTypes);
 
 // The list's columns at compile time: DTypeInfo<DType::kHalf>::Storage is uint16_t.
