@@ -41,12 +41,12 @@ constexpr cudaError_t kMissing = cudaErrorSharedObjectSymbolNotFound;
 
 }  // namespace
 
-#define SMALLMM_FORWARD(ret, name, params, args, missing)                 \
-  SMALLMM_SHIM ret CUDARTAPI name params {                               \
-    using Fn = ret(CUDARTAPI*) params;                                    \
-    static const Fn real = Real<Fn>(#name);                               \
-    if (real == nullptr) return missing;                                  \
-    return real args;                                                     \
+#define SMALLMM_FORWARD(ret, name, params, args, missing) \
+  SMALLMM_SHIM ret CUDARTAPI name params {                \
+    using Fn = ret(CUDARTAPI*) params;                    \
+    static const Fn real = Real<Fn>(#name);               \
+    if (real == nullptr) return missing;                  \
+    return real args;                                     \
   }
 
 // (clang-format misreads parameter lists given as macro arguments.)

@@ -3,11 +3,12 @@
 // only; uses the CUDA runtime API and nothing from TensorFlow or Eigen (CUDA 13's
 // cudaDeviceProp differs from the CUDA 12.5 TF was built with, so device limits are
 // read with cudaDeviceGetAttribute).
+#include "cuda/smallmm_gpu.h"
+
 #include <cuda_runtime.h>
 
 #include <atomic>
 
-#include "cuda/smallmm_gpu.h"
 #include "cuda/smallmm_gpu_logic.h"
 
 namespace smallmm {
@@ -27,11 +28,17 @@ struct DeviceExec {
     f(int(threadIdx.x), acc);
   }
   template <class U>
-  __device__ U Read(const U* p) { return *p; }
+  __device__ U Read(const U* p) {
+    return *p;
+  }
   template <class U>
-  __device__ U ReadUniform(const U* p) { return *p; }
+  __device__ U ReadUniform(const U* p) {
+    return *p;
+  }
   template <class U>
-  __device__ void Write(U* p, U v) { *p = v; }
+  __device__ void Write(U* p, U v) {
+    *p = v;
+  }
   __device__ void OnLoad(int, int64_t) {}
   __device__ void OnStore(int64_t) {}
   __device__ void CountStage(bool, bool) {}
@@ -78,15 +85,14 @@ cudaError_t MaxBlocks(int64_t* out) {
 }
 
 template <DType D>
-cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a,
-                   const void* b, void* c, cudaStream_t stream) {
+cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a, const void* b,
+                   void* c, cudaStream_t stream) {
   void* args[] = {const_cast<GemmPlan*>(&plan), const_cast<LaunchConfig*>(&cfg), &a, &b, &c};
   // cudaLaunchKernel reports this launch's own error (bad configuration, no kernel image
   // for the device, ...); clear the sticky last-error slot so later checks don't see it.
-  const cudaError_t e =
-      cudaLaunchKernel(reinterpret_cast<const void*>(&BatchMatMulKernel<D>),
-                       dim3(unsigned(cfg.blocks)), dim3(unsigned(cfg.threads)), args,
-                       size_t(cfg.smem_bytes), stream);
+  const cudaError_t e = cudaLaunchKernel(reinterpret_cast<const void*>(&BatchMatMulKernel<D>),
+                                         dim3(unsigned(cfg.blocks)), dim3(unsigned(cfg.threads)),
+                                         args, size_t(cfg.smem_bytes), stream);
   if (e != cudaSuccess) cudaGetLastError();
   return e;
 }
@@ -106,9 +112,9 @@ const char* LaunchBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, 
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-#define SMALLMM_LAUNCH_CASE(d, name, bytes, S, A)      \
-  case DType::d:                                       \
-    e = Launch<DType::d>(plan, cfg, a, b, c, s);       \
+#define SMALLMM_LAUNCH_CASE(d, name, bytes, S, A) \
+  case DType::d:                                  \
+    e = Launch<DType::d>(plan, cfg, a, b, c, s);  \
     break;
     SMALLMM_DTYPES(SMALLMM_LAUNCH_CASE)
 #undef SMALLMM_LAUNCH_CASE

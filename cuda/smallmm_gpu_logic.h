@@ -67,17 +67,21 @@ namespace gpu {
 
 // Tuning constants (not yet measured on hardware: no GPU was available when they were
 // chosen; they follow from the shapes the engine is for, M, N, K ≤ 32, and H100 limits).
-constexpr int kElemsPerThread = 4;      // output elements a thread owns per work item
-constexpr int kThreads = 256;           // threads per block of the real launch
-constexpr int kSmemBudget = 24 * 1024;  // bytes: 8+ blocks of 256 threads per H100 SM
+constexpr int kElemsPerThread = 4;        // output elements a thread owns per work item
+constexpr int kThreads = 256;             // threads per block of the real launch
+constexpr int kSmemBudget = 24 * 1024;    // bytes: 8+ blocks of 256 threads per H100 SM
 constexpr int kMaxSmemBytes = 48 * 1024;  // dynamic shared memory without an opt-in
-constexpr int kMaxKChunk = 128;         // KR products staged per step (before shrinking)
+constexpr int kMaxKChunk = 128;           // KR products staged per step (before shrinking)
 constexpr int kMaxTileN = 32;
 
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) { return a < b ? a : b; }
+SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) {
+  return a < b ? a : b;
+}
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) { return a < b ? b : a; }
+SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) {
+  return a < b ? b : a;
+}
 SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- 16-bit floats
@@ -159,15 +163,15 @@ struct Acc {
 // Everything the block program needs besides the plan; a POD kernel argument.
 struct LaunchConfig {
   int threads = 0;
-  int bm = 1, bn = 1;        // output tile rows × columns
-  int group = 1;             // output matrices per work item
-  int kl = 1, nrc = 1;       // a KR chunk = nrc reduction items × a K-slice of kl
-  int kc = 1;                // = nrc·kl, the K extent of a staged operand
-  bool a_shared = false;     // one staged op(A) tile serves the whole group
+  int bm = 1, bn = 1;     // output tile rows × columns
+  int group = 1;          // output matrices per work item
+  int kl = 1, nrc = 1;    // a KR chunk = nrc reduction items × a K-slice of kl
+  int kc = 1;             // = nrc·kl, the K extent of a staged operand
+  bool a_shared = false;  // one staged op(A) tile serves the whole group
   bool b_shared = false;
-  bool a_kfast = true;       // staging order: consecutive threads walk K (else rows)
-  bool b_jfast = true;       // consecutive threads walk columns (else K)
-  int64_t span = 1;          // groups never straddle a span of this many outputs
+  bool a_kfast = true;  // staging order: consecutive threads walk K (else rows)
+  bool b_jfast = true;  // consecutive threads walk columns (else K)
+  int64_t span = 1;     // groups never straddle a span of this many outputs
   int64_t groups_per_span = 1;
   int64_t groups = 0;
   int64_t tiles_m = 1, tiles_n = 1;
@@ -210,8 +214,8 @@ inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }
 // Chooses tiles, group size, K chunk and grid for the plan. `threads` per block, shared
 // memory at most `smem_budget` bytes, at most `max_blocks` blocks. Returns nullptr, or a
 // static message when no configuration fits (only for unrealistic budgets).
-inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
-                                    int smem_budget, int64_t max_blocks, LaunchConfig* out) {
+inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads, int smem_budget,
+                                    int64_t max_blocks, LaunchConfig* out) {
   if (threads < 1 || threads > 1024) return "threads per block must be in [1, 1024]";
   if (smem_budget > kMaxSmemBytes) return "shared-memory budget above 48 KiB";
   if (max_blocks < 1) return "max_blocks must be positive";
@@ -283,8 +287,8 @@ inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
 
 // ---------------------------------------------------------------- the block program
 // Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
-SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa,
-                                             int64_t* ob, int64_t* oc) {
+SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa, int64_t* ob,
+                                             int64_t* oc) {
   int64_t a = 0, b = 0, c = 0;
   for (int d = p.num_out - 1; d >= 0; --d) {
     const Loop& l = p.out[d];
@@ -327,12 +331,11 @@ SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, in
 //   kfast: linear staging index walks K fastest (coalesced when |k_stride| is small).
 template <DType D, class Ex>
 SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
-                                            const LaunchConfig& cfg, int operand,
-                                            const void* x, const int64_t* slot_off,
-                                            int nslots, int tile, int valid, int64_t row0,
-                                            int64_t rows_stride, int64_t k_stride,
-                                            bool kfast, int64_t r0, int nr, int64_t l0,
-                                            int nl, bool conj,
+                                            const LaunchConfig& cfg, int operand, const void* x,
+                                            const int64_t* slot_off, int nslots, int tile,
+                                            int valid, int64_t row0, int64_t rows_stride,
+                                            int64_t k_stride, bool kfast, int64_t r0, int nr,
+                                            int64_t l0, int nl, bool conj,
                                             typename Elem<D>::R* dst) {
   using E = Elem<D>;
   using R = typename E::R;

@@ -17,12 +17,12 @@ namespace smallmm {
 
 // X(enumerator, numpy-style name, bytes per element, storage scalar, accumulation type).
 // A complex element is bytes / sizeof(storage) = 2 storage scalars.
-#define SMALLMM_DTYPES(X)                       \
-  X(kHalf, "float16", 2, uint16_t, float)       \
-  X(kBFloat16, "bfloat16", 2, uint16_t, float)  \
-  X(kFloat, "float32", 4, float, float)         \
-  X(kDouble, "float64", 8, double, double)      \
-  X(kComplex64, "complex64", 8, float, float)   \
+#define SMALLMM_DTYPES(X)                      \
+  X(kHalf, "float16", 2, uint16_t, float)      \
+  X(kBFloat16, "bfloat16", 2, uint16_t, float) \
+  X(kFloat, "float32", 4, float, float)        \
+  X(kDouble, "float64", 8, double, double)     \
+  X(kComplex64, "complex64", 8, float, float)  \
   X(kComplex128, "complex128", 16, double, double)
 
 // (clang-format would indent kNumDTypes as a continuation of the macro's expansion.)
@@ -39,15 +39,15 @@ constexpr int kNumDTypes = int(DType::kNumDTypes);
 // The list's columns at compile time: DTypeInfo<DType::kHalf>::Storage is uint16_t.
 template <DType D>
 struct DTypeInfo;
-#define SMALLMM_DTYPE_INFO(e, name, bytes, S, A)                        \
-  template <>                                                           \
-  struct DTypeInfo<DType::e> {                                          \
-    using Storage = S;                                                  \
-    using Acc = A;                                                      \
-    static constexpr const char* kName = name;                          \
-    static constexpr int kBytes = bytes;                                \
-    static constexpr int kComponents = bytes / int(sizeof(S));          \
-    static_assert(kComponents * int(sizeof(S)) == bytes, "bytes");      \
+#define SMALLMM_DTYPE_INFO(e, name, bytes, S, A)                   \
+  template <>                                                      \
+  struct DTypeInfo<DType::e> {                                     \
+    using Storage = S;                                             \
+    using Acc = A;                                                 \
+    static constexpr const char* kName = name;                     \
+    static constexpr int kBytes = bytes;                           \
+    static constexpr int kComponents = bytes / int(sizeof(S));     \
+    static_assert(kComponents * int(sizeof(S)) == bytes, "bytes"); \
   };
 SMALLMM_DTYPES(SMALLMM_DTYPE_INFO)
 #undef SMALLMM_DTYPE_INFO

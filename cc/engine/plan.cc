@@ -20,9 +20,7 @@ std::string ShapeString(const Operand& x) {
   return s.str();
 }
 
-bool MulOverflows(int64_t a, int64_t b, int64_t* out) {
-  return __builtin_mul_overflow(a, b, out);
-}
+bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
 // a * b, saturated at INT64_MAX / 4 (so that a few of them still add up): for cost
 // heuristics over sizes that may be astronomically large when some other dim is 0.
@@ -120,7 +118,7 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   };
   // A side of 1 takes an output loop along which the other operand is broadcast: the
   // loop's strides for the moving operand and for C become that side's.
-  auto fold_side = [&](int64_t Loop::*shared, int64_t Loop::*moving, int64_t* side,
+  auto fold_side = [&](int64_t Loop::* shared, int64_t Loop::* moving, int64_t* side,
                        int64_t* op_stride, int64_t* c_stride) {
     const int best = pick(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
     const int64_t take = best >= 0 ? DivisorAtMost(p->out[best].size, kMaxFoldedColumns) : 1;
@@ -182,8 +180,8 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   const int nb = std::max(std::max(ra, rb), rt);
   if (nb > kMaxBatchDims) {
     std::ostringstream s;
-    s << "at most " << kMaxBatchDims << " batch dimensions are supported, got x"
-      << ShapeString(a) << " and y" << ShapeString(b);
+    s << "at most " << kMaxBatchDims << " batch dimensions are supported, got x" << ShapeString(a)
+      << " and y" << ShapeString(b);
     return fail(s.str());
   }
 
@@ -207,8 +205,8 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   if (ka != kb) {
     std::ostringstream s;
     s << "Matrix size-incompatible: x" << ShapeString(a) << (a.transpose ? " (transposed)" : "")
-      << " has " << ka << " columns but y" << ShapeString(b)
-      << (b.transpose ? " (transposed)" : "") << " has " << kb << " rows";
+      << " has " << ka << " columns but y" << ShapeString(b) << (b.transpose ? " (transposed)" : "")
+      << " has " << kb << " rows";
     return fail(s.str());
   }
   p.k = ka;
@@ -300,9 +298,7 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   // operand; put the axes with the largest reuse innermost so the reused matrix stays in
   // L1 across consecutive work items (capsules: W[i] stays hot while the batch streams).
   const int64_t a_bytes = SatMul(p.m, p.k), b_bytes = SatMul(p.k, p.n);
-  auto reuse = [&](const Loop& l) {
-    return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0);
-  };
+  auto reuse = [&](const Loop& l) { return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0); };
   std::stable_sort(p.out, p.out + no,
                    [&](const Loop& x, const Loop& y) { return reuse(x) < reuse(y); });
   p.num_out = Simplify(p.out, no);
@@ -338,8 +334,7 @@ bool SumsInStorage(DType dtype) {
 
 int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
   if (!SumsInStorage(dtype)) return 1;
-  if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads ||
-      p.num_out >= kMaxBatchDims) {
+  if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads || p.num_out >= kMaxBatchDims) {
     return 1;
   }
   const int64_t s = p.red[0].size;
@@ -382,19 +377,17 @@ void Sum(const R* partials, int parts, int64_t n, R* out, int64_t begin, int64_t
 // One dtype's partial sums, as sums of its storage scalars (a complex element is its
 // (re, im) pair); dtypes that never split (SumsInStorage) have none.
 template <DType D>
-void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin,
-           int64_t end) {
+void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin, int64_t end) {
   using S = typename DTypeInfo<D>::Storage;
   constexpr int kC = DTypeInfo<D>::kComponents;
   if constexpr (std::is_same<S, typename DTypeInfo<D>::Acc>::value) {
-    Sum(static_cast<const S*>(partials), parts, kC * n, static_cast<S*>(out), kC * begin,
-        kC * end);
+    Sum(static_cast<const S*>(partials), parts, kC * n, static_cast<S*>(out), kC * begin, kC * end);
   }
 }
 }  // namespace
 
-void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
-                 int64_t begin, int64_t end) {
+void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
+                 int64_t end) {
   switch (dtype) {
 #define SMALLMM_SUM_CASE(e, name, bytes, S, A) \
   case DType::e:                               \

@@ -1,11 +1,12 @@
 // Validation and dispatch of the fused routing kernels (routing.h). Compiled once, without
 // ISA flags; runs the active ISA's kernels (isa.h: the GEMM kernels' ISA, which
 // TF_SMALLMM_ISA and SetIsa control), so one switch A/B-tests both.
+#include "cc/engine/routing.h"
+
 #include <sstream>
 #include <string>
 
 #include "cc/engine/isa.h"
-#include "cc/engine/routing.h"
 
 namespace smallmm {
 
@@ -61,8 +62,7 @@ int64_t RoutingScratchElements(const RoutingShape& shape, bool backward) {
 
 bool CheckRouting(DType dtype, const RoutingShape& s, std::string* error) {
   std::ostringstream shape;
-  shape << "u_hat [" << s.batch << "," << s.in_caps << "," << s.out_caps << "," << s.out_dim
-        << "]";
+  shape << "u_hat [" << s.batch << "," << s.in_caps << "," << s.out_caps << "," << s.out_dim << "]";
   auto fail = [&](const std::string& msg) {
     *error = msg;
     return false;
@@ -81,8 +81,7 @@ bool CheckRouting(DType dtype, const RoutingShape& s, std::string* error) {
   if (!(s.epsilon >= 0)) return fail("epsilon must be >= 0");
   int64_t n = 0;
   if (MulOverflows(s.batch, s.in_caps, &n) || MulOverflows(n, s.out_caps, &n) ||
-      MulOverflows(n, s.out_dim, &n) || !Scratch(s, true, &n) ||
-      MulOverflows(n, 8, &n)) {
+      MulOverflows(n, s.out_dim, &n) || !Scratch(s, true, &n) || MulOverflows(n, 8, &n)) {
     return fail("element count overflows int64 for " + shape.str());
   }
   return true;

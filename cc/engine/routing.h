@@ -43,12 +43,12 @@ namespace smallmm {
 #define SMALLMM_ROUTING_DTYPES(X) X(kFloat) X(kDouble)
 
 struct RoutingShape {
-  int64_t batch = 0;     // rows
-  int64_t in_caps = 0;   // I
-  int64_t out_caps = 0;  // J
-  int64_t out_dim = 0;   // K
-  int iterations = 1;    // R >= 1
-  double epsilon = 1e-7; // inside squash's square root
+  int64_t batch = 0;      // rows
+  int64_t in_caps = 0;    // I
+  int64_t out_caps = 0;   // J
+  int64_t out_dim = 0;    // K
+  int iterations = 1;     // R >= 1
+  double epsilon = 1e-7;  // inside squash's square root
 };
 
 // Validates sizes (non-negative, iterations >= 1, element counts and scratch fit in
@@ -87,8 +87,8 @@ bool RunRoutingBackward(DType dtype, const RoutingShape& shape, const void* u_ha
 // scratch cannot be allocated. The dispatcher (isa.cc) holds one table per ISA; routing.cc
 // calls the active ISA's.
 using RoutingForwardFn = bool (*)(const RoutingShape&, const void*, void*, int64_t, int64_t);
-using RoutingBackwardFn = bool (*)(const RoutingShape&, const void*, const void*, void*,
-                                   int64_t, int64_t);
+using RoutingBackwardFn = bool (*)(const RoutingShape&, const void*, const void*, void*, int64_t,
+                                   int64_t);
 struct RoutingKernels {
   RoutingForwardFn forward[kNumDTypes];
   RoutingBackwardFn backward[kNumDTypes];

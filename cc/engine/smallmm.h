@@ -58,9 +58,9 @@ struct GemmPlan {
   int num_out = 0, num_red = 0;
   Loop out[kMaxBatchDims];  // outermost first; flattened order = work-item order
   Loop red[kMaxBatchDims];
-  int64_t num_outputs = 1;     // product of out[].size (number of C matrices)
-  int64_t num_reduced = 1;     // product of red[].size
-  int64_t output_elements = 0; // num_outputs * m * n
+  int64_t num_outputs = 1;      // product of out[].size (number of C matrices)
+  int64_t num_reduced = 1;      // product of red[].size
+  int64_t output_elements = 0;  // num_outputs * m * n
 };
 
 // An operand as the caller sees it: shape and element strides (dense or not).
@@ -97,8 +97,8 @@ int64_t CostPerOutput(const GemmPlan& plan);
 // SumPartials adds them into the real output, elements [begin, end).
 int SuggestReductionSplit(DType dtype, const GemmPlan& plan, int threads);
 GemmPlan SplitReduction(const GemmPlan& plan, int parts);
-void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
-                 int64_t begin, int64_t end);
+void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
+                 int64_t end);
 
 // Computes output matrices [begin, end) of the plan (in flattened out-loop order).
 // Safe to call concurrently on disjoint ranges. Reduction loops of size 0 and K = 0 give

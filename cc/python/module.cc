@@ -16,8 +16,8 @@ namespace py = pybind11;
 
 namespace {
 
-using smallmm_py::Planned;
 using smallmm_py::PlanFor;
+using smallmm_py::Planned;
 
 // The plan matmul runs: the product's own, or with reduction_parts > 1 the one whose
 // outermost reduction loop is split into that many partial sums (the TF op's
@@ -34,8 +34,7 @@ smallmm::GemmPlan PlanToRun(const smallmm::GemmPlan& plan, int reduction_parts) 
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
                  std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
-  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
-                            batch_shape);
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
   const smallmm::DType dtype = p.dtype;
   const smallmm::GemmPlan& plan = p.plan;
   const smallmm::GemmPlan run = PlanToRun(plan, reduction_parts);
@@ -50,8 +49,8 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
       std::vector<char> partials(size_t(run.output_elements) * smallmm::DTypeSize(dtype));
       ran = smallmm::RunBatchMatMul(dtype, run, pa, pb, partials.data(), 0, run.num_outputs);
       if (ran) {
-        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements,
-                             pc, 0, plan.output_elements);
+        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements, pc, 0,
+                             plan.output_elements);
       }
     } else {
       ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
@@ -82,21 +81,20 @@ PYBIND11_MODULE(_smallmm_core, m) {
       [](const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
          bool transpose_y, bool conjugate_y, std::optional<std::vector<int64_t>> batch_shape,
          int reduction_parts) {
-        const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
-                                  batch_shape);
+        const Planned p =
+            PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
         return std::string(smallmm::KernelFor(p.dtype, PlanToRun(p.plan, reduction_parts)));
       },
-      py::arg("x"), py::arg("y"), py::arg("transpose_x") = false,
-      py::arg("conjugate_x") = false, py::arg("transpose_y") = false,
-      py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
-      py::arg("reduction_parts") = 1,
+      py::arg("x"), py::arg("y"), py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
+      py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
+      py::arg("batch_shape") = py::none(), py::arg("reduction_parts") = 1,
       "The kernel family (one of kernel_families) that matmul with these arguments runs "
       "on the active ISA; 'none' when the output is empty.");
-  m.def("suggest_reduction_split", [](const py::array& x, const py::array& y,
-                                      std::vector<int64_t> batch_shape, int threads) {
-    const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
-    return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
-  });
+  m.def("suggest_reduction_split",
+        [](const py::array& x, const py::array& y, std::vector<int64_t> batch_shape, int threads) {
+          const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
+          return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
+        });
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
@@ -111,6 +109,6 @@ PYBIND11_MODULE(_smallmm_core, m) {
   for (int i = 0; i < num_families; ++i) kernel_families[i] = families[i];
   m.attr("kernel_families") = kernel_families;  // in the order the engine tries them
   m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
-  m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
-                                          std::end(smallmm::kTileSizes));
+  m.attr("tile_sizes") =
+      std::vector<int>(std::begin(smallmm::kTileSizes), std::end(smallmm::kTileSizes));
 }

@@ -62,8 +62,8 @@ struct Planned {
   std::vector<py::ssize_t> shape;  // the output's
 };
 
-inline Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x,
-                       bool conjugate_x, bool transpose_y, bool conjugate_y,
+inline Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+                       bool transpose_y, bool conjugate_y,
                        const std::optional<std::vector<int64_t>>& batch_shape) {
   if (!x.dtype().equal(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +

@@ -93,10 +93,12 @@ class SmallMMDynamicRoutingOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& u = ctx->input(0);
-    OP_REQUIRES(ctx, u.dims() == 4,
-                errors::InvalidArgument(
-                    name(), ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
-                    "got shape ", ShapeOf(u)));
+    OP_REQUIRES(
+        ctx, u.dims() == 4,
+        errors::InvalidArgument(name(),
+                                ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
+                                "got shape ",
+                                ShapeOf(u)));
     smallmm::RoutingShape shape;
     shape.batch = u.dim_size(0);
     shape.in_caps = u.dim_size(1);
@@ -137,15 +139,14 @@ class SmallMMDynamicRoutingOp : public OpKernel {
     Shard(workers->num_threads, workers->workers, shape.batch,
           smallmm::RoutingCostPerRow(shape, kBackward), [&](int64_t begin, int64_t end) {
             const bool done =
-                kBackward ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data,
-                                                        out_data, begin, end)
-                          : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin,
-                                                       end);
+                kBackward ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data, out_data,
+                                                        begin, end)
+                          : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin, end);
             if (!done) ok.store(false);
           });
-    OP_REQUIRES(ctx, ok.load(),
-                errors::ResourceExhausted(name(), ": could not allocate routing scratch for ",
-                                          ShapeOf(u)));
+    OP_REQUIRES(
+        ctx, ok.load(),
+        errors::ResourceExhausted(name(), ": could not allocate routing scratch for ", ShapeOf(u)));
   }
 
  private:
@@ -154,13 +155,13 @@ class SmallMMDynamicRoutingOp : public OpKernel {
   smallmm::DType dtype_;
 };
 
-#define SMALLMM_REGISTER_ROUTING_CPU(CORE)                                              \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRouting")                                 \
-                              .Device(DEVICE_CPU)                                       \
+#define SMALLMM_REGISTER_ROUTING_CPU(CORE)                                                       \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRouting")                                          \
+                              .Device(DEVICE_CPU)                                                \
                               .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
-                          SmallMMDynamicRoutingOp<false>);                              \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRoutingGrad")                             \
-                              .Device(DEVICE_CPU)                                       \
+                          SmallMMDynamicRoutingOp<false>);                                       \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRoutingGrad")                                      \
+                              .Device(DEVICE_CPU)                                                \
                               .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
                           SmallMMDynamicRoutingOp<true>);
 SMALLMM_ROUTING_DTYPES(SMALLMM_REGISTER_ROUTING_CPU)

@@ -52,9 +52,9 @@ class SmallMMMatMulOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
     }
     count_ = count;
-    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
-                errors::InvalidArgument("SmallMM: unsupported dtype ",
-                                        DataTypeString(ctx->input_type(0))));
+    OP_REQUIRES(
+        ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
+        errors::InvalidArgument("SmallMM: unsupported dtype ", DataTypeString(ctx->input_type(0))));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -133,20 +133,19 @@ class SmallMMMatMulOp : public OpKernel {
 // The kernels of the three matmul ops for C++ type T on one device (DEVICE_CPU with
 // Eigen::ThreadPoolDevice, or DEVICE_GPU with Eigen::GpuDevice); batch_shape inputs are
 // read on the host.
-#define SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_TYPE, DEVICE_CLASS, T)                      \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("SmallMMBatchMatMul").Device(DEVICE_TYPE).TypeConstraint<T>("T"),              \
-      SmallMMMatMulOp<DEVICE_CLASS>);                                                     \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                                \
-                              .Device(DEVICE_TYPE)                                        \
-                              .TypeConstraint<T>("T")                                     \
-                              .HostMemory("batch_shape"),                                 \
-                          SmallMMMatMulOp<DEVICE_CLASS>);                                 \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                                  \
-                              .Device(DEVICE_TYPE)                                        \
-                              .TypeConstraint<T>("T")                                     \
-                              .HostMemory("batch_shape_1")                                \
-                              .HostMemory("batch_shape_2"),                               \
+#define SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_TYPE, DEVICE_CLASS, T)                            \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMul").Device(DEVICE_TYPE).TypeConstraint<T>("T"), \
+                          SmallMMMatMulOp<DEVICE_CLASS>);                                        \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                                       \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("batch_shape"),                                        \
+                          SmallMMMatMulOp<DEVICE_CLASS>);                                        \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                                         \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("batch_shape_1")                                       \
+                              .HostMemory("batch_shape_2"),                                      \
                           SmallMMMatMulOp<DEVICE_CLASS>);
 
 }  // namespace tensorflow

@@ -140,14 +140,14 @@ constexpr int64_t kPairChunkElements = 16 << 10;
 
 int64_t TotalCost(const smallmm::GemmPlan& p) {
   const int64_t per = smallmm::CostPerOutput(p);
-  return p.num_outputs > 0 && per > INT64_MAX / p.num_outputs ? INT64_MAX
-                                                               : per * p.num_outputs;
+  return p.num_outputs > 0 && per > INT64_MAX / p.num_outputs ? INT64_MAX : per * p.num_outputs;
 }
 
 // Elements one output of the plan reads and writes (saturating; a rough footprint).
 int64_t Footprint(const smallmm::GemmPlan& p) {
-  const double e = double(std::max<int64_t>(p.num_reduced, 1)) *
-                       (double(p.m) * p.k + double(p.k) * p.n) + double(p.m) * p.n;
+  const double e =
+      double(std::max<int64_t>(p.num_reduced, 1)) * (double(p.m) * p.k + double(p.k) * p.n) +
+      double(p.m) * p.n;
   return e > 1e15 ? int64_t(1e15) : int64_t(e);
 }
 
@@ -172,9 +172,10 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
   auto check = [&](int i) {
     const smallmm::GemmPlan& plan = planned[i].plan;
     OP_REQUIRES(ctx, ran[i].load(),
-                errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
-                                          "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
-                                          ")"));
+                errors::ResourceExhausted(name(),
+                                          ": could not allocate the kernel's scratch "
+                                          "buffer (M=",
+                                          plan.m, ", N=", plan.n, ", K=", plan.k, ")"));
   };
   // Shards [0, units) over the pool, or runs it here when the whole job is small.
   auto shard = [&](int64_t units, int64_t cost_per_unit, int64_t total_cost,
@@ -187,8 +188,7 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
   };
   const int parts[2] = {
       smallmm::SuggestReductionSplit(dtype, planned[0].plan, workers->num_threads),
-      count > 1 ? smallmm::SuggestReductionSplit(dtype, planned[1].plan, workers->num_threads)
-                : 1};
+      count > 1 ? smallmm::SuggestReductionSplit(dtype, planned[1].plan, workers->num_threads) : 1};
 
   // Both products of a pair together: the same output index of each (both gradients of a
   // capsule prediction, per input capsule) reads the same slice of the upstream gradient.
@@ -198,9 +198,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     const smallmm::GemmPlan& p1 = planned[1].plan;
     const int64_t cost0 = smallmm::CostPerOutput(p0), cost1 = smallmm::CostPerOutput(p1);
     const int64_t per = cost0 > INT64_MAX - cost1 ? INT64_MAX : cost0 + cost1;
-    const int64_t total = TotalCost(p0) > INT64_MAX - TotalCost(p1)
-                              ? INT64_MAX
-                              : TotalCost(p0) + TotalCost(p1);
+    const int64_t total =
+        TotalCost(p0) > INT64_MAX - TotalCost(p1) ? INT64_MAX : TotalCost(p0) + TotalCost(p1);
     const int64_t chunk = std::max<int64_t>(
         1, kPairChunkElements / std::max<int64_t>(1, Footprint(p0) + Footprint(p1)));
     void* c0 = out_ptr(planned[0]);
@@ -226,8 +225,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     if (parts[i] > 1) {
       const smallmm::GemmPlan split = smallmm::SplitReduction(plan, parts[i]);
       Tensor partials;
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(q.out->dtype(),
-                                             TensorShape({split.output_elements}), &partials));
+      OP_REQUIRES_OK(
+          ctx, ctx->allocate_temp(q.out->dtype(), TensorShape({split.output_elements}), &partials));
       void* pc = const_cast<char*>(partials.tensor_data().data());
       shard(split.num_outputs, smallmm::CostPerOutput(split), TotalCost(split),
             [&](int64_t begin, int64_t end) { run(i, split, pc, begin, end); });
@@ -250,8 +249,7 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_CPU(CORE, T, DT) \
-  SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_CPU, CPUDevice, T)
+#define SMALLMM_REGISTER_CPU(CORE, T, DT) SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_CPU, CPUDevice, T)
 SMALLMM_TF_DTYPES(SMALLMM_REGISTER_CPU)
 #undef SMALLMM_REGISTER_CPU
 

@@ -12,12 +12,12 @@
 #include "tensorflow/core/framework/types.h"
 
 // X(engine enumerator, C++ type, TF DataType): one row per SMALLMM_DTYPES row, same order.
-#define SMALLMM_TF_DTYPES(X)                              \
-  X(kHalf, Eigen::half, DT_HALF)                          \
-  X(kBFloat16, ::tensorflow::bfloat16, DT_BFLOAT16)       \
-  X(kFloat, float, DT_FLOAT)                              \
-  X(kDouble, double, DT_DOUBLE)                           \
-  X(kComplex64, ::tensorflow::complex64, DT_COMPLEX64)    \
+#define SMALLMM_TF_DTYPES(X)                           \
+  X(kHalf, Eigen::half, DT_HALF)                       \
+  X(kBFloat16, ::tensorflow::bfloat16, DT_BFLOAT16)    \
+  X(kFloat, float, DT_FLOAT)                           \
+  X(kDouble, double, DT_DOUBLE)                        \
+  X(kComplex64, ::tensorflow::complex64, DT_COMPLEX64) \
   X(kComplex128, ::tensorflow::complex128, DT_COMPLEX128)
 
 namespace smallmm_tf {
@@ -25,11 +25,11 @@ namespace smallmm_tf {
 // The TF side of one engine dtype: TfType<smallmm::DType::kHalf>::T is Eigen::half.
 template <smallmm::DType D>
 struct TfType;
-#define SMALLMM_TF_TYPE(CORE, TYPE, DT)                                  \
-  template <>                                                            \
-  struct TfType<smallmm::DType::CORE> {                                  \
-    using T = TYPE;                                                      \
-    static constexpr tensorflow::DataType kDataType = tensorflow::DT;    \
+#define SMALLMM_TF_TYPE(CORE, TYPE, DT)                               \
+  template <>                                                         \
+  struct TfType<smallmm::DType::CORE> {                               \
+    using T = TYPE;                                                   \
+    static constexpr tensorflow::DataType kDataType = tensorflow::DT; \
   };
 SMALLMM_TF_DTYPES(SMALLMM_TF_TYPE)
 #undef SMALLMM_TF_TYPE

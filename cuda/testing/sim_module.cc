@@ -19,8 +19,8 @@ namespace py = pybind11;
 namespace {
 
 using smallmm_py::Layout;
-using smallmm_py::Planned;
 using smallmm_py::PlanFor;
+using smallmm_py::Planned;
 
 // Element-index range [lo, hi] a view may address (lo > hi when it has no elements).
 void IndexRange(const Layout& l, int64_t* lo, int64_t* hi) {
@@ -43,8 +43,7 @@ py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpo
                             bool conjugate_x, bool transpose_y, bool conjugate_y,
                             std::optional<std::vector<int64_t>> batch_shape, int block,
                             int smem_budget, int64_t max_blocks) {
-  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
-                            batch_shape);
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
   py::array out(x.dtype(), p.shape);
   smallmm::gpu::SimOptions opt;
   opt.threads = block;
@@ -54,8 +53,8 @@ py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpo
   IndexRange(p.ly, &opt.b_lo, &opt.b_hi);
   smallmm::gpu::SimStats st;
   try {
-    st = smallmm::gpu::SimulateBatchMatMul(p.dtype, p.plan, x.data(), y.data(),
-                                           out.mutable_data(), opt);
+    st = smallmm::gpu::SimulateBatchMatMul(p.dtype, p.plan, x.data(), y.data(), out.mutable_data(),
+                                           opt);
   } catch (const smallmm::gpu::SimError& e) {
     throw std::runtime_error(e.what());
   }

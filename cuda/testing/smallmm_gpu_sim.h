@@ -73,11 +73,17 @@ class SimError : public std::runtime_error {
 template <typename AccT>
 class SimExec {
  public:
-  SimExec(const LaunchConfig& cfg, const SimOptions& opt, int64_t out_elements,
-          SimStats* stats)
-      : cfg_(cfg), opt_(opt), accs_(cfg.threads), smem_(cfg.smem_bytes + 16),
-        written_(smem_.size()), w_epoch_(smem_.size()), writer_(smem_.size()),
-        r_epoch_(smem_.size()), reader_(smem_.size()), stores_(out_elements, 0),
+  SimExec(const LaunchConfig& cfg, const SimOptions& opt, int64_t out_elements, SimStats* stats)
+      : cfg_(cfg),
+        opt_(opt),
+        accs_(cfg.threads),
+        smem_(cfg.smem_bytes + 16),
+        written_(smem_.size()),
+        w_epoch_(smem_.size()),
+        writer_(smem_.size()),
+        r_epoch_(smem_.size()),
+        reader_(smem_.size()),
+        stores_(out_elements, 0),
         stats_(stats) {}
 
   void BeginBlock(int64_t block) {
@@ -149,8 +155,8 @@ class SimExec {
       }
       if (r_epoch_[i] == epoch_ && reader_[i] != tid_) {
         Fail("writes shared byte ", i, " that ",
-             reader_[i] == kMany ? std::string("other threads") :
-                                   "thread " + std::to_string(reader_[i]),
+             reader_[i] == kMany ? std::string("other threads")
+                                 : "thread " + std::to_string(reader_[i]),
              " read with no barrier in between");
       }
       written_[i] = 1;
@@ -163,8 +169,8 @@ class SimExec {
     const int64_t lo = operand == 0 ? opt_.a_lo : opt_.b_lo;
     const int64_t hi = operand == 0 ? opt_.a_hi : opt_.b_hi;
     if (index < lo || index > hi) {
-      Fail("loads element ", index, " of ", operand == 0 ? "x" : "y", ", outside [", lo,
-           ", ", hi, "]");
+      Fail("loads element ", index, " of ", operand == 0 ? "x" : "y", ", outside [", lo, ", ", hi,
+           "]");
     }
   }
   void OnStore(int64_t index) {
@@ -235,8 +241,8 @@ class SimExec {
 };
 
 template <DType D>
-void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c,
-                   const SimOptions& opt, SimStats* stats) {
+void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c, const SimOptions& opt,
+                   SimStats* stats) {
   using E = Elem<D>;
   SimExec<Acc<typename E::R, E::kPlanes>> ex(stats->cfg, opt, p.output_elements, stats);
   for (int64_t block = 0; block < stats->cfg.blocks; ++block) {
@@ -248,18 +254,18 @@ void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c,
 
 // Runs the plan through the GPU block program on the host. `c` is the dense output.
 // Throws SimError on a configuration error or a failed check.
-inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* a,
-                                    const void* b, void* c, const SimOptions& opt) {
+inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* a, const void* b,
+                                    void* c, const SimOptions& opt) {
   SimStats stats;
   if (p.output_elements == 0) return stats;  // the op returns before launching
-  if (const char* err = MakeLaunchConfig(p, dtype, opt.threads, opt.smem_budget,
-                                         opt.max_blocks, &stats.cfg)) {
+  if (const char* err =
+          MakeLaunchConfig(p, dtype, opt.threads, opt.smem_budget, opt.max_blocks, &stats.cfg)) {
     throw SimError(std::string("GPU launch configuration: ") + err);
   }
   switch (dtype) {
-#define SMALLMM_SIM_CASE(d, name, bytes, S, A)             \
-  case DType::d:                                           \
-    SimulateTyped<DType::d>(p, a, b, c, opt, &stats);      \
+#define SMALLMM_SIM_CASE(d, name, bytes, S, A)        \
+  case DType::d:                                      \
+    SimulateTyped<DType::d>(p, a, b, c, opt, &stats); \
     break;
     SMALLMM_DTYPES(SMALLMM_SIM_CASE)
 #undef SMALLMM_SIM_CASE

@@ -116,8 +116,7 @@ struct NestCursor {
 // and its output at co + t·sc (a run of the innermost output loop).
 template <DType D>
 using DirectFn = void (*)(const GemmPlan&, const void*, const void*, void*, int64_t count,
-                          int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co,
-                          int64_t sc);
+                          int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc);
 
 // Output matrices [begin, end) of the plan through a direct kernel, walking runs of the
 // innermost output loop: one Seek per run, not per product.

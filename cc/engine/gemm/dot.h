@@ -18,8 +18,8 @@ namespace {
 constexpr int64_t kDotMinK = 8;
 
 template <DType D>
-void DotRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
-            int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
+void DotRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count, int64_t ao,
+            int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
   using R = typename Traits<D>::R;
   constexpr int L = 64 / sizeof(R);
   using V = typename VecOf<R, L>::type;
@@ -54,8 +54,7 @@ bool CanDot(const GemmPlan& p) {
 }
 
 template <DType D>
-bool RunDot(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
-            int64_t end) {
+bool RunDot(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin, int64_t end) {
   if constexpr (!kPlainReal<D>) {
     return false;  // never chosen (CanDot)
   } else {

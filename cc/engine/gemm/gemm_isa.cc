@@ -63,8 +63,7 @@ const KernelFamily<D>& FamilyFor(const GemmPlan& p) {
 }
 
 template <DType D>
-bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
-         int64_t end) {
+bool Run(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin, int64_t end) {
   // An empty C (M = 0 or N = 0) has nothing to write: return before walking the batch,
   // which for stride-0 operands (pybind11 views) may be astronomically long.
   if (begin >= end || p.m == 0 || p.n == 0) return true;

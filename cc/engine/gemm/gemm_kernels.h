@@ -11,8 +11,7 @@
 namespace smallmm {
 
 // RunBatchMatMul for one dtype (smallmm.h has the contract).
-using GemmRunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t,
-                           int64_t);
+using GemmRunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 // KernelFor for one dtype: the name of the family that GemmRunFn runs the plan with.
 using GemmKernelForFn = const char* (*)(const GemmPlan&);
 

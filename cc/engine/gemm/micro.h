@@ -70,7 +70,8 @@ void MicroReal(int64_t k, const TileArgs<R>& t, bool accumulate) {
       for (int v = 0; v < L; ++v) c[s * L + v] = accumulate ? out[s * o_ss + v * o_vs] : R(0);
     for (int64_t l = 0; l < k; ++l)
       for (int s = 0; s < S; ++s)
-        for (int v = 0; v < L; ++v) c[s * L + v] += sp[l * s_ls + s * s_ss] * vp[l * v_ls + v * v_vs];
+        for (int v = 0; v < L; ++v)
+          c[s * L + v] += sp[l * s_ls + s * s_ss] * vp[l * v_ls + v * v_vs];
     for (int s = 0; s < S; ++s)
       for (int v = 0; v < L; ++v) out[s * o_ss + v * o_vs] = c[s * L + v];
   } else {
@@ -159,8 +160,8 @@ struct MicroTable {
 template <typename R, bool C, int kMode, int... I>
 MicroTable<R, C, kMode, I...> MakeMicroTable(std::integer_sequence<int, I...>);  // type only
 template <typename R, bool C, int kMode>
-using MicroFns = decltype(MakeMicroTable<R, C, kMode>(
-    std::make_integer_sequence<int, kNumTiles * kNumTiles>()));
+using MicroFns =
+    decltype(MakeMicroTable<R, C, kMode>(std::make_integer_sequence<int, kNumTiles * kNumTiles>()));
 
 // The micro-kernel for tiles kTileSizes[mi] × kTileSizes[ni].
 template <typename R, bool C>
@@ -170,10 +171,14 @@ MicroFn<R, C> SelectMicro(int mi, int ni, bool col, bool scalar_in_place) {
     return MicroFns<R, C, 0>::fns[i];
   } else {
     switch (int(col) | (int(scalar_in_place) << 1)) {
-      case 0: return MicroFns<R, C, 0>::fns[i];
-      case 1: return MicroFns<R, C, 1>::fns[i];
-      case 2: return MicroFns<R, C, 2>::fns[i];
-      default: return MicroFns<R, C, 3>::fns[i];
+      case 0:
+        return MicroFns<R, C, 0>::fns[i];
+      case 1:
+        return MicroFns<R, C, 1>::fns[i];
+      case 2:
+        return MicroFns<R, C, 2>::fns[i];
+      default:
+        return MicroFns<R, C, 3>::fns[i];
     }
   }
 }

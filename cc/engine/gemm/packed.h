@@ -81,8 +81,8 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
 
 // Writes the valid rows × cols of an accumulator tile to C, in C's own memory order.
 template <DType D>
-void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t rows,
-               int64_t cols, void* c, int64_t off, int64_t rs, int64_t cs) {
+void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t rows, int64_t cols,
+               void* c, int64_t off, int64_t rs, int64_t cs) {
   using T = Traits<D>;
   const int64_t ti = col ? 1 : nt, tj = col ? mt : 1;
   auto put = [&](int64_t i, int64_t j) {
@@ -175,8 +175,7 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
       !MulAdd(ntiles * nt * kPlanes, p.k, 0, &b_elems) ||
       !MulAdd(reducing ? mtiles * ntiles : 1, acc_tile, 1, &acc_elems) ||
       __builtin_add_overflow(a_elems, b_elems, &total) ||
-      __builtin_add_overflow(total, acc_elems, &total) ||
-      uint64_t(total) > SIZE_MAX / sizeof(R)) {
+      __builtin_add_overflow(total, acc_elems, &total) || uint64_t(total) > SIZE_MAX / sizeof(R)) {
     return false;
   }
   --acc_elems;  // the +1 above keeps the allocation non-empty
@@ -236,8 +235,8 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
     const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
     const int64_t cols = p.n - tj * nt < nt ? p.n - tj * nt : nt;
-    StoreTile<D>(t, mw(ti), nw(tj), col, rows, cols, c,
-                 c_off + ti * mt * p.c_rs + tj * nt * p.c_cs, p.c_rs, p.c_cs);
+    StoreTile<D>(t, mw(ti), nw(tj), col, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
+                 p.c_rs, p.c_cs);
   };
 
   // The next product's operands, to prefetch (see PrefetchPanel).
@@ -296,7 +295,8 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
           micro(ti, tj, args(ti, tj, ao, bo, acc + (ti * ntiles + tj) * acc_tile), r > 0);
     }
     for (int64_t ti = 0; ti < mtiles; ++ti)
-      for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
+      for (int64_t tj = 0; tj < ntiles; ++tj)
+        store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
   }
   if (stream_c) StreamFence();
   free(scratch);

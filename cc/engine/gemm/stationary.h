@@ -69,9 +69,8 @@ inline void PutLanes(void* out, int64_t o, const typename Lanes<typename Traits<
 // j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per column.
 template <DType D, int W, int K, bool kUnit>
 __attribute__((always_inline)) inline void StationaryStream(
-    const typename Lanes<typename Traits<D>::R, W>::type* __restrict sv, const void* x,
-    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
-    int64_t count, bool stream) {
+    const typename Lanes<typename Traits<D>::R, W>::type* __restrict sv, const void* x, int64_t xo,
+    int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js, int64_t count, bool stream) {
   using T = Traits<D>;
   using V = typename Lanes<typename T::R, W>::type;
   const int64_t ls = kUnit ? 1 : x_ls;
@@ -105,8 +104,8 @@ __attribute__((always_inline)) inline void StationaryStream(
 // in StationaryStream; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
 template <DType D, int W, int K>
 void StationaryStrip(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
-                     int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo,
-                     int64_t o_js, int64_t count, bool stream) {
+                     int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
+                     int64_t count, bool stream) {
   using T = Traits<D>;
   using R = typename T::R;
   using V = typename Lanes<R, W>::type;
@@ -139,19 +138,19 @@ void StationaryStrip(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, cons
 // (20 rows of floats with AVX-512: 16 + 4).
 template <DType D, int W, int K>
 void StationaryRows(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
-                    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo,
-                    int64_t o_js, int64_t rows, int64_t count, bool stream) {
+                    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
+                    int64_t rows, int64_t count, bool stream) {
   using R = typename Traits<D>::R;
   int64_t v = 0;
   constexpr bool kWidest = W * sizeof(R) == kVecBytes;
   for (; v + W <= rows && (kWidest || v == 0); v += W) {
-    StationaryStrip<D, W, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v,
-                             o_js, count, stream);
+    StationaryStrip<D, W, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v, o_js,
+                             count, stream);
   }
   if constexpr (W > 1) {
     if (v < rows) {
-      StationaryRows<D, W / 2, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out,
-                                  oo + v, o_js, rows - v, count, stream);
+      StationaryRows<D, W / 2, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v,
+                                  o_js, rows - v, count, stream);
     }
   }
 }
@@ -180,11 +179,11 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
       uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes && (col ? p.c_cs : p.c_rs) != 1;
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
     if (col) {
-      StationaryRows<D, VL, K>(a, ao, p.a_rs, p.a_cs, b, bo, p.b_rs, p.b_cs, c, co, p.c_cs,
-                               p.m, p.n, stream);
+      StationaryRows<D, VL, K>(a, ao, p.a_rs, p.a_cs, b, bo, p.b_rs, p.b_cs, c, co, p.c_cs, p.m,
+                               p.n, stream);
     } else {
-      StationaryRows<D, VL, K>(b, bo, p.b_cs, p.b_rs, a, ao, p.a_cs, p.a_rs, c, co, p.c_rs,
-                               p.n, p.m, stream);
+      StationaryRows<D, VL, K>(b, bo, p.b_cs, p.b_rs, a, ao, p.a_cs, p.a_rs, c, co, p.c_rs, p.n,
+                               p.m, stream);
     }
   }
 }

@@ -75,8 +75,7 @@ constexpr int64_t kNearStride = 1024;
 constexpr int64_t kPrefetchMaxBytes = 64 << 10;
 
 template <DType D>
-void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t rs,
-                   int64_t ls) {
+void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t rs, int64_t ls) {
   constexpr int64_t kBytes = DTypeInfo<D>::kBytes;
   auto mag = [](int64_t v) { return v < 0 ? -v : v; };
   int64_t n_in = rows, s_in = rs, n_out = k, s_out = ls;

@@ -17,8 +17,8 @@ namespace {
 constexpr int kTinyMax = 4;
 
 template <DType D, int M, int N, int K>
-void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
-             int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
+void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count, int64_t ao,
+             int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
   using T = Traits<D>;
   using R = typename T::R;
   const int64_t ars = p.a_rs, acs = p.a_cs, brs = p.b_rs, bcs = p.b_cs;
@@ -44,8 +44,7 @@ void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t c
 template <DType D, int... I>
 struct TinyTable {
   static constexpr DirectFn<D> fns[] = {
-      &TinyRun<D, I / (kTinyMax * kTinyMax) + 1, I / kTinyMax % kTinyMax + 1,
-               I % kTinyMax + 1>...};
+      &TinyRun<D, I / (kTinyMax * kTinyMax) + 1, I / kTinyMax % kTinyMax + 1, I % kTinyMax + 1>...};
 };
 template <DType D, int... I>
 TinyTable<D, I...> MakeTinyTable(std::integer_sequence<int, I...>);  // type only
@@ -60,8 +59,7 @@ bool CanTiny(const GemmPlan& p) {
 }
 
 template <DType D>
-bool RunTiny(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
-             int64_t end) {
+bool RunTiny(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin, int64_t end) {
   if constexpr (Traits<D>::kComplex) {
     return false;  // never chosen (CanTiny)
   } else {
