@@ -88,38 +88,29 @@ SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b 
 // Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
 // and the CPU engine). The GPU uses the hardware conversions instead.
 // Host code (the simulation) uses cc/engine/float16_bits.h, the CPU engine's own.
+#if defined(__CUDA_ARCH__)
+#define SMALLMM_DEVICE_OR_HOST(device, host) device
+#else
+#define SMALLMM_DEVICE_OR_HOST(device, host) host
+#endif
 struct HalfBits {
   static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__ushort_as_half(h));
-#else
-    return f16::HalfToFloat(h);
-#endif
+    return SMALLMM_DEVICE_OR_HOST(__half2float(__ushort_as_half(h)), f16::HalfToFloat(h));
   }
   static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
-#if defined(__CUDA_ARCH__)
-    return __half_as_ushort(__float2half_rn(f));
-#else
-    return f16::FloatToHalf(f);
-#endif
+    return SMALLMM_DEVICE_OR_HOST(__half_as_ushort(__float2half_rn(f)), f16::FloatToHalf(f));
   }
 };
 struct BF16Bits {
   static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(uint32_t(h) << 16);
-#else
-    return f16::BF16ToFloat(h);
-#endif
+    return SMALLMM_DEVICE_OR_HOST(__uint_as_float(uint32_t(h) << 16), f16::BF16ToFloat(h));
   }
   static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
-#if defined(__CUDA_ARCH__)
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-    return f16::FloatToBF16(f);
-#endif
+    return SMALLMM_DEVICE_OR_HOST(__bfloat16_as_ushort(__float2bfloat16_rn(f)),
+                                  f16::FloatToBF16(f));
   }
 };
+#undef SMALLMM_DEVICE_OR_HOST
 
 // ---------------------------------------------------------------- element types
 // R: accumulation type. Complex values are interleaved (re, im) in memory and staged as
@@ -286,14 +277,14 @@ inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
 }
 
 // ---------------------------------------------------------------- the block program
-// Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
-SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa, int64_t* ob,
-                                             int64_t* oc) {
+// Offsets in A, B and C of index `flat` of a loop nest (flattened in row-major order).
+SMALLMM_HD SMALLMM_INLINE void NestOffsets(const Loop* loops, int n, int64_t flat, int64_t* oa,
+                                           int64_t* ob, int64_t* oc) {
   int64_t a = 0, b = 0, c = 0;
-  for (int d = p.num_out - 1; d >= 0; --d) {
-    const Loop& l = p.out[d];
-    const int64_t idx = o % l.size;
-    o /= l.size;
+  for (int d = n - 1; d >= 0; --d) {
+    const Loop& l = loops[d];
+    const int64_t idx = flat % l.size;
+    flat /= l.size;
     a += idx * l.a;
     b += idx * l.b;
     c += idx * l.c;
@@ -301,6 +292,12 @@ SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64
   *oa = a;
   *ob = b;
   *oc = c;
+}
+
+// Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
+SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa, int64_t* ob,
+                                             int64_t* oc) {
+  NestOffsets(p.out, p.num_out, o, oa, ob, oc);
 }
 
 // Offsets of reduction item `r` in A and B.
@@ -311,16 +308,8 @@ SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, in
     *rb = r * p.red[0].b;
     return;
   }
-  int64_t a = 0, b = 0;
-  for (int d = p.num_red - 1; d >= 0; --d) {
-    const Loop& l = p.red[d];
-    const int64_t idx = r % l.size;
-    r /= l.size;
-    a += idx * l.a;
-    b += idx * l.b;
-  }
-  *ra = a;
-  *rb = b;
+  int64_t rc;  // 0: reduction loops do not move C
+  NestOffsets(p.red, p.num_red, r, ra, rb, &rc);
 }
 
 // Stages op(A) (rows i0.., KR chunk) or op(B) into shared memory for slots [0, nslots).
@@ -375,6 +364,22 @@ SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
     ex.Write(d, re);
     if constexpr (P == 2) ex.Write(d + per_slot, im);
   }
+}
+
+// Element s (< kElemsPerThread) of thread t in a work item: output matrix g of the group,
+// row i and column j of the tile (e = t + s·threads = (g·bm + i)·bn + j, see the top of the
+// file). `ok` is false past the group's `count` matrices or the tile's valid rows × cols.
+struct Owned {
+  int g, i, j;
+  bool ok;
+};
+SMALLMM_HD SMALLMM_INLINE Owned OwnedElement(int t, int s, int threads, int tile_elems, int bn,
+                                             int count, int rows, int cols) {
+  const int e = t + s * threads;
+  const int g = e / tile_elems;
+  const int rem = e - g * tile_elems;
+  const int i = rem / bn, j = rem - i * bn;
+  return {g, i, j, g < count && i < rows && j < cols};
 }
 
 // One block's work: its contiguous range of work items.
@@ -460,11 +465,9 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
       ex.ForEachThread([&](int t, A& acc) {
         SMALLMM_UNROLL
         for (int s = 0; s < kEpt; ++s) {
-          const int e = t + s * T;
-          const int g = e / tile_elems;
-          const int rem = e - g * tile_elems;
-          const int i = rem / bn, j = rem - i * bn;
-          if (g >= count || i >= rows || j >= cols) continue;
+          const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+          if (!o.ok) continue;
+          const int g = o.g, i = o.i, j = o.j;
           const R* pa = sa + (cfg.a_shared ? 0 : g) * cfg.a_slot + i;
           const R* pb = sb + (cfg.b_shared ? 0 : g) * cfg.b_slot + j;
           if constexpr (P == 2) {
@@ -490,12 +493,9 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
     ex.ForEachThread([&](int t, A& acc) {
       SMALLMM_UNROLL
       for (int s = 0; s < kEpt; ++s) {
-        const int e = t + s * T;
-        const int g = e / tile_elems;
-        const int rem = e - g * tile_elems;
-        const int i = rem / bn, j = rem - i * bn;
-        if (g >= count || i >= rows || j >= cols) continue;
-        const int64_t idx = ex.Read(&off_c[g]) + (i0 + i) * p.c_rs + (j0 + j) * p.c_cs;
+        const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+        if (!o.ok) continue;
+        const int64_t idx = ex.Read(&off_c[o.g]) + (i0 + o.i) * p.c_rs + (j0 + o.j) * p.c_cs;
         ex.OnStore(idx);
         if constexpr (P == 2) {
           E::Store(c, 2 * idx, acc.v[s]);
