@@ -36,7 +36,7 @@ def check_exact(got, want):
 @pytest.mark.parametrize("form", ["cube", "M", "N", "K", "matvec"])
 def test_every_tile_size_exact(dtype, size, form):
     # Covers every kernel path: tiny direct products (all sizes <= 4), packed and in-place
-    # micro-kernels (whole and partial tiles), and dot products (N = 1, K >= 8).
+    # micro-kernels (whole and partial tiles), and dot products (N = 1, K >= 4).
     m, n, k = {"cube": (size, size, size), "M": (size, 3, 5), "N": (2, size, 7),
                "K": (3, 4, size), "matvec": (size, 1, size + 3)}[form]
     rng = np.random.default_rng(size)
@@ -138,11 +138,12 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
-# Operand-stationary kernels: K <= 24 (AVX-512; 8 otherwise) and C contiguous along one side. The row kernel runs
-# when C's rows are contiguous (every plain product with M >= 8), the column kernel when
-# its columns are (capsule-style products: x [I, M, K] shared by a batch of vectors
-# y [B, I, K, 1], which the planner turns into one M×K · K×B product per i). Strips are
-# full vectors then halving widths (31 rows of float32: 16 + 8 + 4 + 2 + 1).
+# Operand-stationary kernels: K <= 24 (AVX-512; AVX2 11, baseline 8) and C contiguous along
+# one side. The row kernel runs when C's rows are contiguous (every plain product with
+# M >= 8), the column kernel when its columns are (capsule-style products: x [I, M, K]
+# shared by a batch of vectors y [B, I, K, 1], which the planner turns into one M×K · K×B
+# product per i). Strips are full vectors then halving widths (31 rows of float32:
+# 16 + 8 + 4 + 2 + 1).
 STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25]
 STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
 
@@ -168,8 +169,8 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
 @pytest.mark.parametrize("k", [3, 8, 16, 24])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
-    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 and the baseline 8: K = 16 and 24
-    # take the stationary path on one and the packed micro-kernels on the others.
+    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 11 and the baseline 8: K = 16 and
+    # 24 take the stationary path on one and the packed micro-kernels on the others.
     before = core.active_isa()
     if not core.set_isa(isa):
         pytest.skip(f"this CPU lacks {isa}")

@@ -15,7 +15,7 @@ namespace smallmm {
 namespace {
 
 // Shortest K for the dot kernel; shorter products go to the other families.
-constexpr int64_t kDotMinK = 8;
+constexpr int64_t kDotMinK = 4;
 
 // Out of line on purpose: inlined into RunDirect's walk (which knows the pointer), it runs
 // short of registers and spills in the inner loop; 100k 20×20 matvecs took 16.1 instead of

@@ -20,18 +20,15 @@
 namespace smallmm {
 namespace {
 
-// This build's vector registers.
+// This build's vector width, and the longest K of the stationary kernels: the strip takes K
+// vector registers, plus four accumulators and a broadcast.
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kVecRegs = 32;
+constexpr int kVecBytes = 64, kStationaryMaxK = 24;  // 24 + 5 of 32 registers
 #elif defined(__AVX__)
-constexpr int kVecBytes = 32, kVecRegs = 16;
+constexpr int kVecBytes = 32, kStationaryMaxK = 11;  // 11 + 5 of 16
 #else
-constexpr int kVecBytes = 16, kVecRegs = 16;
+constexpr int kVecBytes = 16, kStationaryMaxK = 8;  // SSE2: longer K lost to packing
 #endif
-// The strip needs K registers plus four accumulators and a broadcast: 24 + 5 of AVX-512's
-// 32 (20×20×20 products: 5.2 -> 3.5 ms single-threaded against the packed micro-kernels);
-// 8 + 5 of AVX2's 16.
-constexpr int kStationaryMaxK = kVecRegs == 32 ? 24 : kVecRegs / 2;
 
 // Lane type: a W-lane vector, or the scalar itself for W = 1.
 template <typename R, int W>
