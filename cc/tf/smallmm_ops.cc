@@ -133,9 +133,16 @@ namespace {
 
 // Below this many cost units (about cycles: CostPerOutput) a product runs on the calling
 // thread: waking a pool thread costs tens of microseconds on a VM, more than the work.
+// 4d29bbe (2026-11-25). Timed 2026-12-01 (cc/engine/README.md; SmallMMBatchMatMul on B
+// 20×20 matvecs, 2 intra-op threads, eager): always sharding takes 2.0× as long at B = 300
+// (0.25M units) and 1.13× at 900 (0.74M); running inline up to 16M units takes 1.36-1.75×
+// as long from B = 2500 (2M) up: the cross-over lies between 1.2M and 2M.
 constexpr int64_t kInlineCost = 1 << 20;
 // A pair runs interleaved in chunks of outputs that together touch about this many
-// elements, so the second product finds the shared operand in L1/L2.
+// elements, so the second product finds the shared operand in L1/L2. 4d29bbe (2026-11-25):
+// capsule dW + du, 2 threads, 3.7 ms as two ops -> 3.3 ms as a pair. Timed 2026-12-01 (same
+// setup, capsule backward pair, B = 50, two runs): 4K-element chunks take 0.95-1.07× as
+// long, 64K 1.08-1.25×.
 constexpr int64_t kPairChunkElements = 16 << 10;
 
 int64_t TotalCost(const smallmm::GemmPlan& p) {

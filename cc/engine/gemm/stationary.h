@@ -22,12 +22,18 @@ namespace {
 
 // This build's vector width, and the longest K of the stationary kernels: the strip takes K
 // vector registers, plus four accumulators and a broadcast.
+// - AVX-512: 24 + 5 of 32 registers. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
+//   3.5 ms single-threaded against the packed micro-kernels; bench 20000 × 20×20@20×20
+//   forward+backward 14.4 -> 10.9 ms.
+// - AVX2: 11 + 5 of 16. Timed 2026-12-01 (../README.md): K = 9..11 products (M = 8..20,
+//   N = 8..64) take 0.16-0.95× the packed time (it was 8, d94c004).
+// - Baseline (SSE2): 8 (d94c004); K = 9..11 took 1.3-1.8× the packed time (same run).
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kStationaryMaxK = 24;  // 24 + 5 of 32 registers
+constexpr int kVecBytes = 64, kStationaryMaxK = 24;
 #elif defined(__AVX__)
-constexpr int kVecBytes = 32, kStationaryMaxK = 11;  // 11 + 5 of 16
+constexpr int kVecBytes = 32, kStationaryMaxK = 11;
 #else
-constexpr int kVecBytes = 16, kStationaryMaxK = 8;  // SSE2: longer K lost to packing
+constexpr int kVecBytes = 16, kStationaryMaxK = 8;
 #endif
 
 // Lane type: a W-lane vector, or the scalar itself for W = 1.
@@ -154,9 +160,20 @@ void StationaryRows(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const
 
 // Which kernel suits C: the column kernel when C's columns are contiguous, the row kernel
 // when its rows are; each needs enough streamed columns (rows) to pay for loading the
-// strip, and a strip side that is a vector.
-inline bool ColumnKernelFits(const GemmPlan& p) { return p.c_rs == 1 && p.n >= 8 && p.m >= 4; }
-inline bool RowKernelFits(const GemmPlan& p) { return p.c_cs == 1 && p.m >= 8 && p.n >= 4; }
+// strip, and a strip side that is a vector. From d94c004 (2026-11-25, chosen for the
+// capsule's 160×8 · 8×50 and for 8×8 · 8×64). Timed 2026-12-01 (../README.md, AVX-512, row
+// kernel, 20000 products): streaming from 4 rows instead of 8 takes 0.23-0.92× the packed
+// time for most M = 4..7, but 1.2-2.4× with a wide strip and long K (N = 64 with K >= 16,
+// or K = 24 with N <= 8); at N = 64 with K >= 16 even M = 8 and 12 take 1.1-2.1× the packed
+// time today. The count wants a cost in K·N to replace it; until then it stays.
+constexpr int kStationaryMinStreamed = 8;
+constexpr int kStationaryMinStrip = 4;
+inline bool ColumnKernelFits(const GemmPlan& p) {
+  return p.c_rs == 1 && p.n >= kStationaryMinStreamed && p.m >= kStationaryMinStrip;
+}
+inline bool RowKernelFits(const GemmPlan& p) {
+  return p.c_cs == 1 && p.m >= kStationaryMinStreamed && p.n >= kStationaryMinStrip;
+}
 
 template <DType D>
 bool CanStationary(const GemmPlan& p) {

@@ -18,7 +18,10 @@ namespace {
 
 // Outputs at least this large are written with non-temporal stores where whole lines
 // are stored at once (bigger than the last-level cache share of a core, so the consumer
-// reads them back from memory anyway).
+// reads them back from memory anyway). d94c004 (2026-11-25): the capsule prediction (37 MB
+// output, 2 threads) 2.4 -> 1.1-1.3 ms together with the stationary kernels. Timed
+// 2026-12-01 (../README.md, one thread): 4, 16 and 64 MiB give the capsule prediction with
+// 8 and 21 MiB outputs and a 35 MiB row-kernel output within 0.90-1.01× of each other.
 constexpr uint64_t kStreamBytes = uint64_t(16) << 20;
 
 // Non-temporal store of one whole cache line: the line goes to memory without first
@@ -65,6 +68,12 @@ inline void StreamFence() {
 // A stride (in elements) at least this long is "far": consecutive steps along it land on
 // different pages, so the hardware prefetchers do not follow them. Far operands are
 // packed rather than read in place (packed.h) and prefetched by software (below).
+// 002f432 (2026-11-25): the capsule dW read in place, K steps 737 KB apart: 3.1 -> 8.2 ms.
+// Timed 2026-12-01 (../README.md, one thread, dW- and du-shaped g[1000, i, 160, 1]): 256
+// takes 1.45-1.7× as long at stride 800; reading in place takes 0.35-0.57× of packing's
+// time for dW-shaped products with K strides of 1,600-16,000 elements (du-shaped 0.67-1.0×),
+// but at 25,600 the results swing from 0.8 to 1.9×. A larger value would win below ~16K; it
+// also moves the prefetch and far-tile decisions, so it waits for those to be timed together.
 constexpr int64_t kNearStride = 1024;
 
 // Software prefetch of one operand panel X[off + r*rs + l*ls] (r < rows, l < k). A batch
@@ -72,6 +81,8 @@ constexpr int64_t kNearStride = 1024;
 // dozens of them: more concurrent streams than the hardware prefetchers follow, so each
 // line would be a demand miss. Prefetching the next product's panels while computing
 // this one overlaps those misses with work. Panels over kPrefetchMaxBytes are left alone.
+// d94c004 (2026-11-25): ~7% on the capsule dW (2 threads). Timed 2026-12-01 (../README.md,
+// one thread): 0, 64 and 256 KiB give the capsule dW and du within 3% of each other.
 constexpr int64_t kPrefetchMaxBytes = 64 << 10;
 
 template <DType D>

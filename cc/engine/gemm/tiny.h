@@ -14,6 +14,12 @@
 namespace smallmm {
 namespace {
 
+// Largest M, N, K of the tiny kernels; the table holds kTinyMax³ of them per dtype and ISA.
+// 5d1c772 (2026-11-25): 2M 2×2 products 43 -> 2.7 ms single-threaded (packed before).
+// Timed 2026-12-01 (../README.md, AVX-512, 200k products): with 3, the 4×4×4 products take
+// 1.28× as long (packed). A limit of 5 or 7 would also win where only the packed kernels run
+// today (5×5×5 0.31×, 5×3·3×2 0.15×, 3×7·7×3 0.44×, 7×7×7 0.69×); that trade (a table 2-5×
+// larger, and the boundary with the stationary kernels) is not settled, so 4 stays.
 constexpr int kTinyMax = 4;
 
 template <DType D, int M, int N, int K>
