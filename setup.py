@@ -1,4 +1,4 @@
-"""Builds tf_smallmm: the TF op library and the pybind11 kernel module.
+"""Builds tf_smallmm: the TF op library and the pybind11 modules over the kernel core.
 
 Install with ``pip install --no-build-isolation .`` after TensorFlow 2.21 and pybind11
 (build isolation would download a second TensorFlow just to read its headers).
@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import sysconfig
 
 from setuptools import Extension, setup
@@ -30,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CXXFLAGS = ["-O3", "-g0", "-fPIC", "-fvisibility=hidden", "-Wall",
             "-Wno-sign-compare", "-Wno-unused-function",
             "-Wno-psabi"]  # vector-extension values only cross internal functions
-# Per-ISA builds of the kernel core; plan.cc dispatches between them at run time.
+# Per-ISA builds of the kernel core; cc/engine/isa.cc dispatches between them at run time
+# (an ISA left out here, as off x86, is simply not offered).
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
                "-mf16c", "-mprefer-vector-width=512"],
@@ -38,14 +38,20 @@ ISA_FLAGS = {
     "baseline": [],
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
-ISA_SOURCES = ["cc/kernels/gemm_isa.cc", "cc/kernels/routing_isa.cc"]
-KERNEL_SOURCES = ["cc/kernels/plan.cc", "cc/kernels/routing.cc"]
-TF_SOURCES = ["cc/ops/smallmm_ops.cc", "cc/ops/routing_ops.cc"]
+ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
+KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/gemm.cc", "cc/engine/isa.cc",
+                  "cc/engine/plan.cc", "cc/engine/routing.cc"]
+TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
 # every cuda/*.cu.cc.
-TF_GPU_SOURCES = ["cc/ops/smallmm_ops_gpu.cc"]
+TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc"]
 CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
+# pybind11 modules of the tf_smallmm package -> their source; each links the kernel core.
+PYBIND_MODULES = {
+    "_smallmm_core": "cc/python/module.cc",
+    "_smallmm_gpu_sim": "cuda/testing/sim_module.cc",
+}
 CUDA_ARCHS = ["80", "90"]
 
 
@@ -94,7 +100,10 @@ class BuildSmallMM(build_ext):
         tf_cflags = tf.sysconfig.get_compile_flags()  # ABI + C++ standard, from TF itself
         tf_lflags = tf.sysconfig.get_link_flags()
         std = [f for f in tf_cflags if f.startswith(("--std", "-std"))] or ["-std=c++17"]
-        base = [cxx] + CXXFLAGS + std + ["-I" + HERE]
+        # Every object gets TF's C++ standard and libstdc++ ABI, not only the TF-including
+        # ones: std::string crosses from the kernel core into TF code (planner errors).
+        abi = [f for f in tf_cflags if f.startswith("-D_GLIBCXX_USE_CXX11_ABI")]
+        base = [cxx] + CXXFLAGS + std + abi + ["-I" + HERE]
 
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         isas = list(ISA_FLAGS) if x86 else ["baseline"]
@@ -110,14 +119,13 @@ class BuildSmallMM(build_ext):
                 o = obj(f"{stem}_{isa}")
                 jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
                 core_objs.append(o)
-        isa_defs = [f"-DSMALLMM_HAVE_{i.upper()}" for i in isas if i != "baseline"]
         for src in KERNEL_SOURCES:
-            jobs.append(base + isa_defs + ["-c", src, "-o", obj(src)])
+            jobs.append(base + ["-c", src, "-o", obj(src)])
             core_objs.append(obj(src))
 
         tf_objs = []
-        tf_base = base + tf_cflags + ["-Wno-deprecated-declarations",
-                                      "--param", "destructive-interference-size=128"]
+        tf_base = base + [f for f in tf_cflags if f not in std + abi] + [
+            "-Wno-deprecated-declarations", "--param", "destructive-interference-size=128"]
         nvcc = _find_nvcc()
         cuda_srcs = sorted(
             os.path.join("cuda", f) for f in os.listdir(os.path.join(HERE, "cuda"))
@@ -155,11 +163,12 @@ class BuildSmallMM(build_ext):
         # framework library has none.
         _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
              + tf_objs + core_objs + tf_lflags + (["-ldl"] if cuda else []))
-        # The pybind11 kernel module (no TF).
-        core_so = os.path.join(out_dir, "_smallmm_core" + sysconfig.get_config_var("EXT_SUFFIX"))
-        _run(base + ["-shared", "-I" + pybind11.get_include(),
-                     "-I" + sysconfig.get_paths()["include"], "cc/python/module.cc", "-o",
-                     core_so] + core_objs)
+        # The pybind11 modules (no TF): the kernel core, and the GPU block program on a
+        # simulated grid (test support, host code only, built with or without CUDA).
+        for name, src in PYBIND_MODULES.items():
+            so = os.path.join(out_dir, name + sysconfig.get_config_var("EXT_SUFFIX"))
+            _run(base + ["-shared", "-I" + pybind11.get_include(),
+                         "-I" + sysconfig.get_paths()["include"], src, "-o", so] + core_objs)
 
         info = {
             "tf_version": tf.__version__,
@@ -179,6 +188,6 @@ setup(
     # Not "build/": on case-insensitive file systems that folder would collide with the
     # Bazel BUILD file at the root.
     options={"build": {"build_base": "_build"}},
-    ext_modules=[Extension("tf_smallmm._smallmm_core", sources=[])],
+    ext_modules=[Extension("tf_smallmm." + name, sources=[]) for name in PYBIND_MODULES],
     cmdclass={"build_ext": BuildSmallMM},
 )

@@ -1,7 +1,7 @@
 // The CUDA runtime entry points the op library uses, resolved when first called instead
 // of when the library is loaded.
 //
-// Why: the library is linked without -lcudart (DESIGN.md: TensorFlow's framework library
+// Why: the library is linked without -lcudart (setup.py: TensorFlow's framework library
 // provides the CUDA runtime). The `tensorflow` wheel's libtensorflow_framework.so.2
 // exports them (stubs that load libcudart on demand), but the `tensorflow-cpu` wheel's
 // exports none, and TF loads op libraries with RTLD_NOW: with plain undefined references
@@ -41,14 +41,16 @@ constexpr cudaError_t kMissing = cudaErrorSharedObjectSymbolNotFound;
 
 }  // namespace
 
-#define SMALLMM_FORWARD(ret, name, params, args, missing)                 \
-  SMALLMM_SHIM ret CUDARTAPI name params {                               \
-    using Fn = ret(CUDARTAPI*) params;                                    \
-    static const Fn real = Real<Fn>(#name);                               \
-    if (real == nullptr) return missing;                                  \
-    return real args;                                                     \
+#define SMALLMM_FORWARD(ret, name, params, args, missing) \
+  SMALLMM_SHIM ret CUDARTAPI name params {                \
+    using Fn = ret(CUDARTAPI*) params;                    \
+    static const Fn real = Real<Fn>(#name);               \
+    if (real == nullptr) return missing;                  \
+    return real args;                                     \
   }
 
+// (clang-format misreads parameter lists given as macro arguments.)
+// clang-format off
 // Fat-binary registration (run by static constructors when the library loads).
 SMALLMM_FORWARD(void**, __cudaRegisterFatBinary, (void* fat_cubin), (fat_cubin), nullptr)
 SMALLMM_FORWARD(void, __cudaRegisterFatBinaryEnd, (void** handle), (handle), )
@@ -78,3 +80,4 @@ SMALLMM_FORWARD(cudaError_t, cudaDeviceGetAttribute, (int* value, cudaDeviceAttr
                 (value, attr, device), kMissing)
 SMALLMM_FORWARD(const char*, cudaGetErrorString, (cudaError_t error), (error),
                 "the CUDA runtime is not available in this TensorFlow (CPU-only build?)")
+// clang-format on

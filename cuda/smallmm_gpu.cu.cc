@@ -3,11 +3,12 @@
 // only; uses the CUDA runtime API and nothing from TensorFlow or Eigen (CUDA 13's
 // cudaDeviceProp differs from the CUDA 12.5 TF was built with, so device limits are
 // read with cudaDeviceGetAttribute).
+#include "cuda/smallmm_gpu.h"
+
 #include <cuda_runtime.h>
 
 #include <atomic>
 
-#include "cuda/smallmm_gpu.h"
 #include "cuda/smallmm_gpu_logic.h"
 
 namespace smallmm {
@@ -27,11 +28,17 @@ struct DeviceExec {
     f(int(threadIdx.x), acc);
   }
   template <class U>
-  __device__ U Read(const U* p) { return *p; }
+  __device__ U Read(const U* p) {
+    return *p;
+  }
   template <class U>
-  __device__ U ReadUniform(const U* p) { return *p; }
+  __device__ U ReadUniform(const U* p) {
+    return *p;
+  }
   template <class U>
-  __device__ void Write(U* p, U v) { *p = v; }
+  __device__ void Write(U* p, U v) {
+    *p = v;
+  }
   __device__ void OnLoad(int, int64_t) {}
   __device__ void OnStore(int64_t) {}
   __device__ void CountStage(bool, bool) {}
@@ -78,15 +85,14 @@ cudaError_t MaxBlocks(int64_t* out) {
 }
 
 template <DType D>
-cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a,
-                   const void* b, void* c, cudaStream_t stream) {
+cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a, const void* b,
+                   void* c, cudaStream_t stream) {
   void* args[] = {const_cast<GemmPlan*>(&plan), const_cast<LaunchConfig*>(&cfg), &a, &b, &c};
   // cudaLaunchKernel reports this launch's own error (bad configuration, no kernel image
   // for the device, ...); clear the sticky last-error slot so later checks don't see it.
-  const cudaError_t e =
-      cudaLaunchKernel(reinterpret_cast<const void*>(&BatchMatMulKernel<D>),
-                       dim3(unsigned(cfg.blocks)), dim3(unsigned(cfg.threads)), args,
-                       size_t(cfg.smem_bytes), stream);
+  const cudaError_t e = cudaLaunchKernel(reinterpret_cast<const void*>(&BatchMatMulKernel<D>),
+                                         dim3(unsigned(cfg.blocks)), dim3(unsigned(cfg.threads)),
+                                         args, size_t(cfg.smem_bytes), stream);
   if (e != cudaSuccess) cudaGetLastError();
   return e;
 }
@@ -96,6 +102,7 @@ cudaError_t Launch(const GemmPlan& plan, const LaunchConfig& cfg, const void* a,
 const char* LaunchBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
                               void* c, void* stream) {
   if (plan.output_elements == 0) return nullptr;
+  if (int(dtype) < 0 || int(dtype) >= kNumDTypes) return "unsupported dtype";
   int64_t max_blocks = 0;
   cudaError_t e = MaxBlocks(&max_blocks);
   if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -105,13 +112,14 @@ const char* LaunchBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, 
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kHalf: e = Launch<DType::kHalf>(plan, cfg, a, b, c, s); break;
-    case DType::kBFloat16: e = Launch<DType::kBFloat16>(plan, cfg, a, b, c, s); break;
-    case DType::kFloat: e = Launch<DType::kFloat>(plan, cfg, a, b, c, s); break;
-    case DType::kDouble: e = Launch<DType::kDouble>(plan, cfg, a, b, c, s); break;
-    case DType::kComplex64: e = Launch<DType::kComplex64>(plan, cfg, a, b, c, s); break;
-    case DType::kComplex128: e = Launch<DType::kComplex128>(plan, cfg, a, b, c, s); break;
-    default: return "unsupported dtype";
+#define SMALLMM_LAUNCH_CASE(d, name, bytes, S, A) \
+  case DType::d:                                  \
+    e = Launch<DType::d>(plan, cfg, a, b, c, s);  \
+    break;
+    SMALLMM_DTYPES(SMALLMM_LAUNCH_CASE)
+#undef SMALLMM_LAUNCH_CASE
+    default:
+      return "unsupported dtype";
   }
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

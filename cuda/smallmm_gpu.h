@@ -1,10 +1,10 @@
 // smallmm_gpu.h — the GPU launcher of the kernel core, callable from g++-compiled code
-// (cc/ops/smallmm_ops_gpu.cc). Includes no CUDA header: the stream is passed as the
+// (cc/tf/smallmm_ops_gpu.cc). Includes no CUDA header: the stream is passed as the
 // CUstream / cudaStream_t handle TensorFlow's stream gives out, as a void*.
 #ifndef TF_SMALLMM_CUDA_SMALLMM_GPU_H_
 #define TF_SMALLMM_CUDA_SMALLMM_GPU_H_
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 
 namespace smallmm {
 namespace gpu {

@@ -1,7 +1,7 @@
 // smallmm_gpu_logic.h — the GPU implementation of the kernel-core contract (smallmm.h),
 // written once as `__host__ __device__` code over plain pointers so that the same block
 // program runs on the GPU (smallmm_gpu.cu.cc) and in the host simulation
-// (smallmm_gpu_sim.h, exercised by tests/test_gpu_simulation.py on machines without a
+// (testing/smallmm_gpu_sim.h, exercised by tests/test_gpu_simulation.py on machines without a
 // GPU). Compiles with nvcc and with a plain C++17 compiler; includes no CUDA header when
 // not compiled by nvcc.
 //
@@ -47,8 +47,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cc/kernels/float16_bits.h"
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/float16_bits.h"
+#include "cc/engine/smallmm.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -67,83 +67,59 @@ namespace gpu {
 
 // Tuning constants (not yet measured on hardware: no GPU was available when they were
 // chosen; they follow from the shapes the engine is for, M, N, K ≤ 32, and H100 limits).
-constexpr int kElemsPerThread = 4;      // output elements a thread owns per work item
-constexpr int kThreads = 256;           // threads per block of the real launch
-constexpr int kSmemBudget = 24 * 1024;  // bytes: 8+ blocks of 256 threads per H100 SM
+constexpr int kElemsPerThread = 4;        // output elements a thread owns per work item
+constexpr int kThreads = 256;             // threads per block of the real launch
+constexpr int kSmemBudget = 24 * 1024;    // bytes: 8+ blocks of 256 threads per H100 SM
 constexpr int kMaxSmemBytes = 48 * 1024;  // dynamic shared memory without an opt-in
-constexpr int kMaxKChunk = 128;         // KR products staged per step (before shrinking)
+constexpr int kMaxKChunk = 128;           // KR products staged per step (before shrinking)
 constexpr int kMaxTileN = 32;
 
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) { return a < b ? a : b; }
+SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) {
+  return a < b ? a : b;
+}
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) { return a < b ? b : a; }
+SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) {
+  return a < b ? b : a;
+}
 SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- 16-bit floats
 // Round to nearest even, NaN stays NaN (same results as Eigen::half / Eigen::bfloat16
 // and the CPU engine). The GPU uses the hardware conversions instead.
-// Host code (the simulation) uses cc/kernels/float16_bits.h, the CPU engine's own.
-SMALLMM_HD SMALLMM_INLINE float HalfToFloat(uint16_t h) {
+// Host code (the simulation) uses cc/engine/float16_bits.h, the CPU engine's own.
 #if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
+#define SMALLMM_DEVICE_OR_HOST(device, host) device
 #else
-  return f16::HalfToFloat(h);
+#define SMALLMM_DEVICE_OR_HOST(device, host) host
 #endif
-}
-SMALLMM_HD SMALLMM_INLINE uint16_t FloatToHalf(float f) {
-#if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
-#else
-  return f16::FloatToHalf(f);
-#endif
-}
-SMALLMM_HD SMALLMM_INLINE float BF16ToFloat(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(uint32_t(h) << 16);
-#else
-  return f16::BF16ToFloat(h);
-#endif
-}
-SMALLMM_HD SMALLMM_INLINE uint16_t FloatToBF16(float f) {
-#if defined(__CUDA_ARCH__)
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-  return f16::FloatToBF16(f);
-#endif
-}
+struct HalfBits {
+  static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
+    return SMALLMM_DEVICE_OR_HOST(__half2float(__ushort_as_half(h)), f16::HalfToFloat(h));
+  }
+  static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
+    return SMALLMM_DEVICE_OR_HOST(__half_as_ushort(__float2half_rn(f)), f16::FloatToHalf(f));
+  }
+};
+struct BF16Bits {
+  static SMALLMM_HD SMALLMM_INLINE float ToFloat(uint16_t h) {
+    return SMALLMM_DEVICE_OR_HOST(__uint_as_float(uint32_t(h) << 16), f16::BF16ToFloat(h));
+  }
+  static SMALLMM_HD SMALLMM_INLINE uint16_t FromFloat(float f) {
+    return SMALLMM_DEVICE_OR_HOST(__bfloat16_as_ushort(__float2bfloat16_rn(f)),
+                                  f16::FloatToBF16(f));
+  }
+};
+#undef SMALLMM_DEVICE_OR_HOST
 
 // ---------------------------------------------------------------- element types
 // R: accumulation type. Complex values are interleaved (re, im) in memory and staged as
-// two planes; Load/Store take the index of a real scalar.
+// two planes; Load/Store take the index of a storage scalar. float16 / bfloat16 convert.
 template <DType D>
-struct Elem;
-template <>
-struct Elem<DType::kHalf> {
-  using R = float;
-  static constexpr int kPlanes = 1;
-  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
-    return HalfToFloat(static_cast<const uint16_t*>(p)[i]);
-  }
-  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
-    static_cast<uint16_t*>(p)[i] = FloatToHalf(v);
-  }
-};
-template <>
-struct Elem<DType::kBFloat16> {
-  using R = float;
-  static constexpr int kPlanes = 1;
-  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
-    return BF16ToFloat(static_cast<const uint16_t*>(p)[i]);
-  }
-  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
-    static_cast<uint16_t*>(p)[i] = FloatToBF16(v);
-  }
-};
-template <typename S, int P>
-struct PlainElem {
-  using R = S;
-  static constexpr int kPlanes = P;
+struct Elem {
+  using S = typename DTypeInfo<D>::Storage;
+  using R = typename DTypeInfo<D>::Acc;
+  static constexpr int kPlanes = DTypeInfo<D>::kComponents;
   static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
     return static_cast<const S*>(p)[i];
   }
@@ -151,14 +127,22 @@ struct PlainElem {
     static_cast<S*>(p)[i] = v;
   }
 };
+// 16-bit storage, float accumulation, converted by Bits (HalfBits or BF16Bits).
+template <class Bits>
+struct Elem16 {
+  using R = float;
+  static constexpr int kPlanes = 1;
+  static SMALLMM_HD SMALLMM_INLINE R Load(const void* p, int64_t i) {
+    return Bits::ToFloat(static_cast<const uint16_t*>(p)[i]);
+  }
+  static SMALLMM_HD SMALLMM_INLINE void Store(void* p, int64_t i, R v) {
+    static_cast<uint16_t*>(p)[i] = Bits::FromFloat(v);
+  }
+};
 template <>
-struct Elem<DType::kFloat> : PlainElem<float, 1> {};
+struct Elem<DType::kHalf> : Elem16<HalfBits> {};
 template <>
-struct Elem<DType::kDouble> : PlainElem<double, 1> {};
-template <>
-struct Elem<DType::kComplex64> : PlainElem<float, 2> {};
-template <>
-struct Elem<DType::kComplex128> : PlainElem<double, 2> {};
+struct Elem<DType::kBFloat16> : Elem16<BF16Bits> {};
 
 // Per-thread accumulators: kElemsPerThread elements, one plane per real component.
 template <typename R, int P>
@@ -170,15 +154,15 @@ struct Acc {
 // Everything the block program needs besides the plan; a POD kernel argument.
 struct LaunchConfig {
   int threads = 0;
-  int bm = 1, bn = 1;        // output tile rows × columns
-  int group = 1;             // output matrices per work item
-  int kl = 1, nrc = 1;       // a KR chunk = nrc reduction items × a K-slice of kl
-  int kc = 1;                // = nrc·kl, the K extent of a staged operand
-  bool a_shared = false;     // one staged op(A) tile serves the whole group
+  int bm = 1, bn = 1;     // output tile rows × columns
+  int group = 1;          // output matrices per work item
+  int kl = 1, nrc = 1;    // a KR chunk = nrc reduction items × a K-slice of kl
+  int kc = 1;             // = nrc·kl, the K extent of a staged operand
+  bool a_shared = false;  // one staged op(A) tile serves the whole group
   bool b_shared = false;
-  bool a_kfast = true;       // staging order: consecutive threads walk K (else rows)
-  bool b_jfast = true;       // consecutive threads walk columns (else K)
-  int64_t span = 1;          // groups never straddle a span of this many outputs
+  bool a_kfast = true;  // staging order: consecutive threads walk K (else rows)
+  bool b_jfast = true;  // consecutive threads walk columns (else K)
+  int64_t span = 1;     // groups never straddle a span of this many outputs
   int64_t groups_per_span = 1;
   int64_t groups = 0;
   int64_t tiles_m = 1, tiles_n = 1;
@@ -191,11 +175,29 @@ struct LaunchConfig {
   int a_slot = 0, b_slot = 0;  // R elements per staged operand copy (all planes)
 };
 
+// Bytes of one accumulation scalar, and staged planes (storage scalars per element), of a
+// run-time dtype.
 inline int ElemRealSize(DType d) {
-  return (d == DType::kDouble || d == DType::kComplex128) ? 8 : 4;
+  switch (d) {
+#define SMALLMM_REAL_SIZE(e, name, bytes, S, A) \
+  case DType::e:                                \
+    return int(sizeof(A));
+    SMALLMM_DTYPES(SMALLMM_REAL_SIZE)
+#undef SMALLMM_REAL_SIZE
+    default:
+      return 4;
+  }
 }
 inline int ElemPlanes(DType d) {
-  return (d == DType::kComplex64 || d == DType::kComplex128) ? 2 : 1;
+  switch (d) {
+#define SMALLMM_PLANES(e, name, bytes, S, A) \
+  case DType::e:                             \
+    return DTypeInfo<DType::e>::kComponents;
+    SMALLMM_DTYPES(SMALLMM_PLANES)
+#undef SMALLMM_PLANES
+    default:
+      return 1;
+  }
 }
 
 inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }
@@ -203,8 +205,8 @@ inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }
 // Chooses tiles, group size, K chunk and grid for the plan. `threads` per block, shared
 // memory at most `smem_budget` bytes, at most `max_blocks` blocks. Returns nullptr, or a
 // static message when no configuration fits (only for unrealistic budgets).
-inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
-                                    int smem_budget, int64_t max_blocks, LaunchConfig* out) {
+inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads, int smem_budget,
+                                    int64_t max_blocks, LaunchConfig* out) {
   if (threads < 1 || threads > 1024) return "threads per block must be in [1, 1024]";
   if (smem_budget > kMaxSmemBytes) return "shared-memory budget above 48 KiB";
   if (max_blocks < 1) return "max_blocks must be positive";
@@ -275,14 +277,14 @@ inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
 }
 
 // ---------------------------------------------------------------- the block program
-// Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
-SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa,
-                                             int64_t* ob, int64_t* oc) {
+// Offsets in A, B and C of index `flat` of a loop nest (flattened in row-major order).
+SMALLMM_HD SMALLMM_INLINE void NestOffsets(const Loop* loops, int n, int64_t flat, int64_t* oa,
+                                           int64_t* ob, int64_t* oc) {
   int64_t a = 0, b = 0, c = 0;
-  for (int d = p.num_out - 1; d >= 0; --d) {
-    const Loop& l = p.out[d];
-    const int64_t idx = o % l.size;
-    o /= l.size;
+  for (int d = n - 1; d >= 0; --d) {
+    const Loop& l = loops[d];
+    const int64_t idx = flat % l.size;
+    flat /= l.size;
     a += idx * l.a;
     b += idx * l.b;
     c += idx * l.c;
@@ -290,6 +292,12 @@ SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64
   *oa = a;
   *ob = b;
   *oc = c;
+}
+
+// Offsets of output matrix `o` (flattened out-loop index) in A, B and C.
+SMALLMM_HD SMALLMM_INLINE void OutputOffsets(const GemmPlan& p, int64_t o, int64_t* oa, int64_t* ob,
+                                             int64_t* oc) {
+  NestOffsets(p.out, p.num_out, o, oa, ob, oc);
 }
 
 // Offsets of reduction item `r` in A and B.
@@ -300,16 +308,8 @@ SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, in
     *rb = r * p.red[0].b;
     return;
   }
-  int64_t a = 0, b = 0;
-  for (int d = p.num_red - 1; d >= 0; --d) {
-    const Loop& l = p.red[d];
-    const int64_t idx = r % l.size;
-    r /= l.size;
-    a += idx * l.a;
-    b += idx * l.b;
-  }
-  *ra = a;
-  *rb = b;
+  int64_t rc;  // 0: reduction loops do not move C
+  NestOffsets(p.red, p.num_red, r, ra, rb, &rc);
 }
 
 // Stages op(A) (rows i0.., KR chunk) or op(B) into shared memory for slots [0, nslots).
@@ -320,12 +320,11 @@ SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, in
 //   kfast: linear staging index walks K fastest (coalesced when |k_stride| is small).
 template <DType D, class Ex>
 SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
-                                            const LaunchConfig& cfg, int operand,
-                                            const void* x, const int64_t* slot_off,
-                                            int nslots, int tile, int valid, int64_t row0,
-                                            int64_t rows_stride, int64_t k_stride,
-                                            bool kfast, int64_t r0, int nr, int64_t l0,
-                                            int nl, bool conj,
+                                            const LaunchConfig& cfg, int operand, const void* x,
+                                            const int64_t* slot_off, int nslots, int tile,
+                                            int valid, int64_t row0, int64_t rows_stride,
+                                            int64_t k_stride, bool kfast, int64_t r0, int nr,
+                                            int64_t l0, int nl, bool conj,
                                             typename Elem<D>::R* dst) {
   using E = Elem<D>;
   using R = typename E::R;
@@ -365,6 +364,22 @@ SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
     ex.Write(d, re);
     if constexpr (P == 2) ex.Write(d + per_slot, im);
   }
+}
+
+// Element s (< kElemsPerThread) of thread t in a work item: output matrix g of the group,
+// row i and column j of the tile (e = t + s·threads = (g·bm + i)·bn + j, see the top of the
+// file). `ok` is false past the group's `count` matrices or the tile's valid rows × cols.
+struct Owned {
+  int g, i, j;
+  bool ok;
+};
+SMALLMM_HD SMALLMM_INLINE Owned OwnedElement(int t, int s, int threads, int tile_elems, int bn,
+                                             int count, int rows, int cols) {
+  const int e = t + s * threads;
+  const int g = e / tile_elems;
+  const int rem = e - g * tile_elems;
+  const int i = rem / bn, j = rem - i * bn;
+  return {g, i, j, g < count && i < rows && j < cols};
 }
 
 // One block's work: its contiguous range of work items.
@@ -450,11 +465,9 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
       ex.ForEachThread([&](int t, A& acc) {
         SMALLMM_UNROLL
         for (int s = 0; s < kEpt; ++s) {
-          const int e = t + s * T;
-          const int g = e / tile_elems;
-          const int rem = e - g * tile_elems;
-          const int i = rem / bn, j = rem - i * bn;
-          if (g >= count || i >= rows || j >= cols) continue;
+          const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+          if (!o.ok) continue;
+          const int g = o.g, i = o.i, j = o.j;
           const R* pa = sa + (cfg.a_shared ? 0 : g) * cfg.a_slot + i;
           const R* pb = sb + (cfg.b_shared ? 0 : g) * cfg.b_slot + j;
           if constexpr (P == 2) {
@@ -480,12 +493,9 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
     ex.ForEachThread([&](int t, A& acc) {
       SMALLMM_UNROLL
       for (int s = 0; s < kEpt; ++s) {
-        const int e = t + s * T;
-        const int g = e / tile_elems;
-        const int rem = e - g * tile_elems;
-        const int i = rem / bn, j = rem - i * bn;
-        if (g >= count || i >= rows || j >= cols) continue;
-        const int64_t idx = ex.Read(&off_c[g]) + (i0 + i) * p.c_rs + (j0 + j) * p.c_cs;
+        const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+        if (!o.ok) continue;
+        const int64_t idx = ex.Read(&off_c[o.g]) + (i0 + o.i) * p.c_rs + (j0 + o.j) * p.c_cs;
         ex.OnStore(idx);
         if constexpr (P == 2) {
           E::Store(c, 2 * idx, acc.v[s]);

@@ -1,8 +1,9 @@
 """The GPU kernels' block program, run on the host over a simulated grid (no GPU needed).
 
-`core.simulate_gpu_matmul` runs cuda/smallmm_gpu_logic.h — the code the CUDA kernels
-execute — for every block and thread of the launch the GPU would get, with shared memory
-emulated per block (see cuda/smallmm_gpu_sim.h for how, and where that is not faithful).
+`sim.simulate_gpu_matmul` (the test-support module tf_smallmm._smallmm_gpu_sim) runs
+cuda/smallmm_gpu_logic.h — the code the CUDA kernels execute — for every block and thread
+of the launch the GPU would get, with shared memory emulated per block (see
+cuda/testing/smallmm_gpu_sim.h for how, and where that is not faithful).
 Besides returning the product, it raises if any thread touches shared memory outside the
 block's allocation, reads shared memory nobody wrote, misses a barrier between a write and
 another thread's access, loads outside an operand, or stores an output element other than
@@ -14,14 +15,13 @@ the same order, so the results must be identical bit for bit, random data includ
 
 import itertools
 
-import ml_dtypes
 import numpy as np
 import pytest
+from engine_dtypes import NP_DTYPES
 
 from tf_smallmm import _smallmm_core as core
+from tf_smallmm import _smallmm_gpu_sim as sim
 
-NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
-             np.complex128]
 # Every CPU tile size, sizes around them and around the GPU's 32-column tile, and primes.
 SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33]
 # Threads per block: the real launch (256), one warp, sizes that divide nothing, extremes.
@@ -60,7 +60,7 @@ def check(x, y, block=256, smem_budget=None, max_blocks=None, **flags):
         kw["smem_budget"] = smem_budget
     if max_blocks is not None:
         kw["max_blocks"] = max_blocks
-    got, info = core.simulate_gpu_matmul(x, y, **flags, **kw)
+    got, info = sim.simulate_gpu_matmul(x, y, **flags, **kw)
     same_bits(got, core.matmul(x, y, **flags))
     if info["blocks"]:
         assert info["group"] * info["tile"][0] * info["tile"][1] <= 4 * info["threads"]
@@ -230,7 +230,7 @@ def test_stride_zero_and_strided_views():
     ((3, 4), (2, 0, 4, 5), (2, 0, 3, 5)),
 ])
 def test_empty(xs, ys, out):
-    got, info = core.simulate_gpu_matmul(np.ones(xs, np.float32), np.ones(ys, np.float32))
+    got, info = sim.simulate_gpu_matmul(np.ones(xs, np.float32), np.ones(ys, np.float32))
     assert got.shape == out
     assert not got.any()
     assert info["blocks"] == (1 if np.prod(out) else 0)
@@ -244,10 +244,10 @@ def test_nan_and_inf_propagate():
 
 def test_bad_shapes_raise_like_the_cpu_engine():
     with pytest.raises(ValueError, match="Matrix size-incompatible"):
-        core.simulate_gpu_matmul(np.ones((3, 4), np.float32), np.ones((5, 6), np.float32))
+        sim.simulate_gpu_matmul(np.ones((3, 4), np.float32), np.ones((5, 6), np.float32))
 
 
 def test_unrealistic_launch_is_refused():
     with pytest.raises(RuntimeError, match="shared-memory budget"):
-        core.simulate_gpu_matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
+        sim.simulate_gpu_matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
                                  smem_budget=8)

@@ -5,12 +5,12 @@ import itertools
 import ml_dtypes
 import numpy as np
 import pytest
-
+from engine_dtypes import NP_DTYPES
 from public_ops import np_product as ref
+from public_ops import np_reduce_to
+
 from tf_smallmm import _smallmm_core as core
 
-NP_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
-             np.complex128]
 # Every tile size, one past the largest, sizes that straddle tiles, and primes.
 SIZES = sorted(set(core.tile_sizes) | {5, 7, 9, 13, 17, 31, 33})
 ISAS = core.compiled_isas().split(",")
@@ -36,7 +36,7 @@ def check_exact(got, want):
 @pytest.mark.parametrize("form", ["cube", "M", "N", "K", "matvec"])
 def test_every_tile_size_exact(dtype, size, form):
     # Covers every kernel path: tiny direct products (all sizes <= 4), packed and in-place
-    # micro-kernels (whole and partial tiles), and dot products (N = 1, K >= 8).
+    # micro-kernels (whole and partial tiles), and dot products (N = 1, K >= 4).
     m, n, k = {"cube": (size, size, size), "M": (size, 3, 5), "N": (2, size, 7),
                "K": (3, 4, size), "matvec": (size, 1, size + 3)}[form]
     rng = np.random.default_rng(size)
@@ -138,11 +138,12 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
-# Operand-stationary kernels: K <= 24 (AVX-512; 8 otherwise) and C contiguous along one side. The row kernel runs
-# when C's rows are contiguous (every plain product with M >= 8), the column kernel when
-# its columns are (capsule-style products: x [I, M, K] shared by a batch of vectors
-# y [B, I, K, 1], which the planner turns into one M×K · K×B product per i). Strips are
-# full vectors then halving widths (31 rows of float32: 16 + 8 + 4 + 2 + 1).
+# Operand-stationary kernels: K <= 24 (AVX-512; AVX2 11, baseline 8) and C contiguous along
+# one side. The row kernel runs when C's rows are contiguous (every plain product with
+# M >= 8), the column kernel when its columns are (capsule-style products: x [I, M, K]
+# shared by a batch of vectors y [B, I, K, 1], which the planner turns into one M×K · K×B
+# product per i). Strips are full vectors then halving widths (31 rows of float32:
+# 16 + 8 + 4 + 2 + 1).
 STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25]
 STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
 
@@ -168,8 +169,8 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
 @pytest.mark.parametrize("k", [3, 8, 16, 24])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
-    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 and the baseline 8: K = 16 and 24
-    # take the stationary path on one and the packed micro-kernels on the others.
+    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 11 and the baseline 8: K = 16 and
+    # 24 take the stationary path on one and the packed micro-kernels on the others.
     before = core.active_isa()
     if not core.set_isa(isa):
         pytest.skip(f"this CPU lacks {isa}")
@@ -236,3 +237,59 @@ def test_reduction_split_policy():
     assert core.suggest_reduction_split(x.astype(np.float16), x.astype(np.float16), [], 2) == 1
     assert core.suggest_reduction_split(x[:7], x[:7], [], 2) == 1  # 7 products: not worth it
     del w
+
+
+# ---------------------------------------------------------------- the kernel families
+# The engine tries its kernel families in the order of core.kernel_families and runs the
+# first that can implement a plan (the last implements every plan). FAMILY_CASES sweeps
+# shapes, layouts and reductions widely enough that every family is chosen by some of them
+# on every ISA, so a family added to the table is tested the day it is added (or this
+# fails, asking for a case that reaches it).
+def family_cases():
+    cases = []
+    for m, n, k in itertools.product([1, 2, 3, 4, 5, 8, 17], [1, 2, 4, 8, 20],
+                                     [1, 3, 4, 8, 9, 24, 25]):
+        cases.append(((3, m, k), (3, k, n), {}))
+    for side, k in itertools.product([4, 9, 20], [2, 8, 16, 24]):
+        cases.append(((3, side, k), (9, 3, k, 1), {}))  # capsule-style: batch folded into N
+    cases.append(((5, 6, 3), (5, 6, 2), {"transpose_x": True, "batch_shape": []}))
+    cases.append(((4, 20, 7), (4, 9, 20), {"transpose_x": True, "transpose_y": True}))
+    return cases
+
+
+FAMILY_CASES = family_cases()
+
+
+@pytest.mark.parametrize("family", core.kernel_families)
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_kernel_family_is_chosen_and_exact(isa, family):
+    before = core.active_isa()
+    if not core.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        chosen = 0
+        rng = np.random.default_rng(12)
+        for dtype in NP_DTYPES:
+            for xs, ys, kw in FAMILY_CASES:
+                x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
+                if core.kernel_for(x, y, **kw) != family:
+                    continue
+                chosen += 1
+                flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
+                want = ref(x, y, **flags)
+                if "batch_shape" in kw:
+                    want = np_reduce_to(want, kw["batch_shape"])
+                check_exact(core.matmul(x, y, **kw), want)
+        assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
+    finally:
+        core.set_isa(before)
+
+
+def test_kernel_for_every_plan():
+    # The last family implements every plan; an empty output runs no kernel.
+    assert core.kernel_families[-1] == "packed"
+    x = np.ones((2, 3, 4), np.complex64)
+    assert core.kernel_for(x, np.ones((4, 5), np.complex64)) in core.kernel_families
+    assert core.kernel_for(np.ones((0, 3, 4)), np.ones((4, 5))) == "none"
+    with pytest.raises(ValueError, match="Matrix size-incompatible"):
+        core.kernel_for(np.ones((3, 4)), np.ones((5, 6)))

@@ -9,116 +9,48 @@
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
-#include "cuda/smallmm_gpu_sim.h"
+#include "cc/engine/smallmm.h"
+#include "cc/python/numpy_plan.h"
 
 namespace py = pybind11;
 
 namespace {
 
-smallmm::DType CoreDType(const py::dtype& dt) {
-  const std::string name = py::str(dt.attr("name"));
-  if (name == "float16") return smallmm::DType::kHalf;
-  if (name == "bfloat16") return smallmm::DType::kBFloat16;
-  if (name == "float32") return smallmm::DType::kFloat;
-  if (name == "float64") return smallmm::DType::kDouble;
-  if (name == "complex64") return smallmm::DType::kComplex64;
-  if (name == "complex128") return smallmm::DType::kComplex128;
-  throw py::type_error("smallmm: unsupported dtype " + name);
-}
+using smallmm_py::PlanFor;
+using smallmm_py::Planned;
 
-struct Layout {
-  std::vector<int64_t> dims, strides;
-};
-
-Layout LayoutOf(const py::array& x, const char* name) {
-  // The kernels read elements in native byte order through typed pointers: a byte-swapped
-  // array would be read as garbage and a misaligned one is undefined behaviour.
-  if (!x.dtype().attr("isnative").cast<bool>()) {
-    throw py::type_error(std::string("smallmm: ") + name + " has non-native byte order (" +
-                         std::string(py::str(x.dtype())) +
-                         "); convert it with .astype(dtype.newbyteorder('='))");
+// The plan matmul runs: the product's own, or with reduction_parts > 1 the one whose
+// outermost reduction loop is split into that many partial sums (the TF op's
+// parallel-reduction path, made testable).
+smallmm::GemmPlan PlanToRun(const smallmm::GemmPlan& plan, int reduction_parts) {
+  if (reduction_parts <= 1) return plan;
+  if (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
+      plan.red[0].size % reduction_parts != 0) {
+    throw py::value_error("reduction_parts must divide the outermost reduction loop");
   }
-  if (!(x.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
-    throw py::value_error(std::string("smallmm: ") + name +
-                          " is not aligned for its dtype; copy it with np.require(" + name +
-                          ", requirements='A')");
-  }
-  Layout l;
-  for (py::ssize_t i = 0; i < x.ndim(); ++i) {
-    if (x.strides(i) % py::ssize_t(x.itemsize()) != 0) {
-      throw py::value_error(std::string(name) + ": strides must be multiples of the itemsize");
-    }
-    l.dims.push_back(x.shape(i));
-    l.strides.push_back(x.strides(i) / py::ssize_t(x.itemsize()));
-  }
-  return l;
-}
-
-// What both entry points share: dtype check, numpy layouts, and the engine's plan.
-struct Planned {
-  smallmm::DType dtype;
-  Layout lx, ly;
-  smallmm::GemmPlan plan;
-  std::vector<py::ssize_t> shape;  // the output's
-};
-
-Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
-                bool transpose_y, bool conjugate_y,
-                const std::optional<std::vector<int64_t>>& batch_shape) {
-  if (!x.dtype().equal(y.dtype())) {
-    throw py::type_error("smallmm: x and y must have the same dtype, got " +
-                         std::string(py::str(x.dtype())) + " and " +
-                         std::string(py::str(y.dtype())));
-  }
-  Planned r;
-  r.dtype = CoreDType(x.dtype());
-  r.lx = LayoutOf(x, "x");
-  r.ly = LayoutOf(y, "y");
-  smallmm::Operand a{int(r.lx.dims.size()), r.lx.dims.data(), r.lx.strides.data(), transpose_x,
-                     conjugate_x};
-  smallmm::Operand b{int(r.ly.dims.size()), r.ly.dims.data(), r.ly.strides.data(), transpose_y,
-                     conjugate_y};
-  int out_rank = 0;
-  int64_t out_dims[smallmm::kMaxBatchDims + 2];
-  std::string error;
-  if (!smallmm::PlanBatchMatMul(a, b, batch_shape ? batch_shape->data() : nullptr,
-                                batch_shape ? int(batch_shape->size()) : -1, &r.plan, &out_rank,
-                                out_dims, &error)) {
-    throw py::value_error(error);
-  }
-  r.shape.assign(out_dims, out_dims + out_rank);
-  return r;
+  return smallmm::SplitReduction(plan, reduction_parts);
 }
 
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
                  std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
-  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
-                            batch_shape);
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
   const smallmm::DType dtype = p.dtype;
   const smallmm::GemmPlan& plan = p.plan;
-  const std::vector<py::ssize_t>& shape = p.shape;
-  py::array out(x.dtype(), shape);
+  const smallmm::GemmPlan run = PlanToRun(plan, reduction_parts);
+  py::array out(x.dtype(), p.shape);
   const void* pa = x.data();
   const void* pb = y.data();
   void* pc = out.mutable_data();
-  if (reduction_parts > 1 &&
-      (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
-       plan.red[0].size % reduction_parts != 0)) {
-    throw py::value_error("reduction_parts must divide the outermost reduction loop");
-  }
   bool ran;
   {
     py::gil_scoped_release release;
-    if (reduction_parts > 1) {  // the TF op's parallel-reduction path, made testable
-      const smallmm::GemmPlan split = smallmm::SplitReduction(plan, reduction_parts);
-      std::vector<char> partials(size_t(split.output_elements) * smallmm::DTypeSize(dtype));
-      ran = smallmm::RunBatchMatMul(dtype, split, pa, pb, partials.data(), 0,
-                                    split.num_outputs);
+    if (reduction_parts > 1) {
+      std::vector<char> partials(size_t(run.output_elements) * smallmm::DTypeSize(dtype));
+      ran = smallmm::RunBatchMatMul(dtype, run, pa, pb, partials.data(), 0, run.num_outputs);
       if (ran) {
-        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements,
-                             pc, 0, plan.output_elements);
+        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements, pc, 0,
+                             plan.output_elements);
       }
     } else {
       ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
@@ -134,74 +66,6 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   return out;
 }
 
-// Element-index range [lo, hi] a view may address (lo > hi when it has no elements).
-void IndexRange(const Layout& l, int64_t* lo, int64_t* hi) {
-  *lo = 0;
-  *hi = 0;
-  for (size_t i = 0; i < l.dims.size(); ++i) {
-    if (l.dims[i] == 0) {
-      *lo = 0;
-      *hi = -1;
-      return;
-    }
-    const int64_t span = (l.dims[i] - 1) * l.strides[i];
-    (span < 0 ? *lo : *hi) += span;
-  }
-}
-
-// The GPU kernels' block program run on the host over a simulated grid (see
-// cuda/smallmm_gpu_sim.h): same arguments as MatMul plus the launch shape. Returns the
-// output and what the launch did.
-py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpose_x,
-                            bool conjugate_x, bool transpose_y, bool conjugate_y,
-                            std::optional<std::vector<int64_t>> batch_shape, int block,
-                            int smem_budget, int64_t max_blocks) {
-  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y,
-                            batch_shape);
-  const smallmm::DType dtype = p.dtype;
-  const smallmm::GemmPlan& plan = p.plan;
-  const Layout& lx = p.lx;
-  const Layout& ly = p.ly;
-  const std::vector<py::ssize_t>& shape = p.shape;
-  py::array out(x.dtype(), shape);
-  smallmm::gpu::SimOptions opt;
-  opt.threads = block;
-  opt.smem_budget = smem_budget;
-  opt.max_blocks = max_blocks;
-  IndexRange(lx, &opt.a_lo, &opt.a_hi);
-  IndexRange(ly, &opt.b_lo, &opt.b_hi);
-  smallmm::gpu::SimStats st;
-  try {
-    st = smallmm::gpu::SimulateBatchMatMul(dtype, plan, x.data(), y.data(), out.mutable_data(),
-                                           opt);
-  } catch (const smallmm::gpu::SimError& e) {
-    throw std::runtime_error(e.what());
-  }
-  const smallmm::gpu::LaunchConfig& c = st.cfg;
-  py::dict info;
-  info["blocks"] = c.blocks;
-  info["threads"] = c.threads;
-  info["items"] = c.items;
-  info["items_per_block"] = c.items_per_block;
-  info["tile"] = py::make_tuple(c.bm, c.bn);
-  info["tiles"] = py::make_tuple(c.tiles_m, c.tiles_n);
-  info["group"] = c.group;
-  info["span"] = c.span;
-  info["kc"] = c.kc;
-  info["kl"] = c.kl;
-  info["nrc"] = c.nrc;
-  info["chunks"] = c.r_chunks * c.l_chunks;
-  info["a_shared"] = c.a_shared;
-  info["b_shared"] = c.b_shared;
-  info["smem_bytes"] = c.smem_bytes;
-  info["barriers"] = st.barriers;
-  info["a_stages"] = st.a_stages;
-  info["a_reused"] = st.a_reused;
-  info["b_stages"] = st.b_stages;
-  info["b_reused"] = st.b_reused;
-  return py::make_tuple(out, info);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_smallmm_core, m) {
@@ -212,25 +76,39 @@ PYBIND11_MODULE(_smallmm_core, m) {
         py::arg("reduction_parts") = 1,
         "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
         "it (or 1 in it) are summed over. Accepts any strides, including 0.");
-  m.def("simulate_gpu_matmul", &SimulateGpuMatMul, py::arg("x"), py::arg("y"),
-        py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
-        py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
-        py::arg("batch_shape") = py::none(), py::arg("block") = smallmm::gpu::kThreads,
-        py::arg("smem_budget") = smallmm::gpu::kSmemBudget,
-        py::arg("max_blocks") = smallmm::gpu::SimOptions().max_blocks,
-        "matmul computed by the GPU kernels' block program on the host over a simulated "
-        "grid of `block` threads per block (at most `max_blocks` blocks, `smem_budget` "
-        "bytes of shared memory each), checking shared- and global-memory accesses. "
-        "Returns (output, launch info). For tests on machines without a GPU.");
-  m.def("suggest_reduction_split", [](const py::array& x, const py::array& y,
-                                      std::vector<int64_t> batch_shape, int threads) {
-    const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
-    return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
-  });
+  m.def(
+      "kernel_for",
+      [](const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+         bool transpose_y, bool conjugate_y, std::optional<std::vector<int64_t>> batch_shape,
+         int reduction_parts) {
+        const Planned p =
+            PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
+        return std::string(smallmm::KernelFor(p.dtype, PlanToRun(p.plan, reduction_parts)));
+      },
+      py::arg("x"), py::arg("y"), py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
+      py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
+      py::arg("batch_shape") = py::none(), py::arg("reduction_parts") = 1,
+      "The kernel family (one of kernel_families) that matmul with these arguments runs "
+      "on the active ISA; 'none' when the output is empty.");
+  m.def("suggest_reduction_split",
+        [](const py::array& x, const py::array& y, std::vector<int64_t> batch_shape, int threads) {
+          const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
+          return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
+        });
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  py::tuple dtype_names(smallmm::kNumDTypes);
+  for (int i = 0; i < smallmm::kNumDTypes; ++i) {
+    dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));
+  }
+  m.attr("dtype_names") = dtype_names;  // numpy names, in the engine's order
+  int num_families = 0;
+  const char* const* families = smallmm::KernelFamilies(&num_families);
+  py::tuple kernel_families(num_families);
+  for (int i = 0; i < num_families; ++i) kernel_families[i] = families[i];
+  m.attr("kernel_families") = kernel_families;  // in the order the engine tries them
   m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
-  m.attr("tile_sizes") = std::vector<int>(std::begin(smallmm::kTileSizes),
-                                          std::end(smallmm::kTileSizes));
+  m.attr("tile_sizes") =
+      std::vector<int>(std::begin(smallmm::kTileSizes), std::end(smallmm::kTileSizes));
 }

@@ -25,28 +25,34 @@
 // it keeps is R·I·J coefficients per row in flight, not R copies of anything per batch),
 // walks them backwards, and writes dû once.
 //
-// Float32 and float64 only; callers cast 16-bit types to float32 around the op.
-#ifndef TF_SMALLMM_CC_KERNELS_ROUTING_H_
-#define TF_SMALLMM_CC_KERNELS_ROUTING_H_
+// Float32 and float64 only (SMALLMM_ROUTING_DTYPES); callers cast 16-bit types to float32
+// around the op.
+#ifndef TF_SMALLMM_CC_ENGINE_ROUTING_H_
+#define TF_SMALLMM_CC_ENGINE_ROUTING_H_
 
 #include <cstdint>
 #include <string>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 
 namespace smallmm {
 
+// The dtypes routing computes in, a subset of SMALLMM_DTYPES (16-bit types are cast to
+// float32 by the Python wrapper; complex routing is not defined): X(enumerator). The
+// kernel tables and the TF ops' type attr and registrations come from this list.
+#define SMALLMM_ROUTING_DTYPES(X) X(kFloat) X(kDouble)
+
 struct RoutingShape {
-  int64_t batch = 0;     // rows
-  int64_t in_caps = 0;   // I
-  int64_t out_caps = 0;  // J
-  int64_t out_dim = 0;   // K
-  int iterations = 1;    // R >= 1
-  double epsilon = 1e-7; // inside squash's square root
+  int64_t batch = 0;      // rows
+  int64_t in_caps = 0;    // I
+  int64_t out_caps = 0;   // J
+  int64_t out_dim = 0;    // K
+  int iterations = 1;     // R >= 1
+  double epsilon = 1e-7;  // inside squash's square root
 };
 
 // Validates sizes (non-negative, iterations >= 1, element counts and scratch fit in
-// int64) and the dtype (kFloat or kDouble). Returns false and sets *error, naming the
+// int64) and the dtype (one of SMALLMM_ROUTING_DTYPES). Returns false and sets *error, naming the
 // shape, on bad input; never aborts.
 bool CheckRouting(DType dtype, const RoutingShape& shape, std::string* error);
 
@@ -76,16 +82,18 @@ bool RunRoutingForward(DType dtype, const RoutingShape& shape, const void* u_hat
 bool RunRoutingBackward(DType dtype, const RoutingShape& shape, const void* u_hat,
                         const void* grad_v, void* grad_u_hat, int64_t begin, int64_t end);
 
-// The per-ISA kernels (routing_isa.cc), indexed [0] = float, [1] = double; they return
-// false only when their scratch cannot be allocated. Internal to routing.cc.
+// What each ISA's build of routing_isa.cc gives the engine: its kernels, indexed by DType,
+// null for a dtype not in SMALLMM_ROUTING_DTYPES; they return false only when their
+// scratch cannot be allocated. The dispatcher (isa.cc) holds one table per ISA; routing.cc
+// calls the active ISA's.
 using RoutingForwardFn = bool (*)(const RoutingShape&, const void*, void*, int64_t, int64_t);
-using RoutingBackwardFn = bool (*)(const RoutingShape&, const void*, const void*, void*,
-                                   int64_t, int64_t);
-struct RoutingTable {
-  RoutingForwardFn forward[2];
-  RoutingBackwardFn backward[2];
+using RoutingBackwardFn = bool (*)(const RoutingShape&, const void*, const void*, void*, int64_t,
+                                   int64_t);
+struct RoutingKernels {
+  RoutingForwardFn forward[kNumDTypes];
+  RoutingBackwardFn backward[kNumDTypes];
 };
 
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CC_KERNELS_ROUTING_H_
+#endif  // TF_SMALLMM_CC_ENGINE_ROUTING_H_

@@ -2,14 +2,14 @@
 // smallmm_ops.cc and the GPU ones in smallmm_ops_gpu.cc). It validates and broadcasts
 // through the kernel core's planner, allocates, handles empty outputs, and hands the plan
 // to the device's Launch.
-#ifndef TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
-#define TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
+#ifndef TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
+#define TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
 
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -52,9 +52,9 @@ class SmallMMMatMulOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
     }
     count_ = count;
-    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
-                errors::InvalidArgument("SmallMM: unsupported dtype ",
-                                        DataTypeString(ctx->input_type(0))));
+    OP_REQUIRES(
+        ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
+        errors::InvalidArgument("SmallMM: unsupported dtype ", DataTypeString(ctx->input_type(0))));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -130,6 +130,24 @@ class SmallMMMatMulOp : public OpKernel {
   smallmm::DType dtype_;
 };
 
+// The kernels of the three matmul ops for C++ type T on one device (DEVICE_CPU with
+// Eigen::ThreadPoolDevice, or DEVICE_GPU with Eigen::GpuDevice); batch_shape inputs are
+// read on the host.
+#define SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_TYPE, DEVICE_CLASS, T)                            \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMul").Device(DEVICE_TYPE).TypeConstraint<T>("T"), \
+                          SmallMMMatMulOp<DEVICE_CLASS>);                                        \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                                       \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("batch_shape"),                                        \
+                          SmallMMMatMulOp<DEVICE_CLASS>);                                        \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                                         \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("batch_shape_1")                                       \
+                              .HostMemory("batch_shape_2"),                                      \
+                          SmallMMMatMulOp<DEVICE_CLASS>);
+
 }  // namespace tensorflow
 
-#endif  // TF_SMALLMM_CC_OPS_SMALLMM_MATMUL_OP_H_
+#endif  // TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_

@@ -7,8 +7,8 @@
 // Every function is `static`: gemm_isa.cc is compiled once per instruction set, and an
 // inline function with external linkage compiled with -mavx512f could be merged (as a
 // COMDAT) into the baseline build.
-#ifndef TF_SMALLMM_CC_KERNELS_FLOAT16_BITS_H_
-#define TF_SMALLMM_CC_KERNELS_FLOAT16_BITS_H_
+#ifndef TF_SMALLMM_CC_ENGINE_FLOAT16_BITS_H_
+#define TF_SMALLMM_CC_ENGINE_FLOAT16_BITS_H_
 
 #include <cstdint>
 #include <cstring>
@@ -71,4 +71,4 @@ static inline uint16_t FloatToBF16(float f) {
 }  // namespace f16
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CC_KERNELS_FLOAT16_BITS_H_
+#endif  // TF_SMALLMM_CC_ENGINE_FLOAT16_BITS_H_

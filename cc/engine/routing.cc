@@ -1,36 +1,39 @@
-// Validation and run-time ISA dispatch of the fused routing kernels (routing.h). Compiled
-// once, without ISA flags; follows the ISA the GEMM kernels use (ActiveIsa(), which
+// Validation and dispatch of the fused routing kernels (routing.h). Compiled once, without
+// ISA flags; runs the active ISA's kernels (isa.h: the GEMM kernels' ISA, which
 // TF_SMALLMM_ISA and SetIsa control), so one switch A/B-tests both.
-#include <cstring>
-#include <sstream>
+#include "cc/engine/routing.h"
 
-#include "cc/kernels/routing.h"
+#include <sstream>
+#include <string>
+
+#include "cc/engine/isa.h"
 
 namespace smallmm {
 
-extern const RoutingTable kRoutingTable_baseline;
-#ifdef SMALLMM_HAVE_AVX2
-extern const RoutingTable kRoutingTable_avx2;
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-extern const RoutingTable kRoutingTable_avx512;
-#endif
-
 namespace {
 
-const RoutingTable& Table() {
-  const char* isa = ActiveIsa();
-#ifdef SMALLMM_HAVE_AVX512
-  if (strcmp(isa, "avx512") == 0) return kRoutingTable_avx512;
-#endif
-#ifdef SMALLMM_HAVE_AVX2
-  if (strcmp(isa, "avx2") == 0) return kRoutingTable_avx2;
-#endif
-  (void)isa;
-  return kRoutingTable_baseline;
+const RoutingKernels& Kernels() { return *ActiveIsaKernels().routing; }
+
+// The entry of a dtype in the per-ISA tables, or -1 when routing does not support it.
+int DTypeIndex(DType d) {
+  const int i = int(d);
+  return i >= 0 && i < kNumDTypes && Kernels().forward[i] != nullptr ? i : -1;
 }
 
-int DTypeIndex(DType d) { return d == DType::kFloat ? 0 : d == DType::kDouble ? 1 : -1; }
+// "float32 and float64": the dtypes of SMALLMM_ROUTING_DTYPES.
+std::string SupportedNames() {
+  const DType list[] = {
+#define SMALLMM_ROUTING_DTYPE(e) DType::e,
+      SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_DTYPE)
+#undef SMALLMM_ROUTING_DTYPE
+  };
+  const int n = int(sizeof(list) / sizeof(list[0]));
+  std::string s;
+  for (int i = 0; i < n; ++i) {
+    s += std::string(i == 0 ? "" : i + 1 == n ? " and " : ", ") + DTypeName(list[i]);
+  }
+  return s;
+}
 
 bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 bool AddOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_add_overflow(a, b, out); }
@@ -59,15 +62,13 @@ int64_t RoutingScratchElements(const RoutingShape& shape, bool backward) {
 
 bool CheckRouting(DType dtype, const RoutingShape& s, std::string* error) {
   std::ostringstream shape;
-  shape << "u_hat [" << s.batch << "," << s.in_caps << "," << s.out_caps << "," << s.out_dim
-        << "]";
+  shape << "u_hat [" << s.batch << "," << s.in_caps << "," << s.out_caps << "," << s.out_dim << "]";
   auto fail = [&](const std::string& msg) {
     *error = msg;
     return false;
   };
   if (DTypeIndex(dtype) < 0) {
-    return fail(std::string("dynamic routing supports float32 and float64, got ") +
-                DTypeName(dtype));
+    return fail("dynamic routing supports " + SupportedNames() + ", got " + DTypeName(dtype));
   }
   if (s.batch < 0 || s.in_caps < 0 || s.out_caps < 0 || s.out_dim < 0) {
     return fail("negative dimension in " + shape.str());
@@ -80,8 +81,7 @@ bool CheckRouting(DType dtype, const RoutingShape& s, std::string* error) {
   if (!(s.epsilon >= 0)) return fail("epsilon must be >= 0");
   int64_t n = 0;
   if (MulOverflows(s.batch, s.in_caps, &n) || MulOverflows(n, s.out_caps, &n) ||
-      MulOverflows(n, s.out_dim, &n) || !Scratch(s, true, &n) ||
-      MulOverflows(n, 8, &n)) {
+      MulOverflows(n, s.out_dim, &n) || !Scratch(s, true, &n) || MulOverflows(n, 8, &n)) {
     return fail("element count overflows int64 for " + shape.str());
   }
   return true;
@@ -100,14 +100,14 @@ bool RunRoutingForward(DType dtype, const RoutingShape& shape, const void* u_hat
                        int64_t begin, int64_t end) {
   const int d = DTypeIndex(dtype);
   if (d < 0) return false;
-  return Table().forward[d](shape, u_hat, v, begin, end);
+  return Kernels().forward[d](shape, u_hat, v, begin, end);
 }
 
 bool RunRoutingBackward(DType dtype, const RoutingShape& shape, const void* u_hat,
                         const void* grad_v, void* grad_u_hat, int64_t begin, int64_t end) {
   const int d = DTypeIndex(dtype);
   if (d < 0) return false;
-  return Table().backward[d](shape, u_hat, grad_v, grad_u_hat, begin, end);
+  return Kernels().backward[d](shape, u_hat, grad_v, grad_u_hat, begin, end);
 }
 
 }  // namespace smallmm

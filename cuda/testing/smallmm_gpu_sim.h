@@ -1,6 +1,7 @@
-// smallmm_gpu_sim.h — runs the GPU block program (smallmm_gpu_logic.h) on the host over a
-// simulated grid, so that the GPU kernels' indexing is tested on machines without a GPU
-// (tests/test_gpu_simulation.py, through the pybind11 module). Host-only, header-only.
+// smallmm_gpu_sim.h — runs the GPU block program (cuda/smallmm_gpu_logic.h) on the host
+// over a simulated grid, so that the GPU kernels' indexing is tested on machines without a
+// GPU (tests/test_gpu_simulation.py, through the pybind11 module in sim_module.cc).
+// Host-only, header-only; test support, not part of the library.
 //
 // How: every block of the grid runs in turn. The block program's uniform code runs once
 // per block; each ForEachThread phase runs the phase for thread 0, 1, ..., T-1 in order
@@ -33,8 +34,8 @@
 //     payloads may differ).
 //   - Blocks run one after another, so it cannot show races between blocks; the kernel
 //     has none by construction (blocks write disjoint outputs and never read them).
-#ifndef TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
-#define TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
+#ifndef TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_
+#define TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_
 
 #include <algorithm>
 #include <cstdint>
@@ -72,11 +73,17 @@ class SimError : public std::runtime_error {
 template <typename AccT>
 class SimExec {
  public:
-  SimExec(const LaunchConfig& cfg, const SimOptions& opt, int64_t out_elements,
-          SimStats* stats)
-      : cfg_(cfg), opt_(opt), accs_(cfg.threads), smem_(cfg.smem_bytes + 16),
-        written_(smem_.size()), w_epoch_(smem_.size()), writer_(smem_.size()),
-        r_epoch_(smem_.size()), reader_(smem_.size()), stores_(out_elements, 0),
+  SimExec(const LaunchConfig& cfg, const SimOptions& opt, int64_t out_elements, SimStats* stats)
+      : cfg_(cfg),
+        opt_(opt),
+        accs_(cfg.threads),
+        smem_(cfg.smem_bytes + 16),
+        written_(smem_.size()),
+        w_epoch_(smem_.size()),
+        writer_(smem_.size()),
+        r_epoch_(smem_.size()),
+        reader_(smem_.size()),
+        stores_(out_elements, 0),
         stats_(stats) {}
 
   void BeginBlock(int64_t block) {
@@ -148,8 +155,8 @@ class SimExec {
       }
       if (r_epoch_[i] == epoch_ && reader_[i] != tid_) {
         Fail("writes shared byte ", i, " that ",
-             reader_[i] == kMany ? std::string("other threads") :
-                                   "thread " + std::to_string(reader_[i]),
+             reader_[i] == kMany ? std::string("other threads")
+                                 : "thread " + std::to_string(reader_[i]),
              " read with no barrier in between");
       }
       written_[i] = 1;
@@ -162,8 +169,8 @@ class SimExec {
     const int64_t lo = operand == 0 ? opt_.a_lo : opt_.b_lo;
     const int64_t hi = operand == 0 ? opt_.a_hi : opt_.b_hi;
     if (index < lo || index > hi) {
-      Fail("loads element ", index, " of ", operand == 0 ? "x" : "y", ", outside [", lo,
-           ", ", hi, "]");
+      Fail("loads element ", index, " of ", operand == 0 ? "x" : "y", ", outside [", lo, ", ", hi,
+           "]");
     }
   }
   void OnStore(int64_t index) {
@@ -234,8 +241,8 @@ class SimExec {
 };
 
 template <DType D>
-void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c,
-                   const SimOptions& opt, SimStats* stats) {
+void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c, const SimOptions& opt,
+                   SimStats* stats) {
   using E = Elem<D>;
   SimExec<Acc<typename E::R, E::kPlanes>> ex(stats->cfg, opt, p.output_elements, stats);
   for (int64_t block = 0; block < stats->cfg.blocks; ++block) {
@@ -247,22 +254,23 @@ void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c,
 
 // Runs the plan through the GPU block program on the host. `c` is the dense output.
 // Throws SimError on a configuration error or a failed check.
-inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* a,
-                                    const void* b, void* c, const SimOptions& opt) {
+inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* a, const void* b,
+                                    void* c, const SimOptions& opt) {
   SimStats stats;
   if (p.output_elements == 0) return stats;  // the op returns before launching
-  if (const char* err = MakeLaunchConfig(p, dtype, opt.threads, opt.smem_budget,
-                                         opt.max_blocks, &stats.cfg)) {
+  if (const char* err =
+          MakeLaunchConfig(p, dtype, opt.threads, opt.smem_budget, opt.max_blocks, &stats.cfg)) {
     throw SimError(std::string("GPU launch configuration: ") + err);
   }
   switch (dtype) {
-    case DType::kHalf: SimulateTyped<DType::kHalf>(p, a, b, c, opt, &stats); break;
-    case DType::kBFloat16: SimulateTyped<DType::kBFloat16>(p, a, b, c, opt, &stats); break;
-    case DType::kFloat: SimulateTyped<DType::kFloat>(p, a, b, c, opt, &stats); break;
-    case DType::kDouble: SimulateTyped<DType::kDouble>(p, a, b, c, opt, &stats); break;
-    case DType::kComplex64: SimulateTyped<DType::kComplex64>(p, a, b, c, opt, &stats); break;
-    case DType::kComplex128: SimulateTyped<DType::kComplex128>(p, a, b, c, opt, &stats); break;
-    default: throw SimError("unsupported dtype");
+#define SMALLMM_SIM_CASE(d, name, bytes, S, A)        \
+  case DType::d:                                      \
+    SimulateTyped<DType::d>(p, a, b, c, opt, &stats); \
+    break;
+    SMALLMM_DTYPES(SMALLMM_SIM_CASE)
+#undef SMALLMM_SIM_CASE
+    default:
+      throw SimError("unsupported dtype");
   }
   return stats;
 }
@@ -270,4 +278,4 @@ inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* 
 }  // namespace gpu
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CUDA_SMALLMM_GPU_SIM_H_
+#endif  // TF_SMALLMM_CUDA_TESTING_SMALLMM_GPU_SIM_H_

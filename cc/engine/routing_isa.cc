@@ -1,6 +1,7 @@
 // Fused dynamic-routing kernels (routing.h). Compiled once per instruction set like
 // gemm_isa.cc (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the matching -m
-// flags); routing.cc picks the table of the ISA the GEMM kernels dispatched to.
+// flags); the one ISA dispatcher (isa.cc) picks the same ISA for the routing and the GEMM
+// kernels.
 //
 // Same rules as gemm_isa.cc: everything lives in an anonymous namespace and no std::
 // templates or inline library functions are used (only the C math library's expf / exp /
@@ -26,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cc/kernels/routing.h"
+#include "cc/engine/routing.h"
 
 #ifndef SMALLMM_ISA
 #error "compile with -DSMALLMM_ISA=<name>"
@@ -49,7 +50,7 @@ inline int64_t Dim(int64_t k) {
 }
 
 // ---------------------------------------------------------------- vectors
-// GCC vector extensions, as in gemm_isa.cc, at most this build's native width (a wider
+// GCC vector extensions, as in gemm/common.h, at most this build's native width (a wider
 // generic vector would be split through the stack).
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
@@ -93,10 +94,10 @@ inline typename VecOf<T, L>::type Splat(T x) {
 // One level of the transposing reduction: a and b each hold L/S segments of S lanes, each
 // segment the partial sums of one dot product; the result holds 2L/S segments of S/2 lanes
 // (a's, then b's): each segment's lower half plus its upper half.
-#define SMALLMM_LEVEL(L, S, LO, HI)                                                       \
-  template <typename V>                                                                  \
-  inline V Level##L##_##S(const V& a, const V& b) {                                      \
-    return __builtin_shufflevector(a, b, LO) + __builtin_shufflevector(a, b, HI);        \
+#define SMALLMM_LEVEL(L, S, LO, HI)                                               \
+  template <typename V>                                                           \
+  inline V Level##L##_##S(const V& a, const V& b) {                               \
+    return __builtin_shufflevector(a, b, LO) + __builtin_shufflevector(a, b, HI); \
   }
 #define SMALLMM_ARGS(...) __VA_ARGS__
 SMALLMM_LEVEL(16, 16, SMALLMM_ARGS(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
@@ -201,8 +202,8 @@ inline void Axpy(T a, const T* __restrict x, T* __restrict y, int64_t k) {
 // y[:] += Σ_r a[r]·x[r·stride + :] over the `rows` capsules of a block (one load and
 // store of y per block instead of per capsule).
 template <typename T, int KT>
-inline void BlockAxpy(const T* __restrict a, const T* __restrict x, int64_t stride,
-                      int64_t rows, T* __restrict y, int64_t k) {
+inline void BlockAxpy(const T* __restrict a, const T* __restrict x, int64_t stride, int64_t rows,
+                      T* __restrict y, int64_t k) {
   if constexpr (KT > 0) {
     constexpr int W = BlockLanes<T, KT>();
     typedef typename VecOf<T, W>::type V;
@@ -294,7 +295,7 @@ void SquashGrad(const T* __restrict s, const T* __restrict gv, T* __restrict gs,
 // Row scratch (RoutingScratchElements; Ipad = I rounded up to kRoutingBlock): forward
 // c_blk [kRoutingBlock·J], s and vsum [J·K]; backward G [Ipad·J], c and alpha
 // [R-1][Ipad·J], s, v, gs [R][J·K], and gv, gv_next, v_last, vsum [J·K].
-struct RowKeep {  // what the backward pass keeps of the forward iterations (or all null)
+struct RowKeep {      // what the backward pass keeps of the forward iterations (or all null)
   void* c = nullptr;  // [R-1][Ipad·J] block-transposed: c of iterations 1..R-1
   void* s = nullptr;  // [R][J·K]
   void* v = nullptr;  // [R][J·K]
@@ -302,8 +303,8 @@ struct RowKeep {  // what the backward pass keeps of the forward iterations (or 
 
 // One row's forward iterations: v_out [J·K] = the last v.
 template <typename T, int KT>
-void ForwardRow(const T* __restrict u, T* __restrict v_out, int64_t I, int64_t J, int64_t k,
-                int R, T eps, T* __restrict c_blk, T* __restrict s_buf, T* __restrict vsum,
+void ForwardRow(const T* __restrict u, T* __restrict v_out, int64_t I, int64_t J, int64_t k, int R,
+                T eps, T* __restrict c_blk, T* __restrict s_buf, T* __restrict vsum,
                 const RowKeep& keep) {
   constexpr int L = BlockLanes<T, KT>();
   typedef typename VecOf<T, L>::type V;
@@ -365,21 +366,20 @@ void ForwardRow(const T* __restrict u, T* __restrict v_out, int64_t I, int64_t J
 }
 
 template <typename T, int KT>
-bool Forward(const RoutingShape& sh, const void* u_hat, void* v_out, int64_t begin,
-             int64_t end) {
+bool Forward(const RoutingShape& sh, const void* u_hat, void* v_out, int64_t begin, int64_t end) {
   if (begin >= end) return true;
   const int64_t I = sh.in_caps, J = sh.out_caps, K = Dim<KT>(sh.out_dim);
   T* scratch = static_cast<T*>(malloc(sizeof(T) * (RoutingScratchElements(sh, false) + 1)));
   if (scratch == nullptr) return false;
-  T* c_blk = scratch;                   // [kRoutingBlock·J]
-  T* s = c_blk + kRoutingBlock * J;     // [J·K]
-  T* vsum = s + J * K;                  // [J·K]
+  T* c_blk = scratch;                // [kRoutingBlock·J]
+  T* s = c_blk + kRoutingBlock * J;  // [J·K]
+  T* vsum = s + J * K;               // [J·K]
   const T* u = static_cast<const T*>(u_hat);
   T* v = static_cast<T*>(v_out);
   const T eps = T(sh.epsilon);
   for (int64_t b = begin; b < end; ++b) {
-    ForwardRow<T, KT>(u + b * I * J * K, v + b * J * K, I, J, K, sh.iterations, eps, c_blk, s,
-                      vsum, RowKeep());
+    ForwardRow<T, KT>(u + b * I * J * K, v + b * J * K, I, J, K, sh.iterations, eps, c_blk, s, vsum,
+                      RowKeep());
   }
   free(scratch);
   return true;
@@ -399,16 +399,16 @@ bool Backward(const RoutingShape& sh, const void* u_hat, const void* grad_v, voi
   T* scratch = static_cast<T*>(malloc(sizeof(T) * (RoutingScratchElements(sh, true) + 1)));
   if (scratch == nullptr) return false;
   // Layout of RoutingScratchElements(sh, true).
-  T* G = scratch;                      // [Ipad·J] dL/dlogits, block-transposed
-  T* c_keep = G + IJ;                  // [R-1][Ipad·J]
-  T* alpha = c_keep + (R - 1) * IJ;    // [R-1][Ipad·J]: dL/d(agreement of iteration t)
-  T* s_keep = alpha + (R - 1) * IJ;    // [R][J·K]
-  T* v_keep = s_keep + R * JK;         // [R][J·K]
-  T* gs_keep = v_keep + R * JK;        // [R][J·K]
-  T* gv = gs_keep + R * JK;            // [J·K]
-  T* gv_next = gv + JK;                // [J·K]
-  T* v_last = gv_next + JK;            // [J·K]
-  T* vsum = v_last + JK;               // [J·K]
+  T* G = scratch;                    // [Ipad·J] dL/dlogits, block-transposed
+  T* c_keep = G + IJ;                // [R-1][Ipad·J]
+  T* alpha = c_keep + (R - 1) * IJ;  // [R-1][Ipad·J]: dL/d(agreement of iteration t)
+  T* s_keep = alpha + (R - 1) * IJ;  // [R][J·K]
+  T* v_keep = s_keep + R * JK;       // [R][J·K]
+  T* gs_keep = v_keep + R * JK;      // [R][J·K]
+  T* gv = gs_keep + R * JK;          // [J·K]
+  T* gv_next = gv + JK;              // [J·K]
+  T* v_last = gv_next + JK;          // [J·K]
+  T* vsum = v_last + JK;             // [J·K]
   const T* u_all = static_cast<const T*>(u_hat);
   const T* gv_all = static_cast<const T*>(grad_v);
   T* du_all = static_cast<T*>(grad_u);
@@ -486,19 +486,25 @@ bool Backward(const RoutingShape& sh, const void* u_hat, const void* grad_v, voi
 template <typename T>
 bool ForwardAnyK(const RoutingShape& sh, const void* u, void* v, int64_t begin, int64_t end) {
   switch (sh.out_dim) {
-    case 8: return Forward<T, 8>(sh, u, v, begin, end);
-    case 16: return Forward<T, 16>(sh, u, v, begin, end);
-    default: return Forward<T, 0>(sh, u, v, begin, end);
+    case 8:
+      return Forward<T, 8>(sh, u, v, begin, end);
+    case 16:
+      return Forward<T, 16>(sh, u, v, begin, end);
+    default:
+      return Forward<T, 0>(sh, u, v, begin, end);
   }
 }
 
 template <typename T>
-bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* gu,
-                  int64_t begin, int64_t end) {
+bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* gu, int64_t begin,
+                  int64_t end) {
   switch (sh.out_dim) {
-    case 8: return Backward<T, 8>(sh, u, gv, gu, begin, end);
-    case 16: return Backward<T, 16>(sh, u, gv, gu, begin, end);
-    default: return Backward<T, 0>(sh, u, gv, gu, begin, end);
+    case 8:
+      return Backward<T, 8>(sh, u, gv, gu, begin, end);
+    case 16:
+      return Backward<T, 16>(sh, u, gv, gu, begin, end);
+    default:
+      return Backward<T, 0>(sh, u, gv, gu, begin, end);
   }
 }
 
@@ -506,9 +512,20 @@ bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* g
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
-extern const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA);
-const RoutingTable SMALLMM_CAT(kRoutingTable_, SMALLMM_ISA) = {
-    {&ForwardAnyK<float>, &ForwardAnyK<double>},
-    {&BackwardAnyK<float>, &BackwardAnyK<double>}};
+namespace {
+constexpr RoutingKernels MakeRoutingKernels() {
+  RoutingKernels t{};
+#define SMALLMM_ROUTING_ENTRY(e)                                                  \
+  t.forward[int(DType::e)] = &ForwardAnyK<typename DTypeInfo<DType::e>::Storage>; \
+  t.backward[int(DType::e)] = &BackwardAnyK<typename DTypeInfo<DType::e>::Storage>;
+  SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_ENTRY)
+#undef SMALLMM_ROUTING_ENTRY
+  return t;
+}
+}  // namespace
+
+// This ISA's entry of the dispatcher's table (isa.cc).
+extern const RoutingKernels SMALLMM_CAT(kRoutingKernels_, SMALLMM_ISA);
+const RoutingKernels SMALLMM_CAT(kRoutingKernels_, SMALLMM_ISA) = MakeRoutingKernels();
 
 }  // namespace smallmm

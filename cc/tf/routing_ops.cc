@@ -1,12 +1,12 @@
-// TF adapter of the fused dynamic-routing kernels (cc/kernels/routing.h): op
+// TF adapter of the fused dynamic-routing kernels (cc/engine/routing.h): op
 // registrations, shape functions and one OpKernel for the forward and backward ops. It
 // only validates, allocates and shards rows over TF's intra-op thread pool; the math is in
-// cc/kernels/routing_isa.cc. The gradient is registered in Python (tf_smallmm/_capsules.py).
+// cc/engine/routing_isa.cc. The gradient is registered in Python (tf_smallmm/_capsules.py).
 #include <atomic>
 #include <string>
 
-#include "cc/kernels/routing.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/routing.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -20,15 +20,12 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
-// The dtypes of the routing ops (a subset of SMALLMM_TYPE_LIST: 16-bit types are cast to
-// float32 by the Python wrapper, complex routing is not defined). The op's type attr and the
-// kernel registrations both come from this list.
-#define SMALLMM_ROUTING_TYPE_LIST(X) \
-  X(float, DT_FLOAT, kFloat)         \
-  X(double, DT_DOUBLE, kDouble)
-
+// The op's type attr and the kernel registrations both come from the engine's list of
+// routing dtypes (SMALLMM_ROUTING_DTYPES, cc/engine/routing.h).
 std::string RoutingTypeAttr() {
-  return smallmm_tf::TypeAttr({SMALLMM_ROUTING_TYPE_LIST(SMALLMM_DATATYPE)});
+#define SMALLMM_ROUTING_DATATYPE(CORE) smallmm_tf::TfType<smallmm::DType::CORE>::kDataType,
+  return smallmm_tf::TypeAttr({SMALLMM_ROUTING_DTYPES(SMALLMM_ROUTING_DATATYPE)});
+#undef SMALLMM_ROUTING_DATATYPE
 }
 
 // u_hat [batch, in_caps, out_caps, out_dim] -> v [batch, out_caps, out_dim].
@@ -96,10 +93,12 @@ class SmallMMDynamicRoutingOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& u = ctx->input(0);
-    OP_REQUIRES(ctx, u.dims() == 4,
-                errors::InvalidArgument(
-                    name(), ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
-                    "got shape ", ShapeOf(u)));
+    OP_REQUIRES(
+        ctx, u.dims() == 4,
+        errors::InvalidArgument(name(),
+                                ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
+                                "got shape ",
+                                ShapeOf(u)));
     smallmm::RoutingShape shape;
     shape.batch = u.dim_size(0);
     shape.in_caps = u.dim_size(1);
@@ -140,15 +139,14 @@ class SmallMMDynamicRoutingOp : public OpKernel {
     Shard(workers->num_threads, workers->workers, shape.batch,
           smallmm::RoutingCostPerRow(shape, kBackward), [&](int64_t begin, int64_t end) {
             const bool done =
-                kBackward ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data,
-                                                        out_data, begin, end)
-                          : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin,
-                                                       end);
+                kBackward ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data, out_data,
+                                                        begin, end)
+                          : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin, end);
             if (!done) ok.store(false);
           });
-    OP_REQUIRES(ctx, ok.load(),
-                errors::ResourceExhausted(name(), ": could not allocate routing scratch for ",
-                                          ShapeOf(u)));
+    OP_REQUIRES(
+        ctx, ok.load(),
+        errors::ResourceExhausted(name(), ": could not allocate routing scratch for ", ShapeOf(u)));
   }
 
  private:
@@ -157,14 +155,16 @@ class SmallMMDynamicRoutingOp : public OpKernel {
   smallmm::DType dtype_;
 };
 
-#define SMALLMM_REGISTER_ROUTING_CPU(T, DT, CORE)                                         \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("SmallMMDynamicRouting").Device(DEVICE_CPU).TypeConstraint<T>("T"),            \
-      SmallMMDynamicRoutingOp<false>);                                                    \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("SmallMMDynamicRoutingGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),        \
-      SmallMMDynamicRoutingOp<true>);
-SMALLMM_ROUTING_TYPE_LIST(SMALLMM_REGISTER_ROUTING_CPU)
+#define SMALLMM_REGISTER_ROUTING_CPU(CORE)                                                       \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRouting")                                          \
+                              .Device(DEVICE_CPU)                                                \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<false>);                                       \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRoutingGrad")                                      \
+                              .Device(DEVICE_CPU)                                                \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<true>);
+SMALLMM_ROUTING_DTYPES(SMALLMM_REGISTER_ROUTING_CPU)
 #undef SMALLMM_REGISTER_ROUTING_CPU
 
 }  // namespace

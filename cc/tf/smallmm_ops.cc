@@ -1,15 +1,15 @@
 // TF adapter: op registrations, shape functions and the one base OpKernel. It only
 // validates, broadcasts (through the kernel core's planner), allocates and shards; the
-// math is in cc/kernels/.
+// math is in cc/engine/.
 #include <algorithm>
 #include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_matmul_op.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_matmul_op.h"
+#include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -58,7 +58,7 @@ absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
 }
 
 // "T: {half, bfloat16, ...}" spelled from the one dtype list.
-std::string TypeAttr() { return smallmm_tf::TypeAttr({SMALLMM_TYPE_LIST(SMALLMM_DATATYPE)}); }
+std::string TypeAttr() { return smallmm_tf::TypeAttr({SMALLMM_TF_DTYPES(SMALLMM_TF_DATATYPE)}); }
 
 REGISTER_OP("SmallMMBatchMatMul")
     .Input("x: T")
@@ -133,21 +133,28 @@ namespace {
 
 // Below this many cost units (about cycles: CostPerOutput) a product runs on the calling
 // thread: waking a pool thread costs tens of microseconds on a VM, more than the work.
+// 4d29bbe (2026-11-25). Timed 2026-12-01 (cc/engine/README.md; SmallMMBatchMatMul on B
+// 20×20 matvecs, 2 intra-op threads, eager): always sharding takes 2.0× as long at B = 300
+// (0.25M units) and 1.13× at 900 (0.74M); running inline up to 16M units takes 1.36-1.75×
+// as long from B = 2500 (2M) up: the cross-over lies between 1.2M and 2M.
 constexpr int64_t kInlineCost = 1 << 20;
 // A pair runs interleaved in chunks of outputs that together touch about this many
-// elements, so the second product finds the shared operand in L1/L2.
+// elements, so the second product finds the shared operand in L1/L2. 4d29bbe (2026-11-25):
+// capsule dW + du, 2 threads, 3.7 ms as two ops -> 3.3 ms as a pair. Timed 2026-12-01 (same
+// setup, capsule backward pair, B = 50, two runs): 4K-element chunks take 0.95-1.07× as
+// long, 64K 1.08-1.25×.
 constexpr int64_t kPairChunkElements = 16 << 10;
 
 int64_t TotalCost(const smallmm::GemmPlan& p) {
   const int64_t per = smallmm::CostPerOutput(p);
-  return p.num_outputs > 0 && per > INT64_MAX / p.num_outputs ? INT64_MAX
-                                                               : per * p.num_outputs;
+  return p.num_outputs > 0 && per > INT64_MAX / p.num_outputs ? INT64_MAX : per * p.num_outputs;
 }
 
 // Elements one output of the plan reads and writes (saturating; a rough footprint).
 int64_t Footprint(const smallmm::GemmPlan& p) {
-  const double e = double(std::max<int64_t>(p.num_reduced, 1)) *
-                       (double(p.m) * p.k + double(p.k) * p.n) + double(p.m) * p.n;
+  const double e =
+      double(std::max<int64_t>(p.num_reduced, 1)) * (double(p.m) * p.k + double(p.k) * p.n) +
+      double(p.m) * p.n;
   return e > 1e15 ? int64_t(1e15) : int64_t(e);
 }
 
@@ -158,22 +165,24 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
                                         int count) {
   const smallmm::DType dtype = dtype_;
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  std::atomic<bool> ran{true};
-  auto run = [&](const SmallMMPlanned& q, const smallmm::GemmPlan& p, void* dst,
-                 int64_t begin, int64_t end) {
-    if (!smallmm::RunBatchMatMul(dtype, p, q.x->tensor_data().data(),
-                                 q.y->tensor_data().data(), dst, begin, end)) {
-      ran.store(false, std::memory_order_relaxed);
+  // Whether each product's kernel could allocate its scratch, reported per product.
+  std::atomic<bool> ran[2] = {{true}, {true}};
+  auto run = [&](int i, const smallmm::GemmPlan& p, void* dst, int64_t begin, int64_t end) {
+    if (!smallmm::RunBatchMatMul(dtype, p, planned[i].x->tensor_data().data(),
+                                 planned[i].y->tensor_data().data(), dst, begin, end)) {
+      ran[i].store(false, std::memory_order_relaxed);
     }
   };
   auto out_ptr = [](const SmallMMPlanned& q) {
     return static_cast<void*>(const_cast<char*>(q.out->tensor_data().data()));
   };
-  auto check = [&](const smallmm::GemmPlan& plan) {
-    OP_REQUIRES(ctx, ran.load(),
-                errors::ResourceExhausted(name(), ": could not allocate the kernel's scratch "
-                                          "buffer (M=", plan.m, ", N=", plan.n, ", K=", plan.k,
-                                          ")"));
+  auto check = [&](int i) {
+    const smallmm::GemmPlan& plan = planned[i].plan;
+    OP_REQUIRES(ctx, ran[i].load(),
+                errors::ResourceExhausted(name(),
+                                          ": could not allocate the kernel's scratch "
+                                          "buffer (M=",
+                                          plan.m, ", N=", plan.n, ", K=", plan.k, ")"));
   };
   // Shards [0, units) over the pool, or runs it here when the whole job is small.
   auto shard = [&](int64_t units, int64_t cost_per_unit, int64_t total_cost,
@@ -186,8 +195,7 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
   };
   const int parts[2] = {
       smallmm::SuggestReductionSplit(dtype, planned[0].plan, workers->num_threads),
-      count > 1 ? smallmm::SuggestReductionSplit(dtype, planned[1].plan, workers->num_threads)
-                : 1};
+      count > 1 ? smallmm::SuggestReductionSplit(dtype, planned[1].plan, workers->num_threads) : 1};
 
   // Both products of a pair together: the same output index of each (both gradients of a
   // capsule prediction, per input capsule) reads the same slice of the upstream gradient.
@@ -197,9 +205,8 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     const smallmm::GemmPlan& p1 = planned[1].plan;
     const int64_t cost0 = smallmm::CostPerOutput(p0), cost1 = smallmm::CostPerOutput(p1);
     const int64_t per = cost0 > INT64_MAX - cost1 ? INT64_MAX : cost0 + cost1;
-    const int64_t total = TotalCost(p0) > INT64_MAX - TotalCost(p1)
-                              ? INT64_MAX
-                              : TotalCost(p0) + TotalCost(p1);
+    const int64_t total =
+        TotalCost(p0) > INT64_MAX - TotalCost(p1) ? INT64_MAX : TotalCost(p0) + TotalCost(p1);
     const int64_t chunk = std::max<int64_t>(
         1, kPairChunkElements / std::max<int64_t>(1, Footprint(p0) + Footprint(p1)));
     void* c0 = out_ptr(planned[0]);
@@ -207,11 +214,13 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     shard(p0.num_outputs, per, total, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; o += chunk) {
         const int64_t e = std::min(end, o + chunk);
-        run(planned[0], p0, c0, o, e);
-        run(planned[1], p1, c1, o, e);
+        run(0, p0, c0, o, e);
+        run(1, p1, c1, o, e);
       }
     });
-    check(p0);
+    check(0);
+    if (!ctx->status().ok()) return;
+    check(1);
     return;
   }
 
@@ -223,12 +232,12 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     if (parts[i] > 1) {
       const smallmm::GemmPlan split = smallmm::SplitReduction(plan, parts[i]);
       Tensor partials;
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(q.out->dtype(),
-                                             TensorShape({split.output_elements}), &partials));
+      OP_REQUIRES_OK(
+          ctx, ctx->allocate_temp(q.out->dtype(), TensorShape({split.output_elements}), &partials));
       void* pc = const_cast<char*>(partials.tensor_data().data());
       shard(split.num_outputs, smallmm::CostPerOutput(split), TotalCost(split),
-            [&](int64_t begin, int64_t end) { run(q, split, pc, begin, end); });
-      check(plan);
+            [&](int64_t begin, int64_t end) { run(i, split, pc, begin, end); });
+      check(i);
       if (!ctx->status().ok()) return;
       const int n = parts[i];
       shard(plan.output_elements, n + 1, TotalCost(split), [&](int64_t begin, int64_t end) {
@@ -239,30 +248,16 @@ void SmallMMMatMulOp<CPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
     // Shard over output matrices; the cost estimate keeps tiny problems on the calling
     // thread instead of paying the thread-pool hand-off.
     shard(plan.num_outputs, smallmm::CostPerOutput(plan), TotalCost(plan),
-          [&](int64_t begin, int64_t end) { run(q, plan, c, begin, end); });
-    check(plan);
+          [&](int64_t begin, int64_t end) { run(i, plan, c, begin, end); });
+    check(i);
     if (!ctx->status().ok()) return;
   }
 }
 
 namespace {
 
-#define SMALLMM_REGISTER_CPU(T, DT, CORE)                                                    \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("SmallMMBatchMatMul").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
-      SmallMMMatMulOp<CPUDevice>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
-                              .Device(DEVICE_CPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape"),                            \
-                          SmallMMMatMulOp<CPUDevice>);                               \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
-                              .Device(DEVICE_CPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape_1")                           \
-                              .HostMemory("batch_shape_2"),                          \
-                          SmallMMMatMulOp<CPUDevice>);
-SMALLMM_TYPE_LIST(SMALLMM_REGISTER_CPU)
+#define SMALLMM_REGISTER_CPU(CORE, T, DT) SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_CPU, CPUDevice, T)
+SMALLMM_TF_DTYPES(SMALLMM_REGISTER_CPU)
 #undef SMALLMM_REGISTER_CPU
 
 }  // namespace

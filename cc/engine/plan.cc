@@ -1,35 +1,14 @@
-// Shape and broadcast logic (the one place for it) and run-time ISA dispatch.
+// The planner: shape and broadcast logic (the one place for it), loop folding, cost
+// estimates and the parallel-reduction split.
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <sstream>
+#include <string>
+#include <type_traits>
 
-#include "cc/kernels/smallmm.h"
+#include "cc/engine/smallmm.h"
 
 namespace smallmm {
-
-using RunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
-extern const RunFn kRunTable_baseline[int(DType::kNumDTypes)];
-#ifdef SMALLMM_HAVE_AVX2
-extern const RunFn kRunTable_avx2[int(DType::kNumDTypes)];
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-extern const RunFn kRunTable_avx512[int(DType::kNumDTypes)];
-#endif
-
-const char* DTypeName(DType t) {
-  static const char* names[] = {"float16",   "bfloat16",  "float32",
-                                "float64",   "complex64", "complex128"};
-  const int i = int(t);
-  return i >= 0 && i < int(DType::kNumDTypes) ? names[i] : "invalid";
-}
-
-int DTypeSize(DType t) {
-  static const int sizes[] = {2, 2, 4, 8, 8, 16};
-  const int i = int(t);
-  return i >= 0 && i < int(DType::kNumDTypes) ? sizes[i] : 0;
-}
 
 namespace {
 
@@ -41,9 +20,7 @@ std::string ShapeString(const Operand& x) {
   return s.str();
 }
 
-bool MulOverflows(int64_t a, int64_t b, int64_t* out) {
-  return __builtin_mul_overflow(a, b, out);
-}
+bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
 // a * b, saturated at INT64_MAX / 4 (so that a few of them still add up): for cost
 // heuristics over sizes that may be astronomically large when some other dim is 0.
@@ -95,7 +72,14 @@ int64_t DivisorAtMost(int64_t n, int64_t cap) {
 
 // Columns per folded GEMM: enough to amortise packing the shared matrix and fill the
 // 16-wide micro-kernels, few enough to leave one work item per thread on a batch of ~100.
+// 0b9b741 (2026-11-25). Timed 2026-12-01 (README.md; capsule prediction W[1152,160,8] ·
+// u[B,1152,8], B = 100, 128, 256): 32 takes 1.08-1.17× as long on one thread and 1.01-1.02×
+// with the TF op on 2 threads; 128 takes 0.87-0.99× and 0.96-1.00×: 64 keeps several work
+// items per thread on layers with few input capsules for at most a few percent.
 constexpr int64_t kMaxFoldedColumns = 64;
+// A bound on the packed panels when a long batch folds into K (6ad3d4f, 2026-11-25). Timed
+// 2026-12-01 (README.md; weight gradient g[B,64,160,1]·u[B,64,8,1]ᵀ summed over B = 600,
+// 2048, one thread): 256 takes 1.10-1.11× as long, 4096 1.11× (B = 2048).
 constexpr int64_t kMaxFoldedK = 1024;
 
 // Removes loop i from a nest, or shrinks it to `size / taken` iterations when only part of
@@ -141,7 +125,7 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   };
   // A side of 1 takes an output loop along which the other operand is broadcast: the
   // loop's strides for the moving operand and for C become that side's.
-  auto fold_side = [&](int64_t Loop::*shared, int64_t Loop::*moving, int64_t* side,
+  auto fold_side = [&](int64_t Loop::* shared, int64_t Loop::* moving, int64_t* side,
                        int64_t* op_stride, int64_t* c_stride) {
     const int best = pick(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
     const int64_t take = best >= 0 ? DivisorAtMost(p->out[best].size, kMaxFoldedColumns) : 1;
@@ -203,8 +187,8 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   const int nb = std::max(std::max(ra, rb), rt);
   if (nb > kMaxBatchDims) {
     std::ostringstream s;
-    s << "at most " << kMaxBatchDims << " batch dimensions are supported, got x"
-      << ShapeString(a) << " and y" << ShapeString(b);
+    s << "at most " << kMaxBatchDims << " batch dimensions are supported, got x" << ShapeString(a)
+      << " and y" << ShapeString(b);
     return fail(s.str());
   }
 
@@ -228,8 +212,8 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   if (ka != kb) {
     std::ostringstream s;
     s << "Matrix size-incompatible: x" << ShapeString(a) << (a.transpose ? " (transposed)" : "")
-      << " has " << ka << " columns but y" << ShapeString(b)
-      << (b.transpose ? " (transposed)" : "") << " has " << kb << " rows";
+      << " has " << ka << " columns but y" << ShapeString(b) << (b.transpose ? " (transposed)" : "")
+      << " has " << kb << " rows";
     return fail(s.str());
   }
   p.k = ka;
@@ -321,9 +305,7 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   // operand; put the axes with the largest reuse innermost so the reused matrix stays in
   // L1 across consecutive work items (capsules: W[i] stays hot while the batch streams).
   const int64_t a_bytes = SatMul(p.m, p.k), b_bytes = SatMul(p.k, p.n);
-  auto reuse = [&](const Loop& l) {
-    return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0);
-  };
+  auto reuse = [&](const Loop& l) { return (l.a == 0 ? a_bytes : 0) + (l.b == 0 ? b_bytes : 0); };
   std::stable_sort(p.out, p.out + no,
                    [&](const Loop& x, const Loop& y) { return reuse(x) < reuse(y); });
   p.num_out = Simplify(p.out, no);
@@ -343,10 +325,23 @@ int64_t CostPerOutput(const GemmPlan& p) {
 }
 
 // ---------------------------------------------------------------- parallel reductions
+namespace {
+// Whether a dtype accumulates in its own storage type (not float16 / bfloat16, which
+// accumulate in float32): only those are split into partial sums.
+bool SumsInStorage(DType dtype) {
+  static const bool kSums[] = {
+#define SMALLMM_SUMS_IN_STORAGE(e, name, bytes, S, A) std::is_same<S, A>::value,
+      SMALLMM_DTYPES(SMALLMM_SUMS_IN_STORAGE)
+#undef SMALLMM_SUMS_IN_STORAGE
+  };
+  const int d = int(dtype);
+  return d >= 0 && d < kNumDTypes && kSums[d];
+}
+}  // namespace
+
 int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
-  if (dtype == DType::kHalf || dtype == DType::kBFloat16) return 1;
-  if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads ||
-      p.num_out >= kMaxBatchDims) {
+  if (!SumsInStorage(dtype)) return 1;
+  if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads || p.num_out >= kMaxBatchDims) {
     return 1;
   }
   const int64_t s = p.red[0].size;
@@ -385,111 +380,30 @@ void Sum(const R* partials, int parts, int64_t n, R* out, int64_t begin, int64_t
     out[i] = s;
   }
 }
+
+// One dtype's partial sums, as sums of its storage scalars (a complex element is its
+// (re, im) pair); dtypes that never split (SumsInStorage) have none.
+template <DType D>
+void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin, int64_t end) {
+  using S = typename DTypeInfo<D>::Storage;
+  constexpr int kC = DTypeInfo<D>::kComponents;
+  if constexpr (std::is_same<S, typename DTypeInfo<D>::Acc>::value) {
+    Sum(static_cast<const S*>(partials), parts, kC * n, static_cast<S*>(out), kC * begin, kC * end);
+  }
+}
 }  // namespace
 
-void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
-                 int64_t begin, int64_t end) {
-  // Complex sums are sums of their (re, im) floats: n complex elements are 2n reals.
+void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
+                 int64_t end) {
   switch (dtype) {
-    case DType::kFloat:
-      return Sum(static_cast<const float*>(partials), parts, n, static_cast<float*>(out), begin, end);
-    case DType::kDouble:
-      return Sum(static_cast<const double*>(partials), parts, n, static_cast<double*>(out), begin,
-                 end);
-    case DType::kComplex64:
-      return Sum(static_cast<const float*>(partials), parts, 2 * n, static_cast<float*>(out),
-                 2 * begin, 2 * end);
-    case DType::kComplex128:
-      return Sum(static_cast<const double*>(partials), parts, 2 * n, static_cast<double*>(out),
-                 2 * begin, 2 * end);
+#define SMALLMM_SUM_CASE(e, name, bytes, S, A) \
+  case DType::e:                               \
+    return SumAs<DType::e>(partials, parts, n, out, begin, end);
+    SMALLMM_DTYPES(SMALLMM_SUM_CASE)
+#undef SMALLMM_SUM_CASE
     default:
-      return;  // never split (SuggestReductionSplit)
+      return;
   }
-}
-
-// ---------------------------------------------------------------- ISA dispatch
-namespace {
-
-struct Isa {
-  const char* name;
-  const RunFn* table;
-  bool (*supported)();
-};
-
-bool Always() { return true; }
-#ifdef SMALLMM_HAVE_AVX2
-bool HasAvx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#endif
-#ifdef SMALLMM_HAVE_AVX512
-bool HasAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("fma");
-}
-#endif
-
-// Best first.
-const Isa kIsas[] = {
-#ifdef SMALLMM_HAVE_AVX512
-    {"avx512", kRunTable_avx512, &HasAvx512},
-#endif
-#ifdef SMALLMM_HAVE_AVX2
-    {"avx2", kRunTable_avx2, &HasAvx2},
-#endif
-    {"baseline", kRunTable_baseline, &Always},
-};
-constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
-
-// TF_SMALLMM_ISA=avx2|baseline caps the choice (for A/B checks on one machine).
-int DefaultIsa() {
-  const char* want = getenv("TF_SMALLMM_ISA");
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (!kIsas[i].supported()) continue;
-    if (want == nullptr || *want == 0 || strcmp(want, kIsas[i].name) == 0) return i;
-  }
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (kIsas[i].supported()) return i;
-  }
-  return kNumIsas - 1;
-}
-
-std::atomic<int>& Current() {
-  static std::atomic<int> current{DefaultIsa()};
-  return current;
-}
-
-}  // namespace
-
-bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b,
-                    void* c, int64_t begin, int64_t end) {
-  const int d = int(dtype);
-  if (d < 0 || d >= int(DType::kNumDTypes)) return false;
-  return kIsas[Current().load(std::memory_order_relaxed)].table[d](plan, a, b, c, begin, end);
-}
-
-const char* ActiveIsa() { return kIsas[Current().load()].name; }
-
-const char* CompiledIsas() {
-  static const std::string names = [] {
-    std::string s;
-    for (int i = 0; i < kNumIsas; ++i) s += (i ? "," : "") + std::string(kIsas[i].name);
-    return s;
-  }();
-  return names.c_str();
-}
-
-bool SetIsa(const std::string& name) {
-  for (int i = 0; i < kNumIsas; ++i) {
-    if (name == kIsas[i].name && kIsas[i].supported()) {
-      Current().store(i);
-      return true;
-    }
-  }
-  return false;
 }
 
 }  // namespace smallmm

@@ -22,36 +22,24 @@
 // The primitive, for every output batch index o:
 //   C[o] = Σ_r op(A[ia(o, r)]) · op(B[ib(o, r)])
 // Float16 and bfloat16 accumulate in float32, everything else in its own type.
-#ifndef TF_SMALLMM_CC_KERNELS_SMALLMM_H_
-#define TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+#ifndef TF_SMALLMM_CC_ENGINE_SMALLMM_H_
+#define TF_SMALLMM_CC_ENGINE_SMALLMM_H_
 
 #include <cstdint>
 #include <string>
 
-namespace smallmm {
+#include "cc/engine/dtypes.h"
 
-// Element types. float16 and bfloat16 are 16-bit storage types (binary-compatible with
-// Eigen::half / Eigen::bfloat16 and numpy's float16 / ml_dtypes.bfloat16); complex types
-// are interleaved (re, im) pairs like std::complex.
-enum class DType : int {
-  kHalf = 0,
-  kBFloat16,
-  kFloat,
-  kDouble,
-  kComplex64,
-  kComplex128,
-  kNumDTypes
-};
-const char* DTypeName(DType t);
-int DTypeSize(DType t);
+namespace smallmm {
 
 constexpr int kMaxBatchDims = 8;  // after broadcasting, before merging axes
 
-// Compile-time tile sizes of the micro-kernels (gemm_isa.cc): a run-time M (or N) of
-// 1..4 uses the exact tile, 5..8 an 8-tile, larger sizes 16-tiles with the last one
-// zero-padded. Tests and benchmarks loop over this table.
+// Compile-time tile sizes of the micro-kernels (gemm/micro.h), ascending: a run-time M (or
+// N) is cut into tiles of the smallest size that holds it (the largest for anything
+// longer), the last one an edge tile of the smallest size that holds the rest (M = 20 is a
+// 16-tile and a 4-tile). Tests and benchmarks loop over this table.
 constexpr int kTileSizes[] = {1, 2, 3, 4, 8, 16};
-constexpr int kNumTileSizes = 6;
+constexpr int kNumTileSizes = int(sizeof(kTileSizes) / sizeof(kTileSizes[0]));
 
 // One loop of the batch nest: `size` iterations, advancing A, B and C by these strides.
 // In a reduction loop c is 0.
@@ -70,9 +58,9 @@ struct GemmPlan {
   int num_out = 0, num_red = 0;
   Loop out[kMaxBatchDims];  // outermost first; flattened order = work-item order
   Loop red[kMaxBatchDims];
-  int64_t num_outputs = 1;     // product of out[].size (number of C matrices)
-  int64_t num_reduced = 1;     // product of red[].size
-  int64_t output_elements = 0; // num_outputs * m * n
+  int64_t num_outputs = 1;      // product of out[].size (number of C matrices)
+  int64_t num_reduced = 1;      // product of red[].size
+  int64_t output_elements = 0;  // num_outputs * m * n
 };
 
 // An operand as the caller sees it: shape and element strides (dense or not).
@@ -109,8 +97,8 @@ int64_t CostPerOutput(const GemmPlan& plan);
 // SumPartials adds them into the real output, elements [begin, end).
 int SuggestReductionSplit(DType dtype, const GemmPlan& plan, int threads);
 GemmPlan SplitReduction(const GemmPlan& plan, int parts);
-void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out,
-                 int64_t begin, int64_t end);
+void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
+                 int64_t end);
 
 // Computes output matrices [begin, end) of the plan (in flattened out-loop order).
 // Safe to call concurrently on disjoint ranges. Reduction loops of size 0 and K = 0 give
@@ -121,6 +109,14 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
 bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
                     int64_t begin, int64_t end);
 
+// The kernel family RunBatchMatMul runs this plan with on the active ISA (a name from
+// KernelFamilies), "none" when the plan has no output elements, "invalid" for a bad dtype.
+const char* KernelFor(DType dtype, const GemmPlan& plan);
+
+// The active ISA's kernel families, in the order they are tried (the first that can
+// implement a plan runs it; the last implements every plan). Sets *count.
+const char* const* KernelFamilies(int* count);
+
 // Which instruction set the running process dispatched to: "avx512", "avx2" or "baseline".
 const char* ActiveIsa();
 // The instruction sets compiled into this library, e.g. "avx512,avx2,baseline".
@@ -130,4 +126,4 @@ bool SetIsa(const std::string& name);
 
 }  // namespace smallmm
 
-#endif  // TF_SMALLMM_CC_KERNELS_SMALLMM_H_
+#endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

@@ -5,9 +5,9 @@
 // device context as the platform's raw handle and goes to cuda/smallmm_gpu.h's launcher.
 #if GOOGLE_CUDA
 
-#include "cc/kernels/smallmm.h"
-#include "cc/ops/smallmm_matmul_op.h"
-#include "cc/ops/smallmm_types.h"
+#include "cc/engine/smallmm.h"
+#include "cc/tf/smallmm_matmul_op.h"
+#include "cc/tf/smallmm_types.h"
 #include "cuda/smallmm_gpu.h"
 #include "tensorflow/core/framework/device_base.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -41,22 +41,8 @@ void SmallMMMatMulOp<GPUDevice>::Launch(OpKernelContext* ctx, const SmallMMPlann
 
 namespace {
 
-#define SMALLMM_REGISTER_GPU(T, DT, CORE)                                            \
-  REGISTER_KERNEL_BUILDER(                                                           \
-      Name("SmallMMBatchMatMul").Device(DEVICE_GPU).TypeConstraint<T>("T"),          \
-      SmallMMMatMulOp<GPUDevice>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulReduce")                           \
-                              .Device(DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape"),                            \
-                          SmallMMMatMulOp<GPUDevice>);                               \
-  REGISTER_KERNEL_BUILDER(Name("SmallMMBatchMatMulPair")                             \
-                              .Device(DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                \
-                              .HostMemory("batch_shape_1")                           \
-                              .HostMemory("batch_shape_2"),                          \
-                          SmallMMMatMulOp<GPUDevice>);
-SMALLMM_TYPE_LIST(SMALLMM_REGISTER_GPU)
+#define SMALLMM_REGISTER_GPU(CORE, T, DT) SMALLMM_REGISTER_MATMUL_KERNELS(DEVICE_GPU, GPUDevice, T)
+SMALLMM_TF_DTYPES(SMALLMM_REGISTER_GPU)
 #undef SMALLMM_REGISTER_GPU
 
 }  // namespace

@@ -1,0 +1,27 @@
+// The GEMM engine's entry points: a plan goes to the active ISA's kernels for its dtype.
+#include "cc/engine/gemm/gemm_kernels.h"
+#include "cc/engine/isa.h"
+#include "cc/engine/smallmm.h"
+
+namespace smallmm {
+
+bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
+                    int64_t begin, int64_t end) {
+  const int d = int(dtype);
+  if (d < 0 || d >= kNumDTypes) return false;
+  return ActiveIsaKernels().gemm->run[d](plan, a, b, c, begin, end);
+}
+
+const char* KernelFor(DType dtype, const GemmPlan& plan) {
+  const int d = int(dtype);
+  if (d < 0 || d >= kNumDTypes) return "invalid";
+  return ActiveIsaKernels().gemm->kernel_for[d](plan);
+}
+
+const char* const* KernelFamilies(int* count) {
+  const GemmKernels& k = *ActiveIsaKernels().gemm;
+  *count = k.num_families;
+  return k.families;
+}
+
+}  // namespace smallmm

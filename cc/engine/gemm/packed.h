@@ -1,0 +1,311 @@
+// packed.h — the "packed" kernel family, the generic one that implements every plan:
+// operands packed into tiles, micro-kernels (micro.h) over every pair of tiles, reduction
+// loops summed in the accumulators. Included only by gemm_isa.cc (compiled once per ISA):
+// everything has internal linkage, see README.md.
+//
+// Algorithm, for each output matrix C[o] (see smallmm.h for the terminology):
+//   for each reduction item r:
+//     pack op(A[o, r]) into M-tiles [tile][k][MT] and op(B[o, r]) into N-tiles
+//     [tile][k][NT] in the accumulation type (conjugate and fp16 -> fp32 applied here,
+//     zero-padded to whole tiles), skipping the pack when the operand is the same
+//     matrix as last time (a broadcast operand is packed once and stays in L1);
+//     for each (M-tile, N-tile): acc += micro-kernel(packed A tile, packed B tile)
+//   store acc to C[o] (fp32 -> fp16 rounding applied here).
+// float and double operands whose tiles fill exactly are read in place instead of packed,
+// and full output tiles go straight to C.
+#ifndef TF_SMALLMM_CC_ENGINE_GEMM_PACKED_H_
+#define TF_SMALLMM_CC_ENGINE_GEMM_PACKED_H_
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "cc/engine/gemm/common.h"
+#include "cc/engine/gemm/micro.h"
+#include "cc/engine/gemm/streaming.h"
+
+namespace smallmm {
+namespace {
+
+// The widest tile whose broadcast (scalar) side is read in place when that side's lines
+// are far apart: one pointer per accumulator must stay in a register. 4d29bbe (2026-11-25).
+// Timed 2026-12-01 (../README.md, one thread): without the cap (16-wide tiles) the capsule
+// du = Wᵀ·dû takes 1.59× as long.
+constexpr int kFarScalarTile = 4;
+
+// a * b + c for scratch sizes; false on int64 overflow.
+inline bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
+  int64_t ab;
+  return !__builtin_mul_overflow(a, b, &ab) && !__builtin_add_overflow(ab, c, out);
+}
+
+// ---------------------------------------------------------------- packing
+// Packs op(X) restricted to a [rows × k] panel (rows = M for A, N for B; for B the
+// roles of the strides are swapped by the caller) into tiles [tile][l][width] (+ imag
+// plane per tile). Every tile is `tile` wide except the last, which is `edge` wide (the
+// smallest tile size that holds the remaining rows), zero-padded.
+template <DType D>
+void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_stride,
+               int64_t k_stride, bool conj, int tile, int edge, typename Traits<D>::R* out) {
+  using T = Traits<D>;
+  using R = typename T::R;
+  constexpr int kPlanes = T::kComplex ? 2 : 1;
+  constexpr int kElem = T::kComplex ? 2 : 1;  // storage scalars per element
+  const int64_t ntiles = (rows + tile - 1) / tile;
+  const R sign = conj ? R(-1) : R(1);
+  // Walk memory in its own order (the smaller stride innermost): a folded batch axis can
+  // make one of the strides huge, and crossing a page per element thrashes the TLB.
+  const bool rows_inner = !(k_stride >= 0 && row_stride >= 0 && k_stride < row_stride);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    R* dst = out + t * kPlanes * k * tile;
+    const int64_t r0 = t * tile;
+    const int64_t w = t == ntiles - 1 ? edge : tile;
+    const int64_t valid = rows - r0 < w ? rows - r0 : w;
+    auto put = [&](int64_t i, int64_t l) {
+      const int64_t idx = kElem * (off + (r0 + i) * row_stride + l * k_stride);
+      dst[l * w + i] = T::Load(x, idx);
+      if constexpr (T::kComplex) dst[k * w + l * w + i] = sign * T::Load(x, idx + 1);
+    };
+    if (rows_inner) {
+      for (int64_t l = 0; l < k; ++l)
+        for (int64_t i = 0; i < valid; ++i) put(i, l);
+    } else {
+      for (int64_t i = 0; i < valid; ++i)
+        for (int64_t l = 0; l < k; ++l) put(i, l);
+    }
+    for (int64_t l = 0; l < k; ++l) {
+      for (int64_t i = valid; i < w; ++i) {
+        dst[l * w + i] = R(0);
+        if constexpr (T::kComplex) dst[k * w + l * w + i] = R(0);
+      }
+    }
+  }
+}
+
+// Writes the valid rows × cols of an accumulator tile to C, in C's own memory order.
+template <DType D>
+void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t rows, int64_t cols,
+               void* c, int64_t off, int64_t rs, int64_t cs) {
+  using T = Traits<D>;
+  const int64_t ti = col ? 1 : nt, tj = col ? mt : 1;
+  auto put = [&](int64_t i, int64_t j) {
+    const int64_t idx = off + i * rs + j * cs;
+    if constexpr (T::kComplex) {
+      T::Store(c, 2 * idx, t[i * ti + j * tj]);
+      T::Store(c, 2 * idx + 1, t[mt * nt + i * ti + j * tj]);
+    } else {
+      T::Store(c, idx, t[i * ti + j * tj]);
+    }
+  };
+  if (rs >= 0 && cs >= 0 && rs < cs) {
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i < rows; ++i) put(i, j);
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) put(i, j);
+  }
+}
+
+// ---------------------------------------------------------------- the family
+template <DType D>
+bool CanPacked(const GemmPlan&) {
+  return true;
+}
+
+// Output matrices [begin, end) of the plan (RunBatchMatMul's contract; called by Run in
+// gemm_isa.cc with a non-empty range and M, N >= 1).
+template <DType D>
+bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
+               int64_t end) {
+  using T = Traits<D>;
+  using R = typename T::R;
+  constexpr bool kC = T::kComplex;
+  constexpr int kPlanes = kC ? 2 : 1;
+  // Tiles: whole mt×nt tiles, and along each side a last "edge" tile of the smallest
+  // tile size that holds the rest (M = 20 is a 16-tile and a 4-tile, not two 16-tiles).
+  constexpr bool kInPlace = kPlainReal<D>;
+  auto near = [](int64_t stride) { return stride > -kNearStride && stride < kNearStride; };
+  int mi = TileClass(p.m), ni = TileClass(p.n);
+  if (kInPlace && !kC) {
+    // A broadcast (scalar) side read in place takes one pointer per accumulator; when
+    // its lines are pages apart (a batch folded into N or M: the capsule's du = Wᵀ·dû
+    // reads 50 columns of dû 737 KB apart) 16 pointers do not fit in registers and the
+    // kernel spills every step. Four (kFarScalarTile) do.
+    const int cap = TileClass(kFarScalarTile);
+    const bool col0 = ColumnMode(kTileSizes[mi], kTileSizes[ni], kC, p.c_rs, p.c_cs);
+    if (col0 && !near(p.b_cs) && near(p.b_rs) && ni > cap) ni = cap;
+    if (!col0 && !near(p.a_rs) && near(p.a_cs) && mi > cap) mi = cap;
+  }
+  const int mt = kTileSizes[mi], nt = kTileSizes[ni];
+  const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
+  const int64_t mfull = p.m / mt, nfull = p.n / nt;
+  const int mte = p.m % mt ? kTileSizes[TileClass(p.m % mt)] : mt;
+  const int nte = p.n % nt ? kTileSizes[TileClass(p.n % nt)] : nt;
+  auto mw = [&](int64_t ti) { return ti < mfull ? mt : mte; };
+  auto nw = [&](int64_t tj) { return tj < nfull ? nt : nte; };
+  const bool col = ColumnMode(mt, nt, kC, p.c_rs, p.c_cs);
+  // Pack-free paths (float/double): an operand that fills its tiles exactly is read in
+  // place when the micro-kernel can (vector side: contiguous lanes); a full output tile is
+  // written straight to C when there is nothing to accumulate across.
+  // "Whole": every tile, the edge included, is exactly filled (M = 20 = 16 + 4 is; 12 is not).
+  const bool whole_m = p.m % mt == 0 || mte == p.m % mt;
+  const bool whole_n = p.n % nt == 0 || nte == p.n % nt;
+  // A K step of a page or more (a batch axis folded into K) makes every step a new,
+  // unprefetched line: pack those operands (packing streams them in memory order).
+  const bool direct_a = kInPlace && whole_m && (!col || p.a_rs == 1) && near(p.a_cs);
+  const bool direct_b = kInPlace && whole_n && (col || p.b_cs == 1) && near(p.b_rs);
+  const bool scalar_in_place = col ? direct_b : direct_a;
+  // [M edge?][N edge?]
+  const MicroFn<R, kC> micros[2][2] = {
+      {SelectMicro<R, kC>(mi, ni, col, scalar_in_place),
+       SelectMicro<R, kC>(mi, TileClass(nte), col, scalar_in_place)},
+      {SelectMicro<R, kC>(TileClass(mte), ni, col, scalar_in_place),
+       SelectMicro<R, kC>(TileClass(mte), TileClass(nte), col, scalar_in_place)}};
+  auto micro = [&](int64_t ti, int64_t tj, const TileArgs<R>& t, bool accumulate) {
+    micros[ti >= mfull][tj >= nfull](p.k, t, accumulate);
+  };
+
+  // Scratch: packed A, packed B, accumulators; one allocation per call (a call covers a
+  // whole shard). For dense operands (TF tensors) this is bounded by the inputs' own
+  // sizes, but a stride-0 view can have a huge K in no memory at all, so the sizes are
+  // overflow-checked and a failed allocation is reported, never ignored. Without
+  // reduction loops one accumulator tile suffices (each tile is stored as soon as it is
+  // done); with them, all tiles accumulate across the reduction.
+  const bool reducing = p.num_reduced > 1 && p.k > 0;  // K = 0: zeros, whatever the batch
+  const int64_t acc_tile = kPlanes * mt * nt;
+  int64_t a_elems, b_elems, acc_elems, total;
+  if (!MulAdd(mtiles * mt * kPlanes, p.k, 0, &a_elems) ||
+      !MulAdd(ntiles * nt * kPlanes, p.k, 0, &b_elems) ||
+      !MulAdd(reducing ? mtiles * ntiles : 1, acc_tile, 1, &acc_elems) ||
+      __builtin_add_overflow(a_elems, b_elems, &total) ||
+      __builtin_add_overflow(total, acc_elems, &total) || uint64_t(total) > SIZE_MAX / sizeof(R)) {
+    return false;
+  }
+  --acc_elems;  // the +1 above keeps the allocation non-empty
+  R* scratch = static_cast<R*>(malloc(sizeof(R) * size_t(total)));
+  if (scratch == nullptr) return false;
+  R* ap = scratch;
+  R* bp = ap + a_elems;
+  R* acc = bp + b_elems;
+
+  const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
+  const bool direct_c = kInPlace && !reducing && (col ? p.c_rs == 1 : p.c_cs == 1);
+  // An output far larger than the last-level cache is evicted before anyone reads it:
+  // write it with non-temporal stores (saves the read-for-ownership of every line).
+  const bool stream_c = direct_c && uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes;
+  const R* a_mem = static_cast<const R*>(a);
+  const R* b_mem = static_cast<const R*>(b);
+  R* c_mem = static_cast<R*>(c);
+  // Remember which matrices are packed: a broadcast operand is packed once.
+  int64_t packed_a = -1, packed_b = -1;
+  auto pack = [&](int64_t ao, int64_t bo) {
+    if (!direct_a && ao != packed_a) {
+      PackPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs, p.conj_a, mt, mte, ap);
+      packed_a = ao;
+    }
+    if (!direct_b && bo != packed_b) {
+      PackPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs, p.conj_b, nt, nte, bp);
+      packed_b = bo;
+    }
+  };
+  // The views of tile (ti, tj) for operands at offsets ao, bo, accumulating into `tile`.
+  auto args = [&](int64_t ti, int64_t tj, int64_t ao, int64_t bo, R* tile) {
+    TileArgs<R> t;
+    if (direct_a) {
+      t.a = a_mem + ao + ti * mt * p.a_rs;
+      t.a_ls = p.a_cs;
+      t.a_is = p.a_rs;
+    } else {
+      t.a = ap + ti * a_tile;
+      t.a_ls = mw(ti);
+      t.a_is = 1;
+    }
+    if (direct_b) {
+      t.b = b_mem + bo + tj * nt * p.b_cs;
+      t.b_ls = p.b_rs;
+      t.b_js = p.b_cs;
+    } else {
+      t.b = bp + tj * b_tile;
+      t.b_ls = nw(tj);
+      t.b_js = 1;
+    }
+    t.out = tile;
+    t.stream = false;
+    t.o_is = col ? 1 : nw(tj);
+    t.o_js = col ? mw(ti) : 1;
+    return t;
+  };
+  auto store = [&](const R* t, int64_t ti, int64_t tj, int64_t c_off) {
+    const int64_t rows = p.m - ti * mt < mt ? p.m - ti * mt : mt;
+    const int64_t cols = p.n - tj * nt < nt ? p.n - tj * nt : nt;
+    StoreTile<D>(t, mw(ti), nw(tj), col, rows, cols, c, c_off + ti * mt * p.c_rs + tj * nt * p.c_cs,
+                 p.c_rs, p.c_cs);
+  };
+
+  // The next product's operands, to prefetch (see PrefetchPanel).
+  auto prefetch = [&](int64_t ao, int64_t bo) {
+    PrefetchPanel<D>(a, ao, p.m, p.k, p.a_rs, p.a_cs);
+    PrefetchPanel<D>(b, bo, p.n, p.k, p.b_cs, p.b_rs);
+  };
+  NestCursor out;
+  out.Seek(p.out, p.num_out, begin);
+  NestCursor red;
+  for (int64_t o = begin; o < end; ++o, out.Next()) {
+    if (!reducing && o + 1 < end) {
+      NestCursor next = out;
+      next.Next();
+      prefetch(next.a, next.b);
+    }
+    if (!reducing) {
+      // One product per output (num_reduced is 1, or 0: an empty sum gives zeros).
+      const bool empty = p.num_reduced == 0 || p.k == 0;
+      if (!empty) pack(out.a, out.b);  // size-1 reduction loops were simplified away
+      for (int64_t ti = 0; ti < mtiles; ++ti) {
+        for (int64_t tj = 0; tj < ntiles; ++tj) {
+          if (empty) {
+            for (int64_t x = 0; x < acc_tile; ++x) acc[x] = R(0);
+            store(acc, ti, tj, out.c);
+            continue;
+          }
+          TileArgs<R> t = args(ti, tj, out.a, out.b, acc);
+          // Exactly filled (whole tile, or an edge tile of exactly the remaining size).
+          const bool full = ti * mt + mw(ti) <= p.m && tj * nt + nw(tj) <= p.n;
+          if (direct_c && full) {
+            t.out = c_mem + out.c + ti * mt * p.c_rs + tj * nt * p.c_cs;
+            t.o_is = p.c_rs;
+            t.o_js = p.c_cs;
+            t.stream = stream_c;
+            micro(ti, tj, t, false);
+          } else {
+            micro(ti, tj, t, false);
+            store(acc, ti, tj, out.c);
+          }
+        }
+      }
+      continue;
+    }
+    red.Seek(p.red, p.num_red, 0);
+    for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
+      const int64_t ao = out.a + red.a, bo = out.b + red.b;
+      if (r + 1 < p.num_reduced) {
+        NestCursor next = red;
+        next.Next();
+        prefetch(out.a + next.a, out.b + next.b);
+      }
+      pack(ao, bo);
+      for (int64_t ti = 0; ti < mtiles; ++ti)
+        for (int64_t tj = 0; tj < ntiles; ++tj)
+          micro(ti, tj, args(ti, tj, ao, bo, acc + (ti * ntiles + tj) * acc_tile), r > 0);
+    }
+    for (int64_t ti = 0; ti < mtiles; ++ti)
+      for (int64_t tj = 0; tj < ntiles; ++tj)
+        store(acc + (ti * ntiles + tj) * acc_tile, ti, tj, out.c);
+  }
+  if (stream_c) StreamFence();
+  free(scratch);
+  return true;
+}
+
+}  // namespace
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CC_ENGINE_GEMM_PACKED_H_

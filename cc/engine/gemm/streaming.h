@@ -1,0 +1,117 @@
+// streaming.h — memory traffic of the GEMM kernels: non-temporal stores for outputs far
+// larger than the cache, and software prefetch of operand panels whose K steps are pages
+// apart. Used by the stationary and packed families. Included only by gemm_isa.cc
+// (compiled once per ISA): everything has internal linkage, see README.md.
+#ifndef TF_SMALLMM_CC_ENGINE_GEMM_STREAMING_H_
+#define TF_SMALLMM_CC_ENGINE_GEMM_STREAMING_H_
+
+#include <cstdint>
+#include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
+#endif
+
+#include "cc/engine/gemm/common.h"
+
+namespace smallmm {
+namespace {
+
+// Outputs at least this large are written with non-temporal stores where whole lines
+// are stored at once (bigger than the last-level cache share of a core, so the consumer
+// reads them back from memory anyway). d94c004 (2026-11-25): the capsule prediction (37 MB
+// output, 2 threads) 2.4 -> 1.1-1.3 ms together with the stationary kernels. Timed
+// 2026-12-01 (../README.md, one thread): 4, 16 and 64 MiB give the capsule prediction with
+// 8 and 21 MiB outputs and a 35 MiB row-kernel output within 0.90-1.01× of each other.
+constexpr uint64_t kStreamBytes = uint64_t(16) << 20;
+
+// Non-temporal store of one whole cache line: the line goes to memory without first
+// being read into the cache (a normal store to a line not in cache reads it: a second
+// memory transfer) and without evicting the operands. Used for outputs far larger than the
+// cache, which the consumer reads back from memory anyway. Partial lines would be
+// written back piecemeal, so anything but a 64-byte vector at a 64-byte boundary takes a
+// normal store.
+template <typename V, typename R>
+inline void StreamVec(R* p, const V& v) {
+#if defined(__SSE2__)
+  if constexpr (sizeof(V) == 64) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+      char* dst = reinterpret_cast<char*>(p);
+#if defined(__AVX512F__)
+      __m512i x;
+      memcpy(&x, &v, 64);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), x);
+#elif defined(__AVX__)
+      __m256i x[2];
+      memcpy(x, &v, 64);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), x[0]);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 32), x[1]);
+#else
+      __m128i x[4];
+      memcpy(x, &v, 64);
+      for (int q = 0; q < 4; ++q) _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16 * q), x[q]);
+#endif
+      return;
+    }
+  }
+#endif
+  StoreVec(p, v);
+}
+
+// Orders earlier non-temporal stores before whatever the caller does next (they are
+// weakly ordered: another thread reading C must see them).
+inline void StreamFence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// A stride (in elements) at least this long is "far": consecutive steps along it land on
+// different pages, so the hardware prefetchers do not follow them. Far operands are
+// packed rather than read in place (packed.h) and prefetched by software (below).
+// 002f432 (2026-11-25): the capsule dW read in place, K steps 737 KB apart: 3.1 -> 8.2 ms.
+// Timed 2026-12-01 (../README.md, one thread, dW- and du-shaped g[1000, i, 160, 1]): 256
+// takes 1.45-1.7× as long at stride 800; reading in place takes 0.35-0.57× of packing's
+// time for dW-shaped products with K strides of 1,600-16,000 elements (du-shaped 0.67-1.0×),
+// but at 25,600 the results swing from 0.8 to 1.9×. A larger value would win below ~16K; it
+// also moves the prefetch and far-tile decisions, so it waits for those to be timed together.
+constexpr int64_t kNearStride = 1024;
+
+// Software prefetch of one operand panel X[off + r*rs + l*ls] (r < rows, l < k). A batch
+// axis folded into K or N puts every K step (or column) of a panel on its own page, often
+// dozens of them: more concurrent streams than the hardware prefetchers follow, so each
+// line would be a demand miss. Prefetching the next product's panels while computing
+// this one overlaps those misses with work. Panels over kPrefetchMaxBytes are left alone.
+// d94c004 (2026-11-25): ~7% on the capsule dW (2 threads). Timed 2026-12-01 (../README.md,
+// one thread): 0, 64 and 256 KiB give the capsule dW and du within 3% of each other.
+constexpr int64_t kPrefetchMaxBytes = 64 << 10;
+
+template <DType D>
+void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t rs, int64_t ls) {
+  constexpr int64_t kBytes = DTypeInfo<D>::kBytes;
+  auto mag = [](int64_t v) { return v < 0 ? -v : v; };
+  int64_t n_in = rows, s_in = rs, n_out = k, s_out = ls;
+  if (mag(ls) < mag(rs)) {
+    n_in = k, s_in = ls, n_out = rows, s_out = rs;
+  }
+  if (s_in == 0) n_in = 1;
+  if (s_out == 0) n_out = 1;
+  // Only panels spread over pages, and small enough to sit in L1/L2 until used.
+  int64_t bytes;
+  if (n_in <= 0 || n_out <= 0 || mag(s_out) < kNearStride ||
+      __builtin_mul_overflow(n_in, n_out, &bytes) ||
+      __builtin_mul_overflow(bytes, kBytes, &bytes) || bytes > kPrefetchMaxBytes) {
+    return;
+  }
+  const int64_t step = mag(s_in) * kBytes < 64 ? 64 / (mag(s_in) * kBytes) : 1;
+  const char* base = static_cast<const char*>(x);
+  for (int64_t o = 0; o < n_out; ++o) {
+    const char* row = base + (off + o * s_out) * kBytes;
+    for (int64_t i = 0; i < n_in; i += step) __builtin_prefetch(row + i * s_in * kBytes);
+    __builtin_prefetch(row + (n_in - 1) * s_in * kBytes);  // a run may end on a new line
+  }
+}
+
+}  // namespace
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CC_ENGINE_GEMM_STREAMING_H_
