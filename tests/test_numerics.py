@@ -3,7 +3,7 @@ exactly where TensorFlow's own function puts them, float16 / bfloat16 results st
 the documented bound below, and the build never trades IEEE semantics for speed.
 
 Documented bound for float16 and bfloat16 (inputs and output in that type; products are
-accumulated in float32, see cc/kernels/smallmm.h): with y the exact result on the same
+accumulated in float32, see cc/engine/smallmm.h): with y the exact result on the same
 (already rounded) inputs, evaluated in float64, and |a|·|b| the same function applied to the
 absolute values of the inputs,
 

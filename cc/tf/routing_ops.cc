@@ -1,7 +1,7 @@
 // TF adapter of the fused dynamic-routing kernels (cc/engine/routing.h): op
 // registrations, shape functions and one OpKernel for the forward and backward ops. It
 // only validates, allocates and shards rows over TF's intra-op thread pool; the math is in
-// cc/engine/routing_isa.cc. The gradient is registered in Python (tf_smallmm/_capsules.py).
+// cc/engine/routing_isa.cc. The gradient is registered in Python (tf_smallmm/capsules/routing.py).
 #include <atomic>
 #include <string>
 

@@ -29,7 +29,7 @@ MAX_SMALL_MACS = 24 * 24 * 24
 
 # The kernels take at most this many batch axes (after broadcasting); tf.matmul takes
 # more, so wrappers fall back to it above this. Equal to smallmm::kMaxBatchDims
-# (cc/kernels/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
+# (cc/engine/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
 MAX_BATCH_DIMS = 8
 
 
