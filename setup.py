@@ -60,6 +60,33 @@ def _run(cmd):
     subprocess.check_call(cmd, cwd=HERE)
 
 
+def _up_to_date(cmd, o):
+    """True when object o was built by exactly cmd and no file it depends on changed since
+    (the compiler's own -MMD/-MD dependency list), so rebuilds only recompile what a change
+    touches."""
+    dep, rec = o[:-2] + ".d", o + ".cmd"
+    if not all(os.path.exists(p) for p in (o, dep, rec)):
+        return False
+    with open(rec) as f:
+        if f.read() != " ".join(cmd):
+            return False
+    with open(dep) as f:
+        deps = f.read().replace("\\\n", " ").split(":", 1)[-1].split()
+    t = os.path.getmtime(o)
+    return all(os.path.exists(p) and os.path.getmtime(p) <= t
+               for p in (os.path.join(HERE, d) for d in deps))
+
+
+def _compile(cmd, o, force=False):
+    """Compiles with a dependency file next to the object; skips work already done."""
+    if not force and _up_to_date(cmd, o):
+        return
+    nv = os.path.basename(cmd[0]).startswith("nvcc")
+    _run(cmd + (["-MD", "-MF", o[:-2] + ".d"] if nv else ["-MMD", "-MF", o[:-2] + ".d"]))
+    with open(o + ".cmd", "w") as f:
+        f.write(" ".join(cmd))
+
+
 def _find_nvcc():
     want = os.environ.get("TF_SMALLMM_CUDA", "")
     if want == "0":
@@ -152,9 +179,15 @@ class BuildSmallMM(build_ext):
                 jobs.append(nvcc_base + ["-x", "c++", "-c", src, "-o", obj(src)])
                 tf_objs.append(obj(src))
 
+        # The pybind11 modules (no TF): the kernel core, and the GPU block program on a
+        # simulated grid (test support, host code only, built with or without CUDA).
+        py_inc = ["-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"]]
+        for src in PYBIND_MODULES.values():
+            jobs.append(base + py_inc + ["-c", src, "-o", obj(src)])
+
         n = int(os.environ.get("TF_SMALLMM_JOBS", os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-            for f in [pool.submit(_run, j) for j in jobs]:
+            for f in [pool.submit(_compile, j, j[-1], self.force) for j in jobs]:
                 f.result()
 
         # The op library: loaded with tf.load_op_library. No -lcudart: TF's framework
@@ -163,12 +196,9 @@ class BuildSmallMM(build_ext):
         # framework library has none.
         _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
              + tf_objs + core_objs + tf_lflags + (["-ldl"] if cuda else []))
-        # The pybind11 modules (no TF): the kernel core, and the GPU block program on a
-        # simulated grid (test support, host code only, built with or without CUDA).
         for name, src in PYBIND_MODULES.items():
             so = os.path.join(out_dir, name + sysconfig.get_config_var("EXT_SUFFIX"))
-            _run(base + ["-shared", "-I" + pybind11.get_include(),
-                         "-I" + sysconfig.get_paths()["include"], src, "-o", so] + core_objs)
+            _run(base + ["-shared", obj(src), "-o", so] + core_objs)
 
         info = {
             "tf_version": tf.__version__,
