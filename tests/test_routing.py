@@ -103,9 +103,9 @@ def test_rows_are_independent_and_nan_stays_in_its_row():
     whole = caps.dynamic_routing(u, 3).numpy()
     for b in range(5):
         np.testing.assert_array_equal(caps.dynamic_routing(u[b:b + 1], 3).numpy()[0], whole[b])
-    # A NaN makes its row's v NaN (IEEE propagation through the softmax; tf.nn.softmax
-    # instead gives 0 for the other logits of a NaN row, so only the NaN-ness of the row is
-    # compared with the reference) and leaves the other rows exactly as they were.
+    # A NaN makes its row's v NaN (R >= 2: through every softmax row of b, as the float64
+    # reference does; positions are compared in test_routing_numerics.py) and leaves the
+    # other rows exactly as they were.
     bad = tf.tensor_scatter_nd_update(u, [[2, 3, 1, 0]], [np.nan])
     v = caps.dynamic_routing(bad, 3).numpy()
     ref = caps.dynamic_routing_reference(bad, 3).numpy()

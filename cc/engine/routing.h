@@ -27,6 +27,34 @@
 //
 // Float32 and float64 only (SMALLMM_ROUTING_DTYPES); callers cast 16-bit types to float32
 // around the op.
+//
+// NaN / Inf. Every implementation (CPU ISAs, GPU) puts NaN exactly where
+// dynamic_routing_reference (tf_smallmm/capsules/routing.py) evaluated in float64 does, and
+// nowhere else; tests/test_routing_numerics.py checks it. That is IEEE arithmetic on the
+// formulas above with a softmax whose row is all NaN as soon as one of its logits is NaN
+// (tf.nn.softmax in float64, under XLA and on GPU; TF's oneDNN float32 CPU softmax differs,
+// see the reference's docstring). Rows never affect each other. For a row b whose finite
+// inputs do not overflow:
+//   forward   A non-finite û[b, i, j, k] (NaN, +Inf or -Inf) makes s[j, k] of iteration 0
+//             non-finite, so |s[j]|² is, and v[j, :] = squash(s[j]) is NaN in all K (never
+//             ±Inf: Inf/Inf, Inf·0). R = 1: v[b, j, :] is NaN exactly for the capsules j
+//             that have a non-finite û[b, :, j, :]; the other v[b, j] are finite. R >= 2:
+//             that NaN v[j] makes the agreement <û[b, i, j, :], v[j]> NaN for *every* i,
+//             so every softmax row of b holds a NaN, all c[b] are NaN and v[b] is NaN in
+//             full.
+//   backward  The squash gradient gs[j, :] is NaN in all K when s[j] or grad_v[b, j, :]
+//             holds a non-finite value: then <grad_v[j], s[j]> is non-finite, and the
+//             reference's tape adds two infinite terms of opposite sign (through
+//             |s|²/(1+|s|²)), so the kernels turn a non-finite dot into NaN rather than
+//             let ±Inf through. R = 1: dû[b, i, j, :] = gs[j, :]/J is NaN for every i and
+//             K exactly for those j; the rest is finite. R >= 2: any non-finite value in
+//             û[b] or grad_v[b] makes dû[b] NaN in full (through the NaN c, or through
+//             the softmax backward's Σ_j c·<gs[j], û[i, j]>, which every logit's gradient
+//             of the row shares).
+//   Non-finite outputs are therefore always NaN, never ±Inf. Implementations must not
+//   skip work on zero coefficients (0·Inf is NaN), must not clamp or flush NaN (a max
+//   that drops NaN must be followed by an exp that keeps it, as ExpNonPositive does), and
+//   must not be built with -ffast-math.
 #ifndef TF_SMALLMM_CC_ENGINE_ROUTING_H_
 #define TF_SMALLMM_CC_ENGINE_ROUTING_H_
 

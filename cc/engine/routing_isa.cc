@@ -275,7 +275,8 @@ void Squash(const T* __restrict s, T* __restrict v, int64_t J, int64_t K, T eps)
 
 // gs = dL/ds given gv = dL/dv for v = squash(s): with n2 = |s|², g = 1/((1+n2)·√(n2+ε)),
 // v = n2·g·s, so gs = n2·g·gv + 2·f'(n2)·<gv, s>·s with f' = g·(1/(1+n2) - n2/(2(n2+ε)))
-// (no 1/|s| term: finite at s = 0).
+// (no 1/|s| term: finite at s = 0). A non-finite <gv, s> makes all of gs[j] NaN, never
+// ±Inf (the NaN/Inf rule in routing.h).
 template <typename T>
 void SquashGrad(const T* __restrict s, const T* __restrict gv, T* __restrict gs, int64_t J,
                 int64_t K, T eps) {
@@ -286,7 +287,8 @@ void SquashGrad(const T* __restrict s, const T* __restrict gv, T* __restrict gs,
     const T g = T(1) / ((T(1) + n2) * Sqrt(n2 + eps));
     const T fprime = g * (T(1) / (T(1) + n2) - n2 / (T(2) * (n2 + eps)));
     const T a = n2 * g;
-    const T b = T(2) * fprime * DotScalar(gj, sj, K);
+    const T dot = DotScalar(gj, sj, K);
+    const T b = __builtin_isfinite(dot) ? T(2) * fprime * dot : T(NAN);
     for (int64_t q = 0; q < K; ++q) gs[j * K + q] = a * gj[q] + b * sj[q];
   }
 }

@@ -66,6 +66,16 @@ def dynamic_routing_reference(u_hat, iterations=3, epsilon=EPSILON):
     logits = 0; repeat: c = softmax(logits over out_caps); s = Σ_i c·û; v = squash(s);
     logits += <û, v> (not after the last iteration). Returns v [B, J, K]. Differentiated
     by TF's tape through every iteration. 16-bit inputs are routed in float32.
+
+    NaN / Inf: tf.nn.softmax makes a whole row NaN when one of its logits is NaN in
+    float64, under XLA and on GPU, and the fused kernels follow that (the rule is in
+    cc/engine/routing.h). TensorFlow's float32 CPU softmax with oneDNN (on by default on
+    x86, TF_ENABLE_ONEDNN_OPTS) does not: it gives 0 to the row's finite logits, and NaN
+    to some of them at positions that depend on the CPU's vector width (TF 2.21, J = 16:
+    a NaN at j = 0 also makes j = 15 NaN with AVX-512, j = 8 and 15 with AVX2). In
+    float32 on such a machine this function therefore confines a NaN in û to fewer output
+    capsules than the fused op does (its gradient does not: softmax's gradient is not
+    oneDNN's); compare NaN positions with it in float64.
     """
     u_hat = tf.convert_to_tensor(u_hat)
     _check_routing_args(u_hat, iterations)
