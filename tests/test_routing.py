@@ -246,18 +246,6 @@ def test_unsupported_dtype_has_no_kernel():
         _raw().small_mm_dynamic_routing(tf.ones([1, 2, 3, 4], tf.int32))
 
 
-def test_second_order_gradient_is_an_error_not_zero():
-    u = random_tensor((1, 3, 2, 4), tf.float64, seed=12)
-    with pytest.raises(LookupError, match="SmallMMDynamicRoutingGrad"):
-        with tf.GradientTape() as t2:
-            t2.watch(u)
-            with tf.GradientTape() as t1:
-                t1.watch(u)
-                y = tf.reduce_sum(caps.dynamic_routing(u, 2) ** 2)
-            g = t1.gradient(y, u)
-        t2.gradient(g, u)
-
-
 def test_op_type_attr_lists_exactly_the_registered_dtypes():
     from tensorflow.python.framework import kernels, op_def_registry
 

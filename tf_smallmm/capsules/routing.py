@@ -121,5 +121,28 @@ def _dynamic_routing_grad(op, grad):
         return loader.load().small_mm_dynamic_routing_grad(
             op.inputs[0], grad, num_iterations=op.get_attr("num_iterations"),
             epsilon=op.get_attr("epsilon"))
-# SmallMMDynamicRoutingGrad has no gradient: a second derivative raises TF's LookupError
-# instead of silently being zero.
+
+
+@ops.RegisterGradient("SmallMMDynamicRoutingGrad")
+def _dynamic_routing_grad_grad(op, grad):
+    """Second order: the gradient of dû = Jᵀ·grad_v (J the routing's Jacobian at û) with
+    respect to û (the Hessian term, for gradient penalties and Hessian-vector products) and
+    to grad_v (J·grad, the forward-mode derivative that tf.autodiff.ForwardAccumulator
+    gets by differentiating a gradient).
+
+    A composite, not a fused op: it differentiates `dynamic_routing_reference` twice with
+    nested tapes, in TF ops. Second derivatives are rare next to training steps, the
+    composite is the exact same maths as the first-order kernels (and differentiable again,
+    for third order), and it needs no second kernel pair to port to the GPU. It costs what
+    the TF-ops layer's double backward costs.
+    """
+    u_hat, grad_v = op.inputs
+    iterations, epsilon = op.get_attr("num_iterations"), op.get_attr("epsilon")
+    with tf.GradientTape() as outer:
+        outer.watch([u_hat, grad_v])
+        with tf.GradientTape() as inner:
+            inner.watch(u_hat)
+            v = dynamic_routing_reference(u_hat, iterations, epsilon)
+        grad_u_hat = inner.gradient(v, u_hat, output_gradients=grad_v)
+    return outer.gradient(grad_u_hat, [u_hat, grad_v], output_gradients=grad)
+
