@@ -1,7 +1,10 @@
-"""Routing under TF's other autodiff machinery, against the TF-ops reference
-(dynamic_routing_reference) in float64: second derivatives (Hessian-vector products,
-gradient penalties) and forward mode (tf.autodiff.ForwardAccumulator). First-order results
-are in test_routing.py, NaN/Inf in test_routing_numerics.py."""
+"""Routing under TF's other autodiff and vectorisation machinery, against the TF-ops
+reference (dynamic_routing_reference) in float64: second derivatives (Hessian-vector
+products, gradient penalties), forward mode (tf.autodiff.ForwardAccumulator), and pfor
+(tf.vectorized_map, GradientTape.batch_jacobian). First-order results are in
+test_routing.py, NaN/Inf in test_routing_numerics.py."""
+
+import contextlib
 
 import keras
 import numpy as np
@@ -146,3 +149,66 @@ def test_forward_accumulator_through_the_capsule_layer():
         out.append(acc.jvp(v))
     close(*out)
 
+# --------------------------------------------------------------------------- pfor
+def test_vectorized_map_converts_both_ops_without_a_while_loop():
+    # fallback_to_while_loop=False: an op without a pfor converter raises instead.
+    u, g, _ = inputs((4, 6, 3, 8), seed=9)
+    lib = loader.load()
+
+    def forward(x):
+        return lib.small_mm_dynamic_routing(x[None], num_iterations=3)[0]
+
+    def backward(x, y):
+        return lib.small_mm_dynamic_routing_grad(x[None], y[None], num_iterations=3)[0]
+
+    close(tf.vectorized_map(forward, u, fallback_to_while_loop=False),
+          caps.dynamic_routing_reference(u, 3))
+    want = tf.stack([backward(u[b], g[b]) for b in range(4)])
+    close(tf.vectorized_map(lambda a: backward(*a), (u, g), fallback_to_while_loop=False), want)
+    # û loop-invariant, grad_v per iteration (what batch_jacobian builds).
+    close(tf.vectorized_map(lambda y: backward(u[0], y), g, fallback_to_while_loop=False),
+          tf.stack([backward(u[0], g[b]) for b in range(4)]))
+
+
+def test_vectorized_map_over_a_batch_of_batches():
+    # The loop axis in front of the batch axis: folded into the op's rows and back.
+    u = random_tensor((3, 2, 7, 4, 5), tf.float32, seed=10)
+    got = tf.vectorized_map(lambda x: caps.dynamic_routing(x, 2), u,
+                            fallback_to_while_loop=False)
+    assert got.shape == (3, 2, 4, 5)
+    want = caps.dynamic_routing_reference(tf.reshape(u, [6, 7, 4, 5]), 2)
+    np.testing.assert_allclose(tf.reshape(got, [6, 4, 5]), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 3, 4), (2, 17, 2, 8)], ids=str)
+def test_batch_jacobian_matches_reference(shape):
+    u = random_tensor(shape, tf.float64, seed=11) * 2.0
+    jacobians = []
+    for routing in ROUTINGS:
+        with tf.GradientTape() as tape:
+            tape.watch(u)
+            v = routing(u, 3)
+        jacobians.append(tape.batch_jacobian(v, u))
+    assert jacobians[0].shape == (shape[0], shape[2], shape[3]) + shape[1:]
+    close(*jacobians)
+
+
+def test_batch_jacobian_and_vectorized_map_through_the_capsule_layer():
+    # CapsuleLayer = capsule prediction (SmallMM products) + routing; pfor converts the
+    # routing ops and falls back to a loop for any op it has no converter for.
+    x = random_tensor((3, 5, 4), tf.float64, seed=12)
+    layer = layers.CapsuleLayer(3, 8, routings=3, dtype="float64",
+                                kernel_initializer=keras.initializers.RandomNormal(stddev=0.5))
+    layer.build(x.shape)
+    out = []
+    for forced in (False, True):
+        with layers.builtin_ops() if forced else contextlib.nullcontext():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                v = layer(x)
+            jac = tape.batch_jacobian(v, x)
+            mapped = tf.vectorized_map(lambda row: layer(row[None])[0], x)
+        out.append((jac, mapped))
+    assert out[0][0].shape == (3, 3, 8, 5, 4)
+    close(out[0][0], out[1][0])
+    close(out[0][1], out[1][1])

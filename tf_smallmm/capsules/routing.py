@@ -13,6 +13,7 @@ float16 / bfloat16 are routed in float32 (cast in, cast back).
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops
+from tensorflow.python.ops.parallel_for import pfor
 
 from tf_smallmm._core import dispatch, loader
 
@@ -146,3 +147,33 @@ def _dynamic_routing_grad_grad(op, grad):
         grad_u_hat = inner.gradient(v, u_hat, output_gradients=grad_v)
     return outer.gradient(grad_u_hat, [u_hat, grad_v], output_gradients=grad)
 
+
+# --------------------------------------------------------------------------- pfor
+def _fold_loop_axis(pfor_input, op_fn):
+    """Vectorises a routing op over tf.vectorized_map's / batch_jacobian's loop: each
+    input gets the loop axis in front of its batch axis ([N, B, ...]); rows are
+    independent, so the op runs once on [N·B, ...] and the result is unfolded again. A
+    loop-invariant input is tiled over N (the op has no broadcasting of its own)."""
+    pfor_input.stack_inputs()
+    xs = [pfor_input.stacked_input(i) for i in range(pfor_input.num_inputs)]
+    lead = tf.shape(xs[0])[:2]  # [N, B]
+    rows = tf.reduce_prod(lead, keepdims=True)
+    y = op_fn(*[tf.reshape(x, tf.concat([rows, tf.shape(x)[2:]], 0)) for x in xs])
+    y = tf.reshape(y, tf.concat([lead, tf.shape(y)[1:]], 0))
+    return pfor.wrap(y, True)
+
+
+@pfor.RegisterPFor("SmallMMDynamicRouting")
+def _dynamic_routing_pfor(pfor_input):
+    attrs = {"num_iterations": pfor_input.get_attr("num_iterations"),
+             "epsilon": pfor_input.get_attr("epsilon")}
+    return _fold_loop_axis(
+        pfor_input, lambda u: loader.load().small_mm_dynamic_routing(u, **attrs))
+
+
+@pfor.RegisterPFor("SmallMMDynamicRoutingGrad")
+def _dynamic_routing_grad_pfor(pfor_input):
+    attrs = {"num_iterations": pfor_input.get_attr("num_iterations"),
+             "epsilon": pfor_input.get_attr("epsilon")}
+    return _fold_loop_axis(
+        pfor_input, lambda u, g: loader.load().small_mm_dynamic_routing_grad(u, g, **attrs))
