@@ -14,6 +14,8 @@
 #   SMALLMM_SANITIZE_DIR  scratch dir (default: a new mktemp dir, removed on success)
 #   CXX                   the real compiler (default g++; must be GCC for -print-file-name)
 #   HYPOTHESIS_PROFILE    defaults to ci
+#   SMALLMM_BUILD_LOCK    a file to hold with flock while building (not while testing), on
+#                         a machine whose builds take turns
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,7 +55,8 @@ WRAP
 chmod +x "$WORK/bin/cxx-sanitize"
 
 echo "== sanitize: building with -fsanitize=address,undefined"
-(cd "$SRC" && CXX="$WORK/bin/cxx-sanitize" TF_SMALLMM_CUDA=0 TF_SMALLMM_JOBS=${TF_SMALLMM_JOBS:-2} \
+(cd "$SRC" && ${SMALLMM_BUILD_LOCK:+flock "$SMALLMM_BUILD_LOCK"} env CXX="$WORK/bin/cxx-sanitize" \
+   TF_SMALLMM_CUDA=0 TF_SMALLMM_JOBS=${TF_SMALLMM_JOBS:-2} \
    python setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1) || {
   tail -50 "$WORK/build.log"; echo "== sanitize: BUILD FAILED"; exit 1; }
 BUILT=$(date +%s)
