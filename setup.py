@@ -7,14 +7,17 @@ Environment:
   TF_SMALLMM_CUDA=0|1   build the CUDA kernels (default: when nvcc is found); 1 fails the
                         build when nvcc is missing, and any nvcc error fails it too
   TF_SMALLMM_JOBS=N     parallel compile jobs (default: CPU count)
-  NVCC=path             nvcc to use
+  NVCC=path             nvcc to use (default: the newest CUDA 12.x toolkit's nvcc under
+                        /usr/local/cuda-12.*, else nvcc on PATH; see _find_nvcc)
 """
 
 import concurrent.futures
 import datetime
+import glob
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -45,7 +48,7 @@ TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
 # every cuda/*.cu.cc.
-TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc"]
+TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc", "cc/tf/routing_ops_gpu.cc"]
 CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
 # pybind11 modules of the tf_smallmm package -> their source; each links the kernel core.
 PYBIND_MODULES = {
@@ -87,11 +90,43 @@ def _compile(cmd, o, force=False):
         f.write(" ".join(cmd))
 
 
+# The oldest NVIDIA driver that runs code built by each CUDA toolkit major version (CUDA's
+# minor-version compatibility), as cudaDriverGetVersion() reports it and as the Linux driver
+# release. From NVIDIA's "CUDA Compatibility" guide, Minor Version Compatibility, Table 1
+# (read 2026-12-01): CUDA 11.x needs >= 450.80.02, 12.x >= 525.60.13, 13.x >= 580.
+# https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html
+# The fat binary holds machine code for every arch in CUDA_ARCHS; a GPU of another arch
+# JIT-compiles its PTX, which needs a driver of the toolkit's own minor version or newer.
+CUDA_MIN_DRIVER = {11: (11000, "450.80.02"), 12: (12000, "525.60.13"), 13: (13000, "580")}
+
+
+def _nvcc_release(nvcc):
+    """(major, minor) of an nvcc, from `nvcc --version`, or None if it does not run."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m[1]), int(m[2])) if m else None
+
+
 def _find_nvcc():
+    """NVCC if set; else a CUDA 12.x nvcc when one is installed, else nvcc on PATH.
+
+    Why 12.x first: TensorFlow 2.21's GPU wheel runs the CUDA 12 runtime, and its users'
+    drivers need only support CUDA 12 (>= 525.60.13); code built by a CUDA 13 toolkit
+    needs a 580+ driver (CUDA_MIN_DRIVER), and on an older one every launch would fail.
+    """
     want = os.environ.get("TF_SMALLMM_CUDA", "")
     if want == "0":
         return None
-    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    nvcc = os.environ.get("NVCC")
+    if not nvcc:
+        found = [shutil.which("nvcc")] + sorted(glob.glob("/usr/local/cuda-12*/bin/nvcc"))
+        found = [(_nvcc_release(p), p) for p in dict.fromkeys(p for p in found if p)]
+        cuda12 = sorted((r, p) for r, p in found if r and r[0] == 12)
+        nvcc = cuda12[-1][1] if cuda12 else (found[0][1] if found else None)
     if want == "1" and not nvcc:
         raise RuntimeError("TF_SMALLMM_CUDA=1 but nvcc was not found")
     return nvcc
@@ -200,6 +235,9 @@ class BuildSmallMM(build_ext):
             so = os.path.join(out_dir, name + sysconfig.get_config_var("EXT_SUFFIX"))
             _run(base + ["-shared", obj(src), "-o", so] + core_objs)
 
+        release = _nvcc_release(nvcc) if cuda else None
+        # (A toolkit newer than the table: its major version in the driver API's encoding.)
+        min_driver = CUDA_MIN_DRIVER.get(release[0], (release[0] * 1000, None)) if release else None
         info = {
             "tf_version": tf.__version__,
             "isas": isas,
@@ -207,6 +245,11 @@ class BuildSmallMM(build_ext):
             "cuda_archs": CUDA_ARCHS if cuda else [],
             "nvcc": subprocess.check_output([nvcc, "--version"], text=True).strip().splitlines()[-1]
             if cuda else None,
+            # The toolkit that built the GPU kernels and the oldest driver that runs them
+            # (the loader registers no GPU kernel under an older one).
+            "cuda_toolkit": f"{release[0]}.{release[1]}" if release else None,
+            "cuda_min_driver": min_driver[0] if min_driver else None,
+            "cuda_min_driver_linux": min_driver[1] if min_driver else None,
             "compiler": subprocess.check_output([cxx, "--version"], text=True).splitlines()[0],
             "built": datetime.date.today().isoformat(),
         }

@@ -80,4 +80,6 @@ SMALLMM_FORWARD(cudaError_t, cudaDeviceGetAttribute, (int* value, cudaDeviceAttr
                 (value, attr, device), kMissing)
 SMALLMM_FORWARD(const char*, cudaGetErrorString, (cudaError_t error), (error),
                 "the CUDA runtime is not available in this TensorFlow (CPU-only build?)")
+// The loader's driver check (tf_smallmm/_core/loader.py, through SmallMMCudaDriverVersion).
+SMALLMM_FORWARD(cudaError_t, cudaDriverGetVersion, (int* version), (version), kMissing)
 // clang-format on

@@ -22,9 +22,15 @@
 //              in chunks of `kc` (= nrc whole reduction items of K when K is small, or a
 //              K-slice of one reduction item when K is large). The sum over it happens in
 //              each thread's registers: no atomics, no per-batch intermediate.
-//   threads    thread t owns the group-tile elements e = t + s·threads, s < kElemsPerThread,
-//              e = ((g·bm) + i)·bn + j, so consecutive threads write consecutive columns
-//              of one row (coalesced stores for dense row-major C).
+//   threads    thread t owns the group-tile elements e = t + s·threads, s < elements per
+//              thread, e = ((g·bm) + i)·bn + j when C's columns are its shorter stride
+//              (dense row-major C), else e = ((g·bn) + j)·bm + i: consecutive threads
+//              write consecutive addresses either way (coalesced stores; the capsule
+//              prediction's C has unit row stride).
+//   kernel     one of the variants of SMALLMM_GPU_KERNELS: a compile-time shape (threads,
+//              elements per thread, largest tile and K chunk) of the one block program.
+//              The first variant in the table that can implement a plan runs it; the last,
+//              `generic`, implements every plan.
 // fp16/bf16 are converted to fp32 when staged and accumulate in fp32; complex operands
 // are staged as a real plane followed by an imaginary plane, conjugation applied when
 // staged.
@@ -56,10 +62,13 @@
 #define SMALLMM_HD __host__ __device__
 #define SMALLMM_INLINE __forceinline__
 #define SMALLMM_UNROLL _Pragma("unroll")
+#define SMALLMM_UNROLL_BY(n) _Pragma(SMALLMM_STR(unroll(n)))
+#define SMALLMM_STR(x) #x
 #else
 #define SMALLMM_HD
 #define SMALLMM_INLINE inline
 #define SMALLMM_UNROLL
+#define SMALLMM_UNROLL_BY(n)
 #endif
 
 namespace smallmm {
@@ -67,19 +76,75 @@ namespace gpu {
 
 // Tuning constants (not yet measured on hardware: no GPU was available when they were
 // chosen; they follow from the shapes the engine is for, M, N, K ≤ 32, and H100 limits).
-constexpr int kElemsPerThread = 4;        // output elements a thread owns per work item
-constexpr int kThreads = 256;             // threads per block of the real launch
+constexpr int kElemsPerThread = 4;        // output elements a thread owns (generic kernel)
+constexpr int kThreads = 256;             // threads per block of the generic kernel
 constexpr int kSmemBudget = 24 * 1024;    // bytes: 8+ blocks of 256 threads per H100 SM
 constexpr int kMaxSmemBytes = 48 * 1024;  // dynamic shared memory without an opt-in
 constexpr int kMaxKChunk = 128;           // KR products staged per step (before shrinking)
 constexpr int kMaxTileN = 32;
 
+// The kernel variants, in the order they are tried (smallmm_gpu.cu.cc instantiates each
+// for every dtype; the simulation and the tests loop over the same list):
+//   X(name, threads, elements per thread, max tile rows, max tile columns, max K chunk,
+//     tiles)
+// A variant with `tiles` false takes only plans whose whole C matrix is one tile
+// (M ≤ rows, N ≤ columns); one with `tiles` true cuts larger matrices into such tiles. K
+// longer than the chunk is staged in several chunks; 0 means "any" (the generic kernel).
+// Like MAGMA's batched small-size kernels, the square ones pack several matrices per block
+// (threads × elements per thread / (M·N)) and stage a broadcast operand once per block.
+// Sizes (not yet measured on hardware): square buckets up to CPU-engine's largest
+// interesting n (32); `k8` and `k16` for the capsule prediction, 160×8 · 8×B with B folded
+// into N (CapsNet's u is 8-dimensional, its second layer's 16); the products of the capsule
+// gradients (K = batch or 160) go to `generic`.
+#define SMALLMM_GPU_KERNELS(X)       \
+  X(sq4, 128, 2, 4, 4, 4, false)     \
+  X(sq8, 128, 2, 8, 8, 8, false)     \
+  X(sq16, 256, 2, 16, 16, 16, false) \
+  X(sq32, 256, 4, 32, 32, 32, false) \
+  X(k8, 256, 4, 32, 32, 8, true)     \
+  X(k16, 256, 4, 32, 32, 16, true)   \
+  X(generic, kThreads, kElemsPerThread, 0, 0, 0, true)
+
+// One variant's shape as compile-time constants (0 = run-time value from LaunchConfig).
+template <int Threads, int Ept, int MaxBm, int MaxBn, int MaxKc, bool Tiles>
+struct GpuShape {
+  static constexpr int kEpt = Ept, kMaxKc = MaxKc;
+  // A specialised variant (bounded K chunk) runs with exactly its own threads; the generic
+  // one with any number (the simulation tries several).
+  static constexpr bool kFixed = MaxKc > 0;
+  static constexpr int kThreads = kFixed ? Threads : 0;
+  static constexpr int kLaunchThreads = Threads;  // what the CUDA launch uses
+};
+
+// Calls f(GpuShape<...>{}) for variant `kernel` (an index into kGpuKernels); host code.
+template <class F>
+inline void WithGpuShape(int kernel, F&& f) {
+  int i = 0;
+#define SMALLMM_GPU_SHAPE_CASE(name, t, e, bm, bn, kc, tiles) \
+  if (kernel == i++) return f(GpuShape<t, e, bm, bn, kc, tiles>());
+  SMALLMM_GPU_KERNELS(SMALLMM_GPU_SHAPE_CASE)
+#undef SMALLMM_GPU_SHAPE_CASE
+}
+
+// The run-time view of a variant (the launcher's and simulation's table).
+struct GpuKernelInfo {
+  const char* name;
+  int threads, ept, max_bm, max_bn, max_kc;
+  bool tiles;
+};
+constexpr GpuKernelInfo kGpuKernels[] = {
+#define SMALLMM_GPU_KERNEL_INFO(name, t, e, bm, bn, kc, tiles) {#name, t, e, bm, bn, kc, tiles},
+    SMALLMM_GPU_KERNELS(SMALLMM_GPU_KERNEL_INFO)
+#undef SMALLMM_GPU_KERNEL_INFO
+};
+constexpr int kNumGpuKernels = int(sizeof(kGpuKernels) / sizeof(kGpuKernels[0]));
+
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Min(T a, T b) {
+SMALLMM_HD SMALLMM_INLINE constexpr T Min(T a, T b) {
   return a < b ? a : b;
 }
 template <typename T>
-SMALLMM_HD SMALLMM_INLINE T Max(T a, T b) {
+SMALLMM_HD SMALLMM_INLINE constexpr T Max(T a, T b) {
   return a < b ? b : a;
 }
 SMALLMM_HD SMALLMM_INLINE int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -144,10 +209,10 @@ struct Elem<DType::kHalf> : Elem16<HalfBits> {};
 template <>
 struct Elem<DType::kBFloat16> : Elem16<BF16Bits> {};
 
-// Per-thread accumulators: kElemsPerThread elements, one plane per real component.
-template <typename R, int P>
+// Per-thread accumulators: E elements, one plane per real component.
+template <typename R, int P, int E>
 struct Acc {
-  R v[kElemsPerThread * P];
+  R v[E * P];
 };
 
 // ---------------------------------------------------------------- launch configuration
@@ -160,9 +225,10 @@ struct LaunchConfig {
   int kc = 1;             // = nrc·kl, the K extent of a staged operand
   bool a_shared = false;  // one staged op(A) tile serves the whole group
   bool b_shared = false;
-  bool a_kfast = true;  // staging order: consecutive threads walk K (else rows)
-  bool b_jfast = true;  // consecutive threads walk columns (else K)
-  int64_t span = 1;     // groups never straddle a span of this many outputs
+  bool a_kfast = true;   // staging order: consecutive threads walk K (else rows)
+  bool b_jfast = true;   // consecutive threads walk columns (else K)
+  bool c_ifast = false;  // consecutive threads own consecutive rows of C (else columns)
+  int64_t span = 1;      // groups never straddle a span of this many outputs
   int64_t groups_per_span = 1;
   int64_t groups = 0;
   int64_t tiles_m = 1, tiles_n = 1;
@@ -202,22 +268,46 @@ inline int ElemPlanes(DType d) {
 
 inline int AlignUp(int x, int a) { return (x + a - 1) / a * a; }
 
-// Chooses tiles, group size, K chunk and grid for the plan. `threads` per block, shared
-// memory at most `smem_budget` bytes, at most `max_blocks` blocks. Returns nullptr, or a
-// static message when no configuration fits (only for unrealistic budgets).
-inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads, int smem_budget,
-                                    int64_t max_blocks, LaunchConfig* out) {
+// Whether variant `kernel` (an index into kGpuKernels) can run the plan.
+inline bool GpuKernelCanImplement(int kernel, const GemmPlan& p) {
+  const GpuKernelInfo& k = kGpuKernels[kernel];
+  if (k.tiles) return k.max_kc == 0 || p.k <= k.max_kc;
+  return p.m <= k.max_bm && p.n <= k.max_bn && p.k <= k.max_kc;
+}
+
+// The variant that runs the plan: the first in the table that can implement it.
+inline int ChooseGpuKernel(const GemmPlan& p) {
+  for (int i = 0; i < kNumGpuKernels; ++i) {
+    if (GpuKernelCanImplement(i, p)) return i;
+  }
+  return kNumGpuKernels - 1;
+}
+
+// Chooses tiles, group size, K chunk and grid for the plan on variant `kernel`, whose
+// blocks have `threads` threads (the variant's own, unless it is the generic one).
+// Shared memory at most `smem_budget` bytes, at most `max_blocks` blocks. Returns nullptr,
+// or a static message when no configuration fits (only for unrealistic budgets).
+inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int kernel, int threads,
+                                    int smem_budget, int64_t max_blocks, LaunchConfig* out) {
+  if (kernel < 0 || kernel >= kNumGpuKernels) return "no such GPU kernel variant";
+  const GpuKernelInfo& kv = kGpuKernels[kernel];
+  if (kv.max_kc != 0 && threads != kv.threads) {
+    return "a specialised GPU kernel runs with its own number of threads";
+  }
   if (threads < 1 || threads > 1024) return "threads per block must be in [1, 1024]";
   if (smem_budget > kMaxSmemBytes) return "shared-memory budget above 48 KiB";
   if (max_blocks < 1) return "max_blocks must be positive";
+  if (!GpuKernelCanImplement(kernel, p)) return "the GPU kernel variant cannot run this plan";
   LaunchConfig c;
   c.threads = threads;
-  const int64_t te = int64_t(threads) * kElemsPerThread;  // elements a block owns
+  const int64_t te = int64_t(threads) * kv.ept;  // elements a block owns
   const int64_t m = Max<int64_t>(p.m, 1), n = Max<int64_t>(p.n, 1);
+  const int64_t max_bn = kv.max_bn > 0 ? kv.max_bn : kMaxTileN;
   // Balanced tiles: as few as fit te elements, then equal sizes.
-  c.tiles_n = CeilDiv(n, Min<int64_t>(kMaxTileN, te));
+  c.tiles_n = CeilDiv(n, Min<int64_t>(max_bn, te));
   c.bn = int(CeilDiv(n, c.tiles_n));
-  c.tiles_m = CeilDiv(m, Max<int64_t>(1, te / c.bn));
+  const int64_t max_bm = Max<int64_t>(1, te / c.bn);
+  c.tiles_m = CeilDiv(m, kv.max_bm > 0 ? Min<int64_t>(kv.max_bm, max_bm) : max_bm);
   c.bm = int(CeilDiv(m, c.tiles_m));
   const int64_t tile_elems = int64_t(c.bm) * c.bn;
   int64_t group = Min<int64_t>(Max<int64_t>(1, te / tile_elems), threads);
@@ -235,7 +325,7 @@ inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
 
   const int64_t k = Max<int64_t>(p.k, 1), nr = Max<int64_t>(p.num_reduced, 1);
   const int rsize = ElemRealSize(dtype), planes = ElemPlanes(dtype);
-  int64_t kc_target = Min<int64_t>(kMaxKChunk, k * nr);
+  int64_t kc_target = Min<int64_t>(kv.max_kc > 0 ? kv.max_kc : kMaxKChunk, k * nr);
   for (;;) {
     c.group = int(group);
     c.kl = int(Min<int64_t>(k, kc_target));
@@ -267,6 +357,7 @@ inline const char* MakeLaunchConfig(const GemmPlan& p, DType dtype, int threads,
   auto mag = [](int64_t s) { return s < 0 ? -s : s; };
   c.a_kfast = mag(p.a_cs) <= mag(p.a_rs);
   c.b_jfast = mag(p.b_cs) <= mag(p.b_rs);
+  c.c_ifast = mag(p.c_rs) < mag(p.c_cs);
   if (c.items > 0) {
     const int64_t blocks = Min<int64_t>(c.items, max_blocks);
     c.items_per_block = CeilDiv(c.items, blocks);
@@ -318,7 +409,7 @@ SMALLMM_HD SMALLMM_INLINE void ReductionOffsets(const GemmPlan& p, int64_t r, in
 //   rows_stride, k_stride: the operand's strides along its tile axis and along K.
 //   tile, valid: tile extent (bm or bn) and how much of it lies inside the matrix.
 //   kfast: linear staging index walks K fastest (coalesced when |k_stride| is small).
-template <DType D, class Ex>
+template <DType D, int kT, class Ex>
 SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
                                             const LaunchConfig& cfg, int operand, const void* x,
                                             const int64_t* slot_off, int nslots, int tile,
@@ -332,7 +423,8 @@ SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
   const int kc = cfg.kc, kl = cfg.kl;
   const int per_slot = tile * kc;
   const int total = nslots * per_slot;
-  for (int idx = t; idx < total; idx += cfg.threads) {
+  const int threads = kT > 0 ? kT : cfg.threads;
+  for (int idx = t; idx < total; idx += threads) {
     const int slot = idx / per_slot;
     const int rem = idx - slot * per_slot;
     int row, kk;
@@ -366,38 +458,44 @@ SMALLMM_HD SMALLMM_INLINE void StageOperand(Ex& ex, int t, const GemmPlan& p,
   }
 }
 
-// Element s (< kElemsPerThread) of thread t in a work item: output matrix g of the group,
-// row i and column j of the tile (e = t + s·threads = (g·bm + i)·bn + j, see the top of the
-// file). `ok` is false past the group's `count` matrices or the tile's valid rows × cols.
+// Element s (< elements per thread) of thread t in a work item: output matrix g of the
+// group, row i and column j of the tile (e = t + s·threads = (g·bm + i)·bn + j, or
+// (g·bn + j)·bm + i when `ifast`; see the top of the file). `ok` is false past the group's
+// `count` matrices or the tile's valid rows × cols.
 struct Owned {
   int g, i, j;
   bool ok;
 };
-SMALLMM_HD SMALLMM_INLINE Owned OwnedElement(int t, int s, int threads, int tile_elems, int bn,
+SMALLMM_HD SMALLMM_INLINE Owned OwnedElement(int t, int s, int threads, int bm, int bn, bool ifast,
                                              int count, int rows, int cols) {
   const int e = t + s * threads;
+  const int tile_elems = bm * bn;
   const int g = e / tile_elems;
   const int rem = e - g * tile_elems;
-  const int i = rem / bn, j = rem - i * bn;
+  const int fast = ifast ? bm : bn;
+  const int slow_idx = rem / fast, fast_idx = rem - slow_idx * fast;
+  const int i = ifast ? fast_idx : slow_idx, j = ifast ? slow_idx : fast_idx;
   return {g, i, j, g < count && i < rows && j < cols};
 }
 
-// One block's work: its contiguous range of work items.
-template <DType D, class Ex>
+// One block's work: its contiguous range of work items, on variant Shape (a GpuShape).
+template <DType D, class Shape, class Ex>
 SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, const void* a,
                          const void* b, void* c, int64_t block) {
   using E = Elem<D>;
   using R = typename E::R;
-  using A = Acc<R, E::kPlanes>;
   constexpr int P = E::kPlanes;
-  constexpr int kEpt = kElemsPerThread;
+  constexpr int kEpt = Shape::kEpt;
+  constexpr int kT = Shape::kThreads;
+  using A = Acc<R, P, kEpt>;
   unsigned char* smem = ex.shared();
   int64_t* off_a = reinterpret_cast<int64_t*>(smem);
   int64_t* off_b = off_a + cfg.group;
   int64_t* off_c = off_b + cfg.group;
   R* sa = reinterpret_cast<R*>(smem + cfg.smem_a);
   R* sb = reinterpret_cast<R*>(smem + cfg.smem_b);
-  const int T = cfg.threads, bm = cfg.bm, bn = cfg.bn, tile_elems = bm * bn;
+  const int T = kT > 0 ? kT : cfg.threads, bm = cfg.bm, bn = cfg.bn;
+  const bool ifast = cfg.c_ifast;
   const int64_t chunks = cfg.r_chunks * cfg.l_chunks;
   const int64_t w_begin = block * cfg.items_per_block;
   const int64_t w_end = Min(cfg.items, w_begin + cfg.items_per_block);
@@ -453,39 +551,50 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
       if (ch > 0) ex.Barrier();  // everyone is done computing on the previous chunk
       ex.ForEachThread([&](int t, A&) {
         if (load_a) {
-          StageOperand<D>(ex, t, p, cfg, 0, a, off_a, cfg.a_shared ? 1 : count, bm, rows, i0,
-                          p.a_rs, p.a_cs, cfg.a_kfast, r0, nr, l0, nl, p.conj_a, sa);
+          StageOperand<D, kT>(ex, t, p, cfg, 0, a, off_a, cfg.a_shared ? 1 : count, bm, rows, i0,
+                              p.a_rs, p.a_cs, cfg.a_kfast, r0, nr, l0, nl, p.conj_a, sa);
         }
         if (load_b) {
-          StageOperand<D>(ex, t, p, cfg, 1, b, off_b, cfg.b_shared ? 1 : count, bn, cols, j0,
-                          p.b_cs, p.b_rs, !cfg.b_jfast, r0, nr, l0, nl, p.conj_b, sb);
+          StageOperand<D, kT>(ex, t, p, cfg, 1, b, off_b, cfg.b_shared ? 1 : count, bn, cols, j0,
+                              p.b_cs, p.b_rs, !cfg.b_jfast, r0, nr, l0, nl, p.conj_b, sb);
         }
       });
       ex.Barrier();
       ex.ForEachThread([&](int t, A& acc) {
         SMALLMM_UNROLL
         for (int s = 0; s < kEpt; ++s) {
-          const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+          const Owned o = OwnedElement(t, s, T, bm, bn, ifast, count, rows, cols);
           if (!o.ok) continue;
           const int g = o.g, i = o.i, j = o.j;
           const R* pa = sa + (cfg.a_shared ? 0 : g) * cfg.a_slot + i;
           const R* pb = sb + (cfg.b_shared ? 0 : g) * cfg.b_slot + j;
-          if constexpr (P == 2) {
-            const int pla = cfg.kc * bm, plb = cfg.kc * bn;  // plane sizes
-            R cr = acc.v[s], ci = acc.v[kEpt + s];
-            for (int kk = 0; kk < kcv; ++kk) {
-              const R ar = ex.Read(pa + kk * bm), ai = ex.Read(pa + pla + kk * bm);
-              const R br = ex.Read(pb + kk * bn), bi = ex.Read(pb + plb + kk * bn);
+          R cr = acc.v[s], ci = P == 2 ? acc.v[kEpt * (P - 1) + s] : R(0);
+          const int pla = cfg.kc * bm, plb = cfg.kc * bn;  // plane sizes
+          // A specialised variant's K loop has a compile-time bound (unrolled, predicated).
+          auto step = [&](int kk) {
+            const R ar = ex.Read(pa + kk * bm), br = ex.Read(pb + kk * bn);
+            if constexpr (P == 2) {
+              const R ai = ex.Read(pa + pla + kk * bm), bi = ex.Read(pb + plb + kk * bn);
               cr += ar * br - ai * bi;
               ci += ar * bi + ai * br;
+            } else {
+              cr += ar * br;
             }
-            acc.v[s] = cr;
-            acc.v[kEpt + s] = ci;
+          };
+          if constexpr (Shape::kFixed) {
+            // Unrolled 8 deep (4 for complex), not fully: K = 32 with 4 complex elements
+            // in flight would hold more loads than registers (k8 complex128 spilled 24
+            // bytes unrolled 8 deep: ptxas -v, sm_90, CUDA 13.0, 2026-12-01).
+            [[maybe_unused]] constexpr int kUnroll = 8 / P;
+            SMALLMM_UNROLL_BY(kUnroll)
+            for (int kk = 0; kk < Shape::kMaxKc; ++kk) {
+              if (kk < kcv) step(kk);
+            }
           } else {
-            R cr = acc.v[s];
-            for (int kk = 0; kk < kcv; ++kk) cr += ex.Read(pa + kk * bm) * ex.Read(pb + kk * bn);
-            acc.v[s] = cr;
+            for (int kk = 0; kk < kcv; ++kk) step(kk);
           }
+          acc.v[s] = cr;
+          if constexpr (P == 2) acc.v[kEpt + s] = ci;
         }
       });
     }
@@ -493,7 +602,7 @@ SMALLMM_HD void RunBlock(Ex& ex, const GemmPlan& p, const LaunchConfig& cfg, con
     ex.ForEachThread([&](int t, A& acc) {
       SMALLMM_UNROLL
       for (int s = 0; s < kEpt; ++s) {
-        const Owned o = OwnedElement(t, s, T, tile_elems, bn, count, rows, cols);
+        const Owned o = OwnedElement(t, s, T, bm, bn, ifast, count, rows, cols);
         if (!o.ok) continue;
         const int64_t idx = ex.Read(&off_c[o.g]) + (i0 + o.i) * p.c_rs + (j0 + o.j) * p.c_cs;
         ex.OnStore(idx);

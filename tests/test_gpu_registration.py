@@ -5,6 +5,8 @@ against float64 references (the GPU cases are skipped on machines without a GPU)
 import os
 import shutil
 import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,8 +17,10 @@ import tf_smallmm as smm
 from conftest import DEVICES, DTYPES, assert_close, random_tensor, wide
 from tf_smallmm._core import engine as _ops
 from tf_smallmm._core import loader as _loader
+from tf_smallmm.capsules import routing as _routing
 
 OPS = ["SmallMMBatchMatMul", "SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"]
+ROUTING_OPS = ["SmallMMDynamicRouting", "SmallMMDynamicRoutingGrad"]
 BUILT_WITH_CUDA = bool(smm.build_info().get("cuda"))
 needs_cuda_build = pytest.mark.skipif(
     not BUILT_WITH_CUDA, reason="library built without CUDA (no nvcc, or TF_SMALLMM_CUDA=0)")
@@ -48,10 +52,120 @@ def test_gpu_kernel_for_every_advertised_dtype(op_name):
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("op_name", ROUTING_OPS)
+def test_routing_gpu_kernel_for_every_advertised_dtype(op_name):
+    found = set()
+    for k in registered(op_name, "GPU"):
+        (constraint,) = [c for c in k.constraint if c.name == "T"]
+        found |= {tf.as_dtype(t) for t in constraint.allowed_values.list.type}
+    assert found == advertised_dtypes(op_name) == {tf.float32, tf.float64}
+
+
+@needs_cuda_build
 def test_build_info_reports_gpu_kernels():
     info = smm.build_info()
     assert info["devices"] == ["CPU", "GPU"]
     assert info["cuda_archs"] == ["80", "90"]
+    major = int(info["cuda_toolkit"].split(".")[0])
+    assert info["cuda_min_driver"] == major * 1000 and info["cuda_driver"] is not None
+
+
+# ---------------------------------------------------------------- the driver check
+class FakeOpsLibrary:
+    """What the loader calls in the op library through ctypes."""
+
+    def __init__(self, driver):
+        self.driver, self.registrations = driver, 0
+
+    def SmallMMCudaDriverVersion(self):
+        return self.driver
+
+    def SmallMMRegisterGpuKernels(self):
+        self.registrations += 1
+
+
+def check_driver(monkeypatch, library_driver, needed, fake=None):
+    """Runs the loader's GPU registration step for a CUDA build needing driver `needed`,
+    against a fake op library; returns (registrations, warnings)."""
+    lib = FakeOpsLibrary(library_driver)
+    monkeypatch.setattr(_loader._State, "info", {
+        "cuda": True, "cuda_toolkit": "13.0", "cuda_min_driver": needed,
+        "cuda_min_driver_linux": "580"})
+    monkeypatch.setattr(_loader._State, "driver", None)
+    monkeypatch.setattr(_loader.ctypes, "CDLL", lambda *a, **k: lib)
+    if fake is None:
+        monkeypatch.delenv(_loader.FAKE_DRIVER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_loader.FAKE_DRIVER_ENV, str(fake))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loader._register_gpu_kernels.__wrapped__()  # uncached: the real one ran at import
+    return lib.registrations, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("driver,needed,registers", [
+    (13000, 13000, True),   # CUDA 13.0 toolkit, a 580 driver
+    (13020, 13000, True),   # a newer driver
+    (12080, 13000, False),  # CUDA 13 kernels, a CUDA 12.8 driver: every launch would fail
+    (12000, 12000, True),   # CUDA 12 kernels on the oldest CUDA 12 driver
+    (11080, 12000, False),
+    (0, 13000, True),       # no driver at all: no GPU to place kernels on, nothing to refuse
+    (-1, 13000, True),      # tensorflow-cpu: no CUDA runtime, no GPU
+])
+def test_gpu_kernels_are_registered_only_under_a_new_enough_driver(
+        monkeypatch, driver, needed, registers):
+    # Asked through the library (cudaDriverGetVersion behind the shim) ...
+    count, caught = check_driver(monkeypatch, driver, needed)
+    assert count == int(registers) and _loader._State.driver == driver
+    assert len(caught) == (0 if registers else 1)
+    # ... or overridden by the test hook, which the library is then not asked.
+    count, caught = check_driver(monkeypatch, 99999, needed, fake=driver)
+    assert count == int(registers) and _loader._State.driver == driver
+
+
+def test_too_old_driver_warning_says_why_and_what_to_do(monkeypatch):
+    count, (message,) = check_driver(monkeypatch, 12040, 13000)
+    assert count == 0
+    for part in ["built with CUDA 13.0", "CUDA 13.0 or newer", "Linux driver >= 580",
+                 "supports CUDA 12.4", "built-in ops run on the GPU", "Update the NVIDIA driver",
+                 "NVCC=/usr/local/cuda-12"]:
+        assert part in message, (part, message)
+
+
+def test_cpu_build_skips_the_driver_check(monkeypatch):
+    lib = FakeOpsLibrary(12000)
+    monkeypatch.setattr(_loader._State, "info", {"cuda": False})
+    monkeypatch.setattr(_loader.ctypes, "CDLL", lambda *a, **k: lib)
+    _loader._register_gpu_kernels.__wrapped__()
+    assert lib.registrations == 0
+
+
+def test_unreachable_library_registers_nothing_and_warns(monkeypatch):
+    def no_library(*args, **kwargs):
+        raise OSError("not loaded")
+
+    monkeypatch.setattr(_loader._State, "info", {"cuda": True, "cuda_min_driver": 13000})
+    monkeypatch.setattr(_loader._State, "driver", None)
+    monkeypatch.delenv(_loader.FAKE_DRIVER_ENV, raising=False)
+    monkeypatch.setattr(_loader.ctypes, "CDLL", no_library)
+    with pytest.warns(RuntimeWarning, match="could not check the CUDA driver"):
+        _loader._register_gpu_kernels.__wrapped__()
+
+
+@needs_cuda_build
+@pytest.mark.slow
+def test_too_old_driver_leaves_the_ops_to_the_cpu_in_a_fresh_process():
+    # The real library in a new process, the driver faked one version too old: no GPU
+    # kernel is registered, one warning, the CPU kernels still work.
+    needed = smm.build_info()["cuda_min_driver"]
+    code = ("import tf_smallmm as s, tensorflow as tf; i = s.build_info(); "
+            "print(i['devices'], i['cuda_driver'], "
+            "float(s.matmul(tf.ones((1, 2, 2)), tf.ones((2, 2)))[0, 0, 0]))")
+    env = dict(os.environ, **{_loader.FAKE_DRIVER_ENV: str(needed - 10)})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(smm.__file__)), check=True)
+    assert f"['CPU'] {needed - 10} 2.0" in r.stdout
+    assert r.stderr.count("which needs a driver for CUDA") == 1
 
 
 def test_cpu_only_build_reports_no_gpu_kernels():
@@ -222,6 +336,31 @@ def test_numeric_gradient_float64(device):
     theoretical, numerical = tf.test.compute_gradient(f, [x, y])
     for t, n in zip(theoretical, numerical):
         np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- routing
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64], ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,iterations", [((3, 7, 4, 5), 3), ((2, 40, 10, 16), 3),
+                                              ((2, 5, 3, 8), 1)], ids=str)
+def test_routing_against_the_tf_ops_reference(device, dtype, shape, iterations):
+    u = random_tensor(shape, dtype, seed=11)
+    g = random_tensor((shape[0], shape[2], shape[3]), dtype, seed=12)
+
+    def value_and_grad(fn):
+        with tf.device(f"/{device}:0"):
+            with tf.GradientTape() as tape:
+                tape.watch(u)
+                v = fn(u, iterations)
+            return v, tape.gradient(v, u, output_gradients=g)
+
+    got = value_and_grad(_routing.dynamic_routing)
+    if device == "GPU":
+        assert got[0].device.endswith("GPU:0"), got[0].device
+    want = value_and_grad(_routing.dynamic_routing_reference)
+    tol = 1e-4 if dtype == tf.float32 else 1e-11  # sums over capsules in another order
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- the Pair op

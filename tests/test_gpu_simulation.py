@@ -11,6 +11,11 @@ exactly once.
 
 The reference is the CPU engine with its baseline ISA (no FMA): the block program sums in
 the same order, so the results must be identical bit for bit, random data included.
+
+The CUDA build has one kernel per variant of SMALLMM_GPU_KERNELS (`sim.gpu_kernels`: square
+buckets holding several small matrices per block, capsule-shaped tiles with a short K, and
+the generic kernel); the simulation runs the variant the launcher would choose, or the one
+named by `kernel`, and the tests loop over the table.
 """
 
 import itertools
@@ -24,8 +29,10 @@ from tf_smallmm import _smallmm_gpu_sim as sim
 
 # Every CPU tile size, sizes around them and around the GPU's 32-column tile, and primes.
 SIZES = [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33]
-# Threads per block: the real launch (256), one warp, sizes that divide nothing, extremes.
+# Threads per block of the generic kernel: the real launch (256), one warp, sizes that
+# divide nothing, extremes.
 BLOCKS = [1, 32, 96, 256, 1024]
+KERNELS = {k["name"]: k for k in sim.gpu_kernels}
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +60,14 @@ def same_bits(got, want):
                              f"worst at {i}: got {g[i]}, want {w[i]}")
 
 
-def check(x, y, block=256, smem_budget=None, max_blocks=None, **flags):
-    """Simulated GPU result == CPU engine result, bit for bit; returns the launch info."""
-    kw = {"block": block}
+def check(x, y, block=None, smem_budget=None, max_blocks=None, kernel=None, **flags):
+    """Simulated GPU result == CPU engine result, bit for bit; returns the launch info. A
+    `block` size other than the kernel's own runs the generic kernel."""
+    kw = {}
+    if block is not None:
+        kw.update(block=block, kernel="generic")
+    if kernel is not None:
+        kw["kernel"] = kernel
     if smem_budget is not None:
         kw["smem_budget"] = smem_budget
     if max_blocks is not None:
@@ -63,8 +75,15 @@ def check(x, y, block=256, smem_budget=None, max_blocks=None, **flags):
     got, info = sim.simulate_gpu_matmul(x, y, **flags, **kw)
     same_bits(got, core.matmul(x, y, **flags))
     if info["blocks"]:
-        assert info["group"] * info["tile"][0] * info["tile"][1] <= 4 * info["threads"]
+        k = KERNELS[info["kernel"]]
+        assert info["group"] * info["tile"][0] * info["tile"][1] <= (
+            k["elements_per_thread"] * info["threads"])
         assert info["smem_bytes"] <= kw.get("smem_budget", 24 * 1024)
+        if k["max_k_chunk"]:  # a specialised kernel: its own block size and bounds
+            assert info["threads"] == k["threads"] and info["kc"] <= k["max_k_chunk"]
+            if not k["tiles"]:
+                assert info["tiles"] == (1, 1)
+            assert info["tile"][0] <= k["max_tile"][0] and info["tile"][1] <= k["max_tile"][1]
     return info
 
 
@@ -251,3 +270,85 @@ def test_unrealistic_launch_is_refused():
     with pytest.raises(RuntimeError, match="shared-memory budget"):
         sim.simulate_gpu_matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
                                  smem_budget=8)
+
+
+# ---------------------------------------------------------------- kernel variants
+@pytest.mark.parametrize("shape,kernel", [
+    ((1, 1, 1), "sq4"), ((3, 3, 3), "sq4"), ((4, 4, 4), "sq4"), ((5, 5, 5), "sq8"),
+    ((8, 3, 8), "sq8"), ((9, 9, 9), "sq16"), ((16, 16, 16), "sq16"), ((17, 17, 17), "sq32"),
+    ((32, 32, 32), "sq32"), ((33, 33, 33), "generic"),
+    ((160, 50, 8), "k8"), ((160, 50, 16), "k16"), ((40, 3, 5), "k8"), ((8, 50, 160), "generic"),
+], ids=str)
+def test_launcher_runs_the_first_variant_that_fits(shape, kernel):
+    m, n, k = shape
+    rng = np.random.default_rng(m + n + k)
+    info = check(rand(rng, (2, m, k), np.float32), rand(rng, (2, k, n), np.float32))
+    assert info["kernel"] == kernel
+
+
+def test_kernel_table_ends_with_the_generic_kernel():
+    names = [k["name"] for k in sim.gpu_kernels]
+    assert names[-1] == "generic" and KERNELS["generic"]["max_k_chunk"] == 0
+    assert len(set(names)) == len(names)
+
+
+# Shapes around each variant's bounds: the edges, one inside, and with several matrices,
+# tiles or K chunks; each runs on every variant that can take it.
+def _variant_cases():
+    cases = []
+    for k in sim.gpu_kernels:
+        bm, bn = k["max_tile"]
+        kc = k["max_k_chunk"] or 40
+        bm, bn = bm or 33, bn or 33
+        sizes = {(bm, bn, kc), (1, 1, 1), (max(1, bm - 1), max(1, bn // 2), max(1, kc - 1))}
+        if k["tiles"]:
+            sizes |= {(3 * bm + 1, bn + 5, kc), (2 * bm, 1, 1)}
+        for mnk in sorted(sizes):
+            cases.append(pytest.param(k["name"], mnk, id=f"{k['name']}-{mnk}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.complex128],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("kernel,mnk", _variant_cases())
+def test_every_variant_on_shapes_at_its_bounds(kernel, mnk, dtype):
+    m, n, k = mnk
+    rng = np.random.default_rng(m * 31 + n * 7 + k)
+    info = check(rand(rng, (5, m, k), dtype), rand(rng, (5, k, n), dtype), kernel=kernel)
+    assert info["kernel"] == kernel
+
+
+@pytest.mark.parametrize("kernel", [k["name"] for k in sim.gpu_kernels])
+@pytest.mark.parametrize("xs,ys,flags,target", [
+    ((7, 3, 4), (4, 2), (False, False), None),          # y broadcast: staged once per block
+    ((3, 4), (7, 2, 4), (False, True), None),           # x broadcast, y transposed
+    ((6, 4, 2), (6, 4, 3), (True, False), []),          # reduction over the batch
+    ((5, 1, 3, 4), (1, 4, 4, 2), (False, False), [1, 4]),
+], ids=str)
+def test_every_variant_broadcasts_and_reduces(kernel, xs, ys, flags, target):
+    rng = np.random.default_rng(12)
+    x, y = rand(rng, xs, np.complex64), rand(rng, ys, np.complex64)
+    check(x, y, kernel=kernel, transpose_x=flags[0], transpose_y=flags[1], conjugate_y=True,
+          batch_shape=target, max_blocks=3)
+
+
+def test_variant_that_cannot_run_a_plan_is_refused():
+    with pytest.raises(RuntimeError, match="cannot run this plan"):
+        sim.simulate_gpu_matmul(np.ones((5, 5), np.float32), np.ones((5, 5), np.float32),
+                                kernel="sq4")
+    with pytest.raises(RuntimeError, match="its own number of threads"):
+        sim.simulate_gpu_matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
+                                kernel="sq4", block=64)
+    with pytest.raises(ValueError, match="no GPU kernel variant named"):
+        sim.simulate_gpu_matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
+                                kernel="nope")
+
+
+def test_capsule_prediction_output_is_written_along_its_unit_stride():
+    # û's rows (the 160 values of one (b, i)) are contiguous; the columns (b) are far apart.
+    # Consecutive threads must own consecutive rows for coalesced stores.
+    rng = np.random.default_rng(2)
+    info = check(rand(rng, (4, 160, 8), np.float32), rand(rng, (50, 4, 8, 1), np.float32))
+    assert info["kernel"] == "k8" and info["rows_fastest"]
+    info = check(rand(rng, (9, 8, 8), np.float32), rand(rng, (9, 8, 8), np.float32))
+    assert not info["rows_fastest"]

@@ -1,7 +1,7 @@
-// smallmm_gpu_sim.h — runs the GPU block program (cuda/smallmm_gpu_logic.h) on the host
-// over a simulated grid, so that the GPU kernels' indexing is tested on machines without a
-// GPU (tests/test_gpu_simulation.py, through the pybind11 module in sim_module.cc).
-// Host-only, header-only; test support, not part of the library.
+// smallmm_gpu_sim.h — runs the GPU block programs (cuda/smallmm_gpu_logic.h, and the
+// routing one of cuda/routing_gpu_logic.h) on the host over a simulated grid, so that the GPU
+// kernels' indexing is tested on machines without a GPU (tests/test_gpu_simulation.py, through the
+// pybind11 module in sim_module.cc). Host-only, header-only; test support, not part of the library.
 //
 // How: every block of the grid runs in turn. The block program's uniform code runs once
 // per block; each ForEachThread phase runs the phase for thread 0, 1, ..., T-1 in order
@@ -45,13 +45,15 @@
 #include <string>
 #include <vector>
 
+#include "cuda/routing_gpu_logic.h"
 #include "cuda/smallmm_gpu_logic.h"
 
 namespace smallmm {
 namespace gpu {
 
 struct SimOptions {
-  int threads = kThreads;
+  int kernel = -1;  // variant of SMALLMM_GPU_KERNELS; -1: the one the launcher would choose
+  int threads = 0;  // threads per block; 0: the variant's own (only `generic` takes others)
   int smem_budget = kSmemBudget;
   int64_t max_blocks = 132 * 8;  // one full wave of 256-thread blocks on an H100 SXM
   // Valid element-index ranges of the operands ([lo, hi]; empty when lo > hi).
@@ -59,6 +61,7 @@ struct SimOptions {
 };
 
 struct SimStats {
+  int kernel = -1;
   LaunchConfig cfg;
   int64_t barriers = 0;
   int64_t a_stages = 0, a_reused = 0;  // staging steps that loaded / reused op(A)
@@ -73,11 +76,14 @@ class SimError : public std::runtime_error {
 template <typename AccT>
 class SimExec {
  public:
-  SimExec(const LaunchConfig& cfg, const SimOptions& opt, int64_t out_elements, SimStats* stats)
-      : cfg_(cfg),
+  // `threads` per block, `smem_bytes` of shared memory (or routing workspace) per block.
+  SimExec(int threads, int64_t smem_bytes, const SimOptions& opt, int64_t out_elements,
+          SimStats* stats)
+      : threads_(threads),
+        smem_bytes_(smem_bytes),
         opt_(opt),
-        accs_(cfg.threads),
-        smem_(cfg.smem_bytes + 16),
+        accs_(threads),
+        smem_(smem_bytes + 16),
         written_(smem_.size()),
         w_epoch_(smem_.size()),
         writer_(smem_.size()),
@@ -103,7 +109,7 @@ class SimExec {
   }
   template <class F>
   void ForEachThread(F f) {
-    for (int t = 0; t < cfg_.threads; ++t) {
+    for (int t = 0; t < threads_; ++t) {
       tid_ = t;
       f(t, accs_[t]);
     }
@@ -202,9 +208,9 @@ class SimExec {
 
   size_t Offset(const void* p, size_t size, const char* what) {
     const auto* c = static_cast<const unsigned char*>(p);
-    if (c < smem_.data() || c + size > smem_.data() + cfg_.smem_bytes) {
+    if (c < smem_.data() || c + size > smem_.data() + smem_bytes_) {
       Fail(what, " of ", size, " bytes at shared offset ", c - smem_.data(),
-           " is outside the block's ", cfg_.smem_bytes, " bytes");
+           " is outside the block's ", smem_bytes_, " bytes");
     }
     return size_t(c - smem_.data());
   }
@@ -223,7 +229,8 @@ class SimExec {
     throw SimError(s.str());
   }
 
-  LaunchConfig cfg_;
+  int threads_;
+  int64_t smem_bytes_;
   SimOptions opt_;
   std::vector<AccT> accs_;
   std::vector<unsigned char> smem_;
@@ -240,38 +247,82 @@ class SimExec {
   int tid_ = kUniform;
 };
 
-template <DType D>
+template <DType D, class Shape>
 void SimulateTyped(const GemmPlan& p, const void* a, const void* b, void* c, const SimOptions& opt,
                    SimStats* stats) {
   using E = Elem<D>;
-  SimExec<Acc<typename E::R, E::kPlanes>> ex(stats->cfg, opt, p.output_elements, stats);
+  SimExec<Acc<typename E::R, E::kPlanes, Shape::kEpt>> ex(stats->cfg.threads, stats->cfg.smem_bytes,
+                                                          opt, p.output_elements, stats);
   for (int64_t block = 0; block < stats->cfg.blocks; ++block) {
     ex.BeginBlock(block);
-    RunBlock<D>(ex, p, stats->cfg, a, b, c, block);
+    RunBlock<D, Shape>(ex, p, stats->cfg, a, b, c, block);
   }
   ex.CheckAllStored();
 }
 
-// Runs the plan through the GPU block program on the host. `c` is the dense output.
-// Throws SimError on a configuration error or a failed check.
+// Runs the plan through the GPU block program on the host, on the variant the launcher
+// would choose (or opt.kernel). `c` is the dense output. Throws SimError on a
+// configuration error or a failed check.
 inline SimStats SimulateBatchMatMul(DType dtype, const GemmPlan& p, const void* a, const void* b,
                                     void* c, const SimOptions& opt) {
   SimStats stats;
   if (p.output_elements == 0) return stats;  // the op returns before launching
-  if (const char* err =
-          MakeLaunchConfig(p, dtype, opt.threads, opt.smem_budget, opt.max_blocks, &stats.cfg)) {
+  if (opt.kernel >= kNumGpuKernels) throw SimError("no such GPU kernel variant");
+  stats.kernel = opt.kernel >= 0 ? opt.kernel : ChooseGpuKernel(p);
+  const int threads = opt.threads > 0 ? opt.threads : kGpuKernels[stats.kernel].threads;
+  if (const char* err = MakeLaunchConfig(p, dtype, stats.kernel, threads, opt.smem_budget,
+                                         opt.max_blocks, &stats.cfg)) {
     throw SimError(std::string("GPU launch configuration: ") + err);
   }
-  switch (dtype) {
-#define SMALLMM_SIM_CASE(d, name, bytes, S, A)        \
-  case DType::d:                                      \
-    SimulateTyped<DType::d>(p, a, b, c, opt, &stats); \
+  bool known = false;
+  WithGpuShape(stats.kernel, [&](auto shape) {
+    using S = decltype(shape);
+    switch (dtype) {
+#define SMALLMM_SIM_CASE(d, name, bytes, St, A)          \
+  case DType::d:                                         \
+    SimulateTyped<DType::d, S>(p, a, b, c, opt, &stats); \
+    known = true;                                        \
     break;
-    SMALLMM_DTYPES(SMALLMM_SIM_CASE)
+      SMALLMM_DTYPES(SMALLMM_SIM_CASE)
 #undef SMALLMM_SIM_CASE
-    default:
-      throw SimError("unsupported dtype");
+      default:
+        break;
+    }
+  });
+  if (!known) throw SimError("unsupported dtype");
+  return stats;
+}
+
+struct NoAcc {};
+
+// Runs the routing block program (routing_gpu_logic.h) on the host: forward (grad_v null:
+// out = v) or backward (out = dû; may be u_hat, in place). The workspace is checked like
+// shared memory whether the GPU would put it there or in global scratch. The shape must
+// have passed CheckRouting. Returns the configuration's barrier count and sets *cfg_out.
+template <typename T>
+SimStats SimulateRouting(const RoutingShape& shape, const T* u_hat, const T* grad_v, T* out,
+                         const SimOptions& opt, RoutingConfig* cfg_out) {
+  SimStats stats;
+  const bool backward = grad_v != nullptr;
+  RoutingConfig cfg;
+  const int threads = opt.threads > 0 ? opt.threads : kRoutingThreads;
+  if (const char* err = MakeRoutingConfig(shape, backward, threads, opt.max_blocks, &cfg)) {
+    throw SimError(std::string("GPU routing configuration: ") + err);
   }
+  *cfg_out = cfg;
+  const int64_t out_elements =
+      shape.batch * shape.out_caps * shape.out_dim * (backward ? shape.in_caps : 1);
+  if (out_elements == 0) return stats;  // the op returns before launching
+  SimExec<NoAcc> ex(threads, cfg.ws_elems * int64_t(sizeof(T)), opt, out_elements, &stats);
+  for (int64_t block = 0; block < cfg.blocks; ++block) {
+    ex.BeginBlock(block);
+    if (backward) {
+      RunRoutingBackwardBlock<T>(ex, cfg, u_hat, grad_v, out, block);
+    } else {
+      RunRoutingForwardBlock<T>(ex, cfg, u_hat, out, block);
+    }
+  }
+  ex.CheckAllStored();
   return stats;
 }
 

@@ -3,8 +3,15 @@
 The library is tied to the TensorFlow it was compiled against: on a mismatch (or any load
 failure) we warn once, naming both versions and the reinstall command, and every wrapper
 falls back to TensorFlow's built-in ops instead of crashing.
+
+A CUDA build's GPU kernels need a driver at least as new as the one the CUDA toolkit that
+built them requires (`build_info()["cuda_min_driver"]`, in cudaDriverGetVersion's encoding).
+They are registered only after that check (`_register_gpu_kernels`): under an older driver
+none is, one warning says why and what to do, TensorFlow places the ops on the CPU and the
+wrappers use TensorFlow's built-ins on the GPU.
 """
 
+import ctypes
 import functools
 import json
 import os
@@ -21,10 +28,68 @@ _INFO_PATH = os.path.join(_DIR, "_build_info.json")
 REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_smallmm source dir>"
 
 
+# Tests only: pretend the CUDA driver reports this version (cudaDriverGetVersion's
+# encoding, e.g. 12040) instead of asking it.
+FAKE_DRIVER_ENV = "TF_SMALLMM_FAKE_CUDA_DRIVER"
+
+
 class _State:
     lib = None
     error = None
     info: ClassVar[dict] = {}
+    driver = None  # the CUDA driver's version as the GPU check saw it (None: not checked)
+
+
+def _driver_version(so):
+    """The CUDA driver's version as cudaDriverGetVersion reports it (12080 for CUDA 12.8), 0
+    without a driver, -1 when TensorFlow provides no CUDA runtime (tensorflow-cpu)."""
+    fake = os.environ.get(FAKE_DRIVER_ENV, "").strip()
+    if fake:
+        return int(fake)
+    return int(so.SmallMMCudaDriverVersion())
+
+
+def _format_cuda_version(v):
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_too_old(driver, needed):
+    """Whether a driver of CUDA version `driver` cannot run kernels that need `needed`
+    (both as cudaDriverGetVersion reports them). Without a driver (<= 0) no GPU can run
+    anything, so registering the kernels is harmless: not "too old"."""
+    return bool(needed) and driver > 0 and driver < needed
+
+
+@functools.cache
+def _register_gpu_kernels():
+    """Registers the GPU kernels of a CUDA build once the op library is loaded, unless the
+    driver is too old for the toolkit that built them (then one warning)."""
+    info = _State.info or _read_info()
+    if not info.get("cuda"):
+        return
+    try:
+        # The library TensorFlow already loaded (RTLD_NOLOAD: never a second copy).
+        so = ctypes.CDLL(_OPS_PATH, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+        _State.driver = _driver_version(so)
+    except (OSError, AttributeError, ValueError) as e:
+        warnings.warn(f"tf_smallmm could not check the CUDA driver ({e}); its GPU kernels are "
+                      f"not registered and TensorFlow's built-in ops run on the GPU.",
+                      RuntimeWarning, stacklevel=3)
+        return
+    needed = info.get("cuda_min_driver")
+    if driver_too_old(_State.driver, needed):
+        linux = info.get("cuda_min_driver_linux")
+        warnings.warn(
+            f"tf_smallmm's GPU kernels were built with CUDA {info.get('cuda_toolkit')}, which "
+            f"needs a driver for CUDA {_format_cuda_version(needed)} or newer"
+            f"{f' (Linux driver >= {linux})' if linux else ''}, but the installed driver "
+            f"supports CUDA {_format_cuda_version(_State.driver)}. Its GPU kernels are "
+            f"disabled and TensorFlow's built-in ops run on the GPU instead (its CPU kernels "
+            f"still work). Update the NVIDIA driver, or rebuild with a CUDA 12 toolkit: "
+            f"NVCC=/usr/local/cuda-12.x/bin/nvcc {REINSTALL}",
+            RuntimeWarning, stacklevel=3)
+        return
+    so.SmallMMRegisterGpuKernels()
 
 
 def _read_info():
@@ -60,6 +125,8 @@ def load():
         except Exception as e:  # noqa: BLE001 - NotFoundError (undefined symbol), OSError, ...
             _State.error = (f"tf_smallmm's op library failed to load ({e}); TensorFlow's "
                             f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
+        else:
+            _register_gpu_kernels()
     if _State.error is not None:
         warnings.warn(_State.error, RuntimeWarning, stacklevel=3)
     return _State.lib
@@ -75,6 +142,7 @@ def register_ops():
     try:
         if _built_for_running_tf(_read_info().get("tf_version", "unknown")):
             tf.load_op_library(_OPS_PATH)
+            _register_gpu_kernels()
     except Exception:  # noqa: BLE001, S110 - load() reports it on first use
         pass
 
@@ -105,6 +173,7 @@ def build_info():
     info["kernels_loaded"] = lib is not None
     info["load_error"] = _State.error
     info["devices"] = list(registered_devices("SmallMMBatchMatMul")) if lib is not None else []
+    info["cuda_driver"] = _State.driver
     try:
         from tf_smallmm import _smallmm_core as core
 

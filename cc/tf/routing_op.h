@@ -1,0 +1,96 @@
+// The one OpKernel of the fused dynamic-routing ops (SmallMMDynamicRouting and its Grad),
+// shared by the CPU registrations in routing_ops.cc and the GPU ones in
+// routing_ops_gpu.cc: it validates, allocates, and hands the shape to the device's Launch.
+#ifndef TF_SMALLMM_CC_TF_ROUTING_OP_H_
+#define TF_SMALLMM_CC_TF_ROUTING_OP_H_
+
+#include <string>
+
+#include "cc/engine/routing.h"
+#include "cc/tf/smallmm_types.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+
+namespace tensorflow {
+
+// The forward op has one input (u_hat), the backward two (u_hat, grad_v).
+template <typename Device>
+class SmallMMDynamicRoutingOp : public OpKernel {
+ public:
+  explicit SmallMMDynamicRoutingOp(OpKernelConstruction* ctx)
+      : OpKernel(ctx), backward_(ctx->num_inputs() == 2) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_iterations", &iterations_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
+                errors::InvalidArgument(name(), ": unsupported dtype ",
+                                        DataTypeString(ctx->input_type(0))));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& u = ctx->input(0);
+    OP_REQUIRES(
+        ctx, u.dims() == 4,
+        errors::InvalidArgument(name(),
+                                ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
+                                "got shape ",
+                                u.shape().DebugString()));
+    smallmm::RoutingShape shape;
+    shape.batch = u.dim_size(0);
+    shape.in_caps = u.dim_size(1);
+    shape.out_caps = u.dim_size(2);
+    shape.out_dim = u.dim_size(3);
+    shape.iterations = iterations_;
+    shape.epsilon = epsilon_;
+    const TensorShape v_shape({shape.batch, shape.out_caps, shape.out_dim});
+    const Tensor* grad_v = nullptr;
+    if (backward_) {
+      grad_v = &ctx->input(1);
+      OP_REQUIRES(
+          ctx, grad_v->shape() == v_shape,
+          errors::InvalidArgument(name(), ": grad_v must have shape ", v_shape.DebugString(),
+                                  " (v's shape for u_hat ", u.shape().DebugString(), "), got ",
+                                  grad_v->shape().DebugString()));
+    }
+    std::string error;
+    OP_REQUIRES(ctx, smallmm::CheckRouting(dtype_, shape, &error),
+                errors::InvalidArgument(name(), ": ", error));
+    Tensor* out = nullptr;
+    if (backward_) {
+      // dû may overwrite û when nothing else holds it (the usual case inside a gradient
+      // graph): the kernels finish reading a row's û before they write that row's dû, and
+      // rows are independent. Saves a batch-sized allocation and its page faults.
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, u.shape(), &out));
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(0, v_shape, &out));
+    }
+    if (out->NumElements() == 0) return;
+    Launch(ctx, shape, u, grad_v, out);
+  }
+
+ private:
+  // Runs the kernel on the device: out = v, or dû (then grad_v is non-null).
+  void Launch(OpKernelContext* ctx, const smallmm::RoutingShape& shape, const Tensor& u,
+              const Tensor* grad_v, Tensor* out);
+
+  const bool backward_;
+  int iterations_ = 1;
+  float epsilon_ = 1e-7f;
+  smallmm::DType dtype_;
+};
+
+// The forward and backward kernels for engine dtype CORE on one device (DEVICE_CPU with
+// Eigen::ThreadPoolDevice, or DEVICE_GPU with Eigen::GpuDevice).
+#define SMALLMM_REGISTER_ROUTING_KERNELS(DEVICE_TYPE, DEVICE_CLASS, CORE)                        \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRouting")                                          \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<DEVICE_CLASS>);                                \
+  REGISTER_KERNEL_BUILDER(Name("SmallMMDynamicRoutingGrad")                                      \
+                              .Device(DEVICE_TYPE)                                               \
+                              .TypeConstraint<smallmm_tf::TfType<smallmm::DType::CORE>::T>("T"), \
+                          SmallMMDynamicRoutingOp<DEVICE_CLASS>);
+
+}  // namespace tensorflow
+
+#endif  // TF_SMALLMM_CC_TF_ROUTING_OP_H_
