@@ -39,8 +39,8 @@ ISA_FLAGS = {
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
 ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
-KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/gemm.cc", "cc/engine/isa.cc",
-                  "cc/engine/plan.cc", "cc/engine/routing.cc"]
+KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/execute.cc", "cc/engine/gemm.cc",
+                  "cc/engine/isa.cc", "cc/engine/plan.cc", "cc/engine/routing.cc"]
 TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are

@@ -1,17 +1,19 @@
 // TF adapter of the fused dynamic-routing kernels (cc/engine/routing.h): op
 // registrations, shape functions and one OpKernel for the forward and backward ops. It
-// only validates, allocates and shards rows over TF's intra-op thread pool; the math is in
-// cc/engine/routing_isa.cc. The gradient is registered in Python (tf_smallmm/capsules/routing.py).
-#include <atomic>
+// only validates, allocates and runs the engine's row sharding (cc/engine/execute.h) on
+// TF's intra-op thread pool; the math is in cc/engine/routing_isa.cc. The gradient is
+// registered in Python (tf_smallmm/capsules/routing.py).
 #include <string>
 
+#include "cc/engine/execute.h"
 #include "cc/engine/routing.h"
+#include "cc/tf/cpu_executor.h"
+#include "cc/tf/routing_op.h"
 #include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace tensorflow {
 namespace {
@@ -78,46 +80,20 @@ batch row inside the kernel instead of storing them. Not differentiable itself.
 
 using CPUDevice = Eigen::ThreadPoolDevice;
 
-std::string ShapeOf(const Tensor& t) { return t.shape().DebugString(); }
-
 template <bool kBackward>
 class SmallMMDynamicRoutingOp : public OpKernel {
  public:
   explicit SmallMMDynamicRoutingOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_iterations", &iterations_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
-                errors::InvalidArgument(name(), ": unsupported dtype ",
-                                        DataTypeString(ctx->input_type(0))));
+    OP_REQUIRES_OK(ctx, ReadSmallMMRoutingAttrs(ctx, &attrs_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& u = ctx->input(0);
-    OP_REQUIRES(
-        ctx, u.dims() == 4,
-        errors::InvalidArgument(name(),
-                                ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
-                                "got shape ",
-                                ShapeOf(u)));
+    const Tensor* grad_v = kBackward ? &ctx->input(1) : nullptr;
     smallmm::RoutingShape shape;
-    shape.batch = u.dim_size(0);
-    shape.in_caps = u.dim_size(1);
-    shape.out_caps = u.dim_size(2);
-    shape.out_dim = u.dim_size(3);
-    shape.iterations = iterations_;
-    shape.epsilon = epsilon_;
+    OP_REQUIRES_OK(ctx, SmallMMRoutingShape(name(), attrs_, u.shape(),
+                                            kBackward ? &grad_v->shape() : nullptr, &shape));
     const TensorShape v_shape({shape.batch, shape.out_caps, shape.out_dim});
-    const Tensor* grad_v = nullptr;
-    if (kBackward) {
-      grad_v = &ctx->input(1);
-      OP_REQUIRES(ctx, grad_v->shape() == v_shape,
-                  errors::InvalidArgument(name(), ": grad_v must have shape ",
-                                          v_shape.DebugString(), " (v's shape for u_hat ",
-                                          ShapeOf(u), "), got ", ShapeOf(*grad_v)));
-    }
-    std::string error;
-    OP_REQUIRES(ctx, smallmm::CheckRouting(dtype_, shape, &error),
-                errors::InvalidArgument(name(), ": ", error));
     Tensor* out = nullptr;
     if (kBackward) {
       // dû may overwrite û when nothing else holds it (the usual case inside a gradient
@@ -129,30 +105,17 @@ class SmallMMDynamicRoutingOp : public OpKernel {
     }
     if (out->NumElements() == 0) return;
 
-    const void* u_data = u.tensor_data().data();
-    const void* gv_data = kBackward ? grad_v->tensor_data().data() : nullptr;
-    void* out_data = const_cast<char*>(out->tensor_data().data());
-    const smallmm::DType dtype = dtype_;
-    std::atomic<bool> ok{true};
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    // One row is the unit of work: its routing iterations run with its û in cache.
-    Shard(workers->num_threads, workers->workers, shape.batch,
-          smallmm::RoutingCostPerRow(shape, kBackward), [&](int64_t begin, int64_t end) {
-            const bool done =
-                kBackward ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data, out_data,
-                                                        begin, end)
-                          : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin, end);
-            if (!done) ok.store(false);
-          });
-    OP_REQUIRES(
-        ctx, ok.load(),
-        errors::ResourceExhausted(name(), ": could not allocate routing scratch for ", ShapeOf(u)));
+    OP_REQUIRES(ctx,
+                smallmm::ExecuteRouting(attrs_.dtype, shape, u.tensor_data().data(),
+                                        kBackward ? grad_v->tensor_data().data() : nullptr,
+                                        const_cast<char*>(out->tensor_data().data()),
+                                        smallmm_tf::CpuExecutor(ctx)),
+                errors::ResourceExhausted(name(), ": could not allocate routing scratch for ",
+                                          u.shape().DebugString()));
   }
 
  private:
-  int iterations_ = 1;
-  float epsilon_ = 1e-7f;
-  smallmm::DType dtype_;
+  SmallMMRoutingAttrs attrs_;
 };
 
 #define SMALLMM_REGISTER_ROUTING_CPU(CORE)                                                       \
