@@ -16,9 +16,9 @@ float32 inside the fused op.
 Every layer is serialisable (`.keras`, `get_config`). The layers with SmallMM ops declare
 `supports_jit = True` where XLA compiles those ops (`dispatch.supports_jit`), and False
 with a library built without the XLA kernels, so that Keras' automatic XLA on GPU machines
-does not silently compile the fallback instead. A SavedModel of a model with these layers contains SmallMM ops: the
-serving process must `import tf_smallmm` before loading it, or use
-`export_without_plugin(model, path)` to export the same model with TF built-ins only.
+does not silently compile the fallback instead. A SavedModel of a model with these layers
+contains SmallMM ops: the serving process must `import tf_smallmm` before loading it, or
+use `export_without_plugin(model, path)` to export the same model with TF built-ins only.
 """
 
 import keras
