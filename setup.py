@@ -6,6 +6,8 @@ Install with ``pip install --no-build-isolation .`` after TensorFlow 2.21 and py
 Environment:
   TF_SMALLMM_CUDA=0|1   build the CUDA kernels (default: when nvcc is found); 1 fails the
                         build when nvcc is missing, and any nvcc error fails it too
+  TF_SMALLMM_XLA=0|1    build the XLA kernels (default: when TensorFlow's headers have what they
+                        need); 1 fails the build when they do not
   TF_SMALLMM_JOBS=N     parallel compile jobs (default: CPU count)
   NVCC=path             nvcc to use (default: the newest CUDA 12.x toolkit's nvcc under
                         /usr/local/cuda-12.*, else nvcc on PATH; see _find_nvcc)
@@ -42,14 +44,24 @@ ISA_FLAGS = {
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
 ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
-KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/gemm.cc", "cc/engine/isa.cc",
-                  "cc/engine/plan.cc", "cc/engine/routing.cc"]
+KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/execute.cc", "cc/engine/gemm.cc",
+                  "cc/engine/isa.cc", "cc/engine/plan.cc", "cc/engine/routing.cc"]
 TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
 # With CUDA: the GPU Launch + registrations (host compiler, -DGOOGLE_CUDA=1) and the CUDA
 # runtime shim (host-only code; `nvcc -x c++` for the CUDA include path). The kernels are
 # every cuda/*.cu.cc.
 TF_GPU_SOURCES = ["cc/tf/smallmm_ops_gpu.cc", "cc/tf/routing_ops_gpu.cc"]
 CUDA_HOST_SOURCES = ["cuda/cuda_runtime_shim.cc"]
+# The XLA kernels (jit_compile=True): the compile side, which needs XLA's compiler headers
+# (about a minute and 1 GB per compile, hence one file), and the FFI handlers, which need
+# only XLA's header-only FFI API. XLA_HEADERS must all be in the wheel's include folder.
+XLA_SOURCES = ["cc/xla/xla_kernels.cc", "cc/xla/ffi_handlers.cc"]
+XLA_HEADERS = ["tensorflow/compiler/tf2xla/xla_op_kernel.h", "xla/hlo/builder/xla_builder.h",
+               "xla/ffi/api/ffi.h", "xla/ffi/ffi_api.h"]
+# The wheel's XLA headers include highwayhash/*.h (xla/printer.h) and farmhash.h
+# (tsl/platform/fingerprint.h), which it does not ship: declaration-only stand-ins, so that
+# no extra system package is needed (cc/xla/shims/README.md).
+XLA_SHIMS = "cc/xla/shims"
 # pybind11 modules of the tf_smallmm package -> their source; each links the kernel core.
 PYBIND_MODULES = {
     "_smallmm_core": "cc/python/module.cc",
@@ -109,6 +121,19 @@ def _nvcc_release(nvcc):
         return None
     m = re.search(r"release (\d+)\.(\d+)", out)
     return (int(m[1]), int(m[2])) if m else None
+
+
+def _xla_missing(tf_include):
+    """Why the XLA kernels cannot be built against this TensorFlow, or None."""
+    if os.environ.get("TF_SMALLMM_XLA", "") == "0":
+        return "TF_SMALLMM_XLA=0"
+    missing = [h for h in XLA_HEADERS if not os.path.exists(os.path.join(tf_include, h))]
+    if not missing:
+        return None
+    reason = f"TensorFlow's include folder {tf_include} lacks {', '.join(missing)}"
+    if os.environ.get("TF_SMALLMM_XLA", "") == "1":
+        raise RuntimeError(f"TF_SMALLMM_XLA=1 but {reason}")
+    return reason
 
 
 def _find_nvcc():
@@ -195,8 +220,16 @@ class BuildSmallMM(build_ext):
         cuda = bool(nvcc and cuda_srcs)
         if cuda:
             tf_base += ["-DGOOGLE_CUDA=1"]
-        for src in TF_SOURCES + (TF_GPU_SOURCES if cuda else []):
-            jobs.append(tf_base + ["-c", src, "-o", obj(src)])
+        xla_missing = _xla_missing(tf.sysconfig.get_include())
+        if xla_missing:
+            print(f"WARNING: building without the XLA kernels ({xla_missing}): under "
+                  "jit_compile=True tf_smallmm uses TensorFlow's built-in ops", flush=True)
+        xla_srcs = [] if xla_missing else XLA_SOURCES
+        for src in TF_SOURCES + (TF_GPU_SOURCES if cuda else []) + xla_srcs:
+            # XLA's headers as system headers: their warnings (-Wcomment, -Wreturn-type,
+            # enum bit-fields, the registrar objects of REGISTER_XLA_OP) are TF's, not ours.
+            xla = ["-I" + os.path.join(HERE, XLA_SHIMS), "-isystem", tf.sysconfig.get_include()]
+            jobs.append(tf_base + (xla if src in XLA_SOURCES else []) + ["-c", src, "-o", obj(src)])
             tf_objs.append(obj(src))
         if cuda:
             gencode = []
@@ -228,9 +261,12 @@ class BuildSmallMM(build_ext):
         # The op library: loaded with tf.load_op_library. No -lcudart: TF's framework
         # library provides the CUDA runtime symbols; cuda/cuda_runtime_shim.cc looks them
         # up at first use (-ldl), so the library also loads under tensorflow-cpu, whose
-        # framework library has none.
+        # framework library has none. The XLA kernels also need libtensorflow_cc.so.2
+        # (tf.sysconfig names only the framework library): it has the XLA op registry,
+        # XlaOpKernel, the XLA builder and XLA's FFI registry.
+        xla_lflags = [] if xla_missing else ["-l:libtensorflow_cc.so.2"]
         _run([cxx, "-shared", "-o", os.path.join(out_dir, "_smallmm_ops.so")]
-             + tf_objs + core_objs + tf_lflags + (["-ldl"] if cuda else []))
+             + tf_objs + core_objs + tf_lflags + xla_lflags + (["-ldl"] if cuda else []))
         for name, src in PYBIND_MODULES.items():
             so = os.path.join(out_dir, name + sysconfig.get_config_var("EXT_SUFFIX"))
             _run(base + ["-shared", obj(src), "-o", so] + core_objs)
@@ -242,6 +278,8 @@ class BuildSmallMM(build_ext):
             "tf_version": tf.__version__,
             "isas": isas,
             "cuda": cuda,
+            "xla": not xla_missing,
+            "xla_missing": xla_missing,
             "cuda_archs": CUDA_ARCHS if cuda else [],
             "nvcc": subprocess.check_output([nvcc, "--version"], text=True).strip().splitlines()[-1]
             if cuda else None,

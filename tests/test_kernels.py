@@ -293,3 +293,11 @@ def test_kernel_for_every_plan():
     assert core.kernel_for(np.ones((0, 3, 4)), np.ones((4, 5))) == "none"
     with pytest.raises(ValueError, match="Matrix size-incompatible"):
         core.kernel_for(np.ones((3, 4)), np.ones((5, 6)))
+
+
+def test_pool_parallel_for_runs_every_unit_once():
+    # The parallel-for of the XLA custom calls (cc/engine/execute.h) over a stand-in pool.
+    for units, threads in [(1, 4), (7, 2), (1000, 3), (5000, 8)]:
+        for late in (False, True):  # helpers on threads, or only after the call returned
+            counts = core.pool_parallel_for(units, 10**6, threads, late)
+            assert counts == [1] * units, (units, threads, late)

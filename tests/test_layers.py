@@ -13,8 +13,7 @@ import tensorflow as tf
 import tf_smallmm as smm
 from conftest import small_capsnet, smallmm_ops
 from tf_smallmm import layers as caps
-
-LAYERS_WITH_OPS = [caps.CapsulePredict(3, 4), caps.DynamicRouting(2), caps.CapsuleLayer(3, 4)]
+from tf_smallmm._core import dispatch
 
 
 def data(n=32, seed=0):
@@ -48,12 +47,19 @@ def test_output_shapes_and_config_roundtrip(layer, input_shape, output_shape):
     assert keras.saving.get_registered_name(type(layer)).startswith("tf_smallmm>")
 
 
-@pytest.mark.parametrize("layer", LAYERS_WITH_OPS, ids=lambda l: type(l).__name__)
-def test_layers_using_our_ops_opt_out_of_keras_auto_xla(layer):
-    assert layer.supports_jit is False
+@pytest.mark.parametrize("make", [lambda: caps.CapsulePredict(3, 4), lambda: caps.DynamicRouting(2),
+                                  lambda: caps.CapsuleLayer(3, 4)],
+                         ids=["CapsulePredict", "DynamicRouting", "CapsuleLayer"])
+def test_layers_opt_out_of_keras_auto_xla_only_without_the_xla_kernels(make, monkeypatch):
+    # With the XLA kernels XLA compiles our ops (tests/test_xla.py); without them it would
+    # compile the TF-ops fallback instead, so the layers keep Keras from choosing XLA.
+    assert make().supports_jit is dispatch.xla_compiles_kernels()
+    monkeypatch.setattr(dispatch, "xla_compiles_kernels", lambda: False)
+    assert make().supports_jit is False
 
 
-def test_keras_does_not_jit_compile_a_model_with_our_layers():
+def test_keras_does_not_jit_compile_a_model_with_our_layers_without_the_xla_kernels(monkeypatch):
+    monkeypatch.setattr(dispatch, "xla_compiles_kernels", lambda: False)
     model = small_capsnet()
     with pytest.warns(UserWarning):
         model.compile("sgd", caps.margin_loss, jit_compile=True)

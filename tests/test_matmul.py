@@ -18,6 +18,7 @@ from conftest import (
     smallmm_ops,
     wide,
 )
+from tf_smallmm._core import dispatch
 
 # (transpose, adjoint) per side, as tf.linalg.matmul spells them.
 SIDES = [(False, False), (True, False), (False, True)]
@@ -246,7 +247,9 @@ def test_fallback_paths_match_builtin(case):
     np.testing.assert_allclose(f(a, b), tf.linalg.matmul(a, b, **kw), rtol=1e-6)
 
 
-def test_xla_compilation_falls_back():
+def test_xla_compilation_falls_back_without_the_xla_kernels(monkeypatch):
+    # With them our ops compile to custom calls (tests/test_xla.py).
+    monkeypatch.setattr(dispatch, "xla_compiles_kernels", lambda: False)
     a, b = random_tensor((10, 4, 4), tf.float32, 1), random_tensor((10, 4, 4), tf.float32, 2)
 
     @tf.function(jit_compile=True)

@@ -5,10 +5,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "cc/engine/execute.h"
 #include "cc/engine/smallmm.h"
 #include "cc/python/numpy_plan.h"
 
@@ -66,6 +71,38 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   return out;
 }
 
+// How often each of `units` ran under the engine's PoolParallelFor on a stand-in pool:
+// its helper tasks run on their own threads, or (late) only after the call returned, as
+// on a pool too busy to start them before the caller has done all the work itself.
+std::vector<int> PoolParallelForCounts(int64_t units, int64_t cost_per_unit, int threads,
+                                       bool late) {
+  std::unique_ptr<std::atomic<int>[]> counts(new std::atomic<int>[units]());
+  std::vector<std::function<void()>> deferred;
+  std::vector<std::thread> helpers;
+  {
+    py::gil_scoped_release release;
+    // Called on this thread only: the pool parallel-for schedules from its caller.
+    auto schedule = [&](std::function<void()> task) {
+      if (late) {
+        deferred.push_back(std::move(task));
+      } else {
+        helpers.emplace_back(std::move(task));
+      }
+    };
+    smallmm::PoolParallelFor(schedule, threads)(units, cost_per_unit,
+                                                [&](int64_t begin, int64_t end) {
+                                                  for (int64_t i = begin; i < end; ++i) {
+                                                    counts[i].fetch_add(1);
+                                                  }
+                                                });
+    for (auto& task : deferred) task();
+    for (auto& t : helpers) t.join();
+  }
+  std::vector<int> out(units);
+  for (int64_t i = 0; i < units; ++i) out[i] = counts[i].load();
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_smallmm_core, m) {
@@ -95,6 +132,10 @@ PYBIND11_MODULE(_smallmm_core, m) {
           const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
           return smallmm::SuggestReductionSplit(p.dtype, p.plan, threads);
         });
+  m.def("pool_parallel_for", &PoolParallelForCounts, py::arg("units"), py::arg("cost_per_unit"),
+        py::arg("threads"), py::arg("late") = false,
+        "How often each unit ran under the engine's parallel-for over a task pool (the XLA "
+        "custom calls' threading); late: the pool starts its tasks only after the call.");
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));

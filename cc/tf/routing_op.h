@@ -1,6 +1,8 @@
-// The one OpKernel of the fused dynamic-routing ops (SmallMMDynamicRouting and its Grad),
-// shared by the CPU registrations in routing_ops.cc and the GPU ones in
-// routing_ops_gpu.cc: it validates, allocates, and hands the shape to the device's Launch.
+// The fused dynamic-routing ops (SmallMMDynamicRouting and its Grad): their attrs and input
+// checks, shared by the OpKernel and the XLA kernels (cc/xla/xla_kernels.cc) so both accept
+// the same inputs with the same error texts, and the one OpKernel, shared by the CPU
+// registrations in routing_ops.cc and the GPU ones in routing_ops_gpu.cc: it validates,
+// allocates, and hands the shape to the device's Launch.
 #ifndef TF_SMALLMM_CC_TF_ROUTING_OP_H_
 #define TF_SMALLMM_CC_TF_ROUTING_OP_H_
 
@@ -14,47 +16,67 @@
 
 namespace tensorflow {
 
+struct SmallMMRoutingAttrs {
+  int iterations = 1;
+  float epsilon = 1e-7f;
+  smallmm::DType dtype = smallmm::DType::kFloat;
+};
+
+inline absl::Status ReadSmallMMRoutingAttrs(OpKernelConstruction* ctx, SmallMMRoutingAttrs* attrs) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("num_iterations", &attrs->iterations));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &attrs->epsilon));
+  if (!smallmm_tf::ToCoreDType(ctx->input_type(0), &attrs->dtype)) {
+    return errors::InvalidArgument(ctx->def().name(), ": unsupported dtype ",
+                                   DataTypeString(ctx->input_type(0)));
+  }
+  return absl::OkStatus();
+}
+
+// The routing problem of op `op_name` for û of shape `u` and, for the gradient op, grad_v
+// of shape *grad_v (nullptr for the forward op); InvalidArgument naming the shapes when
+// they do not fit.
+inline absl::Status SmallMMRoutingShape(const std::string& op_name,
+                                        const SmallMMRoutingAttrs& attrs, const TensorShape& u,
+                                        const TensorShape* grad_v, smallmm::RoutingShape* shape) {
+  if (u.dims() != 4) {
+    return errors::InvalidArgument(
+        op_name, ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], got shape ",
+        u.DebugString());
+  }
+  shape->batch = u.dim_size(0);
+  shape->in_caps = u.dim_size(1);
+  shape->out_caps = u.dim_size(2);
+  shape->out_dim = u.dim_size(3);
+  shape->iterations = attrs.iterations;
+  shape->epsilon = attrs.epsilon;
+  const TensorShape v_shape({shape->batch, shape->out_caps, shape->out_dim});
+  if (grad_v != nullptr && *grad_v != v_shape) {
+    return errors::InvalidArgument(op_name, ": grad_v must have shape ", v_shape.DebugString(),
+                                   " (v's shape for u_hat ", u.DebugString(), "), got ",
+                                   grad_v->DebugString());
+  }
+  std::string error;
+  if (!smallmm::CheckRouting(attrs.dtype, *shape, &error)) {
+    return errors::InvalidArgument(op_name, ": ", error);
+  }
+  return absl::OkStatus();
+}
+
 // The forward op has one input (u_hat), the backward two (u_hat, grad_v).
 template <typename Device>
 class SmallMMDynamicRoutingOp : public OpKernel {
  public:
   explicit SmallMMDynamicRoutingOp(OpKernelConstruction* ctx)
       : OpKernel(ctx), backward_(ctx->num_inputs() == 2) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_iterations", &iterations_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
-    OP_REQUIRES(ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
-                errors::InvalidArgument(name(), ": unsupported dtype ",
-                                        DataTypeString(ctx->input_type(0))));
+    OP_REQUIRES_OK(ctx, ReadSmallMMRoutingAttrs(ctx, &attrs_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& u = ctx->input(0);
-    OP_REQUIRES(
-        ctx, u.dims() == 4,
-        errors::InvalidArgument(name(),
-                                ": u_hat must have rank 4 [batch, in_caps, out_caps, out_dim], "
-                                "got shape ",
-                                u.shape().DebugString()));
+    const Tensor* grad_v = backward_ ? &ctx->input(1) : nullptr;
     smallmm::RoutingShape shape;
-    shape.batch = u.dim_size(0);
-    shape.in_caps = u.dim_size(1);
-    shape.out_caps = u.dim_size(2);
-    shape.out_dim = u.dim_size(3);
-    shape.iterations = iterations_;
-    shape.epsilon = epsilon_;
-    const TensorShape v_shape({shape.batch, shape.out_caps, shape.out_dim});
-    const Tensor* grad_v = nullptr;
-    if (backward_) {
-      grad_v = &ctx->input(1);
-      OP_REQUIRES(
-          ctx, grad_v->shape() == v_shape,
-          errors::InvalidArgument(name(), ": grad_v must have shape ", v_shape.DebugString(),
-                                  " (v's shape for u_hat ", u.shape().DebugString(), "), got ",
-                                  grad_v->shape().DebugString()));
-    }
-    std::string error;
-    OP_REQUIRES(ctx, smallmm::CheckRouting(dtype_, shape, &error),
-                errors::InvalidArgument(name(), ": ", error));
+    OP_REQUIRES_OK(ctx, SmallMMRoutingShape(name(), attrs_, u.shape(),
+                                            backward_ ? &grad_v->shape() : nullptr, &shape));
     Tensor* out = nullptr;
     if (backward_) {
       // dû may overwrite û when nothing else holds it (the usual case inside a gradient
@@ -62,6 +84,7 @@ class SmallMMDynamicRoutingOp : public OpKernel {
       // rows are independent. Saves a batch-sized allocation and its page faults.
       OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, u.shape(), &out));
     } else {
+      const TensorShape v_shape({shape.batch, shape.out_caps, shape.out_dim});
       OP_REQUIRES_OK(ctx, ctx->allocate_output(0, v_shape, &out));
     }
     if (out->NumElements() == 0) return;
@@ -74,9 +97,7 @@ class SmallMMDynamicRoutingOp : public OpKernel {
               const Tensor* grad_v, Tensor* out);
 
   const bool backward_;
-  int iterations_ = 1;
-  float epsilon_ = 1e-7f;
-  smallmm::DType dtype_;
+  SmallMMRoutingAttrs attrs_;
 };
 
 // The forward and backward kernels for engine dtype CORE on one device (DEVICE_CPU with

@@ -1,19 +1,20 @@
 // TF adapter of the fused dynamic-routing kernels (cc/engine/routing.h): op
-// registrations, shape functions, and the CPU Launch of the one OpKernel of the forward
-// and backward ops (routing_op.h), which shards rows over TF's intra-op thread pool; the
-// math is in cc/engine/routing_isa.cc (CPU) and cuda/routing_gpu_logic.h (GPU). The gradient is
-// registered in Python (tf_smallmm/capsules/routing.py).
-#include <atomic>
+// registrations, shape functions, and the CPU Launch of the one OpKernel of the forward and
+// backward ops (routing_op.h), which runs the engine's row sharding (cc/engine/execute.h)
+// on TF's intra-op thread pool; the math is in cc/engine/routing_isa.cc (CPU) and
+// cuda/routing_gpu_logic.h (GPU). The gradient is registered in Python
+// (tf_smallmm/capsules/routing.py).
 #include <string>
 
+#include "cc/engine/execute.h"
 #include "cc/engine/routing.h"
+#include "cc/tf/cpu_executor.h"
 #include "cc/tf/routing_op.h"
 #include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace tensorflow {
 namespace {
@@ -86,23 +87,11 @@ template <>
 void SmallMMDynamicRoutingOp<CPUDevice>::Launch(OpKernelContext* ctx,
                                                 const smallmm::RoutingShape& shape, const Tensor& u,
                                                 const Tensor* grad_v, Tensor* out) {
-  const void* u_data = u.tensor_data().data();
-  const void* gv_data = grad_v != nullptr ? grad_v->tensor_data().data() : nullptr;
-  void* out_data = const_cast<char*>(out->tensor_data().data());
-  const smallmm::DType dtype = dtype_;
-  const bool backward = backward_;
-  std::atomic<bool> ok{true};
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  // One row is the unit of work: its routing iterations run with its û in cache.
-  Shard(workers->num_threads, workers->workers, shape.batch,
-        smallmm::RoutingCostPerRow(shape, backward), [&](int64_t begin, int64_t end) {
-          const bool done =
-              backward
-                  ? smallmm::RunRoutingBackward(dtype, shape, u_data, gv_data, out_data, begin, end)
-                  : smallmm::RunRoutingForward(dtype, shape, u_data, out_data, begin, end);
-          if (!done) ok.store(false);
-        });
-  OP_REQUIRES(ctx, ok.load(),
+  OP_REQUIRES(ctx,
+              smallmm::ExecuteRouting(attrs_.dtype, shape, u.tensor_data().data(),
+                                      grad_v != nullptr ? grad_v->tensor_data().data() : nullptr,
+                                      const_cast<char*>(out->tensor_data().data()),
+                                      smallmm_tf::CpuExecutor(ctx)),
               errors::ResourceExhausted(name(), ": could not allocate routing scratch for ",
                                         u.shape().DebugString()));
 }

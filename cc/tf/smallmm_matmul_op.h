@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cc/engine/execute.h"
 #include "cc/engine/smallmm.h"
 #include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -30,6 +31,53 @@ struct SmallMMPlanned {
   Tensor* out = nullptr;
 };
 
+// Reads the products of a SmallMM matmul op (one per output) from its attrs, and its
+// dtype; shared by the OpKernels and the XLA kernels (cc/xla/xla_kernels.cc).
+inline absl::Status ReadSmallMMProducts(OpKernelConstruction* ctx, SmallMMProduct products[2],
+                                        int* count, smallmm::DType* dtype) {
+  *count = ctx->num_outputs();
+  const bool reduce = ctx->num_inputs() == 3 * *count;
+  for (int p = 0; p < *count; ++p) {
+    const std::string suffix = *count == 1 ? "" : "_" + std::to_string(p + 1);
+    SmallMMProduct& d = products[p];
+    d.x = (reduce ? 3 : 2) * p;
+    d.y = d.x + 1;
+    d.batch_shape = reduce ? d.x + 2 : -1;
+    TF_RETURN_IF_ERROR(ctx->GetAttr("transpose_x" + suffix, &d.transpose_x));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("conjugate_x" + suffix, &d.conjugate_x));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("transpose_y" + suffix, &d.transpose_y));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
+  }
+  if (!smallmm_tf::ToCoreDType(ctx->input_type(0), dtype)) {
+    return errors::InvalidArgument("SmallMM: unsupported dtype ",
+                                   DataTypeString(ctx->input_type(0)));
+  }
+  return absl::OkStatus();
+}
+
+// Plans product d of op `op_name` for dense inputs of shapes x and y (reduced to batch
+// shape `target` when d has a batch_shape input) and gives its output shape; bad shapes
+// are InvalidArgument errors with the planner's text.
+inline absl::Status PlanSmallMMProduct(const std::string& op_name, const SmallMMProduct& d,
+                                       const TensorShape& x, const TensorShape& y,
+                                       const std::vector<int64_t>& target, smallmm::GemmPlan* plan,
+                                       TensorShape* out) {
+  const bool reduce = d.batch_shape >= 0;
+  const auto xd = x.dim_sizes(), yd = y.dim_sizes();
+  int out_rank = 0;
+  int64_t out_dims[smallmm::kMaxBatchDims + 2];
+  std::string error;
+  if (!smallmm::PlanDenseBatchMatMul(
+          x.dims(), xd.data(), d.transpose_x, d.conjugate_x, y.dims(), yd.data(), d.transpose_y,
+          d.conjugate_y, reduce ? target.data() : nullptr, reduce ? int(target.size()) : -1, plan,
+          &out_rank, out_dims, &error)) {
+    return errors::InvalidArgument(op_name, ": ", error);
+  }
+  *out = TensorShape();
+  for (int i = 0; i < out_rank; ++i) TF_RETURN_IF_ERROR(out->AddDimWithStatus(out_dims[i]));
+  return absl::OkStatus();
+}
+
 // The one base kernel for the three ops (and every dtype: the core is type-erased):
 // SmallMMBatchMatMul and SmallMMBatchMatMulReduce compute one product;
 // SmallMMBatchMatMulPair computes two (both gradients of a product) so the device can
@@ -38,23 +86,7 @@ template <typename Device>
 class SmallMMMatMulOp : public OpKernel {
  public:
   explicit SmallMMMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    const int count = ctx->num_outputs();
-    const bool reduce = ctx->num_inputs() == 3 * count;
-    for (int p = 0; p < count; ++p) {
-      const std::string suffix = count == 1 ? "" : "_" + std::to_string(p + 1);
-      SmallMMProduct& d = products_[p];
-      d.x = (reduce ? 3 : 2) * p;
-      d.y = d.x + 1;
-      d.batch_shape = reduce ? d.x + 2 : -1;
-      OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_x" + suffix, &d.transpose_x));
-      OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_x" + suffix, &d.conjugate_x));
-      OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_y" + suffix, &d.transpose_y));
-      OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
-    }
-    count_ = count;
-    OP_REQUIRES(
-        ctx, smallmm_tf::ToCoreDType(ctx->input_type(0), &dtype_),
-        errors::InvalidArgument("SmallMM: unsupported dtype ", DataTypeString(ctx->input_type(0))));
+    OP_REQUIRES_OK(ctx, ReadSmallMMProducts(ctx, products_, &count_, &dtype_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -75,11 +107,8 @@ class SmallMMMatMulOp : public OpKernel {
   void Plan(OpKernelContext* ctx, int p, const SmallMMProduct& d, SmallMMPlanned* q) {
     const Tensor& x = ctx->input(d.x);
     const Tensor& y = ctx->input(d.y);
-    std::vector<int64_t> xd, xs, yd, ys, target;
-    DenseLayout(x.shape(), &xd, &xs);
-    DenseLayout(y.shape(), &yd, &ys);
-    const bool reduce = d.batch_shape >= 0;
-    if (reduce) {
+    std::vector<int64_t> target;
+    if (d.batch_shape >= 0) {
       const Tensor& bs = ctx->input(d.batch_shape);
       OP_REQUIRES(ctx, TensorShapeUtils::IsVector(bs.shape()),
                   errors::InvalidArgument("batch_shape must be a vector, got shape ",
@@ -89,37 +118,12 @@ class SmallMMMatMulOp : public OpKernel {
                                                 : int64_t(bs.flat<int64_t>()(i)));
       }
     }
-    smallmm::Operand a{x.dims(), xd.data(), xs.data(), d.transpose_x, d.conjugate_x};
-    smallmm::Operand b{y.dims(), yd.data(), ys.data(), d.transpose_y, d.conjugate_y};
-    int out_rank = 0;
-    int64_t out_dims[smallmm::kMaxBatchDims + 2];
-    std::string error;
-    OP_REQUIRES(ctx,
-                smallmm::PlanBatchMatMul(a, b, reduce ? target.data() : nullptr,
-                                         reduce ? int(target.size()) : -1, &q->plan, &out_rank,
-                                         out_dims, &error),
-                errors::InvalidArgument(name(), ": ", error));
     TensorShape out_shape;
-    for (int i = 0; i < out_rank; ++i) OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(out_dims[i]));
+    OP_REQUIRES_OK(
+        ctx, PlanSmallMMProduct(name(), d, x.shape(), y.shape(), target, &q->plan, &out_shape));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(p, out_shape, &q->out));
     q->x = &x;
     q->y = &y;
-  }
-
-  static void DenseLayout(const TensorShape& s, std::vector<int64_t>* dims,
-                          std::vector<int64_t>* strides) {
-    const int r = s.dims();
-    dims->resize(r);
-    strides->resize(r);
-    // A tensor with no elements is never read, and its strides could overflow int64
-    // (shape [0, 2^62, 2^62, 4]): give it strides of 0.
-    const bool empty = s.num_elements() == 0;
-    int64_t run = 1;
-    for (int i = r - 1; i >= 0; --i) {
-      (*dims)[i] = s.dim_size(i);
-      (*strides)[i] = empty ? 0 : run;
-      if (!empty) run *= s.dim_size(i);  // <= num_elements(): no overflow
-    }
   }
 
   // Runs the `count` planned products (1 or 2, none empty) on the device.

@@ -19,7 +19,8 @@ label is part of K or a *reduced* batch axis (summed inside the kernel through
 label orders agree once the matrix axes are set aside; then the contraction runs on the
 engine with no transpose or copy, and its gradient does too. Otherwise (and for 1 or 3+
 operands, repeated labels, unknown ranks, pure elementwise / outer products with no
-contracted label, unsupported dtypes, big products, XLA) `tf.einsum` runs.
+contracted label, unsupported dtypes, big products, XLA without our XLA kernels)
+`tf.einsum` runs.
 
 Plans depend only on the labels (the equation and the static ranks), so they are computed
 once per trace and cached. Equations are parsed into Contractions by `dropins.einsum`.

@@ -68,8 +68,8 @@ def disabled():
 
 
 def in_xla_context():
-    """True while tracing inside tf.function(jit_compile=True): custom ops cannot be
-    compiled by XLA, so the built-ins must be used there."""
+    """True while tracing inside tf.function(jit_compile=True), where our ops run as XLA
+    custom calls if the library has them (`xla_compiles_kernels`)."""
     try:
         from tensorflow.python.ops import control_flow_util
 
@@ -91,6 +91,24 @@ def gpu_without_kernels(op_name="SmallMMBatchMatMul"):
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+@functools.cache
+def xla_compiles_kernels():
+    """Whether XLA compiles the SmallMM ops here: the library has their XLA kernels, and
+    XLA's registry the custom calls' handlers for the CPU and, on a machine with a GPU,
+    for the GPU. Cached, as gpu_without_kernels."""
+    need = ["Host"] + (["CUDA"] if tf.config.list_logical_devices("GPU") else [])
+    return all(p in loader.xla_platforms() for p in need)
+
+
+def supports_jit():
+    """What the Keras layers with SmallMM ops declare as `supports_jit`: False only where
+    compiling with XLA would trade our kernels for the built-in fallback (a library
+    without the XLA kernels), so that Keras' automatic XLA (on GPU machines) leaves such
+    models alone."""
+    uses_kernels = loader.kernels_loaded() and not disabled() and not gpu_without_kernels()
+    return not uses_kernels or xla_compiles_kernels()
+
+
 def use_kernel(dtype, macs=None):
     """Whether a SmallMM op should run a product of this dtype and static size.
 
@@ -101,4 +119,6 @@ def use_kernel(dtype, macs=None):
         return False
     if macs is not None and macs > MAX_SMALL_MACS:
         return False
-    return not (in_xla_context() or gpu_without_kernels())
+    if in_xla_context() and not xla_compiles_kernels():
+        return False
+    return not gpu_without_kernels()

@@ -165,8 +165,28 @@ def registered_devices(op_name):
     return sorted(devs)
 
 
+# The XLA custom call every SmallMM matmul op compiles to (cc/xla/custom_calls.h).
+_XLA_PROBE_TARGET = b"smallmm_batch_matmul"
+
+
+@functools.cache
+def xla_platforms():
+    """The platforms ("Host", "CUDA") for which XLA's FFI registry holds the handlers of
+    our custom calls: where the SmallMM ops compile under jit_compile=True. Empty for a
+    library built without the XLA kernels."""
+    if load() is None or not _State.info.get("xla"):
+        return ()
+    # The library is loaded already: this gets the same handle, not a second copy.
+    probe = ctypes.CDLL(_OPS_PATH).SmallMMXlaHandlerRegistered
+    probe.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    probe.restype = ctypes.c_int
+    return tuple(p for p in ("Host", "CUDA") if probe(_XLA_PROBE_TARGET, p.encode()))
+
+
 def build_info():
-    """What was compiled and what is running: TF versions, ISAs, devices with kernels."""
+    """What was compiled and what is running: TF versions, ISAs, devices with kernels,
+    the XLA kernels ("xla", or why not: "xla_missing") and the platforms XLA runs them on
+    ("xla_platforms")."""
     lib = load()
     info = dict(_State.info)
     info["tf_runtime_version"] = tf.__version__
@@ -174,6 +194,7 @@ def build_info():
     info["load_error"] = _State.error
     info["devices"] = list(registered_devices("SmallMMBatchMatMul")) if lib is not None else []
     info["cuda_driver"] = _State.driver
+    info["xla_platforms"] = list(xla_platforms())
     try:
         from tf_smallmm import _smallmm_core as core
 

@@ -7,21 +7,24 @@
 
 `CapsuleLayer` = `CapsulePredict` (û = W·u through the SmallMM engine, dW summed over the
 batch inside the kernel) followed by `DynamicRouting` (all routing iterations of a batch
-row in one fused kernel, exact gradient by a second fused kernel). Both fall back to the
-same maths in TF ops (`predict_reference`, `dynamic_routing_reference`) under XLA,
-TF_SMALLMM_DISABLE=1, without the op library, or for dtypes the kernels lack; float16 /
-bfloat16 (mixed precision) route in float32 inside the fused op.
+row in one fused kernel, exact gradient by a second fused kernel), under XLA
+(jit_compile=True) too, as custom calls. Both fall back to the same maths in TF ops
+(`predict_reference`, `dynamic_routing_reference`) under TF_SMALLMM_DISABLE=1, without the
+op library, or for dtypes the kernels lack; float16 / bfloat16 (mixed precision) route in
+float32 inside the fused op.
 
-Every layer is serialisable (`.keras`, `get_config`) and sets `supports_jit = False` where
-it uses SmallMM ops, so Keras' automatic XLA on GPU machines does not silently compile the
-fallback instead. A SavedModel of a model with these layers contains SmallMM ops: the
-serving process must `import tf_smallmm` before loading it, or use
-`export_without_plugin(model, path)` to export the same model with TF built-ins only.
+Every layer is serialisable (`.keras`, `get_config`). The layers with SmallMM ops declare
+`supports_jit = True` where XLA compiles those ops (`dispatch.supports_jit`), and False
+with a library built without the XLA kernels, so that Keras' automatic XLA on GPU machines
+does not silently compile the fallback instead. A SavedModel of a model with these layers
+contains SmallMM ops: the serving process must `import tf_smallmm` before loading it, or
+use `export_without_plugin(model, path)` to export the same model with TF built-ins only.
 """
 
 import keras
 import tensorflow as tf
 
+from tf_smallmm._core import dispatch
 from tf_smallmm._core.dispatch import builtin_ops
 from tf_smallmm.capsules.prediction import predict, predict_reference
 from tf_smallmm.capsules.routing import (
@@ -119,7 +122,7 @@ class _CapsuleWeights(keras.layers.Layer):
         self.capsule_dim = int(capsule_dim)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.supports_jit = False  # SmallMM ops: keep Keras from auto-compiling with XLA
+        self.supports_jit = dispatch.supports_jit()
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-2] is None or input_shape[-1] is None:
@@ -169,7 +172,7 @@ class DynamicRouting(keras.layers.Layer):
             raise ValueError(f"routings must be >= 1, got {routings}")
         self.routings = int(routings)
         self.epsilon = float(epsilon)
-        self.supports_jit = False
+        self.supports_jit = dispatch.supports_jit()
 
     def call(self, inputs):
         return dynamic_routing(inputs, self.routings, self.epsilon)

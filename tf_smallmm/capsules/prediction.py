@@ -64,7 +64,8 @@ def capsule_predict(w, u, name=None):
     Returns:
       û [batch, in_caps, out_caps, out_dim]; the same as
       `tf.einsum('ijkl,bil->bijk', w, u)`, which is what runs where the SmallMM kernels
-      do not (other dtypes, big products, XLA, TF_SMALLMM_DISABLE=1, builtin_ops()).
+      do not (other dtypes, big products, XLA without our XLA kernels,
+      TF_SMALLMM_DISABLE=1, builtin_ops()).
 
     On the engine this is one product per (b, i): w[i] viewed as an
     [out_caps·out_dim, in_dim] matrix times u[b, i] as a column, with w broadcast over the

@@ -5,8 +5,9 @@ the test oracle).
 `dynamic_routing(u_hat, iterations)` is the fused op SmallMMDynamicRouting (all iterations
 of a batch row in one kernel while the row's û stays in cache) with an exact gradient op.
 It falls back to `dynamic_routing_reference` (tf.nn.softmax, tf.einsum and elementwise TF
-ops, the same maths) when the dispatch policy says so: XLA compilation, TF_SMALLMM_DISABLE=1 or
-`builtin_ops()`, no op library, a GPU without SmallMM kernels, or an unsupported dtype.
+ops, the same maths) when the dispatch policy says so: XLA compilation with a library built
+without the XLA kernels, TF_SMALLMM_DISABLE=1 or `builtin_ops()`, no op library, a GPU
+without SmallMM kernels, or an unsupported dtype.
 float16 / bfloat16 are routed in float32 (cast in, cast back).
 """
 

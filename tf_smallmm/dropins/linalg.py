@@ -33,7 +33,8 @@ def _convert(a, b):
 def _eligible(a, b, transpose_a, transpose_b):
     """Static checks: our kernel runs only where its result and errors match the built-in
     and it is faster; anything else (bad ranks, mismatched dims or dtypes, big products,
-    unsupported dtypes, XLA) goes to tf.linalg.matmul, which raises its own errors."""
+    unsupported dtypes, XLA without our XLA kernels) goes to tf.linalg.matmul, which raises
+    its own errors."""
     if a.dtype != b.dtype:
         return False
     sa, sb = a.shape, b.shape

@@ -1,8 +1,8 @@
 """`python -m tf_smallmm.bench`: SmallMM against every built-in way to do the same work.
 
 For each case, in one run: our function and the TF built-ins (tf.einsum, tf.matmul, the
-classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-reduce) and the
-best of them under tf.function(jit_compile=True), forward and forward+backward (the step
+classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-reduce), the
+best of them and ours under tf.function(jit_compile=True), forward and forward+backward (the step
 returns the loss *and* the gradients, so nothing is dead-code-eliminated). Reports the
 median time after warm-up, the peak extra memory of the forward+backward step, and the
 fraction of this machine's bandwidth floor: the minimum bytes the case must move (inputs
@@ -13,6 +13,7 @@ backward) divided by a large copy's bandwidth measured in the same run.
     python -m tf_smallmm.bench --quick          # a subset, under two minutes
     python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
     python -m tf_smallmm.bench --quick --only routings   # the CapsNet digit-caps step only
+    python -m tf_smallmm.bench --xla            # ours under XLA vs XLA's own and ours without
 
 Every run also repeats our own steps in a second process with one intra-op thread and
 reports the speed-up from using all cores (--no-scaling skips it).
@@ -228,7 +229,7 @@ def steps(fn, jit=False):
 def run_case(case, repeats, bandwidth, ours_only=False):
     rows = []
     impls = dict(case.impls)
-    for name in case.xla:
+    for name in case.xla + [case.ours]:
         impls[f"XLA: {name}"] = (case.impls[name], True)
     if ours_only:
         impls = {case.ours: impls[case.ours]}
@@ -254,7 +255,8 @@ def run_case(case, repeats, bandwidth, ours_only=False):
              for name in case.eager}
     floor_f = case.fwd_bytes / bandwidth / 1e6
     floor_fb = case.bwd_bytes / bandwidth / 1e6
-    xla = [r for r in rows if r["impl"].startswith("XLA")]
+    ours_xla = next((r for r in rows if r["impl"] == f"XLA: {case.ours}"), None)
+    xla = [r for r in rows if r["impl"].startswith("XLA") and r is not ours_xla]
     builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
     ours = next(r for r in rows if r["impl"] == case.ours)
     out_bytes = _nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size
@@ -263,13 +265,15 @@ def run_case(case, repeats, bandwidth, ours_only=False):
             "best_builtin": min(builtin, key=lambda r: r["fwd"]) if builtin else None,
             "best_builtin_fb": min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
             "best_xla": min(xla, key=lambda r: r["fwd"]) if xla else None,
+            "best_xla_fb": min(xla, key=lambda r: r["fwd_bwd"]) if xla else None,
+            "ours_xla": ours_xla,
             "out_mib": out_bytes / MiB}
 
 
 def cases(quick):
     out = [lambda: capsule_case(tf.float32), lambda: routing_case(tf.float32),
            lambda: routing_case(tf.float32, batch=1)]
-    sizes = [2, 8, 32] if quick else [2, 3, 4, 8, 16, 20, 32]
+    sizes = [2, 8, 32] if quick else [2, 3, 4, 5, 6, 7, 8, 16, 20, 32]
     out += [lambda n=n: matmul_case(n, n, n, tf.float32) for n in sizes]
     out += [lambda: matvec_case(900, 20, tf.float32), lambda: matvec_case(100_000, 20, tf.float32)]
     if not quick:
@@ -322,6 +326,21 @@ def markdown(results, bandwidth, args):
             f"{bf['impl']} {bf['fwd_bwd']:.2f} ({bf['fwd_bwd'] / o['fwd_bwd']:.1f}×) | "
             + (f"{one['fwd']:.2f} / {one['fwd_bwd']:.2f} | {one['fwd'] / o['fwd']:.2f}× / "
                f"{one['fwd_bwd'] / o['fwd_bwd']:.2f}× |" if one else "- | - |"))
+    xla_rows = [r for r in results if r.get("ours_xla") and r.get("best_xla")]
+    if xla_rows:
+        lines += ["", ("Under XLA (jit_compile=True): ours vs the fastest XLA-compiled built-in "
+                       "(× = its time / ours under XLA), and ours under XLA / ours without XLA:"),
+                  "", ("| case | dtype | ours XLA fwd ms | best XLA built-in fwd | "
+                       "ours XLA f+b ms | best XLA built-in f+b | ours XLA / ours (fwd / f+b) |"),
+                  "|---|---|---:|---|---:|---|---:|"]
+        for r in xla_rows:
+            ox, o, bx, bxf = r["ours_xla"], r["ours"], r["best_xla"], r["best_xla_fb"]
+            lines.append(
+                f"| {r['case']} | {r['dtype']} | {ox['fwd']:.2f} | {bx['impl'][5:]} "
+                f"{bx['fwd']:.2f} ({bx['fwd'] / ox['fwd']:.1f}×) | {ox['fwd_bwd']:.2f} | "
+                f"{bxf['impl'][5:]} {bxf['fwd_bwd']:.2f} "
+                f"({bxf['fwd_bwd'] / ox['fwd_bwd']:.1f}×) | "
+                f"{ox['fwd'] / o['fwd']:.2f} / {ox['fwd_bwd'] / o['fwd_bwd']:.2f} |")
     eager_rows = [r for r in results if r.get("eager")]
     if eager_rows:
         lines += ["", "Eager calls (no tf.function; per-call overhead dominates), median ms:", "",
@@ -391,6 +410,52 @@ def sweep(repeats):
         print(f"| {n} | {count} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f} |", flush=True)
 
 
+def interleaved_ms(fns, args, rounds):
+    """Per-round wall times (ms) of each fn(*args), the fns called in turn within every
+    round (the order rotating), after two warm-up calls each: on a shared, noisy machine
+    only times taken side by side compare."""
+    names = list(fns)
+    for name in names:
+        for _ in range(2):
+            _fetch(fns[name](*args))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(1e3 * _timed(lambda name=name: _fetch(fns[name](*args))))
+    return times
+
+
+def xla_comparison(rounds):
+    """Ours under jit_compile=True against XLA's own ops on the same work and against ours
+    without XLA, timed interleaved in this process: batched n×n matmul for n = 2..8 and
+    the digit-caps step, forward and forward+backward. Returns a markdown table."""
+    lines = [("| case | step | ours XLA ms | ours ms | ours XLA / ours | XLA built-ins ms "
+              "(their time / ours XLA, median of per-round ratios) | our custom call in HLO |"),
+             "|---|---|---:|---:|---:|---|---|"]
+    for case in [matmul_case(n, n, n, tf.float32) for n in range(2, 9)] + [
+            routing_case(tf.float32)]:
+        print(case.name, flush=True)
+        impls = {"ours XLA": (case.impls[case.ours], True), "ours": (case.impls[case.ours], False)}
+        impls.update({f"XLA: {n}": (case.impls[n], True) for n in case.xla})
+        for i, label in enumerate(("fwd", "fwd+bwd")):
+            fns = {name: steps(fn, jit)[i] for name, (fn, jit) in impls.items()}
+            ir = fns["ours XLA"].experimental_get_compiler_ir(case.a, case.b)(stage="hlo")
+            ours_in_ir = 'custom_call_target="smallmm_' in ir
+            t = interleaved_ms(fns, (case.a, case.b), rounds)
+            med = {name: float(np.median(v)) for name, v in t.items()}
+
+            def ratio(name, base="ours XLA", t=t):
+                return float(np.median(np.array(t[name]) / np.array(t[base])))
+
+            others = ", ".join(f"{n[5:]} {med[n]:.2f} ({ratio(n):.1f}×)" for n in impls
+                               if n.startswith("XLA: "))
+            lines.append(f"| {case.name} | {label} | {med['ours XLA']:.2f} | {med['ours']:.2f} | "
+                         f"{ratio('ours XLA', 'ours'):.2f} | {others} | "
+                         f"{ours_in_ir} |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def one_thread(results, args, repeats):
     """Our step again in a fresh process with one intra-op thread (TF fixes its pool size
     at start-up, so this cannot be done in the running process)."""
@@ -422,6 +487,9 @@ def main(argv=None):
                    help="run only the cases whose name contains TEXT (e.g. 'routings')")
     p.add_argument("--threads", type=int, default=None,
                    help="TensorFlow intra-op threads (default: TensorFlow's choice)")
+    p.add_argument("--xla", action="store_true",
+                   help="only ours under jit_compile vs XLA's own ops and vs ours without XLA "
+                        "(batched n×n, n = 2..8, and the digit-caps step), interleaved")
     p.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-scaling", action="store_true",
@@ -437,6 +505,14 @@ def main(argv=None):
         return
     if not smm.kernels_loaded():
         raise SystemExit("SmallMM kernels are not loaded: " + str(smm.build_info()["load_error"]))
+    if args.xla:
+        table = xla_comparison(args.repeats or 15)
+        print(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(f"`python -m tf_smallmm.bench --xla` on {datetime.date.today()}, "
+                        f"{os.cpu_count()} cores, TensorFlow {tf.__version__}\n\n" + table)
+        return
     bandwidth = 1.0 if args.ours_only else copy_bandwidth_gbs()
     print(f"copy bandwidth: {bandwidth:.1f} GB/s")
     results = []
