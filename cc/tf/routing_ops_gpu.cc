@@ -21,7 +21,8 @@ void SmallMMDynamicRoutingOp<Eigen::GpuDevice>::Launch(OpKernelContext* ctx,
   void* stream = nullptr;
   OP_REQUIRES_OK(ctx, SmallMMGpuStream(ctx, &stream));
   int64_t scratch_bytes = 0;
-  const char* error = smallmm::gpu::RoutingScratchBytes(attrs_.dtype, shape, backward_, &scratch_bytes);
+  const char* error =
+      smallmm::gpu::RoutingScratchBytes(attrs_.dtype, shape, backward_, &scratch_bytes);
   OP_REQUIRES(ctx, error == nullptr,
               errors::Internal(name(), ": SmallMM GPU routing configuration failed: ", error));
   // The rows' workspace when it does not fit in shared memory (backward on CapsNet-sized
@@ -33,10 +34,11 @@ void SmallMMDynamicRoutingOp<Eigen::GpuDevice>::Launch(OpKernelContext* ctx,
   void* ws = scratch_bytes > 0 ? const_cast<char*>(scratch.tensor_data().data()) : nullptr;
   const void* u_data = u.tensor_data().data();
   void* out_data = const_cast<char*>(out->tensor_data().data());
-  error = backward_
-              ? smallmm::gpu::LaunchRoutingBackward(
-                    attrs_.dtype, shape, u_data, grad_v->tensor_data().data(), out_data, ws, stream)
-              : smallmm::gpu::LaunchRoutingForward(attrs_.dtype, shape, u_data, out_data, ws, stream);
+  error =
+      backward_
+          ? smallmm::gpu::LaunchRoutingBackward(attrs_.dtype, shape, u_data,
+                                                grad_v->tensor_data().data(), out_data, ws, stream)
+          : smallmm::gpu::LaunchRoutingForward(attrs_.dtype, shape, u_data, out_data, ws, stream);
   OP_REQUIRES(ctx, error == nullptr,
               errors::Internal(name(), ": SmallMM GPU routing launch failed: ", error));
 }
