@@ -175,7 +175,9 @@ SMALLMM_HD SMALLMM_INLINE void SquashGradPhase(Ex& ex, Workspace<T, Ex>& w,
       const T g = T(1) / ((T(1) + n2) * SqrtOf(n2 + eps));
       const T fprime = g * (T(1) / (T(1) + n2) - n2 / (T(2) * (n2 + eps)));
       w.Set(cfg.f, j, n2 * g);
-      w.Set(cfg.f2, j, T(2) * fprime * gd);
+      // A non-finite <gv, s> makes gs[j] NaN in all K, never ±Inf (routing.h's NaN/Inf
+      // rule): gd - gd is 0 exactly when gd is finite, and NaN otherwise.
+      w.Set(cfg.f2, j, gd - gd == T(0) ? T(2) * fprime * gd : gd - gd);
     }
   });
   ex.Barrier();

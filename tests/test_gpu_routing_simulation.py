@@ -9,8 +9,8 @@ dL/dv, or stores an output element other than exactly once (cuda/testing/smallmm
 The GPU sums in another order than the CPU kernel (per-thread sums over capsule chunks vs
 vector lanes, the device's exp): results agree within rounding, not bit for bit.
 
-Inputs are finite: NaN/Inf propagation follows the CPU kernel's documented contract
-(cc/engine/routing.h), which is being aligned with the TF-ops reference separately.
+Non-finite inputs: the GPU puts NaN exactly where the CPU kernel does (the NaN/Inf rule in
+cc/engine/routing.h, which tests/test_routing_numerics.py checks against the TF-ops reference).
 """
 
 import numpy as np
@@ -134,6 +134,32 @@ def test_capsnet_workspace_goes_to_global_scratch_backward():
     du, info = sim.simulate_gpu_routing(u, 3, grad_v=gv)
     assert info["workspace_bytes"] > 48 * 1024
     close(du, cpu_kernel(u, 3, gv), np.float32)
+
+
+def same_nonfinite(got, want, dtype):
+    """NaN exactly where the CPU kernel has NaN, never ±Inf, the finite rest close."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert not np.isinf(got).any()
+    ok = np.isfinite(want)
+    close(got[ok], want[ok], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_values_land_where_the_cpu_kernel_puts_them(bad, iterations, dtype):
+    rng = np.random.default_rng(11)
+    u = rng.uniform(-1, 1, (3, 9, 4, 5)).astype(dtype)
+    gv = rng.uniform(-1, 1, (3, 4, 5)).astype(dtype)
+    u_bad = u.copy()
+    u_bad[0, 2, 1, 3] = bad  # row 0: one prediction; rows 1, 2 stay finite
+    gv_bad = gv.copy()
+    gv_bad[1, 2, 0] = bad  # row 1: one upstream gradient
+    same_nonfinite(sim.simulate_gpu_routing(u_bad, iterations)[0],
+                   cpu_kernel(u_bad, iterations), dtype)
+    for uu, gg in ((u_bad, gv), (u, gv_bad)):
+        same_nonfinite(sim.simulate_gpu_routing(uu, iterations, grad_v=gg)[0],
+                       cpu_kernel(uu, iterations, gg), dtype)
 
 
 def test_bad_input_raises():
