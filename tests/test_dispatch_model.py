@@ -23,11 +23,13 @@ M_ABOVE_8 = [[m, n, k] for m in CLASSES if m > 3 for n in CLASSES for k in CLASS
 
 @pytest.fixture
 def model(monkeypatch):
-    """install(builtin_cells_by_dtype, cpu_class=..., classes=...): a synthetic model."""
-    def install(cells=None, cpu_class="avx512+bf16", classes=None):
-        if classes is None:
-            classes = {"avx512+bf16": {"builtin": cells or {}}}
-        data = {"size_bounds": BOUNDS, "classes": classes}
+    """install({dtype name: cells where the built-in wins}, cpu_class=...): a synthetic
+    model measured for avx512+bf16, DENSE family only."""
+    def install(cells=None, cpu_class="avx512+bf16"):
+        dense = {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, len(CLASSES))
+                 for dtype, dtype_cells in (cells or {}).items()}
+        data = {"size_bounds": BOUNDS,
+                "classes": {"avx512+bf16": {"builtin": {dispatch.DENSE: dense}}}}
         monkeypatch.setattr(dispatch, "model", lambda: data)
         monkeypatch.setattr(dispatch, "isa_class", lambda: cpu_class)
         dispatch._table.cache_clear()
@@ -50,6 +52,45 @@ def test_measured_cells_decide(model):
     assert dispatch.choose(tf.float32, 32, 1, 3) == dispatch.KERNEL
     assert dispatch.choose(tf.float64, 32, 1, 2) == dispatch.KERNEL
     assert dispatch.choose(tf.int32, 2, 2, 2) == dispatch.BUILTIN  # no kernel for int32
+
+
+def test_cells_round_trip_through_the_file_form():
+    cells = {(0, 0, 0), (3, 1, 12), (12, 12, 12)}
+    rows = dispatch.encode_cells(cells, len(CLASSES))
+    assert rows[3].split()[1] == "............B"
+    assert dispatch.decode_cells(rows) == cells
+
+
+def test_a_family_the_model_has_not_measured_keeps_the_size_rule(model):
+    """Only DENSE products are measured: a SHARED one (capsules, A-shared matmul) of the
+    same sizes goes by MAX_SMALL_MACS."""
+    model({"float32": M_ABOVE_8})
+    assert dispatch.choose(tf.float32, 16, 4, 4) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 16, 4, 4, dispatch.SHARED) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 32, 32, 32, dispatch.SHARED) == dispatch.BUILTIN
+
+
+@pytest.mark.parametrize("call, family", [
+    (lambda: smm.matmul(tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "dense"),
+    (lambda: smm.matmul(tf.ones([2, 3]), tf.ones([5, 3, 4])), "shared"),
+    (lambda: smm.matmul(tf.ones([5, 1, 2, 3]), tf.ones([1, 6, 3, 4])), "shared"),
+    (lambda: smm.einsum("abc,cd->abd", tf.ones([5, 2, 3]), tf.ones([3, 4])), "dense"),
+    (lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 3, 5])), "shared"),
+    (lambda: smm.einsum("bij,bjk->k", tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "shared"),
+], ids=["matmul", "matmul A shared", "matmul rank-4 broadcast", "einsum folded", "capsule",
+        "einsum summed batch"])
+def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
+    asked = []
+    choose = dispatch.choose
+
+    def spy(dtype, m, n, k, family=dispatch.DENSE):
+        asked.append(family)
+        return choose(dtype, m, n, k, family)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    contraction._eager_lowering.cache_clear()
+    call()
+    assert asked == [family]
 
 
 def test_unknown_sizes_branch_only_where_the_answer_depends_on_them(model):

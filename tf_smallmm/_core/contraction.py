@@ -296,6 +296,15 @@ def _execute(low, x, y, name=None):
 
 
 @functools.lru_cache(maxsize=4096)
+def _family(c, p):
+    """The dispatch model's product family of plan p: SHARED when an operand lacks one of
+    the batch groups (it is broadcast over it) or a batch group is summed in the kernel."""
+    shared = any(p.reduced) or any(not any(label in labels for label in group)
+                                   for group in p.batch for labels in (c.x, c.y))
+    return dispatch.SHARED if shared else dispatch.DENSE
+
+
+@functools.lru_cache(maxsize=4096)
 def _eager_lowering(c, x_shape, y_shape):
     """The lowering of c for operands of these (fully known) shapes, or None (no plan,
     or shapes the built-in rejects). Cached: eager calls repeat the same shapes."""
@@ -325,7 +334,8 @@ def run(c, x, y, name=None, fallback=None):
     dtype = x.dtype.base_dtype
     if context.executing_eagerly():  # every size known: a cached lowering, no graph work
         low = _eager_lowering(c, x._shape_tuple(), y._shape_tuple())
-        if low is None or dispatch.choose(dtype, *low.mnk) != dispatch.KERNEL:
+        if low is None or dispatch.choose(dtype, *low.mnk, _family(c, low.plan)) != \
+                dispatch.KERNEL:
             return None
         return _execute(low, x, y)
     p = plan(c)
@@ -341,7 +351,8 @@ def run(c, x, y, name=None, fallback=None):
         known = _prod(s for s in sizes if s is not None)
         return dispatch.AtLeast(known) if None in sizes else known
 
-    choice = dispatch.choose(dtype, bound(p.m), bound(p.n), bound(p.k))
+    family = _family(c, p)
+    choice = dispatch.choose(dtype, bound(p.m), bound(p.n), bound(p.k), family)
     if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
     with ops.name_scope(name, "einsum", [x, y]) as scope:
@@ -363,5 +374,5 @@ def run(c, x, y, name=None, fallback=None):
         low = _lower(c, p, dims, own)
         if choice == dispatch.KERNEL:
             return _execute(low, x, y, name=scope)
-        return tf.cond(dispatch.kernel_wins(dtype, *low.mnk),
+        return tf.cond(dispatch.kernel_wins(dtype, *low.mnk, family),
                        lambda: _execute(low, x, y), fallback, name=scope)

@@ -119,9 +119,14 @@ def use_kernel(dtype):
 # op(B)[K, N] is a table per CPU class and dtype (dispatch_model.json, written by
 # `python -m tf_smallmm.bench --sweep --write-model`, which says the date and machine).
 # The table cuts each of M, N and K into size classes (1, 2, 3-4, 5-8, ..., beyond the
-# last bound) and lists the cells (M class, N class, K class) where the built-in wins.
+# last bound) and marks the cells (M class, N class, K class) where the built-in wins, per
+# product family: DENSE (both operands have every batch axis: the sweep's grid) or SHARED
+# (one operand broadcast over a batch axis, or a batch axis summed in the kernel:
+# capsules, A- / B-shared matmul). A family the model has not measured keeps the size
+# rule below.
 
 KERNEL, BUILTIN, RUNTIME = "kernel", "builtin", "runtime"
+DENSE, SHARED = "dense", "shared"
 _MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_model.json")
 
 # CPU features that change how fast the *built-in* is for some dtype (oneDNN uses them),
@@ -220,18 +225,33 @@ def _measured_class(cpu_class, classes):
     return max(same_isa, key=lambda c: len(c.split("+")), default=None)
 
 
+def encode_cells(cells, classes):
+    """The model file's form of a set of (M, N, K) class cells: one string per M class,
+    of one group per N class (space-separated) of one character per K class, 'B' where
+    the built-in wins and '.' where our kernels do."""
+    return [" ".join("".join("B" if (m, n, k) in cells else "." for k in range(classes))
+                     for n in range(classes)) for m in range(classes)]
+
+
+def decode_cells(rows):
+    """The set of cells of encode_cells' strings."""
+    return {(m, n, k) for m, row in enumerate(rows) for n, group in enumerate(row.split())
+            for k, mark in enumerate(group) if mark == "B"}
+
+
 @functools.cache
-def _table(dtype_name, cpu_class):
-    """(size bounds, the cells where the built-in wins) for this dtype and CPU class.
-    Not measured for it (see _measured_class): the size rule MAX_SMALL_MACS, and 16-bit
-    products from 16³ multiply-adds up go to the built-in."""
+def _table(dtype_name, cpu_class, family):
+    """(size bounds, the cells where the built-in wins) for this dtype, CPU class and
+    product family. Not measured for them (see _measured_class): the size rule
+    MAX_SMALL_MACS; on a CPU class not measured at all, 16-bit products from 16³
+    multiply-adds up also go to the built-in."""
     data = model()
     bounds = tuple(data["size_bounds"])
     every = list(itertools.product(range(len(bounds) + 1), repeat=3))
     source = _measured_class(cpu_class, data["classes"])
-    measured = data["classes"].get(source, {}).get("builtin", {})
+    measured = data["classes"].get(source, {}).get("builtin", {}).get(family, {})
     if dtype_name in measured:
-        cells = {tuple(cell) for cell in measured[dtype_name]}
+        cells = decode_cells(measured[dtype_name])
     else:
         cells = {c for c in every if _cell_macs(c, bounds) > MAX_SMALL_MACS}
     if source != cpu_class and tf.as_dtype(dtype_name) in SIXTEEN_BIT:
@@ -248,8 +268,8 @@ def _classes(size, bounds):
 
 
 @functools.lru_cache(maxsize=4096)
-def _model_choice(dtype, m, n, k, cpu_class):
-    bounds, builtin = _table(dtype.name, cpu_class)
+def _model_choice(dtype, m, n, k, family, cpu_class):
+    bounds, builtin = _table(dtype.name, cpu_class, family)
     wins = {cell not in builtin
             for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
     if wins == {True}:
@@ -257,24 +277,24 @@ def _model_choice(dtype, m, n, k, cpu_class):
     return BUILTIN if wins == {False} else RUNTIME
 
 
-def choose(dtype, m, n, k):
+def choose(dtype, m, n, k, family=DENSE):
     """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
-    (batched or not): each of m, n, k is an int or an AtLeast when only the run time
-    knows it. RUNTIME: the model's answer depends on sizes unknown at trace time; the
+    (batched or not) of a family (DENSE or SHARED): each of m, n, k is an int or an
+    AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes unknown at trace time; the
     caller branches on `kernel_wins(...)` in the graph. Cheap after the first call for
     a signature (eager code asks on every call)."""
     if not use_kernel(dtype):
         return BUILTIN
     if _Everywhere.depth > 0:
         return KERNEL
-    return _model_choice(dtype, m, n, k, isa_class())
+    return _model_choice(dtype, m, n, k, family, isa_class())
 
 
-def kernel_wins(dtype, m, n, k):
+def kernel_wins(dtype, m, n, k, family=DENSE):
     """The model's answer as a boolean scalar tensor, for sizes that are ints or scalar
     int32 tensors (the run-time sizes of a RUNTIME choice): whether the size classes
     they fall in are cells where our kernels win. A few small graph ops."""
-    bounds, builtin = _table(dtype.name, isa_class())
+    bounds, builtin = _table(dtype.name, isa_class(), family)
     sizes = (m, n, k)
     unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]
     known = [(size_class(s, bounds),) if i not in unknown else range(len(bounds) + 1)

@@ -37,10 +37,11 @@ def _shape(t):
 
 @functools.lru_cache(maxsize=4096)
 def _product_sizes(sa, sb, transpose_a, transpose_b):
-    """(M, N, K) of op(a) · op(b) for static shapes sa, sb (dispatch.AtLeast(1) where
-    unknown), or None where our kernel must not run because its errors would not be the
-    built-in's: ranks below 2 or above the kernel's batch limit, inner or batch sizes that
-    cannot match. tf.linalg.matmul then runs and raises its own errors."""
+    """(M, N, K, the dispatch model's product family) of op(a) · op(b) for static shapes
+    sa, sb (dispatch.AtLeast(1) where unknown), or None where our kernel must not run
+    because its errors would not be the built-in's: ranks below 2 or above the kernel's
+    batch limit, inner or batch sizes that cannot match. tf.linalg.matmul then runs and
+    raises its own errors. SHARED: an operand is statically broadcast over a batch axis."""
     if (sa is not None and len(sa) < 2) or (sb is not None and len(sb) < 2):
         return None
     if max(len(sa or ()), len(sb or ())) - 2 > dispatch.MAX_BATCH_DIMS:
@@ -53,11 +54,16 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
     if ka is not None and kb is not None and ka != kb:
         return None
     k = ka if ka is not None else kb
+    family = dispatch.DENSE
     if sa is not None and sb is not None:
+        if len(sa) != len(sb):
+            family = dispatch.SHARED
         for da, db in zip(reversed(sa[:-2]), reversed(sb[:-2])):
-            if da is not None and db is not None and da != db and 1 not in (da, db):
-                return None
-    return tuple(unknown if d is None else d for d in (m, n, k))
+            if da is not None and db is not None and da != db:
+                if 1 not in (da, db):
+                    return None
+                family = dispatch.SHARED
+    return tuple(unknown if d is None else d for d in (m, n, k)) + (family,)
 
 
 def _run_time_sizes(a, b, transpose_a, transpose_b):
@@ -128,7 +134,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         if choice == dispatch.KERNEL:
             return ours(scope)
         # Sizes only the run time knows decide (e.g. a None batch folded into M).
-        return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb)),
+        return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb),
+                                            sizes[3]),
                        ours, lambda: tf.linalg.matmul(a, b, **builtin_kwargs), name=scope)
 
 
