@@ -2,8 +2,9 @@
 
 The result, errors and static shapes are the same either way; this only decides speed.
 `use_kernel(dtype)` says whether our ops may run here at all (library loaded, dtype,
-XLA, GPU, TF_SMALLMM_DISABLE); `choose(dtype, m, n, k)` says which side is faster for a
-product, from a model measured per CPU class and dtype (dispatch_model.json). Sizes only
+XLA, GPU, TF_SMALLMM_DISABLE); `choose(dtype, m, n, k, family)` says which side is faster
+for a product, from a model measured per CPU class, product family and dtype
+(dispatch_model.json). Sizes only
 known at run time get a RUNTIME answer, and the caller branches in the graph on
 `kernel_wins(...)`.
 """
