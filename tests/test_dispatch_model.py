@@ -300,3 +300,28 @@ def test_eager_errors_are_the_builtins(call):
     with smm.layers.builtin_ops(), pytest.raises(type(ours.value)) as builtin:
         call()
     assert str(ours.value) == str(builtin.value)
+
+
+# ------------------------------------------------------------------ fitting the model
+def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
+    """A cell goes to the built-in where its worst point is below the controls' noise
+    floor; a cell between a win and a loss takes their geometric mean."""
+    from tf_smallmm.tools import sweep
+
+    controls = [{"fwd": 0.8 + 0.02 * i, "fwd_bwd": 1.0} for i in range(10)]
+    floor = sweep.noise_floor(controls)
+    assert 0.8 < floor < 0.9
+    assert sweep.noise_floor([{"fwd": 1.0, "fwd_bwd": 1.01}]) == sweep.NEAR
+    rows = [{"dtype": "float32", "point": p, "fwd": f, "fwd_bwd": fb} for p, f, fb in [
+        ((8, 1, 8), 1.5, 1.6),     # cell (3, 0, 3): ours
+        ((8, 2, 8), 1.2, floor + 0.01),  # (3, 1, 3): a loss within the noise: ours
+        ((8, 4, 8), 2.0, 0.5),     # (3, 2, 3): the worse mode decides: the built-in
+        ((8, 16, 8), 1.5, 1.5),    # (3, 5, 3)
+        ((8, 32, 8), 0.8, 0.9),    # (3, 7, 3): the built-in
+    ]]
+    cells = dispatch.decode_cells(sweep.fit_model(rows, BOUNDS, floor)["float32"])
+    assert (3, 0, 3) not in cells and (3, 1, 3) not in cells and (3, 2, 3) in cells
+    assert (3, 7, 3) in cells
+    # Unmeasured: N 5-8 (3, 3, 3) is next to (3, 2, 3) only -> the built-in; N 17-24
+    # (3, 6, 3) is between 1.5 and 0.8 -> sqrt(1.2) -> ours; N 33-64 next to 0.8.
+    assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
