@@ -224,12 +224,18 @@ def test_gradients(case, dtype):
 @pytest.mark.parametrize("unknown", ["batch", pytest.param("all", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sampled(CASES), ids=str)
 def test_static_shapes_with_unknown_dims(case, unknown):
+    """Static shapes and the kernel path's ops with unknown dims. (The dispatch model is
+    not asked: with every size unknown it branches at run time to the built-in's ops too;
+    tests/test_dispatch_model.py tests that branch.)"""
+    from tf_smallmm._core import dispatch
+
     def spec(shape):
         dims = [None] * len(shape) if unknown == "all" else [None] + list(shape[1:])
         return tf.TensorSpec(dims[:len(shape)], tf.float32)
 
     signature = [spec(s) for s in case.shapes]
-    ours = tf.function(case.ours, input_signature=signature).get_concrete_function()
+    with dispatch.kernels_everywhere():
+        ours = tf.function(case.ours, input_signature=signature).get_concrete_function()
     ref = tf.function(case.ref, input_signature=signature).get_concrete_function()
     assert ours.structured_outputs.shape.as_list() == ref.structured_outputs.shape.as_list()
     assert bool(smallmm_ops(ours)) == case.fast

@@ -287,8 +287,11 @@ def _execute(low, x, y, name=None):
     with tf.control_dependencies(checks):
         a = _reshape(lhs, low.a_shape, low.tensors)
         b = _reshape(rhs, low.b_shape, low.tensors)
+    # (Only eager lowerings have shape tensors; in a graph the sizes may be tensors,
+    # which cannot be dictionary keys.)
+    batch_shape = low.tensors.get(low.batch_shape) if low.tensors else low.batch_shape
     result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
-                            batch_shape=low.tensors.get(low.batch_shape, low.batch_shape))
+                            batch_shape=batch_shape)
     shape = [d if not isinstance(d, _ResultAxis) else
              result.shape[d.i] if result.shape[d.i] is not None else tf.shape(result)[d.i]
              for d in low.out_shape]
