@@ -507,7 +507,7 @@ def heatmap(rows, path):
     cols = max(sum(1 for p in panels if p[0] == d) for d in {p[0] for p in panels})
     dtypes = list(dict.fromkeys(p[0] for p in panels))
     fig, axes = plt.subplots(len(dtypes), cols, figsize=(3.2 * cols, 3.0 * len(dtypes)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     norm = LogNorm(vmin=0.25, vmax=4)
     image = None
     for i, dtype in enumerate(dtypes):
