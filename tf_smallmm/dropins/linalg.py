@@ -67,10 +67,13 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
 
 
 def _run_time_sizes(a, b, transpose_a, transpose_b):
-    """M, N, K as ints where static, else read from a and b at run time."""
+    """M, N, K as ints where static, else read from a and b at run time. With an unknown
+    rank the shape is read padded with 1s, so that a rank below 2 does not fail here but
+    in whichever op the branch runs, with that op's error (the built-in's text)."""
     def size(t, i):
-        return t.shape[i] if t.shape.rank is not None and t.shape[i] is not None \
-            else tf.shape(t)[i]
+        if t.shape.rank is None:
+            return tf.concat([[1, 1], tf.shape(t)], 0)[i]
+        return t.shape[i] if t.shape[i] is not None else tf.shape(t)[i]
 
     k = size(a, -2 if transpose_a else -1)
     if not isinstance(k, int):
