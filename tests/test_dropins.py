@@ -224,12 +224,18 @@ def test_gradients(case, dtype):
 @pytest.mark.parametrize("unknown", ["batch", pytest.param("all", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sampled(CASES), ids=str)
 def test_static_shapes_with_unknown_dims(case, unknown):
+    """Static shapes and the kernel path's ops with unknown dims. (The dispatch model is
+    not asked: with every size unknown it branches at run time to the built-in's ops too;
+    tests/test_dispatch_model.py tests that branch.)"""
+    from tf_smallmm._core import dispatch
+
     def spec(shape):
         dims = [None] * len(shape) if unknown == "all" else [None] + list(shape[1:])
         return tf.TensorSpec(dims[:len(shape)], tf.float32)
 
     signature = [spec(s) for s in case.shapes]
-    ours = tf.function(case.ours, input_signature=signature).get_concrete_function()
+    with dispatch.kernels_everywhere():
+        ours = tf.function(case.ours, input_signature=signature).get_concrete_function()
     ref = tf.function(case.ref, input_signature=signature).get_concrete_function()
     assert ours.structured_outputs.shape.as_list() == ref.structured_outputs.shape.as_list()
     assert bool(smallmm_ops(ours)) == case.fast
@@ -297,19 +303,19 @@ BATCH_DOT_AXES = [(xn, yn, a0, a1) for xn in range(2, 6) for yn in range(2, 6)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("xn, yn, a0, a1", BATCH_DOT_AXES)
-def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1, monkeypatch):
+def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1):
     """Values and static shapes against tf_keras for every axes pair; the engine runs
     unless the product needs a transpose: x's contracted axis is its last, or y's is
-    axis 1 or its last. (The size cut-over is lifted: rank-5 cases merge into products
-    above it, and this test is about the routing, not the size policy.)"""
+    axis 1 or its last. (The dispatch model is not asked: rank-5 cases merge into
+    products it may send to the built-in, and this test is about the routing.)"""
     from tf_smallmm._core import dispatch
 
-    monkeypatch.setattr(dispatch, "MAX_SMALL_MACS", 1 << 62)
     xs = [2] + [3 + i for i in range(xn - 1)]
     ys = [2] + [6 + i for i in range(yn - 1)]
     ys[a1] = xs[a0]
     x, y = random_tensor(xs, tf.float64, 1), random_tensor(ys, tf.float64, 2)
-    f = tf.function(lambda a, b: smm.batch_dot(a, b, (a0, a1))).get_concrete_function(x, y)
+    with dispatch.kernels_everywhere():
+        f = tf.function(lambda a, b: smm.batch_dot(a, b, (a0, a1))).get_concrete_function(x, y)
     assert bool(smallmm_ops(f)) == (a0 == xn - 1 or a1 in (1, yn - 1))
     want = K.batch_dot(x, y, (a0, a1))
     assert f.structured_outputs.shape == want.shape
@@ -334,6 +340,7 @@ def test_dot_every_rank_pair_runs_on_the_engine(xn, yn):
 def test_plans_are_cached_per_equation_and_ranks():
     parse.cache_clear()
     contraction.plan.cache_clear()
+    contraction._eager_lowering.cache_clear()  # (which asks for the plan once per shapes)
     x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
     for _ in range(3):
         smm.einsum("bij,bjk->bik", x, y)

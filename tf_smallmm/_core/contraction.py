@@ -29,9 +29,12 @@ once per trace and cached. Equations are parsed into Contractions by `dropins.ei
 import collections
 import dataclasses
 import functools
+import typing
 
 import tensorflow as tf
+from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
+from tensorflow.python.ops import gen_array_ops
 
 from tf_smallmm._core import dispatch, engine
 
@@ -157,13 +160,13 @@ def plan(c):
 
 # ------------------------------------------------------------------ running a plan
 
-def _static_dims(c, x, y):
-    """{label: static size or None}, or None when the static shapes already contradict the
-    contraction (the built-in then raises its own error). A broadcast label's size is left
-    None: the product's output says it."""
+def _static_dims(c, x_shape, y_shape):
+    """{label: static size or None}, or None when the static shapes (lists, None where
+    unknown) already contradict the contraction (the built-in then raises its own error).
+    A broadcast label's size is left None: the product's output says it."""
     dims = {}
-    for labels, t in ((c.x, x), (c.y, y)):
-        for label, d in zip(labels, t.shape.as_list()):
+    for labels, shape in ((c.x, x_shape), (c.y, y_shape)):
+        for label, d in zip(labels, shape):
             prev = dims.get(label)
             if (prev is not None and d is not None and d != prev
                     and (label not in c.broadcast or 1 not in (prev, d))):
@@ -185,104 +188,195 @@ def _prod(values):
     return out
 
 
-def run(c, x, y, name=None):
-    """Contraction `c` of tensors x, y on the engine, or None when it should not run
-    there (no plan, static shapes that the built-in rejects, dispatch policy). Nothing is
-    added to the graph when the answer is None."""
+class _ResultAxis(typing.NamedTuple):
+    """An output size read from the product's result (a broadcast label whose size only
+    the run time knows): axis `i` of the result."""
+
+    i: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lowering:
+    """What runs a plan for operands of given sizes: the lhs / rhs views, the product's
+    batch_shape (None: no batch axis summed), the output's shape, the shared labels
+    whose sizes must be checked at run time, and M, N, K. Sizes are ints where known
+    (always in eager mode, where lowerings are cached per shape), else scalar tensors."""
+
+    plan: Plan
+    a_shape: tuple
+    b_shape: tuple
+    batch_shape: tuple  # or None
+    out_shape: tuple
+    checks: tuple  # (label, size in x, size in y)
+    mnk: tuple
+    # Eagerly: each shape above as an int32 tensor, made once. The raw ops' fast path takes
+    # a shape tensor; a Python list makes them fall back to a conversion costing ~8× the
+    # reshape itself.
+    tensors: dict = dataclasses.field(default_factory=dict)
+
+
+def _lower(c, p, dims, own):
+    """The _Lowering of plan p of contraction c: `dims` from _static_dims, own(i, label)
+    the size of `label` in operand i (0: x, 1: y), 1 where it lacks the label."""
+    def size(label):
+        """The size of a non-broadcast label (static when either operand knows it)."""
+        return dims[label] if dims[label] is not None else own(0 if label in c.x else 1, label)
+
+    # Shared labels must match exactly (tf.einsum does not broadcast named axes): the
+    # kernel checks K when it is a single label, the rest is checked at run time when the
+    # static shapes cannot tell.
+    checks = []
+    for label in sorted(set(c.x) & set(c.y) - c.broadcast, key=str):
+        dx, dy = own(0, label), own(1, label)
+        if p.k != (label,) and not (isinstance(dx, int) and isinstance(dy, int)):
+            checks.append((label, dx, dy))
+
+    def view(i, matrix):
+        """Operand i's shape as [batch axes it has, outermost dropped if it lacks them] +
+        the two matrix axes; its own sizes, so the kernel sees what it really got."""
+        labels = (c.x, c.y)[i]
+        groups = list(p.batch)
+        while groups and not any(label in labels for label in groups[0]):
+            groups.pop(0)
+        return tuple(_prod(own(i, label) for label in g) for g in groups + matrix)
+
+    def broadcast_size(label):
+        dx, dy = own(0, label), own(1, label)
+        if isinstance(dx, int) and isinstance(dy, int):
+            return dy if dx == 1 else dx
+        return tf.where(tf.equal(dx, 1), dy, dx)
+
+    lhs, rhs = (0, 1) if p.lhs_is_x else (1, 0)
+    a_shape = view(lhs, [p.k, p.m] if p.transpose_lhs else [p.m, p.k])
+    b_shape = view(rhs, [p.n, p.k] if p.transpose_rhs else [p.k, p.n])
+    batch_shape = None
+    if any(p.reduced):
+        batch_shape = tuple(
+            1 if red else _prod(broadcast_size(label) if label in c.broadcast else size(label)
+                                for label in group)
+            for group, red in zip(p.batch, p.reduced))
+    # Back to the output's axes: a broadcast label's size is the product's (the static
+    # shape then follows TF's broadcasting rule, as tf.einsum's does), every other label's
+    # the operands' (merged statically, as tf.einsum's shape function does).
+    axis_of = {group[0]: i for i, group in enumerate(p.batch) if len(group) == 1}
+    out_shape = []
+    for label in c.out:
+        if label in c.broadcast:
+            d = broadcast_size(label)
+            out_shape.append(d if isinstance(d, int) else _ResultAxis(axis_of[label]))
+        else:
+            out_shape.append(size(label))
+    mnk = tuple(_prod(size(label) for label in labels) for labels in (p.m, p.n, p.k))
+    return _Lowering(p, a_shape, b_shape, batch_shape, tuple(out_shape), tuple(checks), mnk)
+
+
+def _reshape(t, shape, tensors, name=None):
+    """t reshaped to `shape` (ints and scalar tensors). Eagerly, a reshape to t's own shape
+    is skipped, and the raw op is called with the shape's cached tensor."""
+    if context.executing_eagerly():
+        return t if t._shape_tuple() == shape else gen_array_ops.reshape(t, tensors[shape])
+    return tf.reshape(t, shape, name=name)
+
+
+def _execute(low, x, y, name=None):
+    """The ops of lowering `low` on x, y: views, the product, the output reshape."""
+    p = low.plan
+    checks = [tf.debugging.assert_equal(
+        dx, dy, message=f"einsum: label {label!r} has different sizes in the inputs")
+        for label, dx, dy in low.checks]  # (none eagerly: every size is static there)
+    lhs, rhs = (x, y) if p.lhs_is_x else (y, x)
+    with tf.control_dependencies(checks):
+        a = _reshape(lhs, low.a_shape, low.tensors)
+        b = _reshape(rhs, low.b_shape, low.tensors)
+    # (Only eager lowerings have shape tensors; in a graph the sizes may be tensors,
+    # which cannot be dictionary keys.)
+    batch_shape = low.tensors.get(low.batch_shape) if low.tensors else low.batch_shape
+    result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
+                            batch_shape=batch_shape)
+    shape = [d if not isinstance(d, _ResultAxis) else
+             result.shape[d.i] if result.shape[d.i] is not None else tf.shape(result)[d.i]
+             for d in low.out_shape]
+    return _reshape(result, tuple(shape), low.tensors, name=name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _family(c, p):
+    """The dispatch model's product family of plan p: SHARED when an operand lacks one of
+    the batch groups (it is broadcast over it) or a batch group is summed in the kernel."""
+    shared = any(p.reduced) or any(not any(label in labels for label in group)
+                                   for group in p.batch for labels in (c.x, c.y))
+    return dispatch.SHARED if shared else dispatch.DENSE
+
+
+@functools.lru_cache(maxsize=4096)
+def _eager_lowering(c, x_shape, y_shape):
+    """The lowering of c for operands of these (fully known) shapes, or None (no plan,
+    or shapes the built-in rejects). Cached: eager calls repeat the same shapes."""
     p = plan(c)
-    if p is None or x.dtype != y.dtype:
+    if p is None or len(x_shape) != len(c.x) or len(y_shape) != len(c.y):
         return None
-    if x.shape.rank != len(c.x) or y.shape.rank != len(c.y):
+    dims = _static_dims(c, x_shape, y_shape)
+    if dims is None:
         return None
-    dims = _static_dims(c, x, y)
+    shapes = (dict(zip(c.x, x_shape)), dict(zip(c.y, y_shape)))
+    low = _lower(c, p, dims, lambda i, label: shapes[i].get(label, 1))
+    for shape in (low.a_shape, low.b_shape, low.batch_shape, low.out_shape):
+        if shape is not None:
+            low.tensors[shape] = tf.constant(shape, tf.int32)
+    return low
+
+
+def run(c, x, y, name=None, fallback=None):
+    """Contraction `c` of tensors x, y on the engine, or None when it should not run
+    there: no plan, static shapes that the built-in rejects, the dispatch model prefers
+    the built-in, or its answer depends on sizes only the run time knows and there is no
+    `fallback`. With a fallback (no arguments: the same contraction by the built-in) the
+    graph then branches between the two at run time. Nothing is added to the graph when
+    the answer is None."""
+    if x.dtype != y.dtype:
+        return None
+    dtype = x.dtype.base_dtype
+    if context.executing_eagerly():  # every size known: a cached lowering, no graph work
+        low = _eager_lowering(c, x._shape_tuple(), y._shape_tuple())
+        if low is None or dispatch.choose(dtype, *low.mnk, _family(c, low.plan)) != \
+                dispatch.KERNEL:
+            return None
+        return _execute(low, x, y)
+    p = plan(c)
+    if p is None or x.shape.rank != len(c.x) or y.shape.rank != len(c.y):
+        return None
+    dims = _static_dims(c, x.shape.as_list(), y.shape.as_list())
     if dims is None:
         return None
 
-    def static_size(labels):
+    def bound(labels):
+        """The size of merged `labels`: an int, or AtLeast the product of the known."""
         sizes = [dims[label] for label in labels]
-        return None if None in sizes else _prod(sizes)
+        known = _prod(s for s in sizes if s is not None)
+        return dispatch.AtLeast(known) if None in sizes else known
 
-    m, n, k = static_size(p.m), static_size(p.n), static_size(p.k)
-    macs = m * n * k if None not in (m, n, k) else None
-    if not dispatch.use_kernel(x.dtype.base_dtype, macs):
+    family = _family(c, p)
+    choice = dispatch.choose(dtype, bound(p.m), bound(p.n), bound(p.k), family)
+    if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
-
     with ops.name_scope(name, "einsum", [x, y]) as scope:
         dynamic_shapes = {}
 
-        def own(t, labels, label):
-            """The size of `label` in t itself (1 if t lacks it): static when t knows it."""
+        def own(i, label):
+            """The size of `label` in operand i itself (1 if it lacks it): static when it
+            knows it, else read at run time."""
+            t, labels = (x, c.x) if i == 0 else (y, c.y)
             if label not in labels:
                 return 1
-            i = labels.index(label)
-            if t.shape[i] is not None:
-                return t.shape[i]
-            if id(t) not in dynamic_shapes:
-                dynamic_shapes[id(t)] = tf.shape(t)
-            return dynamic_shapes[id(t)][i]
+            j = labels.index(label)
+            if t.shape[j] is not None:
+                return t.shape[j]
+            if i not in dynamic_shapes:
+                dynamic_shapes[i] = tf.shape(t)
+            return dynamic_shapes[i][j]
 
-        def size(label):
-            """The size of a non-broadcast label (static when either operand knows it)."""
-            if dims[label] is not None:
-                return dims[label]
-            return own(x, c.x, label) if label in c.x else own(y, c.y, label)
-
-        # Shared labels must match exactly (tf.einsum does not broadcast named axes): the
-        # kernel checks K when it is a single label, the rest is checked here at run time
-        # when the static shapes cannot tell.
-        checks = []
-        for label in sorted(set(c.x) & set(c.y) - c.broadcast, key=str):
-            if p.k == (label,):
-                continue
-            dx, dy = own(x, c.x, label), own(y, c.y, label)
-            if not (isinstance(dx, int) and isinstance(dy, int)):
-                checks.append(tf.debugging.assert_equal(
-                    dx, dy, message=f"einsum: label {label!r} has different sizes in the inputs"))
-
-        def view(t, labels, matrix):
-            """t reshaped to [batch axes it has, outermost dropped if it lacks them] + the
-            two matrix axes; its own sizes, so the kernel sees what it really got."""
-            groups = list(p.batch)
-            while groups and not any(label in labels for label in groups[0]):
-                groups.pop(0)
-            shape = [_prod(own(t, labels, label) for label in g) for g in groups + matrix]
-            return tf.reshape(t, shape)
-
-        lhs, rhs = (x, y) if p.lhs_is_x else (y, x)
-        lhs_labels, rhs_labels = (c.x, c.y) if p.lhs_is_x else (c.y, c.x)
-        with tf.control_dependencies(checks):
-            a = view(lhs, lhs_labels, [p.k, p.m] if p.transpose_lhs else [p.m, p.k])
-            b = view(rhs, rhs_labels, [p.n, p.k] if p.transpose_rhs else [p.k, p.n])
-
-        def broadcast_size(label):
-            dx, dy = own(x, c.x, label), own(y, c.y, label)
-            if isinstance(dx, int) and isinstance(dy, int):
-                return dy if dx == 1 else dx
-            return tf.where(tf.equal(dx, 1), dy, dx)
-
-        batch_shape = None
-        if any(p.reduced):
-            batch_shape = [
-                1 if red else _prod(broadcast_size(label) if label in c.broadcast
-                                    else size(label) for label in group)
-                for group, red in zip(p.batch, p.reduced)]
-        result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
-                                batch_shape=batch_shape)
-
-        # Back to the output's axes: a broadcast label's size is the product's (the static
-        # shape then follows TF's broadcasting rule, as tf.einsum's does), every other
-        # label's the operands' (merged statically, as tf.einsum's shape function does).
-        axis_of = {group[0]: i for i, group in enumerate(p.batch) if len(group) == 1}
-        out_shape = []
-        for label in c.out:
-            if label in c.broadcast:
-                i = axis_of[label]
-                d = result.shape[i]
-                if d is None:
-                    if id(result) not in dynamic_shapes:
-                        dynamic_shapes[id(result)] = tf.shape(result)
-                    d = dynamic_shapes[id(result)][i]
-                out_shape.append(d)
-            else:
-                out_shape.append(size(label))
-        return tf.reshape(result, out_shape, name=scope)
+        low = _lower(c, p, dims, own)
+        if choice == dispatch.KERNEL:
+            return _execute(low, x, y, name=scope)
+        return tf.cond(dispatch.kernel_wins(dtype, *low.mnk, family),
+                       lambda: _execute(low, x, y), fallback, name=scope)

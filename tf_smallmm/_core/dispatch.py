@@ -1,14 +1,26 @@
 """When to use a SmallMM kernel and when to call TensorFlow's built-in instead.
 
 The result, errors and static shapes are the same either way; this only decides speed.
+`use_kernel(dtype)` says whether our ops may run here at all (library loaded, dtype,
+XLA, GPU, TF_SMALLMM_DISABLE); `choose(dtype, m, n, k, family)` says which side is faster
+for a product, from a model measured per CPU class, product family and dtype
+(dispatch_model.json). Sizes only
+known at run time get a RUNTIME answer, and the caller branches in the graph on
+`kernel_wins(...)`.
 """
 
+import bisect
 import contextlib
 import functools
+import itertools
+import json
 import os
 import threading
+import typing
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 
 from tf_smallmm._core import loader
@@ -18,9 +30,10 @@ from tf_smallmm._core import loader
 SUPPORTED_DTYPES = frozenset(
     [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128])
 
-# Above this many multiply-adds per matrix product (M·N·K) the built-in GEMM (oneDNN /
-# Eigen, cuBLAS on GPU) wins: its blocking and packing pay off once a single product is
-# large. Chosen 2026-11-25 from `python -m tf_smallmm.bench --sweep` (raw kernel vs
+# On a CPU class the model has not measured: above this many multiply-adds per matrix
+# product (M·N·K) the built-in GEMM (oneDNN / Eigen, cuBLAS on GPU) wins: its blocking and
+# packing pay off once a single product is large. Chosen 2026-11-25 from the n×n×n sweep
+# of that day's `python -m tf_smallmm.bench --sweep` (raw kernel vs
 # tf.matmul, batched n×n×n, ~4M elements per operand, 2-core AVX-512, TF 2.21, 2 intra-op
 # threads): n = 16 ours 1.13-1.47× faster, n = 24 1.06×, n = 32 level (0.97-1.03×),
 # n = 48 and up tf.matmul 1.3-1.8× faster. The full suite the same day (benchmarks/
@@ -109,16 +122,216 @@ def supports_jit():
     return not uses_kernels or xla_compiles_kernels()
 
 
-def use_kernel(dtype, macs=None):
-    """Whether a SmallMM op should run a product of this dtype and static size.
-
-    `macs` is M·N·K when all three are statically known, else None (the kernel handles
-    any size correctly; unknown sizes are assumed small).
-    """
+def use_kernel(dtype):
+    """Whether SmallMM ops may run products of this dtype here at all: the library is
+    loaded, not disabled, the dtype supported, no GPU without our kernels, and not under
+    XLA unless XLA compiles our ops (`xla_compiles_kernels`). Whether they *should* run a
+    given product is `choose`'s answer."""
     if disabled() or dtype not in SUPPORTED_DTYPES or not loader.kernels_loaded():
         return False
-    if macs is not None and macs > MAX_SMALL_MACS:
+    if gpu_without_kernels():
         return False
-    if in_xla_context() and not xla_compiles_kernels():
-        return False
-    return not gpu_without_kernels()
+    # (eagerly: never XLA)
+    return context.executing_eagerly() or not in_xla_context() or xla_compiles_kernels()
+
+
+# ------------------------------------------------------------------ the measured model
+# Which of the SmallMM kernels and the built-in is faster for a product op(A)[M, K] ·
+# op(B)[K, N] is a table per CPU class and dtype (dispatch_model.json, written by
+# `python -m tf_smallmm.bench --sweep --write-model`, which says the date and machine).
+# The table cuts each of M, N and K into size classes (1, 2, 3-4, 5-8, ..., beyond the
+# last bound) and marks the cells (M class, N class, K class) where the built-in wins, per
+# product family: DENSE (both operands have every batch axis: the sweep's grid) or SHARED
+# (one operand broadcast over a batch axis, or a batch axis summed in the kernel:
+# capsules, A- / B-shared matmul). A family the model has not measured keeps the size
+# rule below.
+
+KERNEL, BUILTIN, RUNTIME = "kernel", "builtin", "runtime"
+DENSE, SHARED = "dense", "shared"
+_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_model.json")
+
+# CPU features that change how fast the *built-in* is for some dtype (oneDNN uses them),
+# so a model measured without them does not hold with them: (cpuinfo flag, class suffix).
+_CPU_EXTRAS = (("avx512_bf16", "bf16"), ("avx512_fp16", "fp16"), ("amx_tile", "amx"))
+
+# Where no model was measured for this CPU class, 16-bit products of at least 16³
+# multiply-adds go to the built-in: on a CPU with AVX512-FP16 / AMX (Sapphire Rapids,
+# TF 2.21, 2026-11) oneDNN ran bf16 / fp16 n×n products from n = 16 up faster than our
+# kernels, which accumulate in float32.
+UNMEASURED_16BIT_MAX_MACS = 16 * 16 * 16 - 1
+SIXTEEN_BIT = frozenset([tf.float16, tf.bfloat16])
+
+
+class AtLeast(typing.NamedTuple):
+    """A size unknown at trace time, with the lower bound its known factors give (a
+    merged axis whose other factors are known), e.g. M = batch·128 with batch None."""
+
+    lo: int
+
+
+class _Everywhere:
+    depth = 0
+
+
+@contextlib.contextmanager
+def kernels_everywhere():
+    """Within this block the model is not asked: every product the SmallMM ops support
+    runs on them (still not when disabled, under XLA, ...). For measuring our kernels
+    where the model would send a product to the built-in (the sweep that writes the
+    model) and for tests of the kernel path. Process-wide, like builtin_ops()."""
+    with _Forced.lock:
+        _Everywhere.depth += 1
+    try:
+        yield
+    finally:
+        with _Forced.lock:
+            _Everywhere.depth -= 1
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def isa_class():
+    """The CPU class the model is keyed by: the ISA our kernels run with (after
+    TF_SMALLMM_ISA) and the CPU extras that speed up the built-in, e.g. 'avx512+bf16'."""
+    try:
+        from tf_smallmm import _smallmm_core as core
+
+        isa = core.active_isa()
+    except ImportError:
+        return "unknown"
+    flags = _cpu_flags()
+    return "+".join([isa] + [name for flag, name in _CPU_EXTRAS if flag in flags])
+
+
+@functools.cache
+def model():
+    """The measured model (dispatch_model.json), parsed once."""
+    with open(_MODEL_PATH) as f:
+        return json.load(f)
+
+
+def size_class(size, bounds):
+    """Index of the size class of `size`: the first bound it does not exceed, or
+    len(bounds) beyond the last."""
+    return bisect.bisect_left(bounds, size)
+
+
+def _cell_macs(cell, bounds):
+    """The largest M·N·K of a cell (infinite for a class beyond the last bound)."""
+    out = 1
+    for i in cell:
+        out *= bounds[i] if i < len(bounds) else float("inf")
+    return out
+
+
+def _measured_class(cpu_class, classes):
+    """The model's class for this CPU: its own, else the measured class of the same ISA
+    with the most of its extras (the built-in is at most as fast there as here), else
+    None."""
+    if cpu_class in classes:
+        return cpu_class
+    isa, *extras = cpu_class.split("+")
+    same_isa = [c for c in classes
+                if c.split("+")[0] == isa and set(c.split("+")[1:]) <= set(extras)]
+    return max(same_isa, key=lambda c: len(c.split("+")), default=None)
+
+
+def encode_cells(cells, classes):
+    """The model file's form of a set of (M, N, K) class cells: one string per M class,
+    of one group per N class (space-separated) of one character per K class, 'B' where
+    the built-in wins and '.' where our kernels do."""
+    return [" ".join("".join("B" if (m, n, k) in cells else "." for k in range(classes))
+                     for n in range(classes)) for m in range(classes)]
+
+
+def decode_cells(rows):
+    """The set of cells of encode_cells' strings."""
+    return {(m, n, k) for m, row in enumerate(rows) for n, group in enumerate(row.split())
+            for k, mark in enumerate(group) if mark == "B"}
+
+
+@functools.cache
+def _table(dtype_name, cpu_class, family):
+    """(size bounds, the cells where the built-in wins) for this dtype, CPU class and
+    product family. Not measured for them (see _measured_class): the size rule
+    MAX_SMALL_MACS; on a CPU class not measured at all, 16-bit products from 16³
+    multiply-adds up also go to the built-in."""
+    data = model()
+    bounds = tuple(data["size_bounds"])
+    every = list(itertools.product(range(len(bounds) + 1), repeat=3))
+    source = _measured_class(cpu_class, data["classes"])
+    measured = data["classes"].get(source, {}).get("builtin", {}).get(family, {})
+    if dtype_name in measured:
+        cells = decode_cells(measured[dtype_name])
+    else:
+        cells = {c for c in every if _cell_macs(c, bounds) > MAX_SMALL_MACS}
+    if source != cpu_class and tf.as_dtype(dtype_name) in SIXTEEN_BIT:
+        cells |= {c for c in every if _cell_macs(c, bounds) > UNMEASURED_16BIT_MAX_MACS}
+    return bounds, frozenset(cells)
+
+
+def _classes(size, bounds):
+    """The size classes a size can be in: one when known, every class from its lower
+    bound up when it is AtLeast."""
+    if isinstance(size, AtLeast):
+        return range(size_class(size.lo, bounds), len(bounds) + 1)
+    return (size_class(size, bounds),)
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_choice(dtype, m, n, k, family, cpu_class):
+    bounds, builtin = _table(dtype.name, cpu_class, family)
+    wins = {cell not in builtin
+            for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
+    if wins == {True}:
+        return KERNEL
+    return BUILTIN if wins == {False} else RUNTIME
+
+
+def choose(dtype, m, n, k, family=DENSE):
+    """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
+    (batched or not) of a family (DENSE or SHARED): each of m, n, k is an int or an
+    AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes unknown at trace time; the
+    caller branches on `kernel_wins(...)` in the graph. Cheap after the first call for
+    a signature (eager code asks on every call)."""
+    if not use_kernel(dtype):
+        return BUILTIN
+    if _Everywhere.depth > 0:
+        return KERNEL
+    return _model_choice(dtype, m, n, k, family, isa_class())
+
+
+def kernel_wins(dtype, m, n, k, family=DENSE):
+    """The model's answer as a boolean scalar tensor, for sizes that are ints or scalar
+    int32 tensors (the run-time sizes of a RUNTIME choice): whether the size classes
+    they fall in are cells where our kernels win. A few small graph ops."""
+    bounds, builtin = _table(dtype.name, isa_class(), family)
+    sizes = (m, n, k)
+    unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]
+    known = [(size_class(s, bounds),) if i not in unknown else range(len(bounds) + 1)
+             for i, s in enumerate(sizes)]
+    # Whether our kernels win, over the size classes of the unknown sizes only.
+    table = np.zeros([len(bounds) + 1] * len(unknown), bool)
+    for cell in itertools.product(*known):
+        table[tuple(cell[i] for i in unknown)] = cell not in builtin
+    if not table.any() or table.all():
+        return tf.constant(bool(table.all()))
+    if len(unknown) == 1 and not table[np.argmin(table):].any():
+        # The usual case (one merged axis with an unknown batch): ours up to a size.
+        return tf.less_equal(sizes[unknown[0]], bounds[np.argmin(table) - 1])
+    index = tf.constant(0, tf.int32)
+    for i in unknown:
+        cls = tf.raw_ops.Bucketize(input=tf.cast(sizes[i], tf.int32),
+                                   boundaries=[b + 1.0 for b in bounds])
+        index = index * (len(bounds) + 1) + cls
+    return tf.gather(tf.constant(table.reshape(-1)), index)

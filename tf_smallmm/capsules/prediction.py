@@ -22,31 +22,33 @@ def _check(w, u):
     [in_caps, out_caps, out_dim, in_dim] (or [1, in_caps, ...]) and inputs
     [batch, in_caps, in_dim]. Unknown ranks pass (w is then taken as rank 4): tf.einsum
     checks them at run time."""
-    both = f"w has shape {_shape(w)} and u has shape {_shape(u)}"
-    if w.shape.rank not in (None, 4, 5):
-        raise ValueError(
-            "capsule_predict: w must have rank 4 [in_caps, out_caps, out_dim, in_dim] or 5 "
-            f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
-    if w.shape.rank == 5 and w.shape[0] not in (None, 1):
-        raise ValueError(
-            "capsule_predict: a rank-5 w must have a leading axis of size 1 "
-            f"[1, in_caps, out_caps, out_dim, in_dim]; {both}")
-    if u.shape.rank not in (None, 3):
-        raise ValueError(
-            f"capsule_predict: u must have rank 3 [batch, in_caps, in_dim]; {both}")
-    if w.shape.rank is None or u.shape.rank is None:
+    def fail(text):  # the shapes are formatted only for the error (eager calls run this)
+        raise ValueError(f"capsule_predict: {text}; w has shape {_shape(w)} and u has shape "
+                         f"{_shape(u)}")
+
+    w_rank, u_rank = w.shape.rank, u.shape.rank
+    if w_rank not in (None, 4, 5):
+        fail("w must have rank 4 [in_caps, out_caps, out_dim, in_dim] or 5 "
+             "[1, in_caps, out_caps, out_dim, in_dim]")
+    if w_rank == 5 and w.shape[0] not in (None, 1):
+        fail("a rank-5 w must have a leading axis of size 1 [1, in_caps, out_caps, out_dim, "
+             "in_dim]")
+    if u_rank not in (None, 3):
+        fail("u must have rank 3 [batch, in_caps, in_dim]")
+    if w_rank is None or u_rank is None:
         return
     for what, dw, du in (("in_caps", w.shape[-4], u.shape[1]),
                          ("in_dim", w.shape[-1], u.shape[2])):
         if dw is not None and du is not None and dw != du:
-            raise ValueError(
-                f"capsule_predict: {what} differs between w ({dw}) and u ({du}); {both}")
+            fail(f"{what} differs between w ({dw}) and u ({du})")
 
 
 def _arguments(w, u):
     """w and u as checked tensors, w without its leading axis of size 1."""
-    w = ops.convert_to_tensor(w, name="w")
-    u = ops.convert_to_tensor(u, dtype_hint=w.dtype, name="u")
+    if not isinstance(w, ops.EagerTensor):
+        w = ops.convert_to_tensor(w, name="w")
+    if not isinstance(u, ops.EagerTensor):
+        u = ops.convert_to_tensor(u, dtype_hint=w.dtype, name="u")
     _check(w, u)
     if w.shape.rank == 5:
         w = tf.squeeze(w, axis=0)  # raises at run time if the axis is not 1
@@ -77,7 +79,7 @@ def capsule_predict(w, u, name=None):
     """
     with ops.name_scope(name, "CapsulePredict", [w, u]):
         w, u = _arguments(w, u)
-        result = contraction.run(CONTRACTION, w, u)
+        result = contraction.run(CONTRACTION, w, u, fallback=lambda: tf.einsum(EQUATION, w, u))
         return result if result is not None else tf.einsum(EQUATION, w, u)
 
 

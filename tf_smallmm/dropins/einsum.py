@@ -62,6 +62,8 @@ def _as_tensor(t):
     """t as a dense tensor when tf.einsum would take it as one (tensors, tf / Keras
     variables, numpy arrays); None for anything else (ragged, sparse, Python lists), which
     goes to the built-in as is."""
+    if isinstance(t, ops.EagerTensor):  # the common eager case, without the conversion
+        return t
     # (tf.Variable is itself a CompositeTensor, hence the order.)
     if not isinstance(t, (tf.Variable, np.ndarray)) and (
             isinstance(t, composite_tensor.CompositeTensor) or not tf.is_tensor(t)):
@@ -87,7 +89,8 @@ def einsum(equation, *inputs, **kwargs):
         if x is not None and y is not None and None not in (x.shape.rank, y.shape.rank):
             c = parse(equation, x.shape.rank, y.shape.rank)
             if c is not None:
-                result = contraction.run(c, x, y, name=kwargs.get("name"))
+                result = contraction.run(c, x, y, name=kwargs.get("name"),
+                                         fallback=lambda: tf.einsum(equation, x, y, **kwargs))
                 if result is not None:
                     return result
     return tf.einsum(equation, *inputs, **kwargs)

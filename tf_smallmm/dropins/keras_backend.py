@@ -8,7 +8,11 @@ does (its transposes and tf.matmul, ported below), so results and errors match b
 construction. tf_keras is not needed at run time.
 """
 
+import functools
+
 import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.ops import gen_array_ops
 
 from tf_smallmm._core import contraction
 from tf_smallmm.dropins import einsum, linalg
@@ -38,14 +42,13 @@ def _is_sparse(tensor):
     return isinstance(tensor, tf.SparseTensor)
 
 
-def _contract(x, y, x_labels, y_labels, out_labels, broadcast=()):
-    """Runs the contraction on the engine, or None (the caller falls back)."""
+def _contract(x, y, c, fallback):
+    """Runs Contraction c on the engine, or None (the caller falls back). fallback(x, y)
+    computes the same with the built-ins, for a choice made at run time."""
     x, y = einsum._as_tensor(x), einsum._as_tensor(y)
     if x is None or y is None:
         return None
-    c = contraction.Contraction(tuple(x_labels), tuple(y_labels), tuple(out_labels),
-                                frozenset(broadcast))
-    return contraction.run(c, x, y)
+    return contraction.run(c, x, y, fallback=lambda: fallback(x, y))
 
 
 # ------------------------------------------------------------------ batch_dot
@@ -112,19 +115,38 @@ def batch_dot(x, y, axes=None):
             + f". x.shape[{axes[0]:d}] != y.shape[{axes[1]:d}] ({d1:d} != {d2:d}).")
 
     if 0 < a0 < x_ndim and 0 < a1 < y_ndim:
-        # One batch label "b" (broadcast 1 against n like tf.matmul's batch axis, as in
-        # tf_keras), one contracted label "k", the other axes free.
-        x_labels = ["b"] + [f"x{i}" for i in range(1, x_ndim)]
-        y_labels = ["b"] + [f"y{i}" for i in range(1, y_ndim)]
-        x_labels[a0] = y_labels[a1] = "k"
-        out = ["b"] + [lb for lb in x_labels[1:] if lb != "k"]
-        out += [lb for lb in y_labels[1:] if lb != "k"]
-        result = _contract(x, y, x_labels, y_labels, out, broadcast=["b"])
+        both_2d = x_ndim == 2 and y_ndim == 2
+
+        def keras(x, y):  # the contraction's output: without the kept axis of two 2-D inputs
+            result = _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim)
+            return tf.squeeze(result, 1) if both_2d else result
+
+        result = _contract(x, y, _batch_dot_contraction(x_ndim, y_ndim, a0, a1), keras)
         if result is not None:
-            if x_ndim == 2 and y_ndim == 2:
-                result = tf.expand_dims(result, 1)  # tf_keras keeps (batch, 1)
+            if both_2d:
+                result = _expand_dims(result, 1)  # tf_keras keeps (batch, 1)
             return result
     return _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim)
+
+
+@functools.lru_cache(maxsize=1024)
+def _batch_dot_contraction(x_ndim, y_ndim, a0, a1):
+    """One batch label "b" (broadcast 1 against n like tf.matmul's batch axis, as in
+    tf_keras), one contracted label "k", the other axes free."""
+    x_labels = ["b"] + [f"x{i}" for i in range(1, x_ndim)]
+    y_labels = ["b"] + [f"y{i}" for i in range(1, y_ndim)]
+    x_labels[a0] = y_labels[a1] = "k"
+    out = ["b"] + [lb for lb in x_labels[1:] if lb != "k"]
+    out += [lb for lb in y_labels[1:] if lb != "k"]
+    return contraction.Contraction(tuple(x_labels), tuple(y_labels), tuple(out),
+                                   frozenset(["b"]))
+
+
+def _expand_dims(t, axis):
+    # The raw op eagerly: tf.expand_dims' Python layers cost more than the product.
+    if context.executing_eagerly():
+        return gen_array_ops.expand_dims(t, axis)
+    return tf.expand_dims(t, axis)
 
 
 def _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim):
@@ -204,16 +226,22 @@ def dot(x, y):
     if _ndim(x) is not None and (_ndim(x) > 2 or _ndim(y) > 2):
         x_ndim, y_ndim = _ndim(x), _ndim(y)
         if x_ndim >= 1 and y_ndim is not None and y_ndim >= 2:
-            x_labels = [f"x{i}" for i in range(x_ndim - 1)] + ["k"]
-            y_labels = [f"y{i}" for i in range(y_ndim - 2)] + ["k", "n"]
-            result = _contract(x, y, x_labels, y_labels,
-                               x_labels[:-1] + y_labels[:-2] + ["n"])
+            result = _contract(x, y, _dot_contraction(x_ndim, y_ndim), _keras_dot_nd)
             if result is not None:
                 return result
         return _keras_dot_nd(x, y)
     if _is_sparse(x):
         return tf.sparse.sparse_dense_matmul(x, y)
     return linalg.matmul(x, y)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dot_contraction(x_ndim, y_ndim):
+    """x's last axis with y's second-to-last ("k"), every other axis free."""
+    x_labels = [f"x{i}" for i in range(x_ndim - 1)] + ["k"]
+    y_labels = [f"y{i}" for i in range(y_ndim - 2)] + ["k", "n"]
+    return contraction.Contraction(tuple(x_labels), tuple(y_labels),
+                                   tuple(x_labels[:-1] + y_labels[:-2] + ["n"]))
 
 
 def _keras_dot_nd(x, y):

@@ -1,15 +1,13 @@
 """Drop-in `matmul` and `matvec` (same signatures, results, static shapes and errors as
 tf.linalg.matmul / tf.linalg.matvec)."""
 
+import functools
+
 import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
 
 from tf_smallmm._core import dispatch, engine
-
-
-def _dim(shape, i):
-    return shape[i] if shape is not None else None
 
 
 def _dispatched_by_builtin(*args):
@@ -30,34 +28,57 @@ def _convert(a, b):
     return a, b
 
 
-def _eligible(a, b, transpose_a, transpose_b):
-    """Static checks: our kernel runs only where its result and errors match the built-in
-    and it is faster; anything else (bad ranks, mismatched dims or dtypes, big products,
-    unsupported dtypes, XLA without our XLA kernels) goes to tf.linalg.matmul, which raises
-    its own errors."""
-    if a.dtype != b.dtype:
-        return False
-    sa, sb = a.shape, b.shape
-    if (sa.rank is not None and sa.rank < 2) or (sb.rank is not None and sb.rank < 2):
-        return False
-    if max(sa.rank or 0, sb.rank or 0) - 2 > dispatch.MAX_BATCH_DIMS:
-        return False
-    sa = sa.as_list() if sa.rank is not None else None
-    sb = sb.as_list() if sb.rank is not None else None
-    m = _dim(sa, -1 if transpose_a else -2)
-    ka = _dim(sa, -2 if transpose_a else -1)
-    kb = _dim(sb, -1 if transpose_b else -2)
-    n = _dim(sb, -2 if transpose_b else -1)
+def _shape(t):
+    """t's static shape as a tuple (None where unknown), or None for an unknown rank."""
+    if isinstance(t, ops.EagerTensor):
+        return t._shape_tuple()
+    return tuple(t.shape.as_list()) if t.shape.rank is not None else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _product_sizes(sa, sb, transpose_a, transpose_b):
+    """(M, N, K, the dispatch model's product family) of op(a) · op(b) for static shapes
+    sa, sb (dispatch.AtLeast(1) where unknown), or None where our kernel must not run
+    because its errors would not be the built-in's: ranks below 2 or above the kernel's
+    batch limit, inner or batch sizes that cannot match. tf.linalg.matmul then runs and
+    raises its own errors. SHARED: an operand is statically broadcast over a batch axis."""
+    if (sa is not None and len(sa) < 2) or (sb is not None and len(sb) < 2):
+        return None
+    if max(len(sa or ()), len(sb or ())) - 2 > dispatch.MAX_BATCH_DIMS:
+        return None
+    unknown = dispatch.AtLeast(1)
+    m = sa[-1 if transpose_a else -2] if sa is not None else None
+    ka = sa[-2 if transpose_a else -1] if sa is not None else None
+    kb = sb[-1 if transpose_b else -2] if sb is not None else None
+    n = sb[-2 if transpose_b else -1] if sb is not None else None
     if ka is not None and kb is not None and ka != kb:
-        return False
+        return None
     k = ka if ka is not None else kb
-    macs = m * n * k if None not in (m, n, k) else None
+    family = dispatch.DENSE
     if sa is not None and sb is not None:
-        ba, bb = sa[:-2], sb[:-2]
-        for da, db in zip(reversed(ba), reversed(bb)):
-            if da is not None and db is not None and da != db and 1 not in (da, db):
-                return False
-    return dispatch.use_kernel(a.dtype.base_dtype, macs)
+        if len(sa) != len(sb):
+            family = dispatch.SHARED
+        for da, db in zip(reversed(sa[:-2]), reversed(sb[:-2])):
+            if da is not None and db is not None and da != db:
+                if 1 not in (da, db):
+                    return None
+                family = dispatch.SHARED
+    return tuple(unknown if d is None else d for d in (m, n, k)) + (family,)
+
+
+def _run_time_sizes(a, b, transpose_a, transpose_b):
+    """M, N, K as ints where static, else read from a and b at run time. With an unknown
+    rank the shape is read padded with 1s, so that a rank below 2 does not fail here but
+    in whichever op the branch runs, with that op's error (the built-in's text)."""
+    def size(t, i):
+        if t.shape.rank is None:
+            return tf.concat([[1, 1], tf.shape(t)], 0)[i]
+        return t.shape[i] if t.shape[i] is not None else tf.shape(t)[i]
+
+    k = size(a, -2 if transpose_a else -1)
+    if not isinstance(k, int):
+        k = size(b, -1 if transpose_b else -2)
+    return size(a, -1 if transpose_a else -2), size(b, -2 if transpose_b else -1), k
 
 
 def _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, grad_a,
@@ -104,10 +125,21 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         # Past the check every flag is truth-testable (the built-in accepts e.g. a truthy
         # transpose_a on its batch path, where it only ever tests it with `if`).
         ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
-        if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
+        sizes = _product_sizes(_shape(a), _shape(b), ta, tb) if a.dtype == b.dtype else None
+        choice = dispatch.choose(a.dtype.base_dtype, *sizes) if sizes else dispatch.BUILTIN
+        if (output_type is not None and output_type != a.dtype) or choice == dispatch.BUILTIN:
             return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
-        return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
-                              conjugate_y=bool(adjoint_b), name=scope)
+
+        def ours(name=None):
+            return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a),
+                                  transpose_y=tb, conjugate_y=bool(adjoint_b), name=name)
+
+        if choice == dispatch.KERNEL:
+            return ours(scope)
+        # Sizes only the run time knows decide (e.g. a None batch folded into M).
+        return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb),
+                                            sizes[3]),
+                       ours, lambda: tf.linalg.matmul(a, b, **builtin_kwargs), name=scope)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,

@@ -11,7 +11,8 @@ backward) divided by a large copy's bandwidth measured in the same run.
 
     python -m tf_smallmm.bench                  # full suite -> benchmarks/RESULTS.md + .png
     python -m tf_smallmm.bench --quick          # a subset, under two minutes
-    python -m tf_smallmm.bench --sweep          # n×n×n products: where tf.matmul starts to win
+    python -m tf_smallmm.bench --sweep          # every drop-in vs its built-in over a grid of
+                                                # small products -> benchmarks/SWEEP.md
     python -m tf_smallmm.bench --quick --only routings   # the CapsNet digit-caps step only
     python -m tf_smallmm.bench --xla            # ours under XLA vs XLA's own and ours without
 
@@ -33,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_smallmm as smm
-from tf_smallmm._core import engine
 from tf_smallmm.capsules import routing
+from tf_smallmm.tools import sweep
 
 MiB = 1 << 20
 
@@ -80,7 +81,12 @@ def peak_extra_mib(fn, args):
 
 
 def copy_bandwidth_gbs(mib=256):
-    """Bandwidth of a large streaming copy (read + write), the best of numpy and TF."""
+    """This machine's memory bandwidth from a large streaming copy, counting the bytes the
+    hardware moves (see sweep.BANDWIDTH_METHOD): np.copyto of this size is glibc's memcpy,
+    which writes with non-temporal stores (read the source, write the destination: 2× the
+    size); TF's x * 1.5 writes through the cache, which first reads each destination line
+    for ownership (3×). Counting the latter 2× understated the bandwidth by a third and
+    flattered every ×floor figure by 1.5×. The better of the two."""
     n = mib * MiB // 4
     src = np.ones(n, np.float32)
     dst = np.empty_like(src)
@@ -89,7 +95,7 @@ def copy_bandwidth_gbs(mib=256):
     f = tf.function(lambda x: x * 1.5)  # not x + 0: grappler folds that to an identity
     _fetch(f(x))
     t_tf = min(_timed(lambda: _fetch(f(x))) for _ in range(5))
-    return 2 * n * 4 / min(t_np, t_tf) / 1e9
+    return max(2 * n * 4 / t_np, 3 * n * 4 / t_tf) / 1e9
 
 
 def _timed(fn):
@@ -292,7 +298,8 @@ def markdown(results, bandwidth, args):
         (f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
          f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
          f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
-         f"copy bandwidth {bandwidth:.1f} GB/s (the floor's unit). Times are medians in ms "
+         f"memory bandwidth {bandwidth:.1f} GB/s, the floor's unit ({sweep.BANDWIDTH_METHOD}). "
+         f"Times are medians in ms "
          f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
          f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
          f"peak = extra allocator memory of the forward+backward step."),
@@ -397,19 +404,6 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
-def sweep(repeats):
-    """Raw kernel vs tf.matmul on batched n×n×n products, to set MAX_SMALL_MACS."""
-    print("| n | batch | SmallMM kernel ms | tf.matmul ms | tf.matmul / ours |")
-    print("|---:|---:|---:|---:|---:|")
-    for n in [16, 24, 32, 48, 64, 96, 128]:
-        count = max(1, 4_000_000 // (n * n))
-        a = tf.random.normal([count, n, n])
-        b = tf.random.normal([count, n, n])
-        ours = median_ms(tf.function(lambda a, b: engine.product(a, b)), (a, b), repeats)
-        theirs = median_ms(tf.function(tf.linalg.matmul), (a, b), repeats)
-        print(f"| {n} | {count} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f} |", flush=True)
-
-
 def interleaved_ms(fns, args, rounds):
     """Per-round wall times (ms) of each fn(*args), the fns called in turn within every
     round (the order rotating), after two warm-up calls each: on a shared, noisy machine
@@ -481,7 +475,12 @@ def one_thread(results, args, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a subset with fewer repeats")
-    p.add_argument("--sweep", action="store_true", help="only the n×n×n threshold sweep")
+    p.add_argument("--sweep", action="store_true",
+                   help="every drop-in against its built-in over a grid of small products "
+                   "-> benchmarks/SWEEP.md (see tf_smallmm/tools/sweep.py)")
+    p.add_argument("--write-model", action="store_true",
+                   help="with --sweep: first measure our kernels on the model grid and "
+                   "rewrite the dispatch model for this CPU class")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the cases whose name contains TEXT (e.g. 'routings')")
@@ -497,12 +496,12 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/RESULTS.md "
                    "for a full run, benchmarks/RESULTS-quick.md for --quick)")
     args = p.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 15)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.sweep:
-        sweep(repeats)
+        sweep.main(args)
         return
+    repeats = args.repeats or (5 if args.quick else 15)
     if not smm.kernels_loaded():
         raise SystemExit("SmallMM kernels are not loaded: " + str(smm.build_info()["load_error"]))
     if args.xla:

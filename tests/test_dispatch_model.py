@@ -1,0 +1,327 @@
+"""The measured dispatch model (dispatch_model.json, `dispatch.choose`), the run-time branch
+for sizes unknown at trace time, and the eager fast paths.
+
+Model tests install a synthetic model (so they do not depend on what this CPU measured);
+branch tests run graphs whose sizes only the run time knows and check which side ran from
+the executor's step stats.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import tf_smallmm as smm
+from conftest import random_tensor, smallmm_ops
+from tf_smallmm._core import contraction, dispatch
+
+K = tf_keras.backend
+BOUNDS = [1, 2, 4, 8, 12, 16, 24, 32, 64, 256, 1024, 4096]
+CLASSES = range(len(BOUNDS) + 1)
+M_ABOVE_8 = [[m, n, k] for m in CLASSES if m > 3 for n in CLASSES for k in CLASSES]
+
+
+@pytest.fixture
+def model(monkeypatch):
+    """install({dtype name: cells where the built-in wins}, cpu_class=...): a synthetic
+    model measured for avx512+bf16, DENSE family only."""
+    def install(cells=None, cpu_class="avx512+bf16"):
+        dense = {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, len(CLASSES))
+                 for dtype, dtype_cells in (cells or {}).items()}
+        data = {"size_bounds": BOUNDS,
+                "classes": {"avx512+bf16": {"builtin": {dispatch.DENSE: dense}}}}
+        monkeypatch.setattr(dispatch, "model", lambda: data)
+        monkeypatch.setattr(dispatch, "isa_class", lambda: cpu_class)
+        dispatch._table.cache_clear()
+        dispatch._model_choice.cache_clear()
+
+    yield install
+    dispatch._table.cache_clear()
+    dispatch._model_choice.cache_clear()
+
+
+# ------------------------------------------------------------------ the model
+def test_size_classes_cut_at_the_bounds():
+    assert [dispatch.size_class(s, BOUNDS) for s in (1, 2, 3, 4, 5, 8, 9, 32, 33, 5000)] == \
+        [0, 1, 2, 2, 3, 3, 4, 7, 8, 12]
+
+
+def test_measured_cells_decide(model):
+    model({"float32": [[7, 0, 1]], "float64": []})  # M 25-32, N 1, K 2: the built-in
+    assert dispatch.choose(tf.float32, 32, 1, 2) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 32, 1, 3) == dispatch.KERNEL
+    assert dispatch.choose(tf.float64, 32, 1, 2) == dispatch.KERNEL
+    assert dispatch.choose(tf.int32, 2, 2, 2) == dispatch.BUILTIN  # no kernel for int32
+
+
+def test_cells_round_trip_through_the_file_form():
+    cells = {(0, 0, 0), (3, 1, 12), (12, 12, 12)}
+    rows = dispatch.encode_cells(cells, len(CLASSES))
+    assert rows[3].split()[1] == "............B"
+    assert dispatch.decode_cells(rows) == cells
+
+
+def test_a_family_the_model_has_not_measured_keeps_the_size_rule(model):
+    """Only DENSE products are measured: a SHARED one (capsules, A-shared matmul) of the
+    same sizes goes by MAX_SMALL_MACS."""
+    model({"float32": M_ABOVE_8})
+    assert dispatch.choose(tf.float32, 16, 4, 4) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 16, 4, 4, dispatch.SHARED) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 32, 32, 32, dispatch.SHARED) == dispatch.BUILTIN
+
+
+@pytest.mark.parametrize("call, family", [
+    (lambda: smm.matmul(tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "dense"),
+    (lambda: smm.matmul(tf.ones([2, 3]), tf.ones([5, 3, 4])), "shared"),
+    (lambda: smm.matmul(tf.ones([5, 1, 2, 3]), tf.ones([1, 6, 3, 4])), "shared"),
+    (lambda: smm.einsum("abc,cd->abd", tf.ones([5, 2, 3]), tf.ones([3, 4])), "dense"),
+    (lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 3, 5])), "shared"),
+    (lambda: smm.einsum("bij,bjk->k", tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "shared"),
+], ids=["matmul", "matmul A shared", "matmul rank-4 broadcast", "einsum folded", "capsule",
+        "einsum summed batch"])
+def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
+    asked = []
+    choose = dispatch.choose
+
+    def spy(dtype, m, n, k, family=dispatch.DENSE):
+        asked.append(family)
+        return choose(dtype, m, n, k, family)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    contraction._eager_lowering.cache_clear()
+    call()
+    assert asked == [family]
+
+
+def test_unknown_sizes_branch_only_where_the_answer_depends_on_them(model):
+    model({"float32": M_ABOVE_8})
+    at_least = dispatch.AtLeast
+    assert dispatch.choose(tf.float32, at_least(1), 8, 8) == dispatch.RUNTIME
+    assert dispatch.choose(tf.float32, at_least(9), 8, 8) == dispatch.BUILTIN  # 9 and up
+    assert dispatch.choose(tf.float32, 4, at_least(1), at_least(1)) == dispatch.KERNEL
+
+
+def test_an_unmeasured_class_takes_its_isa_measurement_and_the_16bit_rule(model):
+    """A CPU with AVX512-FP16 / AMX the model has not seen: the avx512+bf16 cells, and
+    16-bit products from 16³ multiply-adds go to the built-in."""
+    model({"float32": [], "bfloat16": [], "float16": []}, cpu_class="avx512+bf16+fp16+amx")
+    for dtype in (tf.bfloat16, tf.float16):
+        assert dispatch.choose(dtype, 16, 16, 16) == dispatch.BUILTIN
+        assert dispatch.choose(dtype, 8, 8, 8) == dispatch.KERNEL
+        assert dispatch.choose(dtype, 32, 1, 3) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 32, 32, 32) == dispatch.KERNEL  # as measured
+
+
+def test_an_unmeasured_isa_takes_the_size_rule(model):
+    model({"float32": []}, cpu_class="avx2")
+    assert dispatch.choose(tf.float32, 24, 24, 24) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 32, 32, 32) == dispatch.BUILTIN  # above MAX_SMALL_MACS
+    assert dispatch.choose(tf.float32, 4096, 4, 4) == dispatch.BUILTIN
+    assert dispatch.choose(tf.bfloat16, 16, 16, 16) == dispatch.BUILTIN
+
+
+def test_shipped_model_keeps_the_clear_cases():
+    """Whatever this CPU measured: the issue's [B,32,3]@[B,3,1] class runs on our kernel
+    and big products (also with a None batch folded into M) on the built-in."""
+    dispatch._model_choice.cache_clear()
+    assert dispatch.choose(tf.float32, 32, 1, 3) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 512, 512, 512) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, dispatch.AtLeast(128), 512, 512) == dispatch.BUILTIN
+
+
+def test_kernels_everywhere_bypasses_the_model(model):
+    model({"float32": M_ABOVE_8})
+    with dispatch.kernels_everywhere():
+        assert dispatch.choose(tf.float32, 64, 8, 8) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 64, 8, 8) == dispatch.BUILTIN
+
+
+@pytest.mark.parametrize("cells", [M_ABOVE_8, [[m, n, k] for m in CLASSES for n in CLASSES
+                                               for k in CLASSES if (m + n) % 3 == 0]],
+                         ids=["threshold", "scattered"])
+def test_run_time_predicate_agrees_with_the_table(model, cells):
+    model({"float32": cells})
+    m_in, n_in = tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)
+    wins = tf.function(lambda m, n: dispatch.kernel_wins(tf.float32, m, n, 8),
+                       input_signature=[m_in, n_in])
+    for m in (1, 3, 8, 9, 100, 5000):
+        for n in (1, 2, 33):
+            want = dispatch.choose(tf.float32, m, n, 8) == dispatch.KERNEL
+            assert bool(wins(m, n)) == want, (m, n)
+
+
+# ------------------------------------------------------------------ run-time branch
+def ran_ops(build, feeds):
+    """Types of the ops a v1 graph executed for `build(*placeholders)`, and the results.
+    feeds: [(spec, value), ...]."""
+    with tf.Graph().as_default():
+        holders = [tf.compat.v1.placeholder(spec.dtype, spec.shape) for spec, _ in feeds]
+        fetches = build(*holders)
+        with tf.compat.v1.Session() as sess:
+            meta = tf.compat.v1.RunMetadata()
+            out = sess.run(fetches, {h: v for h, (_, v) in zip(holders, feeds)},
+                           options=tf.compat.v1.RunOptions(
+                               trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+                           run_metadata=meta)
+    ran = set()
+    for dev in meta.step_stats.dev_stats:
+        for node in dev.node_stats:
+            label = node.timeline_label
+            if " = " in label:
+                ran.add(label.split(" = ")[1].split("(")[0])
+    return ran, out
+
+
+def _product_and_grads(fn):
+    def build(a, b):
+        y = fn(a, b)
+        g = tf.ones_like(y)
+        return [y] + tf.gradients(y, [a, b], grad_ys=g)
+
+    return build
+
+
+BRANCH_CASES = [
+    # (id, ours, reference, a shape, b shape, which axis of a is None)
+    ("matmul", smm.matmul, tf.linalg.matmul, (2, 4, 8), (2, 8, 8), 1),
+    ("einsum abc,cd->abd", lambda a, b: smm.einsum("abc,cd->abd", a, b),
+     lambda a, b: tf.einsum("abc,cd->abd", a, b), (1, 2, 8), (8, 8), 0),  # M = a·2
+    ("batch_dot", lambda a, b: smm.batch_dot(a, b, (2, 1)),
+     lambda a, b: K.batch_dot(a, b, (2, 1)), (2, 4, 8), (2, 8, 8), 1),
+]
+
+
+@pytest.mark.parametrize("case", BRANCH_CASES, ids=[c[0] for c in BRANCH_CASES])
+@pytest.mark.parametrize("unknown_size", [4, 64], ids=["small-kernel", "large-builtin"])
+def test_run_time_branch_takes_the_side_the_model_says(model, case, unknown_size):
+    """M is unknown at trace time; the model says ours up to M = 8: the graph branches on
+    the run-time M, each side with gradients, and the static shapes are TF's."""
+    model({"float32": M_ABOVE_8})
+    _, ours, reference, a_shape, b_shape, axis = case
+    a_shape = tuple(unknown_size if i == axis else d for i, d in enumerate(a_shape))
+    a = random_tensor(a_shape, tf.float64, 1).numpy().astype(np.float32)
+    b = random_tensor(b_shape, tf.float64, 2).numpy().astype(np.float32)
+    spec_a = tf.TensorSpec([None if i == axis else d for i, d in enumerate(a_shape)])
+    feeds = [(spec_a, a), (tf.TensorSpec(b_shape), b)]
+    ran, got = ran_ops(_product_and_grads(ours), feeds)
+    _, want = ran_ops(_product_and_grads(reference), feeds)
+    m = a_shape[1] * (a_shape[0] if axis == 0 else 1)
+    assert any(op.startswith("SmallMM") for op in ran) == (unknown_size == 4), ran
+    assert (m <= 8) == (unknown_size == 4)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    spec_b = tf.TensorSpec(b_shape)
+    ours_cf = tf.function(ours).get_concrete_function(spec_a, spec_b)
+    ref_cf = tf.function(reference).get_concrete_function(spec_a, spec_b)
+    assert ours_cf.structured_outputs.shape.as_list() == \
+        ref_cf.structured_outputs.shape.as_list()
+    assert smallmm_ops(ours_cf)  # in the kernel branch
+
+
+def test_no_branch_where_the_model_says_ours_for_every_size(model):
+    model({"float32": []})
+    spec = tf.TensorSpec([None, 4, 8])
+    f = tf.function(smm.matmul).get_concrete_function(spec, tf.TensorSpec([None, 8, 8]))
+    types = {op.type for op in f.graph.get_operations()}
+    assert "SmallMMBatchMatMul" in types and not types & {"If", "StatelessIf"}
+
+
+def test_big_product_with_none_batch_goes_to_the_builtin_without_a_branch():
+    """The issue's case: [None,128,512] @ [512,512] must not run on our kernel."""
+    f = tf.function(lambda a, b: smm.einsum("abc,cd->abd", a, b)).get_concrete_function(
+        tf.TensorSpec([None, 128, 512]), tf.TensorSpec([512, 512]))
+    types = {op.type for op in f.graph.get_operations()}
+    assert not smallmm_ops(f) and not types & {"If", "StatelessIf"}
+
+
+# ------------------------------------------------------------------ eager fast paths
+EAGER_CASES = [
+    ("matmul", smm.matmul, tf.linalg.matmul, (2, 3, 3), (2, 3, 3)),
+    ("matmul 2-D", smm.matmul, tf.linalg.matmul, (2, 2), (2, 2)),
+    ("matvec", smm.matvec, tf.linalg.matvec, (2, 3, 3), (2, 3)),
+    ("einsum", lambda a, b: smm.einsum("bij,bjk->bik", a, b),
+     lambda a, b: tf.einsum("bij,bjk->bik", a, b), (2, 3, 4), (2, 4, 5)),
+    ("einsum reduced", lambda a, b: smm.einsum("bij,bjk->bk", a, b),
+     lambda a, b: tf.einsum("bij,bjk->bk", a, b), (2, 3, 4), (2, 4, 5)),
+    ("einsum broadcast", lambda a, b: smm.einsum("...ij,...jk->...ik", a, b),
+     lambda a, b: tf.einsum("...ij,...jk->...ik", a, b), (2, 1, 3, 4), (5, 4, 6)),
+    ("batch_dot", smm.batch_dot, K.batch_dot, (2, 3, 4), (2, 4, 5)),
+    ("batch_dot 2-D", lambda a, b: smm.batch_dot(a, b, 1),
+     lambda a, b: K.batch_dot(a, b, 1), (4, 3), (4, 3)),
+    ("dot", smm.dot, K.dot, (2, 3, 4), (5, 4, 2)),
+    ("capsule_predict", smm.capsule_predict, lambda w, u: tf.einsum("ijkl,bil->bijk", w, u),
+     (3, 2, 4, 5), (2, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("case", EAGER_CASES, ids=[c[0] for c in EAGER_CASES])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.complex128], ids=lambda d: d.name)
+def test_eager_fast_path_gives_the_graph_result(case, dtype):
+    _, ours, reference, a_shape, b_shape = case
+    a, b = random_tensor(a_shape, dtype, 1), random_tensor(b_shape, dtype, 2)
+    eager = ours(a, b)
+    graph = tf.function(ours)(a, b)
+    want = reference(a, b)
+    assert eager.shape == want.shape and eager.dtype == want.dtype
+    np.testing.assert_array_equal(eager.numpy(), graph.numpy())
+    np.testing.assert_allclose(eager.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y = ours(a, b)
+    grads = tape.gradient(y, [a, b])
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y = reference(a, b)
+    for g, w in zip(grads, tape.gradient(y, [a, b])):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_lowerings_are_cached_per_signature():
+    contraction._eager_lowering.cache_clear()
+    x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
+    for _ in range(3):
+        smm.einsum("bij,bjk->bik", x, y)
+    smm.einsum("bij,bjk->bik", x[:1], y[:1])
+    info = contraction._eager_lowering.cache_info()
+    assert (info.misses, info.hits) == (2, 2)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: smm.einsum("bij,bjk->bik", tf.ones([2, 3, 4]), tf.ones([2, 5, 6])),
+    lambda: smm.einsum("bij,bjk->bik", tf.ones([2, 3, 4]), tf.ones([3, 4, 6])),
+    lambda: smm.batch_dot(tf.ones([2, 3, 4]), tf.ones([2, 5, 6])),
+    lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 4, 5])),
+    lambda: smm.matmul(tf.ones([2, 3, 4]), tf.ones([2, 5, 6])),
+], ids=["einsum K", "einsum batch", "batch_dot", "capsule", "matmul"])
+def test_eager_errors_are_the_builtins(call):
+    """Eagerly, shapes that do not fit raise what the built-in raises (type and text)."""
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)) as ours:
+        call()
+    with smm.layers.builtin_ops(), pytest.raises(type(ours.value)) as builtin:
+        call()
+    assert str(ours.value) == str(builtin.value)
+
+
+# ------------------------------------------------------------------ fitting the model
+def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
+    """A cell goes to the built-in where its worst point is below the controls' noise
+    floor; a cell between a win and a loss takes their geometric mean."""
+    from tf_smallmm.tools import sweep
+
+    controls = [{"fwd": 0.8 + 0.02 * i, "fwd_bwd": 1.0} for i in range(10)]
+    floor = sweep.noise_floor(controls)
+    assert 0.8 < floor < 0.9
+    assert sweep.noise_floor([{"fwd": 1.0, "fwd_bwd": 1.01}]) == sweep.NEAR
+    rows = [{"dtype": "float32", "point": p, "fwd": f, "fwd_bwd": fb} for p, f, fb in [
+        ((8, 1, 8), 1.5, 1.6),     # cell (3, 0, 3): ours
+        ((8, 2, 8), 1.2, floor + 0.01),  # (3, 1, 3): a loss within the noise: ours
+        ((8, 4, 8), 2.0, 0.5),     # (3, 2, 3): the worse mode decides: the built-in
+        ((8, 16, 8), 1.5, 1.5),    # (3, 5, 3)
+        ((8, 32, 8), 0.8, 0.9),    # (3, 7, 3): the built-in
+    ]]
+    cells = dispatch.decode_cells(sweep.fit_model(rows, BOUNDS, floor)["float32"])
+    assert (3, 0, 3) not in cells and (3, 1, 3) not in cells and (3, 2, 3) in cells
+    assert (3, 7, 3) in cells
+    # Unmeasured: N 5-8 (3, 3, 3) is next to (3, 2, 3) only -> the built-in; N 17-24
+    # (3, 6, 3) is between 1.5 and 0.8 -> sqrt(1.2) -> ours; N 33-64 next to 0.8.
+    assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
