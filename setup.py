@@ -12,6 +12,7 @@ Environment:
 
 import concurrent.futures
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -98,6 +99,38 @@ def _find_nvcc():
 
 
 EXTRA_OUTPUTS = ["_smallmm_ops.so", "_build_info.json"]
+
+# The TensorFlow release the sources target, for metadata written without TensorFlow
+# installed (an sdist); a build takes the release it is compiled against.
+TARGET_TF = "2.21"
+
+
+def _tf_release():
+    """major.minor of the installed TensorFlow (read from its metadata, without importing
+    it), else TARGET_TF."""
+    for dist in ("tensorflow", "tensorflow-cpu", "tensorflow-intel"):
+        try:
+            major, minor = importlib.metadata.version(dist).split(".")[:2]
+            return f"{major}.{minor}"
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            continue
+    return TARGET_TF
+
+
+def _extras():
+    """Optional dependencies. "cpu" and "gpu" pin the TensorFlow release the op library is
+    compiled against: a custom-op library runs only under the minor release it was built
+    for, so `pip install tf_smallmm-*.whl[cpu]` pulls the one TensorFlow that can load it."""
+    major, minor = (int(x) for x in _tf_release().split("."))
+    tf_range = f">={major}.{minor},<{major}.{minor + 1}"
+    return {
+        "cpu": [f"tensorflow-cpu{tf_range}"],
+        "gpu": [f"tensorflow[and-cuda]{tf_range}"],
+        "decompose": ["tensorly>=0.8"],
+        "demo": ["scikit-learn"],  # python -m tf_smallmm.demo (sklearn's digits)
+        "bench": ["matplotlib"],  # python -m tf_smallmm.bench's plots
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn", "tensorly>=0.8"],
+    }
 
 
 class BuildSmallMM(build_ext):
@@ -220,4 +253,5 @@ setup(
     options={"build": {"build_base": "_build"}},
     ext_modules=[Extension("tf_smallmm." + name, sources=[]) for name in PYBIND_MODULES],
     cmdclass={"build_ext": BuildSmallMM},
+    extras_require=_extras(),
 )

@@ -1,8 +1,10 @@
 """Loads the compiled op library once and says what it contains.
 
-The library is tied to the TensorFlow it was compiled against: on a mismatch (or any load
-failure) we warn once, naming both versions and the reinstall command, and every wrapper
-falls back to TensorFlow's built-in ops instead of crashing.
+The library is tied to the TensorFlow minor release it was compiled against: on a mismatch
+we warn once, at import, naming both versions and the two fixes (install the TensorFlow it
+was built for, or rebuild it against the running one); on any other load failure we warn
+once on first use. Either way every wrapper falls back to TensorFlow's built-in ops instead
+of crashing.
 """
 
 import functools
@@ -24,7 +26,14 @@ REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps <tf_sm
 class _State:
     lib = None
     error = None
+    warned = False
     info: ClassVar[dict] = {}
+
+
+def _warn_once(stacklevel):
+    if not _State.warned:
+        _State.warned = True
+        warnings.warn(_State.error, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def _read_info():
@@ -40,6 +49,23 @@ def _built_for_running_tf(built):
         return False
 
 
+def _mismatch(built):
+    """The warning for a library built against another TensorFlow release."""
+    from tf_smallmm._version import __version__
+
+    try:
+        release = "{}.{}".format(*Version(built).release[:2])
+        want = (f'the TensorFlow it was built for (pip install "tensorflow-cpu=={release}.*" or '
+                f'"tensorflow=={release}.*"; with a tf_smallmm wheel, install it as '
+                f'"tf_smallmm[cpu]" or "tf_smallmm[gpu]" to get it)')
+    except InvalidVersion:  # "unknown": the build did not record it
+        want = "the TensorFlow it was built for"
+    return (f"tf_smallmm {__version__} was built against TensorFlow {built} but TensorFlow "
+            f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's built-in "
+            f"ops are used instead. Install {want}, or rebuild tf_smallmm against the installed "
+            f"TensorFlow: {REINSTALL}")
+
+
 @functools.cache
 def load():
     """Returns the op-library module, or None (after one warning) if it cannot be used."""
@@ -50,10 +76,7 @@ def load():
     if _State.error is None:
         built = _State.info.get("tf_version", "unknown")
         if not _built_for_running_tf(built):
-            _State.error = (
-                f"tf_smallmm was built against TensorFlow {built} but TensorFlow "
-                f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's "
-                f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
+            _State.error = _mismatch(built)
     if _State.error is None:
         try:
             _State.lib = tf.load_op_library(_OPS_PATH)
@@ -61,7 +84,7 @@ def load():
             _State.error = (f"tf_smallmm's op library failed to load ({e}); TensorFlow's "
                             f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
     if _State.error is not None:
-        warnings.warn(_State.error, RuntimeWarning, stacklevel=3)
+        _warn_once(stacklevel=3)
     return _State.lib
 
 
@@ -69,12 +92,20 @@ def register_ops():
     """Registers the SmallMM ops with TensorFlow. `import tf_smallmm` calls it, so that the
     import is all a process needs before loading a SavedModel containing the ops.
 
-    Quiet on purpose: a missing or mismatched library is reported once, by `load()`, when a
-    function first needs the kernels; here it is only skipped.
+    A library built against another TensorFlow release is reported here, at import (the
+    one warning: `load()` does not repeat it); any other problem is reported once by
+    `load()` when a function first needs the kernels.
     """
     try:
-        if _built_for_running_tf(_read_info().get("tf_version", "unknown")):
-            tf.load_op_library(_OPS_PATH)
+        built = _read_info().get("tf_version", "unknown")
+    except (OSError, ValueError):
+        return  # load() reports it on first use
+    if not _built_for_running_tf(built):
+        _State.error = _mismatch(built)
+        _warn_once(stacklevel=3)
+        return
+    try:
+        tf.load_op_library(_OPS_PATH)
     except Exception:  # noqa: BLE001, S110 - load() reports it on first use
         pass
 
