@@ -149,8 +149,18 @@ class BuildSmallMM(build_ext):
         return super().get_outputs() + [os.path.join(out_dir, n) for n in EXTRA_OUTPUTS]
 
     def build_extensions(self):
-        import pybind11
-        import tensorflow as tf
+        try:
+            import pybind11
+            import tensorflow as tf
+        except ImportError as e:
+            # pip's default build isolation hides the installed TensorFlow; say what to do
+            # instead of a bare ModuleNotFoundError traceback.
+            raise SystemExit(
+                f"tf_smallmm compiles against the TensorFlow it will run under, and {e.name} "
+                f"is not importable here. Install TensorFlow {_tf_release()} and pybind11 "
+                f'first (pip install "tensorflow-cpu=={_tf_release()}.*" pybind11), then build '
+                "without isolation: pip install --no-build-isolation <tf_smallmm source or "
+                "sdist>. Or install a prebuilt wheel: no compiler needed.") from None
 
         out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
         obj_dir = os.path.join(self.build_temp, "smallmm_obj")
