@@ -16,6 +16,7 @@ Environment:
 import concurrent.futures
 import datetime
 import glob
+import importlib.metadata
 import json
 import os
 import platform
@@ -159,6 +160,38 @@ def _find_nvcc():
 
 EXTRA_OUTPUTS = ["_smallmm_ops.so", "_build_info.json"]
 
+# The TensorFlow release the sources target, for metadata written without TensorFlow
+# installed (an sdist); a build takes the release it is compiled against.
+TARGET_TF = "2.21"
+
+
+def _tf_release():
+    """major.minor of the installed TensorFlow (read from its metadata, without importing
+    it), else TARGET_TF."""
+    for dist in ("tensorflow", "tensorflow-cpu", "tensorflow-intel"):
+        try:
+            major, minor = importlib.metadata.version(dist).split(".")[:2]
+            return f"{major}.{minor}"
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            continue
+    return TARGET_TF
+
+
+def _extras():
+    """Optional dependencies. "cpu" and "gpu" pin the TensorFlow release the op library is
+    compiled against: a custom-op library runs only under the minor release it was built
+    for, so `pip install tf_smallmm-*.whl[cpu]` pulls the one TensorFlow that can load it."""
+    major, minor = (int(x) for x in _tf_release().split("."))
+    tf_range = f">={major}.{minor},<{major}.{minor + 1}"
+    return {
+        "cpu": [f"tensorflow-cpu{tf_range}"],
+        "gpu": [f"tensorflow[and-cuda]{tf_range}"],
+        "decompose": ["tensorly>=0.8"],
+        "demo": ["scikit-learn"],  # python -m tf_smallmm.demo (sklearn's digits)
+        "bench": ["matplotlib"],  # python -m tf_smallmm.bench's plots
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn", "tensorly>=0.8"],
+    }
+
 
 class BuildSmallMM(build_ext):
     """Compiles cc/ (and cuda/) with g++/nvcc directly; setuptools' compiler abstraction
@@ -176,8 +209,18 @@ class BuildSmallMM(build_ext):
         return super().get_outputs() + [os.path.join(out_dir, n) for n in EXTRA_OUTPUTS]
 
     def build_extensions(self):
-        import pybind11
-        import tensorflow as tf
+        try:
+            import pybind11
+            import tensorflow as tf
+        except ImportError as e:
+            # pip's default build isolation hides the installed TensorFlow; say what to do
+            # instead of a bare ModuleNotFoundError traceback.
+            raise SystemExit(
+                f"tf_smallmm compiles against the TensorFlow it will run under, and {e.name} "
+                f"is not importable here. Install TensorFlow {_tf_release()} and pybind11 "
+                f'first (pip install "tensorflow-cpu=={_tf_release()}.*" pybind11), then build '
+                "without isolation: pip install --no-build-isolation <tf_smallmm source or "
+                "sdist>. Or install a prebuilt wheel: no compiler needed.") from None
 
         out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
         obj_dir = os.path.join(self.build_temp, "smallmm_obj")
@@ -301,4 +344,5 @@ setup(
     options={"build": {"build_base": "_build"}},
     ext_modules=[Extension("tf_smallmm." + name, sources=[]) for name in PYBIND_MODULES],
     cmdclass={"build_ext": BuildSmallMM},
+    extras_require=_extras(),
 )

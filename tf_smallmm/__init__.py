@@ -31,12 +31,11 @@ _build_info.json) sit here, at the package root, where setup.py writes them.
 from tf_smallmm import layers
 from tf_smallmm._core import loader as _loader
 from tf_smallmm._core.loader import build_info, kernels_loaded
+from tf_smallmm._version import __version__
 from tf_smallmm.capsules.prediction import capsule_predict
 from tf_smallmm.dropins.einsum import einsum
 from tf_smallmm.dropins.keras_backend import batch_dot, dot
 from tf_smallmm.dropins.linalg import matmul, matvec
-
-__version__ = "0.1.0"
 
 # SavedModels with SmallMM ops load after `import tf_smallmm`, before any function runs.
 _loader.register_ops()

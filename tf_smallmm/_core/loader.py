@@ -1,8 +1,10 @@
 """Loads the compiled op library once and says what it contains.
 
-The library is tied to the TensorFlow it was compiled against: on a mismatch (or any load
-failure) we warn once, naming both versions and the reinstall command, and every wrapper
-falls back to TensorFlow's built-in ops instead of crashing.
+The library is tied to the TensorFlow minor release it was compiled against: on a mismatch
+we warn once, at import, naming both versions and the two fixes (install the TensorFlow it
+was built for, or rebuild it against the running one); on any other load failure we warn
+once on first use. Either way every wrapper falls back to TensorFlow's built-in ops instead
+of crashing.
 
 A CUDA build's GPU kernels need a driver at least as new as the one the CUDA toolkit that
 built them requires (`build_info()["cuda_min_driver"]`, in cudaDriverGetVersion's encoding).
@@ -36,6 +38,7 @@ FAKE_DRIVER_ENV = "TF_SMALLMM_FAKE_CUDA_DRIVER"
 class _State:
     lib = None
     error = None
+    warned = False
     info: ClassVar[dict] = {}
     driver = None  # the CUDA driver's version as the GPU check saw it (None: not checked)
 
@@ -92,6 +95,12 @@ def _register_gpu_kernels():
     so.SmallMMRegisterGpuKernels()
 
 
+def _warn_once(stacklevel):
+    if not _State.warned:
+        _State.warned = True
+        warnings.warn(_State.error, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def _read_info():
     with open(_INFO_PATH) as f:
         return json.load(f)
@@ -105,6 +114,23 @@ def _built_for_running_tf(built):
         return False
 
 
+def _mismatch(built):
+    """The warning for a library built against another TensorFlow release."""
+    from tf_smallmm._version import __version__
+
+    try:
+        release = "{}.{}".format(*Version(built).release[:2])
+        want = (f'the TensorFlow it was built for (pip install "tensorflow-cpu=={release}.*" or '
+                f'"tensorflow=={release}.*"; with a tf_smallmm wheel, install it as '
+                f'"tf_smallmm[cpu]" or "tf_smallmm[gpu]" to get it)')
+    except InvalidVersion:  # "unknown": the build did not record it
+        want = "the TensorFlow it was built for"
+    return (f"tf_smallmm {__version__} was built against TensorFlow {built} but TensorFlow "
+            f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's built-in "
+            f"ops are used instead. Install {want}, or rebuild tf_smallmm against the installed "
+            f"TensorFlow: {REINSTALL}")
+
+
 @functools.cache
 def load():
     """Returns the op-library module, or None (after one warning) if it cannot be used."""
@@ -115,10 +141,7 @@ def load():
     if _State.error is None:
         built = _State.info.get("tf_version", "unknown")
         if not _built_for_running_tf(built):
-            _State.error = (
-                f"tf_smallmm was built against TensorFlow {built} but TensorFlow "
-                f"{tf.__version__} is installed; its kernels are disabled and TensorFlow's "
-                f"built-in ops are used instead. Rebuild it with: {REINSTALL}")
+            _State.error = _mismatch(built)
     if _State.error is None:
         try:
             _State.lib = tf.load_op_library(_OPS_PATH)
@@ -128,7 +151,7 @@ def load():
         else:
             _register_gpu_kernels()
     if _State.error is not None:
-        warnings.warn(_State.error, RuntimeWarning, stacklevel=3)
+        _warn_once(stacklevel=3)
     return _State.lib
 
 
@@ -136,13 +159,21 @@ def register_ops():
     """Registers the SmallMM ops with TensorFlow. `import tf_smallmm` calls it, so that the
     import is all a process needs before loading a SavedModel containing the ops.
 
-    Quiet on purpose: a missing or mismatched library is reported once, by `load()`, when a
-    function first needs the kernels; here it is only skipped.
+    A library built against another TensorFlow release is reported here, at import (the
+    one warning: `load()` does not repeat it); any other problem is reported once by
+    `load()` when a function first needs the kernels.
     """
     try:
-        if _built_for_running_tf(_read_info().get("tf_version", "unknown")):
-            tf.load_op_library(_OPS_PATH)
-            _register_gpu_kernels()
+        built = _read_info().get("tf_version", "unknown")
+    except (OSError, ValueError):
+        return  # load() reports it on first use
+    if not _built_for_running_tf(built):
+        _State.error = _mismatch(built)
+        _warn_once(stacklevel=3)
+        return
+    try:
+        tf.load_op_library(_OPS_PATH)
+        _register_gpu_kernels()
     except Exception:  # noqa: BLE001, S110 - load() reports it on first use
         pass
 
