@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import Extension, setup
@@ -99,6 +100,29 @@ def _find_nvcc():
 
 EXTRA_OUTPUTS = ["_smallmm_ops.so", "_build_info.json"]
 
+NO_TENSORFLOW = (
+    "tf_smallmm is compiled against the TensorFlow it will run with, and none can be imported "
+    "here: install tensorflow (or tensorflow-cpu) 2.21 first, then install tf_smallmm with "
+    "`pip install --no-build-isolation .` (pip's default build isolation hides the "
+    "TensorFlow you installed).")
+NO_PYBIND11 = ("tf_smallmm needs pybind11 to build: `pip install pybind11`, then "
+               "`pip install --no-build-isolation .` again.")
+
+
+def _import_build_requirements():
+    """(pybind11, tensorflow), or exit with one sentence saying what to install: the
+    usual cause is `pip install .` with build isolation, which builds in a fresh
+    environment without the installed TensorFlow."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        sys.exit(NO_TENSORFLOW)
+    try:
+        import pybind11
+    except ImportError:
+        sys.exit(NO_PYBIND11)
+    return pybind11, tf
+
 
 class BuildSmallMM(build_ext):
     """Compiles cc/ (and cuda/) with g++/nvcc directly; setuptools' compiler abstraction
@@ -116,8 +140,7 @@ class BuildSmallMM(build_ext):
         return super().get_outputs() + [os.path.join(out_dir, n) for n in EXTRA_OUTPUTS]
 
     def build_extensions(self):
-        import pybind11
-        import tensorflow as tf
+        pybind11, tf = _import_build_requirements()
 
         out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
         obj_dir = os.path.join(self.build_temp, "smallmm_obj")
