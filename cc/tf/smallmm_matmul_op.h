@@ -6,20 +6,39 @@
 #define TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "cc/engine/smallmm.h"
 #include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/util.h"
 
 namespace tensorflow {
 
-// One product of an op: op(x) · op(y), optionally reduced to a batch_shape input.
+// The axis-permutation attrs perm_x, perm_y and perm_output (see the ops' docs in
+// smallmm_ops.cc): empty, or a permutation of [0, its length).
+inline absl::Status CheckPermutation(const std::vector<int32>& perm, const std::string& attr) {
+  std::vector<bool> seen(perm.size(), false);
+  for (int32 axis : perm) {
+    if (axis < 0 || axis >= int32(perm.size()) || seen[axis]) {
+      return errors::InvalidArgument(attr, " must be empty or a permutation of [0, ", perm.size(),
+                                     "), got [", absl::StrJoin(perm, ","), "]");
+    }
+    seen[axis] = true;
+  }
+  return absl::OkStatus();
+}
+
+// One product of an op: op(x) · op(y), optionally reduced to a batch_shape input; x and y
+// read through their permutations, the output written through its own.
 struct SmallMMProduct {
   int x = 0, y = 1, batch_shape = -1;  // input indices (-1: no batch_shape)
   bool transpose_x = false, conjugate_x = false, transpose_y = false, conjugate_y = false;
+  std::vector<int32> perm_x, perm_y, perm_output;
 };
 
 // A product planned against its inputs, with its output allocated.
@@ -50,6 +69,12 @@ class SmallMMMatMulOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_x" + suffix, &d.conjugate_x));
       OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_y" + suffix, &d.transpose_y));
       OP_REQUIRES_OK(ctx, ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
+      for (auto [attr, perm] :
+           {std::make_pair("perm_x", &d.perm_x), std::make_pair("perm_y", &d.perm_y),
+            std::make_pair("perm_output", &d.perm_output)}) {
+        OP_REQUIRES_OK(ctx, ctx->GetAttr(attr + suffix, perm));
+        OP_REQUIRES_OK(ctx, CheckPermutation(*perm, attr + suffix));
+      }
     }
     count_ = count;
     OP_REQUIRES(
@@ -76,8 +101,8 @@ class SmallMMMatMulOp : public OpKernel {
     const Tensor& x = ctx->input(d.x);
     const Tensor& y = ctx->input(d.y);
     std::vector<int64_t> xd, xs, yd, ys, target;
-    DenseLayout(x.shape(), &xd, &xs);
-    DenseLayout(y.shape(), &yd, &ys);
+    OP_REQUIRES_OK(ctx, Layout(x.shape(), d.perm_x, "x", &xd, &xs));
+    OP_REQUIRES_OK(ctx, Layout(y.shape(), d.perm_y, "y", &yd, &ys));
     const bool reduce = d.batch_shape >= 0;
     if (reduce) {
       const Tensor& bs = ctx->input(d.batch_shape);
@@ -94,32 +119,62 @@ class SmallMMMatMulOp : public OpKernel {
     int out_rank = 0;
     int64_t out_dims[smallmm::kMaxBatchDims + 2];
     std::string error;
-    OP_REQUIRES(ctx,
-                smallmm::PlanBatchMatMul(a, b, reduce ? target.data() : nullptr,
-                                         reduce ? int(target.size()) : -1, &q->plan, &out_rank,
-                                         out_dims, &error),
-                errors::InvalidArgument(name(), ": ", error));
+    const bool permuted = !d.perm_output.empty();
+    const bool planned = smallmm::PlanBatchMatMul(
+        a, b, reduce ? target.data() : nullptr, reduce ? int(target.size()) : -1, &q->plan,
+        &out_rank, out_dims, &error, permuted ? d.perm_output.data() : nullptr,
+        int(d.perm_output.size()));
+    // TF's oneDNN BatchMatMulV2 kernel adds its adjoint flags to this text; the op stands in
+    // for it where tf.matmul would run it. No node-name prefix: TF's kernels have none.
+    if (!planned && error.rfind(smallmm::kSizeIncompatible, 0) == 0 && OneDnnBatchMatMul(x, y)) {
+      error += std::string(" ") + (d.transpose_x ? "1" : "0") + (d.transpose_y ? " 1" : " 0");
+    }
+    OP_REQUIRES(ctx, planned, errors::InvalidArgument(error));
     TensorShape out_shape;
-    for (int i = 0; i < out_rank; ++i) OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(out_dims[i]));
+    for (int i = 0; i < out_rank; ++i) {
+      OP_REQUIRES_OK(ctx, out_shape.AddDimWithStatus(out_dims[permuted ? d.perm_output[i] : i]));
+    }
     OP_REQUIRES_OK(ctx, ctx->allocate_output(p, out_shape, &q->out));
     q->x = &x;
     q->y = &y;
   }
 
-  static void DenseLayout(const TensorShape& s, std::vector<int64_t>* dims,
-                          std::vector<int64_t>* strides) {
+  // The dims and element strides of a dense tensor of shape s read as tf.transpose(t, perm)
+  // (perm empty: as it is).
+  static absl::Status Layout(const TensorShape& s, const std::vector<int32>& perm, const char* arg,
+                             std::vector<int64_t>* dims, std::vector<int64_t>* strides) {
     const int r = s.dims();
-    dims->resize(r);
-    strides->resize(r);
+    if (!perm.empty() && int(perm.size()) != r) {
+      return errors::InvalidArgument("perm_", arg, " has ", perm.size(), " axes but ", arg,
+                                     " has shape ", s.DebugString());
+    }
+    std::vector<int64_t> dense(r);
     // A tensor with no elements is never read, and its strides could overflow int64
     // (shape [0, 2^62, 2^62, 4]): give it strides of 0.
     const bool empty = s.num_elements() == 0;
     int64_t run = 1;
     for (int i = r - 1; i >= 0; --i) {
-      (*dims)[i] = s.dim_size(i);
-      (*strides)[i] = empty ? 0 : run;
+      dense[i] = empty ? 0 : run;
       if (!empty) run *= s.dim_size(i);  // <= num_elements(): no overflow
     }
+    dims->resize(r);
+    strides->resize(r);
+    for (int i = 0; i < r; ++i) {
+      const int axis = perm.empty() ? i : perm[i];
+      (*dims)[i] = s.dim_size(axis);
+      (*strides)[i] = dense[axis];
+    }
+    return absl::OkStatus();
+  }
+
+  // Whether tf.matmul would run TF's oneDNN BatchMatMulV2 kernel on operands like x and y:
+  // on the CPU with oneDNN on, for the types its kernel has that this CPU supports, when
+  // either operand has more than two axes (two matrices run MatMul).
+  static bool OneDnnBatchMatMul(const Tensor& x, const Tensor& y) {
+    const DataType t = x.dtype();
+    return std::is_same<Device, Eigen::ThreadPoolDevice>::value && (x.dims() > 2 || y.dims() > 2) &&
+           (t == DT_FLOAT || t == DT_BFLOAT16 || t == DT_HALF) && IsMKLEnabled() &&
+           IsDataTypeSupportedByOneDNNOnThisCPU(t);
   }
 
   // Runs the `count` planned products (1 or 2, none empty) on the device.
