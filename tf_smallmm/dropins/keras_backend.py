@@ -10,7 +10,7 @@ construction. tf_keras is not needed at run time.
 
 import tensorflow as tf
 
-from tf_smallmm._core import contraction
+from tf_smallmm._core import builtins, contraction
 from tf_smallmm.dropins import einsum, linalg
 
 
@@ -38,14 +38,15 @@ def _is_sparse(tensor):
     return isinstance(tensor, tf.SparseTensor)
 
 
-def _contract(x, y, x_labels, y_labels, out_labels, broadcast=()):
-    """Runs the contraction on the engine, or None (the caller falls back)."""
+def _contract(x, y, x_labels, y_labels, out_labels, fallback, broadcast=()):
+    """Runs the contraction on the engine, or None (the caller falls back). `fallback()`
+    runs where shapes known only at run time do not fit (`contraction.run`)."""
     x, y = einsum._as_tensor(x), einsum._as_tensor(y)
     if x is None or y is None:
         return None
     c = contraction.Contraction(tuple(x_labels), tuple(y_labels), tuple(out_labels),
                                 frozenset(broadcast))
-    return contraction.run(c, x, y)
+    return contraction.run(c, x, y, fallback)
 
 
 # ------------------------------------------------------------------ batch_dot
@@ -119,7 +120,9 @@ def batch_dot(x, y, axes=None):
         x_labels[a0] = y_labels[a1] = "k"
         out = ["b"] + [lb for lb in x_labels[1:] if lb != "k"]
         out += [lb for lb in y_labels[1:] if lb != "k"]
-        result = _contract(x, y, x_labels, y_labels, out, broadcast=["b"])
+        result = _contract(x, y, x_labels, y_labels, out,
+                           lambda: _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim),
+                           broadcast=["b"])
         if result is not None:
             if x_ndim == 2 and y_ndim == 2:
                 result = tf.expand_dims(result, 1)  # tf_keras keeps (batch, 1)
@@ -170,7 +173,7 @@ def _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim):
     else:
         y_squashed = False
 
-    result = tf.matmul(x, y)
+    result = builtins.matmul(x, y)
 
     output_shape = tf.shape(result)
     do_reshape = False
@@ -207,7 +210,7 @@ def dot(x, y):
             x_labels = [f"x{i}" for i in range(x_ndim - 1)] + ["k"]
             y_labels = [f"y{i}" for i in range(y_ndim - 2)] + ["k", "n"]
             result = _contract(x, y, x_labels, y_labels,
-                               x_labels[:-1] + y_labels[:-2] + ["n"])
+                               x_labels[:-1] + y_labels[:-2] + ["n"], lambda: _keras_dot_nd(x, y))
             if result is not None:
                 return result
         return _keras_dot_nd(x, y)
@@ -230,4 +233,4 @@ def _keras_dot_nd(x, y):
     y_permute_dim = [y_permute_dim.pop(-2)] + y_permute_dim
     xt = tf.reshape(x, [-1, x_shape[-1]])
     yt = tf.reshape(tf.compat.v1.transpose(y, perm=y_permute_dim), [y_shape[-2], -1])
-    return tf.reshape(tf.matmul(xt, yt), x_shape[:-1] + y_shape[:-2] + y_shape[-1:])
+    return tf.reshape(builtins.matmul(xt, yt), x_shape[:-1] + y_shape[:-2] + y_shape[-1:])

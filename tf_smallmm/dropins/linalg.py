@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
 
-from tf_smallmm._core import dispatch, engine
+from tf_smallmm._core import builtins, dispatch, engine
 
 
 def _dim(shape, i):
@@ -94,27 +94,41 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
                       "grad_b": grad_b}
     with ops.name_scope(name, "MatMul", [a, b]) as scope:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
         if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)
         a, b = _convert(a, b)
         _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
                                   grad_a, grad_b)
         # Past the check every flag is truth-testable (the built-in accepts e.g. a truthy
         # transpose_a on its batch path, where it only ever tests it with `if`).
-        ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
-        if (output_type is not None and output_type != a.dtype) or not _eligible(a, b, ta, tb):
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
-        return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a), transpose_y=tb,
-                              conjugate_y=bool(adjoint_b), name=scope)
+        result = None
+        if output_type is None or output_type == a.dtype:
+            result = on_engine(a, b, bool(transpose_a), bool(adjoint_a), bool(transpose_b),
+                               bool(adjoint_b), name=scope)
+        if result is None:
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)
+        return result
+
+
+def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoint_b=False,
+              name=None):
+    """op(a) · op(b) on the SmallMM kernel for dense tensors a, b when the dispatch policy
+    takes it (see `_eligible`), else None with nothing added to the graph. op transposes
+    (transpose_x) and also conjugates (adjoint_x)."""
+    ta, tb = transpose_a or adjoint_a, transpose_b or adjoint_b
+    if not _eligible(a, b, ta, tb):
+        return None
+    return engine.product(a, b, transpose_x=ta, conjugate_x=adjoint_a, transpose_y=tb,
+                          conjugate_y=adjoint_b, name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
            name=None):
     """Drop-in for `tf.linalg.matvec`: op(a)[..., M, K] · b[..., K] -> [..., M]."""
     if _dispatched_by_builtin(a, b):
-        return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
-                                a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
+        return builtins.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
+                               a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
     with ops.name_scope(name, "MatVec", [a, b]):
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
