@@ -19,6 +19,7 @@ ALLOWED = {
     "dropins": {"_core", "dropins"},
     "capsules": {"_core", "capsules"},
     "decompose": {"decompose"},
+    "keras2": {"capsules", "keras2"},
     "tools": {"", "_core", "capsules", "decompose", "dropins", "layers", "tools"},
 }
 
