@@ -244,11 +244,19 @@ def _tf_keras_dot(seed=0):
     return tf_keras.Model([x, y], tf_keras.layers.Dot(axes=(2, 1))([x, y]))
 
 
+def _tf_keras_dense_attention(seed=0):
+    tf_keras.utils.set_random_seed(seed)
+    x = tf_keras.Input((8,))
+    q = tf_keras.layers.Reshape((4, 2))(tf_keras.layers.Dense(8)(x))
+    return tf_keras.Model(x, tf_keras.layers.Attention()([q, q]))
+
+
 MODELS = [("keras3 MultiHeadAttention", _keras3_mha, [(4, 16, 32)]),
           ("keras3 MultiHeadAttention scores", _keras3_mha_scores, [(4, 16, 32)]),
           ("keras3 EinsumDense + Dense", _keras3_einsum_dense, [(4, 6, 4)]),
           ("tf_keras MultiHeadAttention + EinsumDense", _tf_keras_mha, [(4, 16, 32)]),
-          ("tf_keras Dot", _tf_keras_dot, [(4, 5, 4), (4, 4, 6)])]
+          ("tf_keras Dot", _tf_keras_dot, [(4, 5, 4), (4, 4, 6)]),
+          ("tf_keras Dense + Attention", _tf_keras_dense_attention, [(4, 8)])]
 
 
 def _step(model):
@@ -262,17 +270,24 @@ def _step(model):
     return step
 
 
-@pytest.mark.parametrize("name,make,shapes", MODELS, ids=[m[0] for m in MODELS])
-def test_stock_layers_run_on_smallmm_with_the_same_results_and_gradients(name, make, shapes):
+def _patched_matches_builtin(make, shapes):
+    """Builds `make()` (seeded: the same weights each time) unpatched and patched, checks
+    that the two give the same outputs and gradients, and returns the SmallMM op types in
+    the patched step's graph."""
     xs = [random_tensor(s, tf.float32, i) for i, s in enumerate(shapes)]
     want_ys, want_grads = _step(make())(*xs)
     with smm.patched():
-        model = make()  # same seed: the same weights
-        step = _step(model)
+        step = _step(make())
         got_ys, got_grads = step(*xs)
-        assert smallmm_ops(step.get_concrete_function(*xs)), name
+        ops = smallmm_ops(step.get_concrete_function(*xs))
     for got, want in zip(got_ys + got_grads, want_ys + want_grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+    return ops
+
+
+@pytest.mark.parametrize("name,make,shapes", MODELS, ids=[m[0] for m in MODELS])
+def test_stock_layers_run_on_smallmm_with_the_same_results_and_gradients(name, make, shapes):
+    assert _patched_matches_builtin(make, shapes), name
 
 
 @pytest.mark.parametrize("make", [lambda: keras.layers.MultiHeadAttention(8, 8),
@@ -327,15 +342,8 @@ def test_a_capsnet_written_with_tf_ops_runs_on_smallmm_unchanged():
         x = keras.Input((12, 4))
         return keras.Model(x, ClassicRouting(3, 8)(x))
 
-    x = random_tensor([5, 12, 4], tf.float32, 1)
-    want_ys, want_grads = _step(make())(x)
-    with smm.patched():
-        step = _step(make())
-        got_ys, got_grads = step(x)
-        ops = smallmm_ops(step.get_concrete_function(x))
+    ops = _patched_matches_builtin(make, [(5, 12, 4)])
     assert "SmallMMBatchMatMul" in ops and "SmallMMBatchMatMulPair" in ops, ops
-    for got, want in zip(got_ys + got_grads, want_ys + want_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
 
 
 class Keras2Capsules(tf_keras.layers.Layer):
@@ -374,11 +382,4 @@ def test_a_tf_keras_capsnet_with_matmul_and_batch_dot_runs_on_smallmm_unchanged(
         x = tf_keras.Input((12, 4))
         return tf_keras.Model(x, Keras2Capsules(3, 8)(x))
 
-    x = random_tensor([5, 12, 4], tf.float32, 1)
-    want_ys, want_grads = _step(make())(x)
-    with smm.patched():
-        step = _step(make())
-        got_ys, got_grads = step(x)
-        assert smallmm_ops(step.get_concrete_function(x))
-    for got, want in zip(got_ys + got_grads, want_ys + want_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+    assert _patched_matches_builtin(make, [(5, 12, 4)])

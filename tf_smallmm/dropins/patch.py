@@ -63,24 +63,19 @@ def _matmul_operator(a, b):
         return linalg.on_engine(a, b, name=scope)
 
 
-def _tensor_matmul(self, other):
-    result = _matmul_operator(self, other)
-    return result if result is not None else builtins.tensor_matmul(self, other)
+def _operator(original, reflected):
+    """The `@` method (`__matmul__`, or `__rmatmul__` when reflected) that runs on the
+    engine where it can and calls `original`, the method TensorFlow installed, otherwise."""
+    def method(self, other):
+        result = _matmul_operator(other, self) if reflected else _matmul_operator(self, other)
+        return result if result is not None else original(self, other)
+    return method
 
 
-def _tensor_rmatmul(self, other):
-    result = _matmul_operator(other, self)
-    return result if result is not None else builtins.tensor_rmatmul(self, other)
-
-
-def _variable_matmul(self, other):
-    result = _matmul_operator(self, other)
-    return result if result is not None else builtins.variable_matmul(self, other)
-
-
-def _variable_rmatmul(self, other):
-    result = _matmul_operator(other, self)
-    return result if result is not None else builtins.variable_rmatmul(self, other)
+_tensor_matmul = _operator(builtins.tensor_matmul, reflected=False)
+_tensor_rmatmul = _operator(builtins.tensor_rmatmul, reflected=True)
+_variable_matmul = _operator(builtins.variable_matmul, reflected=False)
+_variable_rmatmul = _operator(builtins.variable_rmatmul, reflected=True)
 
 
 def _targets():
