@@ -14,8 +14,19 @@ import numpy as np
 import tensorflow as tf
 
 from tf_smallmm._core.dispatch import builtin_ops
-from tf_smallmm.capsules.prediction import predict
-from tf_smallmm.capsules.routing import EPSILON, dynamic_routing, squash
+from tf_smallmm.capsules.prediction import predict, predict_reference
+from tf_smallmm.capsules.routing import (
+    EPSILON,
+    dynamic_routing,
+    dynamic_routing_reference,
+    squash,
+)
+
+# The functions each Keras' layers module re-exports (`from keras_common import *`) next to
+# its layers.
+__all__ = ["builtin_ops", "capsnet_keras_kernel", "dynamic_routing", "dynamic_routing_reference",
+           "export_without_plugin", "load_capsnet_keras_weights", "margin_loss", "predict",
+           "predict_reference", "smallmm_ops_in_saved_model", "squash"]
 
 KERAS3_PATH = "tf_smallmm.layers"  # with TF_USE_LEGACY_KERAS unset
 TF_KERAS_PATH = "tf_smallmm.keras2.layers"
@@ -232,12 +243,21 @@ class CapsuleLayer(CapsuleWeights):
         return config
 
 
-class Squash(SameKeras):
-    """squash along the last axis, as a layer (CapsNet-Keras' Lambda(squash))."""
+class _Epsilon(SameKeras):
+    """A weightless layer whose only argument is the epsilon under its square root."""
 
     def __init__(self, epsilon=EPSILON, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = float(epsilon)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon)
+        return config
+
+
+class Squash(_Epsilon):
+    """squash along the last axis, as a layer (CapsNet-Keras' Lambda(squash))."""
 
     def call(self, inputs):
         return squash(inputs, epsilon=self.epsilon)
@@ -245,18 +265,9 @@ class Squash(SameKeras):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(epsilon=self.epsilon)
-        return config
 
-
-class Length(SameKeras):
+class Length(_Epsilon):
     """Capsule lengths sqrt(|v|² + epsilon): [B, J, K] -> [B, J], the class scores."""
-
-    def __init__(self, epsilon=EPSILON, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = float(epsilon)
 
     def call(self, inputs):
         return tf.sqrt(tf.reduce_sum(tf.square(inputs), axis=-1)
@@ -264,11 +275,6 @@ class Length(SameKeras):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(epsilon=self.epsilon)
-        return config
 
 
 class Mask(SameKeras):

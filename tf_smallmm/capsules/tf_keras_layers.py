@@ -7,43 +7,12 @@ serialisation under the same names ("tf_smallmm>CapsuleLayer", ...).
 
 import tf_keras
 
-from tf_smallmm._core.dispatch import builtin_ops
 from tf_smallmm.capsules import keras_common
-from tf_smallmm.capsules.keras_common import (
-    capsnet_keras_kernel,
-    export_without_plugin,
-    load_capsnet_keras_weights,
-    margin_loss,
-    smallmm_ops_in_saved_model,
-)
-from tf_smallmm.capsules.prediction import predict, predict_reference
-from tf_smallmm.capsules.routing import (
-    dynamic_routing,
-    dynamic_routing_reference,
-    squash,
-)
+from tf_smallmm.capsules.keras_common import *  # the shared functions
 
-__all__ = [
-    "CapsuleLayer",
-    "CapsulePredict",
-    "DynamicRouting",
-    "Length",
-    "Mask",
-    "PrimaryCap",
-    "PrimaryCapsules",
-    "Squash",
-    "builtin_ops",
-    "capsnet_keras_kernel",
-    "dynamic_routing",
-    "dynamic_routing_reference",
-    "export_without_plugin",
-    "load_capsnet_keras_weights",
-    "margin_loss",
-    "predict",
-    "predict_reference",
-    "smallmm_ops_in_saved_model",
-    "squash",
-]
+__all__ = ["CapsuleLayer", "CapsulePredict", "DynamicRouting", "Length", "Mask", "PrimaryCap",
+           "PrimaryCapsules", "Squash"]
+__all__ += keras_common.__all__
 
 _register = tf_keras.saving.register_keras_serializable(package="tf_smallmm")
 
