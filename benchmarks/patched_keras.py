@@ -112,8 +112,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
     cases = [("Keras 3 MultiHeadAttention", keras3_mha, 8, 8, 16),
+             ("Keras 3 MultiHeadAttention", keras3_mha, 8, 8, 32),
              ("Keras 3 MultiHeadAttention", keras3_mha, 8, 8, 64),
              ("tf_keras MultiHeadAttention", tf_keras_mha, 8, 8, 16),
+             ("tf_keras MultiHeadAttention", tf_keras_mha, 8, 8, 32),
              ("tf_keras MultiHeadAttention", tf_keras_mha, 8, 8, 64),
              ("Keras 3 MultiHeadAttention", keras3_mha, 4, 16, 32),
              ("Keras 3 EinsumDense abc,cde->abde", keras3_einsum_dense, 8, 8, 32)]
