@@ -163,6 +163,7 @@ def test_capsnet_keras_constructor_names():
             module.CapsuleLayer(num_capsule=10)
 
 
+@pytest.mark.slow
 def test_tf_smallmm_layers_follows_tf_use_legacy_keras():
     out = run_python("""
         import tf_keras
