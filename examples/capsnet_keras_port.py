@@ -150,7 +150,10 @@ def main(argv):
     if "--full" in argv:
         small = {}
     _, classic = classic_capsnet(**small)
-    x = np.random.default_rng(0).uniform(0, 1, (4,) + classic.input_shape[1:]).astype("float32")
+    rng = np.random.default_rng(0)
+    digitcaps = classic.get_layer("digitcaps")  # as if trained: W far from its small init
+    digitcaps.set_weights([rng.normal(0, 3, w.shape) for w in digitcaps.get_weights()])
+    x = rng.uniform(0, 1, (4,) + classic.input_shape[1:]).astype("float32")
     want = classic.predict(x, verbose=0)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trained_model.h5")
