@@ -413,5 +413,15 @@ def run(c, x, y, fallback, name=None):
 
         if not fits:
             return tf.identity(on_engine(), name=scope)
-        return tf.identity(tf.cond(tf.reduce_all(tf.stack(fits)), on_engine, fallback,
-                                   name=SHAPE_GUARD), name=scope)
+        shapes = []
+
+        def engine_branch():
+            shapes.append(on_engine())
+            return shapes[-1]
+
+        result = tf.cond(tf.reduce_all(tf.stack(fits)), engine_branch, fallback,
+                         name=SHAPE_GUARD)
+        # The fallback only runs to raise; its static shape (tf_keras' batch_dot may lose
+        # even the rank) must not widen the result's.
+        result.set_shape(shapes[-1].shape)
+        return tf.identity(result, name=scope)
