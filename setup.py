@@ -23,6 +23,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import Extension, setup
@@ -193,6 +194,30 @@ def _extras():
     }
 
 
+NO_TENSORFLOW = (
+    "tf_smallmm is compiled against the TensorFlow it will run with, and none can be imported "
+    "here: install tensorflow (or tensorflow-cpu) {release} first, then install tf_smallmm with "
+    "`pip install --no-build-isolation .` (pip's default build isolation hides the "
+    "TensorFlow you installed), or install a prebuilt wheel: no compiler needed.")
+NO_PYBIND11 = ("tf_smallmm needs pybind11 to build: `pip install pybind11`, then "
+               "`pip install --no-build-isolation .` again.")
+
+
+def _import_build_requirements():
+    """(pybind11, tensorflow), or exit with one sentence saying what to install: the
+    usual cause is `pip install .` with build isolation, which builds in a fresh
+    environment without the installed TensorFlow."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        sys.exit(NO_TENSORFLOW.format(release=_tf_release()))
+    try:
+        import pybind11
+    except ImportError:
+        sys.exit(NO_PYBIND11)
+    return pybind11, tf
+
+
 class BuildSmallMM(build_ext):
     """Compiles cc/ (and cuda/) with g++/nvcc directly; setuptools' compiler abstraction
     cannot express per-file ISA flags or nvcc."""
@@ -209,18 +234,7 @@ class BuildSmallMM(build_ext):
         return super().get_outputs() + [os.path.join(out_dir, n) for n in EXTRA_OUTPUTS]
 
     def build_extensions(self):
-        try:
-            import pybind11
-            import tensorflow as tf
-        except ImportError as e:
-            # pip's default build isolation hides the installed TensorFlow; say what to do
-            # instead of a bare ModuleNotFoundError traceback.
-            raise SystemExit(
-                f"tf_smallmm compiles against the TensorFlow it will run under, and {e.name} "
-                f"is not importable here. Install TensorFlow {_tf_release()} and pybind11 "
-                f'first (pip install "tensorflow-cpu=={_tf_release()}.*" pybind11), then build '
-                "without isolation: pip install --no-build-isolation <tf_smallmm source or "
-                "sdist>. Or install a prebuilt wheel: no compiler needed.") from None
+        pybind11, tf = _import_build_requirements()
 
         out_dir = os.path.dirname(self.get_ext_fullpath("tf_smallmm._smallmm_core"))
         obj_dir = os.path.join(self.build_temp, "smallmm_obj")

@@ -386,9 +386,10 @@ def test_pair_equals_two_reduce_products(device, dtype, case):
     for p, (xs, ys, batch, tx, ty) in enumerate(PAIR_CASES[case]):
         x = random_tensor(xs, dtype, seed=10 * case + 2 * p)
         y = random_tensor(ys, dtype, seed=10 * case + 2 * p + 1)
-        jobs.append(((x, tx, False), (y, ty, dtype.is_complex), batch))
+        # (lhs, rhs, batch_shape, perm_output); factors (tensor, transpose, conjugate, perm)
+        jobs.append(((x, tx, False, ()), (y, ty, dtype.is_complex, ()), batch, ()))
     pair = [run_on(device, lambda: _ops.product_pair(*jobs)[p]).numpy() for p in (0, 1)]
-    for (l, r, batch), value in zip(jobs, pair):
+    for (l, r, batch, _), value in zip(jobs, pair):
         want = run_on(device, lambda: _ops.product(l[0], r[0], l[1], l[2], r[1], r[2],
                                                    batch_shape=batch))
         if device == "CPU":  # the same kernels on the same plans: identical bits
@@ -404,7 +405,8 @@ def test_pair_gradients_and_unused_outputs():
     # output as the reduce product it is; an output nobody uses contributes nothing.
     x, y = random_tensor((3, 4, 5), tf.float64, seed=1), random_tensor((3, 5, 2), tf.float64, seed=2)
     g = random_tensor((3, 4, 2), tf.float64, seed=3)
-    jobs = (((g, False, False), (y, True, False), [3]), ((x, True, False), (g, False, False), [3]))
+    jobs = (((g, False, False, ()), (y, True, False, ()), [3], ()),
+            ((x, True, False, ()), (g, False, False, ()), [3], ()))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, y, g])
         dx, dy = _ops.product_pair(*jobs)

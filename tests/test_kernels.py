@@ -122,9 +122,10 @@ def test_nan_and_inf_propagate():
 
 
 @pytest.mark.parametrize("xs,ys,message", [
-    ((3, 4), (5, 6), "Matrix size-incompatible"),
-    ((2, 3, 4), (3, 4, 6), "Incompatible batch dimensions"),
-    ((4,), (4, 6), "rank >= 2"),
+    ((3, 4), (5, 6), r"Matrix size-incompatible: In\[0\]: \[3,4\], In\[1\]: \[5,6\]"),
+    ((2, 3, 4), (3, 4, 6),
+     r"In\[0\] and In\[1\] must have compatible batch dimensions: \[2,3,4\] vs. \[3,4,6\]"),
+    ((4,), (4, 6), r"In\[0\] ndims must be >= 2: 1"),
 ])
 def test_bad_shapes_raise(xs, ys, message):
     with pytest.raises(ValueError, match=message):

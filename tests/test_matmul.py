@@ -306,10 +306,10 @@ BAD_INPUTS = [
       "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([2, 4, 5]))"),
      "InvalidArgumentError", "[2,2,3]"),
     (("tf.function(smm.matmul, input_signature=[tf.TensorSpec(None), tf.TensorSpec(None)])"
-      "(tf.ones([3]), tf.ones([3, 2]))"), "InvalidArgumentError", "rank >= 2"),
+      "(tf.ones([3]), tf.ones([3, 2]))"), "InvalidArgumentError", "ndims must be >= 2"),
     (("tf.function(smm.matmul, input_signature=[tf.TensorSpec([None, None, None]), "
       "tf.TensorSpec([None, None, None])])(tf.ones([2, 2, 3]), tf.ones([5, 3, 5]))"),
-     "InvalidArgumentError", "Incompatible batch"),
+     "InvalidArgumentError", "must have compatible batch dimensions"),
     # Graph construction with known shapes: ValueError / TypeError like TF.
     ("tf.function(lambda: smm.matmul(tf.ones([2, 3]), tf.ones([4, 5])))()", "ValueError", ""),
     ("tf.function(lambda: smm.matmul(tf.ones([2, 2, 3]), tf.ones([5, 3, 5])))()", "ValueError", ""),
@@ -421,3 +421,61 @@ def test_outputs_over_16mib_are_exact(shapes, dtype):
     assert "SmallMMBatchMatMul" in smallmm_ops(tf.function(smm.matmul).get_concrete_function(a, b))
     np.testing.assert_array_equal(y.numpy(), tf.linalg.matmul(a, b).numpy())
     assert float(got(a, b)) == 0.0
+
+
+# --------------------------------------------------------------------------- perm attrs
+PERMUTED = [  # x shape, perm_x, y shape, perm_y, perm_output, transpose_x, transpose_y
+    ((2, 5, 3, 4), (0, 2, 1, 3), (2, 6, 3, 4), (0, 2, 3, 1), (0, 2, 1, 3), False, False),
+    ((2, 3, 5, 6), (), (2, 6, 3, 4), (0, 2, 1, 3), (0, 2, 1, 3), False, False),
+    ((4, 3, 2), (2, 0, 1), (2, 5, 4), (), (), True, True),
+    ((3, 4), (1, 0), (3, 5), (), (1, 0), False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.complex128])
+@pytest.mark.parametrize("xs,px,ys,py,po,tx,ty", PERMUTED)
+def test_perm_attrs_read_and_write_through_strides(xs, px, ys, py, po, tx, ty, dtype):
+    """The op with perm_x / perm_y / perm_output is tf.transpose, product, tf.transpose;
+    its gradients are too (and are themselves permuted products)."""
+    from tf_smallmm._core import engine
+
+    x, y = random_tensor(xs, dtype, 1), random_tensor(ys, dtype, 2)
+
+    def ours(x, y):
+        return engine.product(x, y, transpose_x=tx, transpose_y=ty, perm_x=px, perm_y=py,
+                              perm_output=po)
+
+    def reference(x, y):
+        a = tf.transpose(x, px) if px else x
+        b = tf.transpose(y, py) if py else y
+        c = tf.linalg.matmul(a, b, transpose_a=tx, transpose_b=ty)
+        return tf.transpose(c, po) if po else c
+
+    def with_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, y])
+            out = fn(x, y)
+            loss = tf.reduce_sum(out * random_tensor(out.shape, dtype, 3))
+        return [out] + tape.gradient(loss, [x, y])
+
+    f = tf.function(lambda: with_grads(ours))
+    for got, want in zip(f(), with_grads(reference)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    types = {op.type for op in f.get_concrete_function().graph.get_operations()}
+    for fn in f.get_concrete_function().graph._functions.values():
+        types |= {node.op for node in fn.definition.node_def}
+    assert "Transpose" not in types and "SmallMMBatchMatMulPair" in types
+
+
+@pytest.mark.parametrize("perms,message", [
+    ({"perm_x": [0, 0, 1]}, r"perm_x must be empty or a permutation of \[0, 3\), got \[0,0,1\]"),
+    ({"perm_y": [1, 0]}, r"perm_y has 2 axes but y has shape \[2,4,3\]"),
+    ({"perm_output": [0, 1]}, r"not a permutation of the output's 3 axes"),
+])
+def test_bad_perm_attrs_raise(perms, message):
+    from tf_smallmm._core import loader
+
+    x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 3])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+        loader.load().small_mm_batch_mat_mul(x, y, **perms)

@@ -4,6 +4,8 @@ libraries at the package root. Read from the source, nothing is imported."""
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +19,7 @@ ALLOWED = {
     "dropins": {"_core", "dropins"},
     "capsules": {"_core", "capsules"},
     "decompose": {"decompose"},
+    "keras2": {"capsules", "keras2"},
     "tools": {"", "_core", "capsules", "decompose", "dropins", "layers", "tools"},
 }
 
@@ -59,3 +62,20 @@ def test_each_subpackage_says_what_it_holds_and_may_import(subpackage):
     with open(os.path.join(PACKAGE, subpackage, "__init__.py")) as f:
         doc = ast.get_docstring(ast.parse(f.read()))
     assert doc and "import" in doc
+
+
+@pytest.mark.slow
+def test_building_without_tensorflow_says_what_to_do_in_one_sentence(tmp_path):
+    """What `pip install .` with build isolation meets: no TensorFlow importable."""
+    root = os.path.dirname(PACKAGE)
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['tensorflow'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp",
+                          str(tmp_path / "temp"), "--build-lib", str(tmp_path / "lib")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "install tensorflow (or tensorflow-cpu) 2.21 first" in out.stderr
+    assert "--no-build-isolation" in out.stderr

@@ -134,8 +134,9 @@ def test_reduce_and_pair_ops(dtype):
 
     def ops(x, y):
         reduced = engine.product(x, y, batch_shape=[4])  # sums the leading axis in-kernel
-        pair = engine.product_pair(((x, False, False), (y, False, False), [1, 4]),
-                                   ((y, True, True), (x, True, False), [3, 4]))
+        # Factors (tensor, transpose, conjugate, perm), then batch_shape and perm_output.
+        pair = engine.product_pair(((x, False, False, ()), (y, False, False, ()), [1, 4], ()),
+                                   ((y, True, True, ()), (x, True, False, ()), [3, 4], ()))
         return (reduced,) + tuple(pair)
 
     assert {"SmallMMBatchMatMulReduce", "SmallMMBatchMatMulPair"} <= smallmm_ops(

@@ -164,14 +164,16 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
 
 bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
                      int target_rank, GemmPlan* plan, int* out_rank,
-                     int64_t out_dims[kMaxBatchDims + 2], std::string* error) {
+                     int64_t out_dims[kMaxBatchDims + 2], std::string* error, const int* out_perm,
+                     int out_perm_rank) {
   auto fail = [&](const std::string& msg) {
     *error = msg;
     return false;
   };
+  // The texts of TensorFlow's BatchMatMulV2, which the ops replace, in its order of checks.
   if (a.rank < 2 || b.rank < 2) {
-    return fail(std::string(a.rank < 2 ? "x" : "y") + " must have rank >= 2, got x" +
-                ShapeString(a) + " and y" + ShapeString(b));
+    return fail(std::string(a.rank < 2 ? "In[0]" : "In[1]") +
+                " ndims must be >= 2: " + std::to_string(a.rank < 2 ? a.rank : b.rank));
   }
   for (const Operand* x : {&a, &b}) {
     for (int i = 0; i < x->rank; ++i) {
@@ -209,13 +211,6 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
   const int64_t ka = a.transpose ? ad[0] : ad[1];
   const int64_t kb = b.transpose ? bd[1] : bd[0];
   p.n = b.transpose ? bd[0] : bd[1];
-  if (ka != kb) {
-    std::ostringstream s;
-    s << "Matrix size-incompatible: x" << ShapeString(a) << (a.transpose ? " (transposed)" : "")
-      << " has " << ka << " columns but y" << ShapeString(b) << (b.transpose ? " (transposed)" : "")
-      << " has " << kb << " rows";
-    return fail(s.str());
-  }
   p.k = ka;
   p.a_rs = a.transpose ? as[1] : as[0];
   p.a_cs = a.transpose ? as[0] : as[1];
@@ -240,15 +235,13 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
         f = s;
       } else if (s != f) {
         std::ostringstream m;
-        m << "Incompatible batch dimensions: x" << ShapeString(a) << " and y" << ShapeString(b);
+        m << "In[0] and In[1] must have compatible batch dimensions: " << ShapeString(a) << " vs. "
+          << ShapeString(b);
         if (has_target) {
-          m << " with batch_shape [";
+          m << " and batch_shape [";
           for (int i = 0; i < rt; ++i) m << (i ? "," : "") << target_batch[i];
-          m << "]";
+          m << "] (batch axis " << d - nb << ": " << da << " vs. " << db << " vs. " << dt << ")";
         }
-        m << " cannot be broadcast (batch axis " << d - nb << ": " << da << " vs " << db;
-        if (has_target) m << " vs " << dt;
-        m << ")";
         return fail(m.str());
       }
     }
@@ -259,8 +252,29 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
     if (!has_target || it >= 0) odim[orank++] = has_target ? dt : f;
   }
 
-  // Output shape and its dense strides.
+  if (ka != kb) {
+    std::ostringstream s;
+    s << kSizeIncompatible << "In[0]: " << ShapeString(a) << ", In[1]: " << ShapeString(b);
+    return fail(s.str());
+  }
+
+  // Output shape and its strides.
   *out_rank = orank + 2;
+  if (out_perm != nullptr) {
+    bool seen[kMaxBatchDims + 2] = {};
+    bool ok = out_perm_rank == *out_rank;
+    for (int i = 0; ok && i < out_perm_rank; ++i) {
+      ok = out_perm[i] >= 0 && out_perm[i] < *out_rank && !seen[out_perm[i]];
+      if (ok) seen[out_perm[i]] = true;
+    }
+    if (!ok) {
+      std::ostringstream s;
+      s << "the output permutation [";
+      for (int i = 0; i < out_perm_rank; ++i) s << (i ? "," : "") << out_perm[i];
+      s << "] is not a permutation of the output's " << *out_rank << " axes";
+      return fail(s.str());
+    }
+  }
   int64_t total = 1;
   for (int i = 0; i < orank; ++i) {
     out_dims[i] = odim[i];
@@ -273,16 +287,18 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
     return fail("output element count overflows int64");
   }
   p.output_elements = total;
-  p.c_cs = 1;
-  p.c_rs = p.n;
-  // Dense row-major strides of C. An empty C is never written, and its strides could
-  // overflow (batch [0, 2^62, 2^62]): 0 then.
-  int64_t cstride[kMaxBatchDims];
-  int64_t run = total == 0 ? 0 : p.m * p.n;
-  for (int i = orank - 1; i >= 0; --i) {
-    cstride[i] = total == 0 ? 0 : run;
-    if (total != 0) run *= odim[i];  // bounded by output_elements: no overflow
+  // Strides of C's axes: dense row-major in the buffer's axis order (C's own, or out_perm).
+  // An empty C is never written, and its strides could overflow (batch [0, 2^62, 2^62]):
+  // 0 then, with the matrix strides of a dense C.
+  int64_t cstride[kMaxBatchDims + 2];
+  int64_t run = 1;
+  for (int i = orank + 1; i >= 0; --i) {
+    const int axis = out_perm != nullptr ? out_perm[i] : i;
+    cstride[axis] = total == 0 ? 0 : run;
+    if (total != 0) run *= out_dims[axis];  // bounded by output_elements: no overflow
   }
+  p.c_rs = total == 0 ? p.n : cstride[orank];
+  p.c_cs = total == 0 ? 1 : cstride[orank + 1];
 
   // Loop nests. Axes missing from the target are leading, so output axis indices line up
   // with the trailing `orank` broadcast axes.

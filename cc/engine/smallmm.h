@@ -16,7 +16,8 @@
 //              Reduction loops are how gradients of broadcast operands are formed
 //              without materialising a per-batch copy and calling reduce_sum.
 //   strides    always in elements, never bytes; 0 means broadcast.
-//   layout     TF tensors are dense row-major; the pybind11 module passes numpy
+//   layout     TF tensors are dense row-major (the TF ops may read them through an axis
+//              permutation, and write C permuted); the pybind11 module passes numpy
 //              strides through, so views (including stride 0) work without copies.
 //
 // The primitive, for every output batch index o:
@@ -72,17 +73,25 @@ struct Operand {
   bool conjugate = false;
 };
 
+// How the planner's error for inner dimensions that differ begins: TensorFlow's own text
+// (the TF glue recognises it to extend it the way TF's oneDNN kernels do).
+constexpr char kSizeIncompatible[] = "Matrix size-incompatible: ";
+
 // Builds the plan for C = op(A) · op(B) with batch broadcasting. When target_rank >= 0,
 // the output batch shape is exactly target_batch[0..target_rank): every
 // broadcast batch axis where the target has size 1 or no axis is summed over inside the
 // kernel (a reduction loop); target axes must otherwise broadcast with the operands.
-// target_rank = -1 means the
-// plain broadcast product. Output is written dense row-major in shape `out_dims` (batch + [M, N]).
-// Returns false and sets *error (naming the operands and their shapes) on bad input;
-// never aborts. Checks element counts for int64 overflow.
+// target_rank = -1 means the plain broadcast product. C has shape `out_dims` (batch +
+// [M, N]) and is written dense row-major, or, with `out_perm`, as the dense row-major
+// tensor tf.transpose(C, out_perm): buffer axis i is C's axis out_perm[i] (out_perm must
+// be a permutation of [0, *out_rank), out_perm_rank its length). Returns false and sets
+// *error on bad input, with TensorFlow's BatchMatMulV2 texts where it has one (operands
+// named In[0] and In[1], shapes as the Operands give them); never aborts. Checks element
+// counts for int64 overflow.
 bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
                      int target_rank, GemmPlan* plan, int* out_rank,
-                     int64_t out_dims[kMaxBatchDims + 2], std::string* error);
+                     int64_t out_dims[kMaxBatchDims + 2], std::string* error,
+                     const int* out_perm = nullptr, int out_perm_rank = 0);
 
 // Rough cost of one output matrix in cycles, for sharding work over threads.
 int64_t CostPerOutput(const GemmPlan& plan);

@@ -6,21 +6,40 @@
 #define TF_SMALLMM_CC_TF_SMALLMM_MATMUL_OP_H_
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "cc/engine/execute.h"
 #include "cc/engine/smallmm.h"
 #include "cc/tf/smallmm_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/util.h"
 
 namespace tensorflow {
 
-// One product of an op: op(x) · op(y), optionally reduced to a batch_shape input.
+// The axis-permutation attrs perm_x, perm_y and perm_output (see the ops' docs in
+// smallmm_ops.cc): empty, or a permutation of [0, its length).
+inline absl::Status CheckPermutation(const std::vector<int32>& perm, const std::string& attr) {
+  std::vector<bool> seen(perm.size(), false);
+  for (int32 axis : perm) {
+    if (axis < 0 || axis >= int32(perm.size()) || seen[axis]) {
+      return errors::InvalidArgument(attr, " must be empty or a permutation of [0, ", perm.size(),
+                                     "), got [", absl::StrJoin(perm, ","), "]");
+    }
+    seen[axis] = true;
+  }
+  return absl::OkStatus();
+}
+
+// One product of an op: op(x) · op(y), optionally reduced to a batch_shape input; x and y
+// read through their permutations, the output written through its own.
 struct SmallMMProduct {
   int x = 0, y = 1, batch_shape = -1;  // input indices (-1: no batch_shape)
   bool transpose_x = false, conjugate_x = false, transpose_y = false, conjugate_y = false;
+  std::vector<int32> perm_x, perm_y, perm_output;
 };
 
 // A product planned against its inputs, with its output allocated.
@@ -47,6 +66,12 @@ inline absl::Status ReadSmallMMProducts(OpKernelConstruction* ctx, SmallMMProduc
     TF_RETURN_IF_ERROR(ctx->GetAttr("conjugate_x" + suffix, &d.conjugate_x));
     TF_RETURN_IF_ERROR(ctx->GetAttr("transpose_y" + suffix, &d.transpose_y));
     TF_RETURN_IF_ERROR(ctx->GetAttr("conjugate_y" + suffix, &d.conjugate_y));
+    for (auto [attr, perm] :
+         {std::make_pair("perm_x", &d.perm_x), std::make_pair("perm_y", &d.perm_y),
+          std::make_pair("perm_output", &d.perm_output)}) {
+      TF_RETURN_IF_ERROR(ctx->GetAttr(attr + suffix, perm));
+      TF_RETURN_IF_ERROR(CheckPermutation(*perm, attr + suffix));
+    }
   }
   if (!smallmm_tf::ToCoreDType(ctx->input_type(0), dtype)) {
     return errors::InvalidArgument("SmallMM: unsupported dtype ",
@@ -55,26 +80,66 @@ inline absl::Status ReadSmallMMProducts(OpKernelConstruction* ctx, SmallMMProduc
   return absl::OkStatus();
 }
 
-// Plans product d of op `op_name` for dense inputs of shapes x and y (reduced to batch
-// shape `target` when d has a batch_shape input) and gives its output shape; bad shapes
-// are InvalidArgument errors with the planner's text.
-inline absl::Status PlanSmallMMProduct(const std::string& op_name, const SmallMMProduct& d,
-                                       const TensorShape& x, const TensorShape& y,
-                                       const std::vector<int64_t>& target, smallmm::GemmPlan* plan,
-                                       TensorShape* out) {
+// The dims and element strides of a dense tensor of shape s read as tf.transpose(t, perm)
+// (perm empty: as it is).
+inline absl::Status PermutedLayout(const TensorShape& s, const std::vector<int32>& perm,
+                                   const char* arg, std::vector<int64_t>* dims,
+                                   std::vector<int64_t>* strides) {
+  const int r = s.dims();
+  if (!perm.empty() && int(perm.size()) != r) {
+    return errors::InvalidArgument("perm_", arg, " has ", perm.size(), " axes but ", arg,
+                                   " has shape ", s.DebugString());
+  }
+  const auto dense_dims = s.dim_sizes();
+  std::vector<int64_t> dense(r);
+  smallmm::DenseStrides(r, dense_dims.data(), dense.data());
+  dims->resize(r);
+  strides->resize(r);
+  for (int i = 0; i < r; ++i) {
+    const int axis = perm.empty() ? i : perm[i];
+    (*dims)[i] = s.dim_size(axis);
+    (*strides)[i] = dense[axis];
+  }
+  return absl::OkStatus();
+}
+
+// Plans product d for dense inputs of shapes x and y, read through d's perm_x / perm_y
+// (reduced to batch shape `target` when d has a batch_shape input), and gives the op's
+// output shape `out` (the product's written through perm_output) and, when `product` is
+// not null, the product's own shape. Bad shapes are InvalidArgument errors with the
+// planner's text, TensorFlow's BatchMatMulV2 text where it has one (no node-name prefix:
+// TF's kernels have none); `onednn_flags` adds the adjoint flags the way TF's oneDNN
+// kernel does where tf.matmul would run it.
+inline absl::Status PlanSmallMMProduct(const SmallMMProduct& d, const TensorShape& x,
+                                       const TensorShape& y, const std::vector<int64_t>& target,
+                                       bool onednn_flags, smallmm::GemmPlan* plan, TensorShape* out,
+                                       TensorShape* product = nullptr) {
+  std::vector<int64_t> xd, xs, yd, ys;
+  TF_RETURN_IF_ERROR(PermutedLayout(x, d.perm_x, "x", &xd, &xs));
+  TF_RETURN_IF_ERROR(PermutedLayout(y, d.perm_y, "y", &yd, &ys));
   const bool reduce = d.batch_shape >= 0;
-  const auto xd = x.dim_sizes(), yd = y.dim_sizes();
+  const smallmm::Operand a{x.dims(), xd.data(), xs.data(), d.transpose_x, d.conjugate_x};
+  const smallmm::Operand b{y.dims(), yd.data(), ys.data(), d.transpose_y, d.conjugate_y};
   int out_rank = 0;
   int64_t out_dims[smallmm::kMaxBatchDims + 2];
   std::string error;
-  if (!smallmm::PlanDenseBatchMatMul(
-          x.dims(), xd.data(), d.transpose_x, d.conjugate_x, y.dims(), yd.data(), d.transpose_y,
-          d.conjugate_y, reduce ? target.data() : nullptr, reduce ? int(target.size()) : -1, plan,
-          &out_rank, out_dims, &error)) {
-    return errors::InvalidArgument(op_name, ": ", error);
+  const bool permuted = !d.perm_output.empty();
+  if (!smallmm::PlanBatchMatMul(
+          a, b, reduce ? target.data() : nullptr, reduce ? int(target.size()) : -1, plan, &out_rank,
+          out_dims, &error, permuted ? d.perm_output.data() : nullptr, int(d.perm_output.size()))) {
+    if (onednn_flags && error.rfind(smallmm::kSizeIncompatible, 0) == 0) {
+      error += std::string(" ") + (d.transpose_x ? "1" : "0") + (d.transpose_y ? " 1" : " 0");
+    }
+    return errors::InvalidArgument(error);
   }
   *out = TensorShape();
-  for (int i = 0; i < out_rank; ++i) TF_RETURN_IF_ERROR(out->AddDimWithStatus(out_dims[i]));
+  for (int i = 0; i < out_rank; ++i) {
+    TF_RETURN_IF_ERROR(out->AddDimWithStatus(out_dims[permuted ? d.perm_output[i] : i]));
+  }
+  if (product != nullptr) {
+    *product = TensorShape();
+    for (int i = 0; i < out_rank; ++i) TF_RETURN_IF_ERROR(product->AddDimWithStatus(out_dims[i]));
+  }
   return absl::OkStatus();
 }
 
@@ -119,11 +184,21 @@ class SmallMMMatMulOp : public OpKernel {
       }
     }
     TensorShape out_shape;
-    OP_REQUIRES_OK(
-        ctx, PlanSmallMMProduct(name(), d, x.shape(), y.shape(), target, &q->plan, &out_shape));
+    OP_REQUIRES_OK(ctx, PlanSmallMMProduct(d, x.shape(), y.shape(), target, OneDnnBatchMatMul(x, y),
+                                           &q->plan, &out_shape));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(p, out_shape, &q->out));
     q->x = &x;
     q->y = &y;
+  }
+
+  // Whether tf.matmul would run TF's oneDNN BatchMatMulV2 kernel on operands like x and y:
+  // on the CPU with oneDNN on, for the types its kernel has that this CPU supports, when
+  // either operand has more than two axes (two matrices run MatMul).
+  static bool OneDnnBatchMatMul(const Tensor& x, const Tensor& y) {
+    const DataType t = x.dtype();
+    return std::is_same<Device, Eigen::ThreadPoolDevice>::value && (x.dims() > 2 || y.dims() > 2) &&
+           (t == DT_FLOAT || t == DT_BFLOAT16 || t == DT_HALF) && IsMKLEnabled() &&
+           IsDataTypeSupportedByOneDNNOnThisCPU(t);
   }
 
   // Runs the `count` planned products (1 or 2, none empty) on the device.

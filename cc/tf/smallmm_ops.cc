@@ -22,15 +22,35 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
+// `shape` read through the permutation attr `attr` (tf.transpose(t, perm); empty: as it is).
+absl::Status Permuted(InferenceContext* c, ShapeHandle shape, const std::string& attr,
+                      ShapeHandle* out) {
+  std::vector<int32> perm;
+  TF_RETURN_IF_ERROR(c->GetAttr(attr, &perm));
+  TF_RETURN_IF_ERROR(CheckPermutation(perm, attr));
+  if (perm.empty()) {
+    *out = shape;
+    return absl::OkStatus();
+  }
+  TF_RETURN_IF_ERROR(c->WithRank(shape, int64_t(perm.size()), &shape));
+  std::vector<DimensionHandle> dims;
+  for (int32 axis : perm) dims.push_back(c->Dim(shape, axis));
+  *out = c->MakeShape(dims);
+  return absl::OkStatus();
+}
+
 // Same inference as TF's BatchMatMulV2Shape (so static shapes match tf.matmul exactly,
 // unknown dims and rank included), with our transpose attrs; with a batch_shape input,
-// the output batch shape comes from it instead of the broadcast. Product `p` of an op:
-// inputs x, y[, batch_shape] at `first`, attrs with `suffix`, output p.
+// the output batch shape comes from it instead of the broadcast; operands and output
+// permuted by the perm attrs. Product `p` of an op: inputs x, y[, batch_shape] at
+// `first`, attrs with `suffix`, output p.
 absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
                          const std::string& suffix) {
   ShapeHandle x, y;
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(first), 2, &x));
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(first + 1), 2, &y));
+  TF_RETURN_IF_ERROR(Permuted(c, c->input(first), "perm_x" + suffix, &x));
+  TF_RETURN_IF_ERROR(Permuted(c, c->input(first + 1), "perm_y" + suffix, &y));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(y, 2, &y));
   bool tx, ty;
   TF_RETURN_IF_ERROR(c->GetAttr("transpose_x" + suffix, &tx));
   TF_RETURN_IF_ERROR(c->GetAttr("transpose_y" + suffix, &ty));
@@ -51,6 +71,7 @@ absl::Status MatMulShape(InferenceContext* c, int p, int first, bool reduce,
   }
   ShapeHandle out;
   TF_RETURN_IF_ERROR(c->Concatenate(batch, c->Matrix(rows, cols), &out));
+  TF_RETURN_IF_ERROR(Permuted(c, out, "perm_output" + suffix, &out));
   c->set_output(p, out);
   return absl::OkStatus();
 }
@@ -67,12 +88,20 @@ REGISTER_OP("SmallMMBatchMatMul")
     .Attr("conjugate_x: bool = false")
     .Attr("transpose_y: bool = false")
     .Attr("conjugate_y: bool = false")
+    .Attr("perm_x: list(int) = []")
+    .Attr("perm_y: list(int) = []")
+    .Attr("perm_output: list(int) = []")
     .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, 0, 0, false, ""); })
     .Doc(R"doc(
 Batched small matrix product with numpy-style batch broadcasting:
 output[..., :, :] = op(x[..., :, :]) · op(y[..., :, :]), where op transposes and/or
 conjugates as the attrs say (adjoint = both). Like BatchMatMulV2, but the transposes are
 separate from conjugation and broadcast operands are never copied.
+
+perm_x, perm_y, perm_output: axis permutations, empty (the default) for none. With them
+the op computes C = op(X) · op(Y) for X = tf.transpose(x, perm_x) and
+Y = tf.transpose(y, perm_y), and returns tf.transpose(C, perm_output); the kernels read
+and write through strides, nothing is transposed in memory.
 )doc");
 
 REGISTER_OP("SmallMMBatchMatMulReduce")
@@ -86,11 +115,15 @@ REGISTER_OP("SmallMMBatchMatMulReduce")
     .Attr("conjugate_x: bool = false")
     .Attr("transpose_y: bool = false")
     .Attr("conjugate_y: bool = false")
+    .Attr("perm_x: list(int) = []")
+    .Attr("perm_y: list(int) = []")
+    .Attr("perm_output: list(int) = []")
     .SetShapeFn([](InferenceContext* c) { return MatMulShape(c, 0, 0, true, ""); })
     .Doc(R"doc(
 SmallMMBatchMatMul whose output has batch shape `batch_shape`: batch axes of the
 broadcast product that `batch_shape` lacks or has as 1 are summed over inside the kernel.
 This is the gradient of a broadcast operand without a per-batch intermediate.
+`batch_shape` is C's batch shape, before perm_output.
 )doc");
 
 REGISTER_OP("SmallMMBatchMatMulPair")
@@ -108,10 +141,16 @@ REGISTER_OP("SmallMMBatchMatMulPair")
     .Attr("conjugate_x_1: bool = false")
     .Attr("transpose_y_1: bool = false")
     .Attr("conjugate_y_1: bool = false")
+    .Attr("perm_x_1: list(int) = []")
+    .Attr("perm_y_1: list(int) = []")
+    .Attr("perm_output_1: list(int) = []")
     .Attr("transpose_x_2: bool = false")
     .Attr("conjugate_x_2: bool = false")
     .Attr("transpose_y_2: bool = false")
     .Attr("conjugate_y_2: bool = false")
+    .Attr("perm_x_2: list(int) = []")
+    .Attr("perm_y_2: list(int) = []")
+    .Attr("perm_output_2: list(int) = []")
     .SetShapeFn([](InferenceContext* c) {
       TF_RETURN_IF_ERROR(MatMulShape(c, 0, 0, true, "_1"));
       return MatMulShape(c, 1, 3, true, "_2");

@@ -37,27 +37,44 @@ xla::Shape RowMajor(xla::PrimitiveType type, const TensorShape& shape) {
   return xla::ShapeUtil::MakeShapeWithDescendingLayout(type, shape.dim_sizes());
 }
 
-// Emits custom call `target` on inputs `inputs` of the op with results of shapes
-// `outputs` (one: an array, two: a tuple) and sets the op's outputs from it.
-void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::vector<int>& inputs,
-                    const std::vector<TensorShape>& outputs, const std::string& attributes) {
-  std::vector<xla::XlaOp> operands;
-  std::vector<xla::Shape> operand_shapes;
-  for (int i : inputs) {
-    operands.push_back(ctx->Input(i));
-    operand_shapes.push_back(RowMajor(ctx->input_xla_type(i), ctx->InputShape(i)));
+// Emits custom call `target` on `operands` (of TF shapes `operand_shapes`) with results of
+// shapes `results` (one: an array, two: a tuple) and returns the results.
+std::vector<xla::XlaOp> EmitCustomCall(XlaOpKernelContext* ctx, const char* target,
+                                       const std::vector<xla::XlaOp>& operands,
+                                       const std::vector<TensorShape>& operand_shapes,
+                                       const std::vector<TensorShape>& results,
+                                       const std::string& attributes) {
+  std::vector<xla::Shape> operand_layouts;
+  for (size_t i = 0; i < operands.size(); ++i) {
+    operand_layouts.push_back(RowMajor(ctx->input_xla_type(0), operand_shapes[i]));
   }
   std::vector<xla::Shape> result_shapes;
-  for (const TensorShape& s : outputs) result_shapes.push_back(RowMajor(ctx->input_xla_type(0), s));
+  for (const TensorShape& s : results) result_shapes.push_back(RowMajor(ctx->input_xla_type(0), s));
   const xla::Shape result =
       result_shapes.size() == 1 ? result_shapes[0] : xla::ShapeUtil::MakeTupleShape(result_shapes);
   const xla::XlaOp call = xla::CustomCallWithLayout(
-      ctx->builder(), target, operands, result, operand_shapes, "{" + attributes + "}",
+      ctx->builder(), target, operands, result, operand_layouts, "{" + attributes + "}",
       /*has_side_effect=*/false, /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
       xla::CustomCallSchedule::SCHEDULE_NONE, xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
-  for (size_t p = 0; p < outputs.size(); ++p) {
-    ctx->SetOutput(int(p), outputs.size() == 1 ? call : xla::GetTupleElement(call, int64_t(p)));
+  if (results.size() == 1) return {call};
+  std::vector<xla::XlaOp> outs;
+  for (size_t p = 0; p < results.size(); ++p)
+    outs.push_back(xla::GetTupleElement(call, int64_t(p)));
+  return outs;
+}
+
+// Input `input` of the op read as tf.transpose(input, perm) (perm empty: as it is), and
+// its shape.
+xla::XlaOp PermutedInput(XlaOpKernelContext* ctx, int input, const std::vector<int32>& perm,
+                         TensorShape* shape) {
+  const TensorShape s = ctx->InputShape(input);
+  if (perm.empty()) {
+    *shape = s;
+    return ctx->Input(input);
   }
+  *shape = TensorShape();
+  for (int32 axis : perm) shape->AddDim(s.dim_size(axis));
+  return xla::Transpose(ctx->Input(input), std::vector<int64_t>(perm.begin(), perm.end()));
 }
 
 // SmallMMBatchMatMul, SmallMMBatchMatMulReduce and SmallMMBatchMatMulPair.
@@ -67,9 +84,11 @@ class SmallMMMatMulXlaOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, ReadSmallMMProducts(ctx, products_, &count_, &dtype_));
   }
 
+  // The perm attrs become XLA transposes around the custom call, which sees dense
+  // operands and writes the product dense (XLA fuses or elides the copies as it sees fit).
   void Compile(XlaOpKernelContext* ctx) override {
-    std::vector<int> inputs;
-    std::vector<TensorShape> outputs(count_);
+    std::vector<xla::XlaOp> operands;
+    std::vector<TensorShape> operand_shapes(2 * count_), outputs(count_), products(count_);
     std::vector<int64_t> flags, batch_ranks, batch_shapes;
     for (int p = 0; p < count_; ++p) {
       const SmallMMProduct& d = products_[p];
@@ -78,17 +97,25 @@ class SmallMMMatMulXlaOp : public XlaOpKernel {
         OP_REQUIRES_OK(ctx, ctx->ConstantInputAsIntVector(d.batch_shape, &target));
       }
       smallmm::GemmPlan plan;
-      OP_REQUIRES_OK(ctx, PlanSmallMMProduct(name(), d, ctx->InputShape(d.x), ctx->InputShape(d.y),
-                                             target, &plan, &outputs[p]));
-      inputs.push_back(d.x);
-      inputs.push_back(d.y);
+      OP_REQUIRES_OK(ctx,
+                     PlanSmallMMProduct(d, ctx->InputShape(d.x), ctx->InputShape(d.y), target,
+                                        /*onednn_flags=*/false, &plan, &outputs[p], &products[p]));
+      operands.push_back(PermutedInput(ctx, d.x, d.perm_x, &operand_shapes[2 * p]));
+      operands.push_back(PermutedInput(ctx, d.y, d.perm_y, &operand_shapes[2 * p + 1]));
       flags.insert(flags.end(), {d.transpose_x, d.conjugate_x, d.transpose_y, d.conjugate_y});
       batch_ranks.push_back(d.batch_shape >= 0 ? int64_t(target.size()) : -1);
       batch_shapes.insert(batch_shapes.end(), target.begin(), target.end());
     }
-    EmitCustomCall(ctx, smallmm_xla::kBatchMatMulTarget, inputs, outputs,
-                   DTypeAttr(dtype_) + ", flags = " + I64Array(flags) + ", batch_ranks = " +
-                       I64Array(batch_ranks) + ", batch_shapes = " + I64Array(batch_shapes));
+    const std::vector<xla::XlaOp> results =
+        EmitCustomCall(ctx, smallmm_xla::kBatchMatMulTarget, operands, operand_shapes, products,
+                       DTypeAttr(dtype_) + ", flags = " + I64Array(flags) + ", batch_ranks = " +
+                           I64Array(batch_ranks) + ", batch_shapes = " + I64Array(batch_shapes));
+    for (int p = 0; p < count_; ++p) {
+      const std::vector<int32>& perm = products_[p].perm_output;
+      ctx->SetOutput(p, perm.empty() ? results[p]
+                                     : xla::Transpose(results[p], std::vector<int64_t>(
+                                                                      perm.begin(), perm.end())));
+    }
   }
 
  private:
@@ -115,11 +142,15 @@ class SmallMMDynamicRoutingXlaOp : public XlaOpKernel {
     // "%.8e": nine significant digits, which give back the float32 exactly.
     char epsilon[32];
     std::snprintf(epsilon, sizeof(epsilon), "%.8e", double(attrs_.epsilon));
-    EmitCustomCall(ctx, kBackward ? smallmm_xla::kRoutingGradTarget : smallmm_xla::kRoutingTarget,
-                   kBackward ? std::vector<int>{0, 1} : std::vector<int>{0},
-                   {kBackward ? u : TensorShape({shape.batch, shape.out_caps, shape.out_dim})},
-                   DTypeAttr(attrs_.dtype) + ", iterations = " + std::to_string(attrs_.iterations) +
-                       " : i64, epsilon = " + epsilon + " : f32");
+    const std::vector<xla::XlaOp> results = EmitCustomCall(
+        ctx, kBackward ? smallmm_xla::kRoutingGradTarget : smallmm_xla::kRoutingTarget,
+        kBackward ? std::vector<xla::XlaOp>{ctx->Input(0), ctx->Input(1)}
+                  : std::vector<xla::XlaOp>{ctx->Input(0)},
+        kBackward ? std::vector<TensorShape>{u, grad_v} : std::vector<TensorShape>{u},
+        {kBackward ? u : TensorShape({shape.batch, shape.out_caps, shape.out_dim})},
+        DTypeAttr(attrs_.dtype) + ", iterations = " + std::to_string(attrs_.iterations) +
+            " : i64, epsilon = " + epsilon + " : f32");
+    ctx->SetOutput(0, results[0]);
   }
 
  private:

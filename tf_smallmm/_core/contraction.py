@@ -7,17 +7,22 @@ one of
     contracted  in x and y, not in out
     free        in one operand and out
     summed      in one operand only
-The planner looks for a way to view both operands, by reshapes that only merge adjacent
-axes or insert size-1 axes, as `product`'s operands:
+The planner views both operands as `product`'s operands:
     operand = [batch axes ...] + [two matrix axes]      (matrix axes possibly transposed)
     output  = [kept batch axes ...] + [M, N]
 where the matrix axes are (M, K) of the lhs and (K, N) of the rhs, every batch label
 is a batch axis of both, a free label is a kept batch axis (the other operand has size 1
 there: broadcast, never copied) or part of its operand's M or N, and a contracted or summed
 label is part of K or a *reduced* batch axis (summed inside the kernel through
-`product`'s batch_shape). Such a view exists exactly when the operands' and the output's
-label orders agree once the matrix axes are set aside; then the contraction runs on the
-engine with no transpose or copy, and its gradient does too. Otherwise (and for 1 or 3+
+`product`'s batch_shape). Each axis of a view is a run of adjacent axes of the tensor
+merged by a reshape, or a size-1 axis the tensor lacks. When the operands' and the
+output's label orders agree once the matrix axes are set aside, the views' axes come in
+the tensors' own order (preferred). Otherwise they come in another order, which the op
+reads through an axis permutation (`product`'s perm_x / perm_y: strides, nothing is
+transposed in memory) and writes the output through one (perm_output): attention's
+'BTNH,BSNH->BNTS' and 'BNTS,BSNH->BTNH', whose heads axis N sits between the matrix
+axes, run as products batched over (B, N) with rows strided by N·H. Either way the
+contraction and its gradient run on the engine with no transpose or copy. For 1 or 3+
 operands, repeated labels, unknown ranks, pure elementwise / outer products with no
 contracted label, unsupported dtypes, big products, XLA without our XLA kernels)
 `tf.einsum` runs.
@@ -37,6 +42,10 @@ from tensorflow.python.framework import ops
 from tensorflow.python.ops import gen_array_ops
 
 from tf_smallmm._core import dispatch, engine
+
+# The name of the tf.cond that sends operands whose sizes do not fit to the built-in (see
+# `run`): its false branch holds the built-in, which only runs to raise its own error.
+SHAPE_GUARD = "smallmm_if_shapes_fit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,15 @@ class Plan:
     n: tuple
     transpose_lhs: bool  # lhs matrix axes are (K, M) instead of (M, K)
     transpose_rhs: bool  # rhs matrix axes are (N, K) instead of (K, N)
+    # Each tensor's view as it is reshaped: its axes as groups of labels in the tensor's
+    # own order (a group it lacks is a size-1 axis), and the op's permutation attr for it
+    # (tf.transpose order; () for none).
+    lhs_axes: tuple = ()
+    rhs_axes: tuple = ()
+    out_axes: tuple = ()
+    perm_lhs: tuple = ()
+    perm_rhs: tuple = ()
+    perm_out: tuple = ()
 
 
 def _merge_orders(sequences):
@@ -90,33 +108,103 @@ def _merge_orders(sequences):
     return tuple(merged) if len(merged) == len(order) else None
 
 
+def _adjacent(labels, run):
+    """Whether `run` appears in `labels` as adjacent axes, in its order."""
+    if not run or run[0] not in labels:
+        return False
+    i = labels.index(run[0])
+    return tuple(labels[i:i + len(run)]) == tuple(run)
+
+
 def _merge_batch_axes(batch, c):
-    """Merges neighbouring batch labels that every tensor sees alike (fewer, larger
-    loops; keeps the batch rank within the kernel's limit). Broadcast labels stay alone:
-    merging a size-1 axis with a size-n one would break the broadcast."""
+    """Merges neighbouring batch labels that every tensor sees alike and side by side
+    (fewer, larger loops; keeps the batch rank within the kernel's limit). Broadcast labels
+    stay alone: merging a size-1 axis with a size-n one would break the broadcast."""
     groups = []
     for label in batch:
         key = (label in c.x, label in c.y, label in c.out)
         if (groups and label not in c.broadcast and groups[-1][1] == key
-                and groups[-1][0][-1] not in c.broadcast):
+                and groups[-1][0][-1] not in c.broadcast
+                and all(_adjacent(t, (groups[-1][0][-1], label))
+                        for t, has in zip((c.x, c.y, c.out), key) if has)):
             groups[-1] = (groups[-1][0] + (label,), key)
         else:
             groups.append(((label,), key))
     return tuple(g for g, _ in groups), tuple(not key[2] for _, key in groups)
 
 
+def _order(labels, groups):
+    """The order of `groups` (axes of the op's view, each a run of `labels` or a group the
+    tensor lacks) in the tensor itself: indices into `groups`. A lacking group, a size-1
+    axis, stays right after the group before it."""
+    keys, last = [], -1
+    for g in groups:
+        if g and g[0] in labels:
+            last = labels.index(g[0])
+        keys.append(last)
+    return sorted(range(len(groups)), key=keys.__getitem__)
+
+
+def _identity_as_empty(perm):
+    return () if perm == tuple(range(len(perm))) else tuple(perm)
+
+
+def _with_layouts(c, p):
+    """Plan p with the tensors' reshapes and the op's permutations filled in."""
+    x_labels, y_labels = (c.x, c.y) if p.lhs_is_x else (c.y, c.x)
+
+    def operand(labels, matrix):
+        groups = list(p.batch)
+        while groups and not any(label in labels for label in groups[0]):
+            groups.pop(0)  # the op broadcasts leading batch axes an operand lacks
+        groups += matrix
+        order = _order(labels, groups)
+        inverse = tuple(order.index(j) for j in range(len(groups)))
+        return tuple(groups[i] for i in order), _identity_as_empty(inverse)
+
+    lhs_axes, perm_lhs = operand(x_labels, [p.k, p.m] if p.transpose_lhs else [p.m, p.k])
+    rhs_axes, perm_rhs = operand(y_labels, [p.n, p.k] if p.transpose_rhs else [p.k, p.n])
+    out_groups = list(p.batch) + [p.m, p.n]
+    order = _order(c.out, out_groups)
+    return dataclasses.replace(
+        p, lhs_axes=lhs_axes, rhs_axes=rhs_axes, perm_lhs=perm_lhs, perm_rhs=perm_rhs,
+        out_axes=tuple(out_groups[i] for i in order), perm_out=_identity_as_empty(tuple(order)))
+
+
+def _maximal_runs(labels, allowed, others):
+    """The longest runs of adjacent `labels` drawn from `allowed` that are also adjacent,
+    in the same order, in every sequence of `others`."""
+    runs = []
+    for i in range(len(labels)):
+        for j in range(len(labels), i, -1):
+            run = tuple(labels[i:j])
+            if set(run) <= allowed and all(_adjacent(o, run) for o in others):
+                if not any(set(run) <= set(r) for r in runs):
+                    runs.append(run)
+                break
+    return runs
+
+
 @functools.lru_cache(maxsize=4096)
 def plan(c):
-    """The best transpose-free lowering of Contraction `c` to `product`, or None.
+    """The best lowering of Contraction `c` to `product`, or None: one that views the
+    tensors in their own axis order if there is one (`_dense_plan`), else one that reads
+    and writes them through axis permutations (`_permuted_plan`)."""
+    if len(set(c.x)) != len(c.x) or len(set(c.y)) != len(c.y):
+        return None
+    if len(set(c.out)) != len(c.out) or not set(c.out) <= set(c.x) | set(c.y):
+        return None
+    best = _dense_plan(c) or _permuted_plan(c)
+    return None if best is None else _with_layouts(c, best)
+
+
+def _dense_plan(c):
+    """The best plan whose views keep each tensor's axis order, or None.
 
     Preference: more labels in K (fewer, larger dot products), then larger matrices
     (more labels in M and N: fewer, larger GEMMs with the broadcast operand kept hot),
     then fewer transpose flags, then x as the lhs.
     """
-    if len(set(c.x)) != len(c.x) or len(set(c.y)) != len(c.y):
-        return None
-    if len(set(c.out)) != len(c.out) or not set(c.out) <= set(c.x) | set(c.y):
-        return None
     out = tuple(c.out)
     best, best_score = None, None
     for lhs_is_x in (True, False):
@@ -155,6 +243,41 @@ def plan(c):
                             if best_score is None or score > best_score:
                                 best_score = score
                                 best = Plan(lhs_is_x, groups, reduced, mg, kg, ng, ta, tb)
+    return best
+
+
+def _permuted_plan(c):
+    """The best plan whose views may reorder the tensors' axes, or None.
+
+    M, K and N are each a run of labels adjacent in every tensor that has them (longest
+    runs only); every other label is a batch axis, in the output's order where it has
+    them. Preference: more labels in K, then in M and N, then fewer permuted tensors,
+    then x as the lhs.
+    """
+    out = tuple(c.out)
+    best, best_score = None, None
+    for lhs_is_x in (True, False):
+        a, b = (tuple(c.x), tuple(c.y)) if lhs_is_x else (tuple(c.y), tuple(c.x))
+        contracted = (set(a) & set(b)) - set(out)
+        free_a, free_b = (set(a) & set(out)) - set(b), (set(b) & set(out)) - set(a)
+        for kg in _maximal_runs(a, contracted, [b]):
+            for mg in [()] + _maximal_runs(a, free_a, [out]):
+                for ng in [()] + _maximal_runs(b, free_b, [out]):
+                    # The matrix axes' order inside each tensor is a transpose flag.
+                    ta = bool(mg) and a.index(kg[0]) < a.index(mg[0])
+                    tb = bool(ng) and b.index(ng[0]) < b.index(kg[0])
+                    matrix = set(mg) | set(kg) | set(ng)
+                    rest = [[label for label in t if label not in matrix] for t in (out, a, b)]
+                    batch = _merge_orders(rest) or _merge_orders(rest[:2]) or tuple(
+                        dict.fromkeys(rest[0] + rest[1] + rest[2]))
+                    groups, reduced = _merge_batch_axes(batch, c)
+                    if len(groups) > dispatch.MAX_BATCH_DIMS:
+                        continue
+                    p = _with_layouts(c, Plan(lhs_is_x, groups, reduced, mg, kg, ng, ta, tb))
+                    permuted = sum(bool(q) for q in (p.perm_lhs, p.perm_rhs, p.perm_out))
+                    score = (len(kg), len(mg) + len(ng), -permuted, lhs_is_x)
+                    if best_score is None or score > best_score:
+                        best, best_score = p, score
     return best
 
 
@@ -197,7 +320,8 @@ class _ResultAxis(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Lowering:
-    """What runs a plan for operands of given sizes: the lhs / rhs views, the product's
+    """What runs a plan for operands of given sizes: the lhs / rhs views (in the tensors'
+    own axis order: the op reads them through the plan's perms), the product's
     batch_shape (None: no batch axis summed), the output's shape, the shared labels
     whose sizes must be checked at run time, and M, N, K. Sizes are ints where known
     (always in eager mode, where lowerings are cached per shape), else scalar tensors."""
@@ -222,23 +346,17 @@ def _lower(c, p, dims, own):
         """The size of a non-broadcast label (static when either operand knows it)."""
         return dims[label] if dims[label] is not None else own(0 if label in c.x else 1, label)
 
-    # Shared labels must match exactly (tf.einsum does not broadcast named axes): the
-    # kernel checks K when it is a single label, the rest is checked at run time when the
-    # static shapes cannot tell.
+    # Shared labels whose sizes the static shapes cannot compare: `run` asks at run time.
     checks = []
-    for label in sorted(set(c.x) & set(c.y) - c.broadcast, key=str):
+    for label in sorted(set(c.x) & set(c.y), key=str):
         dx, dy = own(0, label), own(1, label)
-        if p.k != (label,) and not (isinstance(dx, int) and isinstance(dy, int)):
+        if not (isinstance(dx, int) and isinstance(dy, int)):
             checks.append((label, dx, dy))
 
-    def view(i, matrix):
-        """Operand i's shape as [batch axes it has, outermost dropped if it lacks them] +
-        the two matrix axes; its own sizes, so the kernel sees what it really got."""
-        labels = (c.x, c.y)[i]
-        groups = list(p.batch)
-        while groups and not any(label in labels for label in groups[0]):
-            groups.pop(0)
-        return tuple(_prod(own(i, label) for label in g) for g in groups + matrix)
+    def view(i, axes):
+        """Operand i reshaped to its view's axes in its own order; its own sizes, so the
+        kernel sees what it really got."""
+        return tuple(_prod(own(i, label) for label in g) for g in axes)
 
     def broadcast_size(label):
         dx, dy = own(0, label), own(1, label)
@@ -247,8 +365,8 @@ def _lower(c, p, dims, own):
         return tf.where(tf.equal(dx, 1), dy, dx)
 
     lhs, rhs = (0, 1) if p.lhs_is_x else (1, 0)
-    a_shape = view(lhs, [p.k, p.m] if p.transpose_lhs else [p.m, p.k])
-    b_shape = view(rhs, [p.n, p.k] if p.transpose_rhs else [p.k, p.n])
+    a_shape = view(lhs, p.lhs_axes)
+    b_shape = view(rhs, p.rhs_axes)
     batch_shape = None
     if any(p.reduced):
         batch_shape = tuple(
@@ -258,7 +376,7 @@ def _lower(c, p, dims, own):
     # Back to the output's axes: a broadcast label's size is the product's (the static
     # shape then follows TF's broadcasting rule, as tf.einsum's does), every other label's
     # the operands' (merged statically, as tf.einsum's shape function does).
-    axis_of = {group[0]: i for i, group in enumerate(p.batch) if len(group) == 1}
+    axis_of = {group[0]: i for i, group in enumerate(p.out_axes) if len(group) == 1}
     out_shape = []
     for label in c.out:
         if label in c.broadcast:
@@ -279,20 +397,18 @@ def _reshape(t, shape, tensors, name=None):
 
 
 def _execute(low, x, y, name=None):
-    """The ops of lowering `low` on x, y: views, the product, the output reshape."""
+    """The ops of lowering `low` on x, y (operands `run` found to fit): views, the
+    product, the output reshape."""
     p = low.plan
-    checks = [tf.debugging.assert_equal(
-        dx, dy, message=f"einsum: label {label!r} has different sizes in the inputs")
-        for label, dx, dy in low.checks]  # (none eagerly: every size is static there)
     lhs, rhs = (x, y) if p.lhs_is_x else (y, x)
-    with tf.control_dependencies(checks):
-        a = _reshape(lhs, low.a_shape, low.tensors)
-        b = _reshape(rhs, low.b_shape, low.tensors)
+    a = _reshape(lhs, low.a_shape, low.tensors)
+    b = _reshape(rhs, low.b_shape, low.tensors)
     # (Only eager lowerings have shape tensors; in a graph the sizes may be tensors,
     # which cannot be dictionary keys.)
     batch_shape = low.tensors.get(low.batch_shape) if low.tensors else low.batch_shape
     result = engine.product(a, b, transpose_x=p.transpose_lhs, transpose_y=p.transpose_rhs,
-                            batch_shape=batch_shape)
+                            batch_shape=batch_shape, perm_x=p.perm_lhs, perm_y=p.perm_rhs,
+                            perm_output=p.perm_out)
     shape = [d if not isinstance(d, _ResultAxis) else
              result.shape[d.i] if result.shape[d.i] is not None else tf.shape(result)[d.i]
              for d in low.out_shape]
@@ -326,13 +442,16 @@ def _eager_lowering(c, x_shape, y_shape):
     return low
 
 
-def run(c, x, y, name=None, fallback=None):
+def run(c, x, y, fallback, name=None):
     """Contraction `c` of tensors x, y on the engine, or None when it should not run
-    there: no plan, static shapes that the built-in rejects, the dispatch model prefers
-    the built-in, or its answer depends on sizes only the run time knows and there is no
-    `fallback`. With a fallback (no arguments: the same contraction by the built-in) the
-    graph then branches between the two at run time. Nothing is added to the graph when
-    the answer is None."""
+    there: no plan, static shapes that the built-in rejects, or the dispatch model prefers
+    the built-in. Nothing is added to the graph when the answer is None.
+
+    `fallback()` computes the same contraction with the built-in the caller replaces
+    (`builtins`, never a possibly patched public name). The graph branches to it at run
+    time (tf.cond) where sizes known only then decide: operands that do not fit (the
+    SHAPE_GUARD cond; the built-in raises its own error, with its own text), or a
+    dispatch-model answer that depends on them (`dispatch.kernel_wins`)."""
     if x.dtype != y.dtype:
         return None
     dtype = x.dtype.base_dtype
@@ -376,7 +495,30 @@ def run(c, x, y, name=None, fallback=None):
             return dynamic_shapes[i][j]
 
         low = _lower(c, p, dims, own)
-        if choice == dispatch.KERNEL:
+        # Shared labels must match exactly (tf.einsum does not broadcast named axes);
+        # broadcast labels must broadcast. What the static shapes cannot tell (they did not
+        # contradict it) is asked at run time: operands that do not fit go to the built-in,
+        # which raises its own error, with its own text.
+        fits = []
+        for label, dx, dy in low.checks:
+            same = tf.equal(dx, dy)
+            if label in c.broadcast:
+                same = tf.logical_or(same, tf.logical_or(tf.equal(dx, 1), tf.equal(dy, 1)))
+            fits.append(same)
+        wins = [] if choice == dispatch.KERNEL else [
+            dispatch.kernel_wins(dtype, *low.mnk, family)]
+        if not fits and not wins:
             return _execute(low, x, y, name=scope)
-        return tf.cond(dispatch.kernel_wins(dtype, *low.mnk, family),
-                       lambda: _execute(low, x, y), fallback, name=scope)
+        shapes = []
+
+        def engine_branch():
+            shapes.append(_execute(low, x, y))
+            return shapes[-1]
+
+        result = tf.cond(tf.reduce_all(tf.stack(fits + wins)), engine_branch, fallback,
+                         name=SHAPE_GUARD if fits else None)
+        # Where the fallback runs, the operands fit and its result has the engine's shape,
+        # or it raises; its static shape (tf_keras' batch_dot may lose even the rank) must
+        # not widen the result's.
+        result.set_shape(shapes[-1].shape)
+        return tf.identity(result, name=scope)

@@ -7,7 +7,7 @@ function with the layers' argument order, tf_smallmm.layers.predict) and
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_smallmm._core import contraction
+from tf_smallmm._core import builtins, contraction
 
 EQUATION = "ijkl,bil->bijk"
 CONTRACTION = contraction.Contraction(tuple("ijkl"), tuple("bil"), tuple("bijk"))
@@ -79,8 +79,8 @@ def capsule_predict(w, u, name=None):
     """
     with ops.name_scope(name, "CapsulePredict", [w, u]):
         w, u = _arguments(w, u)
-        result = contraction.run(CONTRACTION, w, u, fallback=lambda: tf.einsum(EQUATION, w, u))
-        return result if result is not None else tf.einsum(EQUATION, w, u)
+        result = contraction.run(CONTRACTION, w, u, lambda: builtins.einsum(EQUATION, w, u))
+        return result if result is not None else builtins.einsum(EQUATION, w, u)
 
 
 def predict(u, w):
@@ -91,4 +91,4 @@ def predict(u, w):
 def predict_reference(u, w):
     """û with TensorFlow's own ops (tf.einsum), after the same checks."""
     w, u = _arguments(w, u)
-    return tf.einsum(EQUATION, w, u)
+    return builtins.einsum(EQUATION, w, u)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops
 from tensorflow.python.ops.parallel_for import pfor
 
-from tf_smallmm._core import dispatch, loader
+from tf_smallmm._core import builtins, dispatch, loader
 
 # Inside squash's square root: keeps v and its gradient finite at s = 0 (Keras' epsilon).
 EPSILON = 1e-7
@@ -88,10 +88,10 @@ def dynamic_routing_reference(u_hat, iterations=3, epsilon=EPSILON):
     v = None
     for r in range(int(iterations)):
         c = tf.nn.softmax(logits, axis=2)
-        s = tf.einsum("bij,bijk->bjk", c, u_hat)
+        s = builtins.einsum("bij,bijk->bjk", c, u_hat)
         v = squash(s, epsilon=epsilon)
         if r < int(iterations) - 1:
-            logits = logits + tf.einsum("bijk,bjk->bij", u_hat, v)
+            logits = logits + builtins.einsum("bijk,bjk->bij", u_hat, v)
     return tf.cast(v, dtype)
 
 

@@ -1,6 +1,7 @@
 """Drop-in `einsum`: parses a two-operand equation into a Contraction (labels per axis,
 ellipsis axes spelled out) and runs it through the contraction planner
-(`tf_smallmm._core.contraction`); everything the planner does not take goes to `tf.einsum`.
+(`tf_smallmm._core.contraction`); everything the planner does not take goes to TensorFlow's
+own einsum.
 """
 
 import collections
@@ -11,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import composite_tensor, ops
 
-from tf_smallmm._core import contraction
+from tf_smallmm._core import builtins, contraction
 
 _OPERAND = r"[a-zA-Z]*(?:\.\.\.)?[a-zA-Z]*"
 _EQUATION = re.compile(rf"^({_OPERAND}),({_OPERAND})(?:->({_OPERAND}))?$")
@@ -78,19 +79,26 @@ def einsum(equation, *inputs, **kwargs):
     """Drop-in for `tf.einsum`: the same equations, arguments, results, static shapes and
     errors.
 
-    Two-operand equations that are a batched matmul / matvec / dot product under reshape
-    views (see `contraction.plan`) run on the SmallMM kernels, forward and backward, without
-    transposes or copies: e.g. 'ijkl,bil->bijk' (capsule prediction), 'bij,bjk->bik',
-    'bij,bj->bi', 'bhqd,bhkd->bhqk', '...ij,...jk->...ik', 'bij,bjk->bk'. Everything else
-    calls `tf.einsum(equation, *inputs, **kwargs)`.
+    Two-operand equations that are a batched matmul / matvec / dot product of views of
+    the operands (see `contraction.plan`) run on the SmallMM kernels, forward and backward,
+    without transposes or copies: e.g. 'ijkl,bil->bijk' (capsule prediction),
+    'bij,bjk->bik', 'bij,bj->bi', 'bhqd,bhkd->bhqk', 'BTNH,BSNH->BNTS' (attention scores
+    with the heads axis between the matrix axes), '...ij,...jk->...ik', 'bij,bjk->bk'.
+    Everything else calls TensorFlow's einsum with the same arguments.
     """
+    result = on_engine(equation, *inputs, **kwargs)
+    return result if result is not None else builtins.einsum(equation, *inputs, **kwargs)
+
+
+def on_engine(equation, *inputs, **kwargs):
+    """`einsum(equation, *inputs, **kwargs)` where it runs on the SmallMM kernels, else None
+    with nothing added to the graph."""
     if len(inputs) == 2 and isinstance(equation, str) and set(kwargs) <= {"name", "optimize"}:
         x, y = _as_tensor(inputs[0]), _as_tensor(inputs[1])
         if x is not None and y is not None and None not in (x.shape.rank, y.shape.rank):
             c = parse(equation, x.shape.rank, y.shape.rank)
             if c is not None:
-                result = contraction.run(c, x, y, name=kwargs.get("name"),
-                                         fallback=lambda: tf.einsum(equation, x, y, **kwargs))
-                if result is not None:
-                    return result
-    return tf.einsum(equation, *inputs, **kwargs)
+                return contraction.run(
+                    c, x, y, lambda: builtins.einsum(equation, *inputs, **kwargs),
+                    name=kwargs.get("name"))
+    return None

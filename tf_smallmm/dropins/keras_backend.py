@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.ops import gen_array_ops
 
-from tf_smallmm._core import contraction
+from tf_smallmm._core import builtins, contraction
 from tf_smallmm.dropins import einsum, linalg
 
 
@@ -44,7 +44,8 @@ def _is_sparse(tensor):
 
 def _contract(x, y, c, fallback):
     """Runs Contraction c on the engine, or None (the caller falls back). fallback(x, y)
-    computes the same with the built-ins, for a choice made at run time."""
+    computes the same with the built-ins, for what run-time sizes decide: a dispatch
+    choice, or shapes that do not fit (`contraction.run`)."""
     x, y = einsum._as_tensor(x), einsum._as_tensor(y)
     if x is None or y is None:
         return None
@@ -192,7 +193,7 @@ def _keras_batch_dot(x, y, a0, a1, x_ndim, y_ndim):
     else:
         y_squashed = False
 
-    result = tf.matmul(x, y)
+    result = builtins.matmul(x, y)
 
     output_shape = tf.shape(result)
     do_reshape = False
@@ -258,4 +259,4 @@ def _keras_dot_nd(x, y):
     y_permute_dim = [y_permute_dim.pop(-2)] + y_permute_dim
     xt = tf.reshape(x, [-1, x_shape[-1]])
     yt = tf.reshape(tf.compat.v1.transpose(y, perm=y_permute_dim), [y_shape[-2], -1])
-    return tf.reshape(tf.matmul(xt, yt), x_shape[:-1] + y_shape[:-2] + y_shape[-1:])
+    return tf.reshape(builtins.matmul(xt, yt), x_shape[:-1] + y_shape[:-2] + y_shape[-1:])

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
 
-from tf_smallmm._core import dispatch, engine
+from tf_smallmm._core import builtins, dispatch, engine
 
 
 def _dispatched_by_builtin(*args):
@@ -116,38 +116,54 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
                       "grad_b": grad_b}
     with ops.name_scope(name, "MatMul", [a, b]) as scope:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
         if a_is_sparse or b_is_sparse or _dispatched_by_builtin(a, b):
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)
         a, b = _convert(a, b)
         _check_flags_like_builtin(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b,
                                   grad_a, grad_b)
         # Past the check every flag is truth-testable (the built-in accepts e.g. a truthy
         # transpose_a on its batch path, where it only ever tests it with `if`).
-        ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
-        sizes = _product_sizes(_shape(a), _shape(b), ta, tb) if a.dtype == b.dtype else None
-        choice = dispatch.choose(a.dtype.base_dtype, *sizes) if sizes else dispatch.BUILTIN
-        if (output_type is not None and output_type != a.dtype) or choice == dispatch.BUILTIN:
-            return tf.linalg.matmul(a, b, name=scope, **builtin_kwargs)
+        result = None
+        if output_type is None or output_type == a.dtype:
+            result = on_engine(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, name=scope,
+                               fallback=lambda: builtins.matmul(a, b, **builtin_kwargs))
+        if result is None:
+            return builtins.matmul(a, b, name=scope, **builtin_kwargs)
+        return result
 
-        def ours(name=None):
-            return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a),
-                                  transpose_y=tb, conjugate_y=bool(adjoint_b), name=name)
 
-        if choice == dispatch.KERNEL:
-            return ours(scope)
-        # Sizes only the run time knows decide (e.g. a None batch folded into M).
-        return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb),
-                                            sizes[3]),
-                       ours, lambda: tf.linalg.matmul(a, b, **builtin_kwargs), name=scope)
+def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoint_b=False,
+              name=None, fallback=None):
+    """op(a) · op(b) on the SmallMM kernel for dense tensors a, b where the dispatch model
+    takes it (`_product_sizes`, `dispatch.choose`), else None with nothing added to the
+    graph. op transposes (transpose_x) and also conjugates (adjoint_x). Where sizes only
+    the run time knows decide (e.g. a None batch folded into M), the result is a tf.cond
+    between the kernel and `fallback()` (the same product by the built-in the caller
+    replaces); without a fallback such products are None too."""
+    ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
+    sizes = _product_sizes(_shape(a), _shape(b), ta, tb) if a.dtype == b.dtype else None
+    choice = dispatch.choose(a.dtype.base_dtype, *sizes) if sizes else dispatch.BUILTIN
+    if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
+        return None
+
+    def ours(name=None):
+        return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a),
+                              transpose_y=tb, conjugate_y=bool(adjoint_b), name=name)
+
+    if choice == dispatch.KERNEL:
+        return ours(name)
+    return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb),
+                                        sizes[3]),
+                   ours, fallback, name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
            name=None):
     """Drop-in for `tf.linalg.matvec`: op(a)[..., M, K] · b[..., K] -> [..., M]."""
     if _dispatched_by_builtin(a, b):
-        return tf.linalg.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
-                                a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
+        return builtins.matvec(a, b, transpose_a=transpose_a, adjoint_a=adjoint_a,
+                               a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse, name=name)
     with ops.name_scope(name, "MatVec", [a, b]):
         output = matmul(a, tf.expand_dims(b, axis=-1), transpose_a=transpose_a,
                         adjoint_a=adjoint_a, a_is_sparse=a_is_sparse, b_is_sparse=b_is_sparse)
