@@ -144,6 +144,73 @@ def test_reduce_and_pair_ops(dtype):
     compare(ops, x, y)
 
 
+def _perm_attrs(fn, *xs):
+    """The non-empty perm attrs of the SmallMM ops in fn's plain graph."""
+    found = []
+    for op in tf.function(fn).get_concrete_function(*xs).graph.get_operations():
+        if op.type.startswith("SmallMM"):
+            found += [a for a in ("perm_x", "perm_y", "perm_output") if op.get_attr(a)]
+    return found
+
+
+def compare_to_reference(fn, reference, *xs):
+    """fn's step under jit_compile equals `reference`'s (TF ops) on wide copies of xs,
+    and its HLO calls our matmul."""
+    jit = tf.function(step(fn), jit_compile=True)
+    got = jit(*xs)
+    want = step(reference)(*(tf.cast(x, wide(x.dtype)) for x in xs))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert_close(g, w.numpy(), g.dtype)
+    assert MATMUL_CALL in hlo(jit, *xs)
+
+
+@needs_xla
+@pytest.mark.parametrize("equation,sx,sy", [
+    ("btnh,bsnh->bnts", (2, 5, 3, 4), (2, 6, 3, 4)),
+    ("bnts,bsnh->btnh", (2, 3, 5, 6), (2, 6, 3, 4)),
+], ids=["scores", "context"])
+@pytest.mark.parametrize("dtype", [tf.float32, pytest.param(tf.complex64, marks=pytest.mark.slow)],
+                         ids=lambda d: d.name)
+def test_einsum_with_interleaved_batch_axes(equation, sx, sy, dtype):
+    """Attention's einsums, whose heads axis sits between the matrix axes, run as products
+    read and written through the perm attrs; the XLA kernels apply the same permutations,
+    forward and in the gradients (Pair ops with perms)."""
+    x, y = random_tensor(sx, dtype, 13), random_tensor(sy, dtype, 14)
+
+    def ours(a, b):
+        return smm.einsum(equation, a, b)
+
+    assert _perm_attrs(ours, x, y), "the plan must read or write through a permutation"
+    compare(ours, x, y)
+    compare_to_reference(ours, lambda a, b: tf.einsum(equation, a, b), x, y)
+
+
+@needs_xla
+def test_raw_permuted_products():
+    """The matmul and reduce ops with every perm attr set, and their gradients, against
+    the same products written with transposes."""
+    x = random_tensor((2, 3, 5, 4), tf.float32, 15)  # read as [2, 5, 3, 4]: M=3, K=4
+    y = random_tensor((5, 6, 2, 4), tf.float32, 16)  # read as [2, 5, 6, 4]: op(Y) [4, 6]
+    px, py = (0, 2, 1, 3), (2, 0, 1, 3)
+
+    def ours(x, y):
+        full = engine.product(x, y, transpose_y=True, perm_x=px, perm_y=py,
+                              perm_output=(1, 0, 3, 2))
+        reduced = engine.product(x, y, transpose_y=True, batch_shape=[5], perm_x=px, perm_y=py,
+                                 perm_output=(2, 0, 1))
+        return full, reduced
+
+    def reference(x, y):
+        c = tf.matmul(tf.transpose(x, px), tf.transpose(y, py), transpose_b=True)
+        return tf.transpose(c, (1, 0, 3, 2)), tf.transpose(tf.reduce_sum(c, 0), (2, 0, 1))
+
+    assert len(_perm_attrs(ours, x, y)) == 6
+    compare(ours, x, y)
+    compare_to_reference(ours, reference, x, y)
+
+
 @needs_xla
 @pytest.mark.parametrize("sa,sb", [((0, 3, 4), (0, 4, 2)), ((2, 3, 0), (2, 0, 4)),
                                    ((2, 0, 4), (4, 5))], ids=["empty-batch", "K=0", "M=0"])
