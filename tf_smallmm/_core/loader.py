@@ -192,7 +192,10 @@ def registered_devices(op_name):
 
     devs = set()
     for k in kernels.get_registered_kernels_for_op(op_name).kernel:
-        devs.add(k.device_type)
+        # XLA's JIT devices (XLA_CPU_JIT, ...) show up once XLA has compiled an op: they
+        # are compilers, not devices the TF kernels run on (xla_platforms() reports them).
+        if not k.device_type.startswith("XLA_"):
+            devs.add(k.device_type)
     return sorted(devs)
 
 
