@@ -1,6 +1,6 @@
 """The package's layout rule, as each subpackage's docstring states it: imports go one way,
 tools -> capsules / dropins / decompose -> _core, and _core uses only the compiled
-libraries at the package root. Read from the source, nothing is imported."""
+libraries and the version module (no imports of its own) at the package root. Read from the source, nothing is imported."""
 
 import ast
 import os
@@ -13,7 +13,7 @@ PACKAGE = os.path.dirname(os.path.abspath(tf_smallmm.__file__))
 # What each subpackage may import from tf_smallmm: "" is the package itself (its public
 # names), other names are subpackages or modules at the package root.
 ALLOWED = {
-    "_core": {"_core", "_smallmm_core"},
+    "_core": {"_core", "_smallmm_core", "_version"},
     "dropins": {"_core", "dropins"},
     "capsules": {"_core", "capsules"},
     "decompose": {"decompose"},
