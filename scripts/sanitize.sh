@@ -8,8 +8,8 @@
 # flags, so setup.py itself needs no sanitizer mode).
 #
 # Usage: scripts/sanitize.sh [test files or pytest args...]
-#   default tests: the kernel, op and robustness suites (not test_leaks.py: RSS under ASan's
-#   allocator says nothing about our code).
+#   default tests: every suite but test_leaks.py (RSS under ASan's allocator says nothing
+#   about our code) and the two that only run nvcc (test_gpu_ptxas.py, test_gpu_harness.py).
 # Environment:
 #   SMALLMM_SANITIZE_DIR  scratch dir (default: a new mktemp dir, removed on success)
 #   CXX                   the real compiler (default g++; must be GCC for -print-file-name)
@@ -67,7 +67,9 @@ if [[ $# -eq 0 ]]; then
   for t in "$SRC"/tests/test_*.py; do
     t=tests/$(basename "$t")
     case "$t" in
-      tests/test_kernels.py|tests/test_leaks.py) ;;
+      # test_leaks: RSS under ASan's allocator says nothing. test_gpu_ptxas / test_gpu_harness
+      # only run nvcc over cuda/ (minutes each) and load nothing of ours into the process.
+      tests/test_kernels.py|tests/test_leaks.py|tests/test_gpu_ptxas.py|tests/test_gpu_harness.py) ;;
       *) set -- "$@" "$t" ;;
     esac
   done

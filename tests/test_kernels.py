@@ -5,10 +5,10 @@ import itertools
 import ml_dtypes
 import numpy as np
 import pytest
+
 from engine_dtypes import NP_DTYPES
 from public_ops import np_product as ref
 from public_ops import np_reduce_to
-
 from tf_smallmm import _smallmm_core as core
 
 # Every tile size, one past the largest, sizes that straddle tiles, and primes.

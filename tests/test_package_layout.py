@@ -1,6 +1,6 @@
 """The package's layout rule, as each subpackage's docstring states it: imports go one way,
 tools -> capsules / dropins / decompose -> _core, and _core uses only the compiled
-libraries and _version.py at the package root. Read from the source, nothing is imported."""
+libraries and the version module (no imports of its own) at the package root. Read from the source, nothing is imported."""
 
 import ast
 import os

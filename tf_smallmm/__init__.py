@@ -35,7 +35,7 @@ _build_info.json) sit here, at the package root, where setup.py writes them.
 from tf_smallmm import layers
 from tf_smallmm._core import loader as _loader
 from tf_smallmm._core.loader import kernels_loaded
-from tf_smallmm._version import __version__
+from tf_smallmm._version import __version__ as __version__  # re-exported
 from tf_smallmm.capsules.prediction import capsule_predict
 from tf_smallmm.dropins import patch as _patch
 from tf_smallmm.dropins.einsum import einsum

@@ -9,6 +9,6 @@
     engine       `product` / `product_pair`: the SmallMM matmul ops, and their gradients
     contraction  the planner that lowers a two-operand contraction to one `product`
 
-May import TensorFlow, the compiled libraries and _version.py at the package root, nothing
-else of tf_smallmm: dropins/, capsules/ and tools/ import from here, never the other way.
+May import TensorFlow, the compiled libraries and `_version` at the package root, nothing else of
+tf_smallmm: dropins/, capsules/ and tools/ import from here, never the other way.
 """

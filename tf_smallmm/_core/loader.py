@@ -190,10 +190,10 @@ def registered_devices(op_name):
     # per call).
     from tensorflow.python.framework import kernels
 
+    # XLA's JIT pseudo-devices (XLA_CPU_JIT, XLA_GPU_JIT) show up once XLA has started and
+    # are not where TF places ops: the custom calls are `xla_platforms()`.
     devs = set()
     for k in kernels.get_registered_kernels_for_op(op_name).kernel:
-        # XLA's JIT devices (XLA_CPU_JIT, ...) show up once XLA has compiled an op: they
-        # are compilers, not devices the TF kernels run on (xla_platforms() reports them).
         if not k.device_type.startswith("XLA_"):
             devs.add(k.device_type)
     return sorted(devs)
