@@ -31,6 +31,17 @@ def check_exact(got, want):
     np.testing.assert_array_equal(got.astype(want.dtype), want)
 
 
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each compiled instruction set in turn (skipped where this CPU lacks it), active for
+    the test and restored after it."""
+    before = core.active_isa()
+    if not core.set_isa(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    core.set_isa(before)
+
+
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("form", ["cube", "M", "N", "K", "matvec"])
@@ -55,18 +66,11 @@ def test_transpose_and_conjugate_flags(flags, dtype):
     check_exact(got, ref(x, y, tx, cx, ty, cy))
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_every_compiled_isa_agrees(isa, dtype):
     rng = np.random.default_rng(2)
     x, y = ints(rng, (4, 1, 9, 17), dtype), ints(rng, (3, 17, 5), dtype)
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        check_exact(core.matmul(x, y), ref(x, y))
-    finally:
-        core.set_isa(before)
+    check_exact(core.matmul(x, y), ref(x, y))
 
 
 def test_stride_zero_and_strided_views():
@@ -165,21 +169,14 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
     check_exact(core.matmul(x, y), ref(x, y))
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k", [3, 8, 16, 24])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
     # AVX-512 keeps up to 24 K-vectors in registers, AVX2 11 and the baseline 8: K = 16 and
     # 24 take the stationary path on one and the packed micro-kernels on the others.
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-            x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
-            check_exact(core.matmul(x, y), ref(x, y))
-    finally:
-        core.set_isa(before)
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
+        check_exact(core.matmul(x, y), ref(x, y))
 
 
 @pytest.mark.parametrize("kernel", ["row", "column"])
@@ -261,28 +258,21 @@ FAMILY_CASES = family_cases()
 
 
 @pytest.mark.parametrize("family", core.kernel_families)
-@pytest.mark.parametrize("isa", ISAS)
 def test_every_kernel_family_is_chosen_and_exact(isa, family):
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        chosen = 0
-        rng = np.random.default_rng(12)
-        for dtype in NP_DTYPES:
-            for xs, ys, kw in FAMILY_CASES:
-                x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
-                if core.kernel_for(x, y, **kw) != family:
-                    continue
-                chosen += 1
-                flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
-                want = ref(x, y, **flags)
-                if "batch_shape" in kw:
-                    want = np_reduce_to(want, kw["batch_shape"])
-                check_exact(core.matmul(x, y, **kw), want)
-        assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
-    finally:
-        core.set_isa(before)
+    chosen = 0
+    rng = np.random.default_rng(12)
+    for dtype in NP_DTYPES:
+        for xs, ys, kw in FAMILY_CASES:
+            x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
+            if core.kernel_for(x, y, **kw) != family:
+                continue
+            chosen += 1
+            flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
+            want = ref(x, y, **flags)
+            if "batch_shape" in kw:
+                want = np_reduce_to(want, kw["batch_shape"])
+            check_exact(core.matmul(x, y, **kw), want)
+    assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
 
 
 def test_kernel_for_every_plan():
