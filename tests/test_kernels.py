@@ -283,3 +283,38 @@ def test_kernel_for_every_plan():
     assert core.kernel_for(np.ones((0, 3, 4)), np.ones((4, 5))) == "none"
     with pytest.raises(ValueError, match="Matrix size-incompatible"):
         core.kernel_for(np.ones((3, 4)), np.ones((5, 6)))
+
+
+# ---------------------------------------------------------------- planner folds
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])
+def test_shared_rhs_folds_into_rows(m, n, k, dtype):
+    # [B, M, K] @ [K, N] (and [1, K, N]) is one [B·M, K] @ [K, N] product per work item,
+    # and its gradient Σ_b A[b]ᵀ·g[b] is one product whose K is B·M.
+    rng = np.random.default_rng(m * 100 + n * 10 + k)
+    x = ints(rng, (30, m, k), dtype)
+    for y in (ints(rng, (k, n), dtype), ints(rng, (1, k, n), dtype)):
+        plan = core.plan(x, y)
+        assert plan["m"] > m and plan["m"] % m == 0
+        assert plan["m"] * plan["num_outputs"] == 30 * m
+        check_exact(core.matmul(x, y), ref(x, y))
+        g = ints(rng, (30, m, n), dtype)
+        shape = list(y.shape[:-2])
+        plan = core.plan(x, g, transpose_x=True, batch_shape=shape)
+        assert plan["k"] > m and plan["k"] * plan["num_reduced"] == 30 * m
+        want = np_reduce_to(ref(x, g, transpose_x=True), shape)
+        check_exact(core.matmul(x, g, transpose_x=True, batch_shape=shape), want)
+
+
+def test_folds_leave_other_layouts_alone():
+    x = np.ones((30, 5, 7), np.float32)
+    # A transposed: its rows do not run on from one matrix to the next.
+    xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    plan = core.plan(xt, np.ones((7, 3), np.float32), transpose_x=True)
+    assert plan["m"] == 5 and plan["num_outputs"] == 30
+    # B not shared: nothing folds.
+    assert core.plan(x, np.ones((30, 7, 3), np.float32))["num_outputs"] == 30
+    # A prime batch has no divisor to fold by, and stays correct.
+    xp = ints(np.random.default_rng(25), (31, 5, 7), np.float32)
+    y = ints(np.random.default_rng(26), (7, 3), np.float32)
+    check_exact(core.matmul(xp, y), ref(xp, y))
