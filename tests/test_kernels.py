@@ -285,6 +285,47 @@ def test_kernel_for_every_plan():
         core.kernel_for(np.ones((3, 4)), np.ones((5, 6)))
 
 
+# ---------------------------------------------------------------- matrix-vector kernels
+# N = 1 runs on the matvec kernels (short K, vectorised across rows of A: plain row-major A,
+# whose row blocks are picked apart with shuffles, or a transposed A, whose columns are
+# vectors) or on the dot kernels (longer K, four rows at a time, K's last partial vector
+# masked). M sweeps every remainder of a block of rows (16 floats with AVX-512, 8 with
+# AVX2, 4 with SSE2; halve for doubles) and of the four-row groups, K every remainder of a
+# vector.
+MATVEC_M = list(range(1, 36)) + [47, 64, 65]
+MATVEC_K = list(range(1, 35))
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_matvec_and_dot_kernels_exact(dtype, transpose, isa):
+    rng = np.random.default_rng(21)
+    seen = set()
+    for m, k in itertools.product(MATVEC_M, MATVEC_K):
+        x = ints(rng, (2, k, m) if transpose else (2, m, k), dtype)
+        y = ints(rng, (2, k, 1), dtype)
+        seen.add(core.kernel_for(x, y, transpose_x=transpose))
+        check_exact(core.matmul(x, y, transpose_x=transpose), ref(x, y, transpose_x=transpose))
+    assert "matvec" in seen
+    if not transpose:
+        assert "dot" in seen
+
+
+def test_matvec_kernels_read_views_in_place():
+    # Shared, broadcast and strided vectors; a batch of vectors against one matrix folds
+    # into a matrix product, one vector against a batch of matrices does not.
+    rng = np.random.default_rng(22)
+    for k in (1, 3, 5, 7, 8, 13):
+        a = ints(rng, (6, 37, k), np.float32)
+        v = ints(rng, (k, 1), np.float32)
+        check_exact(core.matmul(a, v), ref(a, v))
+        vb = ints(rng, (6, 3 * k, 2), np.float32)[:, ::3, :1]  # strided K
+        check_exact(core.matmul(a, vb), ref(a, vb))
+        ab = np.broadcast_to(a[:1], a.shape)  # stride-0 batch
+        check_exact(core.matmul(ab, vb), ref(ab, vb))
+
+
 # ---------------------------------------------------------------- planner folds
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])

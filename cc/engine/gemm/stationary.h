@@ -20,8 +20,7 @@
 namespace smallmm {
 namespace {
 
-// This build's vector width, and the longest K of the stationary kernels: the strip takes K
-// vector registers, plus four accumulators and a broadcast.
+// The longest K of the stationary kernels: the strip takes K vector registers, plus four accumulators and a broadcast.
 // - AVX-512: 24 + 5 of 32 registers. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
 //   3.5 ms single-threaded against the packed micro-kernels; bench 20000 × 20×20@20×20
 //   forward+backward 14.4 -> 10.9 ms.
@@ -29,11 +28,11 @@ namespace {
 //   N = 8..64) take 0.16-0.95× the packed time (it was 8, d94c004).
 // - Baseline (SSE2): 8 (d94c004); K = 9..11 took 1.3-1.8× the packed time (same run).
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kStationaryMaxK = 24;
+constexpr int kStationaryMaxK = 24;
 #elif defined(__AVX__)
-constexpr int kVecBytes = 32, kStationaryMaxK = 11;
+constexpr int kStationaryMaxK = 11;
 #else
-constexpr int kVecBytes = 16, kStationaryMaxK = 8;
+constexpr int kStationaryMaxK = 8;
 #endif
 
 // Lane type: a W-lane vector, or the scalar itself for W = 1.
