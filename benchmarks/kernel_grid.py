@@ -25,6 +25,7 @@ operands and the output of one call take about --mib MiB together.
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -33,7 +34,11 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
-from tf_smallmm import _smallmm_core as core
+try:
+    from tf_smallmm import _smallmm_core as core
+except ImportError:  # run from a source checkout with an in-place build
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tf_smallmm import _smallmm_core as core
 from tf_smallmm._core import engine
 
 MiB = 1 << 20
