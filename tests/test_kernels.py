@@ -142,13 +142,13 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
-# Operand-stationary kernels: K <= 24 (AVX-512; AVX2 11, baseline 8) and C contiguous along
-# one side. The row kernel runs when C's rows are contiguous (every plain product with
-# M >= 8), the column kernel when its columns are (capsule-style products: x [I, M, K]
-# shared by a batch of vectors y [B, I, K, 1], which the planner turns into one M×K · K×B
-# product per i). Strips are full vectors then halving widths (31 rows of float32:
-# 16 + 8 + 4 + 2 + 1).
-STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25]
+# Operand-stationary kernels: K <= 32 (AVX-512; AVX2 11, baseline 8; half that for complex)
+# and C contiguous along one side. The row kernel runs when C's rows are contiguous (every
+# plain product with N >= 2), the column kernel when its columns are (capsule-style
+# products: x [I, M, K] shared by a batch of vectors y [B, I, K, 1], which the planner turns
+# into one M×K · K×B product per i). Strips are whole vectors, then one partial vector for
+# the rest (31 rows of float32: 16 + 15 lanes of 16).
+STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25, 32, 33]
 STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
 
 
@@ -169,11 +169,12 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
     check_exact(core.matmul(x, y), ref(x, y))
 
 
-@pytest.mark.parametrize("k", [3, 8, 16, 24])
+@pytest.mark.parametrize("k", [3, 8, 16, 24, 32])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
-    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 11 and the baseline 8: K = 16 and
-    # 24 take the stationary path on one and the packed micro-kernels on the others.
+    # AVX-512 takes up to 32 K-vectors (some spilled to the stack past 27), AVX2 11 and the
+    # baseline 8: K = 16 to 32 take the stationary path on one and the packed micro-kernels
+    # on the others.
     for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
         check_exact(core.matmul(x, y), ref(x, y))
@@ -324,6 +325,58 @@ def test_matvec_kernels_read_views_in_place():
         check_exact(core.matmul(a, vb), ref(a, vb))
         ab = np.broadcast_to(a[:1], a.shape)  # stride-0 batch
         check_exact(core.matmul(ab, vb), ref(ab, vb))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
+    # The matvec and stationary kernels widen and round float16 / bfloat16 a vector at a
+    # time. A product of one term (K = 1) is exact in float32, so each output is that float32
+    # rounded once: to nearest even, to Inf past the largest finite value, NaN kept, and
+    # subnormals both ways. x holds every kind of 16-bit value (random bit patterns).
+    rng = np.random.default_rng(27)
+    x = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16).view(dtype)
+    for n, family in ((1, "matvec"), (20, "stationary")):
+        y = rng.standard_normal((3, 1, n)).astype(dtype)
+        assert core.kernel_for(x, y) == family
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are wanted here
+            want = (x.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
+        np.testing.assert_array_equal(core.matmul(x, y).astype(np.float32),
+                                      want.astype(np.float32))
+
+
+# ---------------------------------------------------------------- stationary kernels
+# The row kernel takes M >= 8 with N >= 4, and any M where N >= 2 fits one strip of B's
+# contiguous columns (complex: any N): whole vector strips, then one partial strip. N sweeps every remainder of the strip (16 floats or 8
+# complex64 with AVX-512), K up to the longest stationary K (32 real, 16 complex on
+# AVX-512) and one past it.
+ROW_N = list(range(1, 34))
+ROW_K = [1, 2, 3, 5, 7, 8, 11, 12, 16, 17, 24, 25, 32, 33]
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_row_kernel_every_strip_remainder(dtype, isa):
+    rng = np.random.default_rng(23)
+    for n, k in itertools.product(ROW_N, ROW_K):
+        m = 1 + (n * 7 + k) % 9  # every M from 1 to 9 across the sweep
+        x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
+        check_exact(core.matmul(x, y), ref(x, y))
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
+def test_complex_stationary_kernels_conjugate(flags):
+    # Complex strips hold (re, im) pairs and a copy turned by 90°; conjugation of either
+    # side (adjoint flags) flips the strip's imaginary lanes or the streamed value's.
+    tx, cx, ty, cy = flags
+    rng = np.random.default_rng(24)
+    for dtype, (m, n, k) in itertools.product(
+            [np.complex64, np.complex128], [(3, 5, 4), (9, 17, 8), (20, 2, 16), (5, 1, 3)]):
+        x = ints(rng, (3, k, m) if tx else (3, m, k), dtype)
+        y = ints(rng, (n, k) if ty else (k, n), dtype)
+        kw = {"transpose_x": tx, "conjugate_x": cx, "transpose_y": ty, "conjugate_y": cy}
+        assert core.kernel_for(x, y, **kw) in ("stationary", "tiny")
+        check_exact(core.matmul(x, y, **kw), ref(x, y, tx, cx, ty, cy))
+    x, y = ints(rng, (4, 6, 9), np.complex64), ints(rng, (9, 20), np.complex64)
+    assert core.kernel_for(np.swapaxes(x, -1, -2), y, transpose_x=True) == "stationary"
 
 
 # ---------------------------------------------------------------- planner folds
