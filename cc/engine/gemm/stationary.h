@@ -23,22 +23,22 @@ namespace {
 
 // The longest K of the stationary kernels: the strip takes K vector registers, plus four
 // accumulators and a broadcast.
-// - AVX-512: 24 + 5 of 32 registers. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
+// - AVX-512: 24 + 5 of 32 registers at first. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
 //   3.5 ms single-threaded against the packed micro-kernels; bench 20000 × 20×20@20×20
-//   forward+backward 14.4 -> 10.9 ms. Up to 32 (some of the strip spilled to the stack)
-//   where the product has one strip: [B,12,32]@[B,32,16] and [B,5,32]@[B,32,5] went from
-//   0.67× and 0.57× tf.matmul forward (packed) to 1.22× and 1.14×; with two strips
-//   (32×32×32) it measured 0.50× and 1.14× in two runs against 0.98× packed, so wider
-//   products keep 24 (kernel_grid.py, 2026-12-01, Zen 5, a busy shared machine).
+//   forward+backward 14.4 -> 10.9 ms. Now 32, some of the strip spilled to the stack
+//   (kernel_grid.py, 2026-12-01, Zen 5, a busy shared machine; tf.matmul forward ratios,
+//   packed -> stationary): 12×32·32×16 0.67× -> 1.22×, 5×32·32×5 0.57× -> 1.14×, 32³
+//   float64 0.56× -> 1.11×, float16 1.14× -> 2.25×, float32 0.98× -> 0.50× and 1.14× in
+//   two runs.
 // - AVX2: 11 + 5 of 16. Timed 2026-12-01 (../README.md): K = 9..11 products (M = 8..20,
 //   N = 8..64) take 0.16-0.95× the packed time (it was 8, d94c004).
 // - Baseline (SSE2): 8 (d94c004); K = 9..11 took 1.3-1.8× the packed time (same run).
 #if defined(__AVX512F__)
-constexpr int kStationaryMaxK = 32, kStationaryMaxKWide = 24;
+constexpr int kStationaryMaxK = 32;
 #elif defined(__AVX__)
-constexpr int kStationaryMaxK = 11, kStationaryMaxKWide = 11;
+constexpr int kStationaryMaxK = 11;
 #else
-constexpr int kStationaryMaxK = 8, kStationaryMaxKWide = 8;
+constexpr int kStationaryMaxK = 8;
 #endif
 
 // Complex products: the strip holds W / 2 complex lanes as interleaved (re, im) pairs, and
@@ -230,10 +230,8 @@ inline bool RowKernelFits(const GemmPlan& p) {
 
 template <DType D>
 bool CanStationary(const GemmPlan& p) {
-  if (p.num_reduced != 1 || p.k < 1 || p.k > kStationaryMaxKOf<D>) return false;
-  const bool col = ColumnKernelFits(p);
-  if (!col && !RowKernelFits<D>(p)) return false;
-  return p.k <= kStationaryMaxKWide || (col ? p.m : p.n) <= kStripLanes<D>;
+  return p.num_reduced == 1 && p.k >= 1 && p.k <= kStationaryMaxKOf<D> &&
+         (ColumnKernelFits(p) || RowKernelFits<D>(p));
 }
 
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
