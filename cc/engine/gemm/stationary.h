@@ -208,9 +208,10 @@ void StationaryRows(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, 
 // Its last strip is now a partial vector, so it also takes any M and N >= 2 (N = 1 is a
 // matvec) where N fits one strip: the packed kernels' wide tiles are mostly padding there
 // (5×7 · 7×12 and 32×12 · 12×3 ran 0.84× and 0.78× tf.matmul on them, 1.1-2.0× on this
-// kernel; kernel_grid.py, 2026-12-01, Zen 5 AVX-512). Fewer than 8 rows do not pay for
-// gathering a strip whose lanes are not contiguous (B transposed: 5×7 · (12×7)ᵀ 0.43-0.86×
-// against 0.73× packed, same runs). Complex products take the row kernel at any N.
+// kernel; kernel_grid.py, 2026-12-01, Zen 5 AVX-512), also where the strip is gathered
+// (B transposed, as in every gradient g·Bᵀ): keeping those on the packed kernels for M < 8
+// took forward+backward of 6×8·8×16, 32×12·12×3 and 12×16·(3×16)ᵀ from 1.28-1.71× down to
+// 0.69-0.83× tf.matmul (same tool and day). Complex products take the row kernel at any N.
 constexpr int kStationaryMinStreamed = 8;
 constexpr int kStationaryMinStrip = 4;
 constexpr int kRowKernelMinN = 2;
@@ -224,8 +225,8 @@ template <DType D>
 inline bool RowKernelFits(const GemmPlan& p) {
   const bool many_rows = p.m >= kStationaryMinStreamed;
   const bool one_strip = p.n >= kRowKernelMinN && p.n <= kStripLanes<D>;
-  return p.c_cs == 1 && ((many_rows && (p.n >= kStationaryMinStrip || one_strip)) ||
-                         (one_strip && p.b_cs == 1) || (Traits<D>::kComplex && p.n >= 1));
+  return p.c_cs == 1 &&
+         ((many_rows && p.n >= kStationaryMinStrip) || one_strip || Traits<D>::kComplex);
 }
 
 template <DType D>
