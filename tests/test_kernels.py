@@ -31,6 +31,17 @@ def check_exact(got, want):
     np.testing.assert_array_equal(got.astype(want.dtype), want)
 
 
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each compiled instruction set in turn (skipped where this CPU lacks it), active for
+    the test and restored after it."""
+    before = core.active_isa()
+    if not core.set_isa(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    core.set_isa(before)
+
+
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("form", ["cube", "M", "N", "K", "matvec"])
@@ -55,18 +66,11 @@ def test_transpose_and_conjugate_flags(flags, dtype):
     check_exact(got, ref(x, y, tx, cx, ty, cy))
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_every_compiled_isa_agrees(isa, dtype):
     rng = np.random.default_rng(2)
     x, y = ints(rng, (4, 1, 9, 17), dtype), ints(rng, (3, 17, 5), dtype)
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        check_exact(core.matmul(x, y), ref(x, y))
-    finally:
-        core.set_isa(before)
+    check_exact(core.matmul(x, y), ref(x, y))
 
 
 def test_stride_zero_and_strided_views():
@@ -139,13 +143,13 @@ def test_bad_dtypes_raise():
         core.matmul(np.ones((2, 2), np.int32), np.ones((2, 2), np.int32))
 
 
-# Operand-stationary kernels: K <= 24 (AVX-512; AVX2 11, baseline 8) and C contiguous along
-# one side. The row kernel runs when C's rows are contiguous (every plain product with
-# M >= 8), the column kernel when its columns are (capsule-style products: x [I, M, K]
-# shared by a batch of vectors y [B, I, K, 1], which the planner turns into one M×K · K×B
-# product per i). Strips are full vectors then halving widths (31 rows of float32:
-# 16 + 8 + 4 + 2 + 1).
-STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25]
+# Operand-stationary kernels: K <= 32 (AVX-512; AVX2 11, baseline 8; half that for complex)
+# and C contiguous along one side. The row kernel runs when C's rows are contiguous (every
+# plain product with N >= 2), the column kernel when its columns are (capsule-style
+# products: x [I, M, K] shared by a batch of vectors y [B, I, K, 1], which the planner turns
+# into one M×K · K×B product per i). Strips are whole vectors, then one partial vector for
+# the rest (31 rows of float32: 16 + 15 lanes of 16).
+STATIONARY_K = [1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 25, 32, 33]
 STATIONARY_SIDES = [4, 5, 8, 9, 16, 17, 20, 31, 33]
 
 
@@ -166,21 +170,15 @@ def test_stationary_kernels_exact(kernel, side, k, dtype):
     check_exact(core.matmul(x, y), ref(x, y))
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("k", [3, 8, 16, 24])
+@pytest.mark.parametrize("k", [3, 8, 16, 24, 32])
 @pytest.mark.parametrize("kernel", ["row", "column"])
 def test_stationary_kernels_on_every_isa(kernel, k, isa):
-    # AVX-512 keeps up to 24 K-vectors in registers, AVX2 11 and the baseline 8: K = 16 and
-    # 24 take the stationary path on one and the packed micro-kernels on the others.
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
-            x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
-            check_exact(core.matmul(x, y), ref(x, y))
-    finally:
-        core.set_isa(before)
+    # AVX-512 takes up to 32 K-vectors (some spilled to the stack past 27), AVX2 11 and the
+    # baseline 8: K = 16 to 32 take the stationary path on one and the packed micro-kernels
+    # on the others.
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        x, y = stationary_operands(kernel, k, 31, dtype, seed=k)
+        check_exact(core.matmul(x, y), ref(x, y))
 
 
 @pytest.mark.parametrize("kernel", ["row", "column"])
@@ -262,28 +260,21 @@ FAMILY_CASES = family_cases()
 
 
 @pytest.mark.parametrize("family", core.kernel_families)
-@pytest.mark.parametrize("isa", ISAS)
 def test_every_kernel_family_is_chosen_and_exact(isa, family):
-    before = core.active_isa()
-    if not core.set_isa(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    try:
-        chosen = 0
-        rng = np.random.default_rng(12)
-        for dtype in NP_DTYPES:
-            for xs, ys, kw in FAMILY_CASES:
-                x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
-                if core.kernel_for(x, y, **kw) != family:
-                    continue
-                chosen += 1
-                flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
-                want = ref(x, y, **flags)
-                if "batch_shape" in kw:
-                    want = np_reduce_to(want, kw["batch_shape"])
-                check_exact(core.matmul(x, y, **kw), want)
-        assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
-    finally:
-        core.set_isa(before)
+    chosen = 0
+    rng = np.random.default_rng(12)
+    for dtype in NP_DTYPES:
+        for xs, ys, kw in FAMILY_CASES:
+            x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
+            if core.kernel_for(x, y, **kw) != family:
+                continue
+            chosen += 1
+            flags = {f: kw.get(f, False) for f in ("transpose_x", "transpose_y")}
+            want = ref(x, y, **flags)
+            if "batch_shape" in kw:
+                want = np_reduce_to(want, kw["batch_shape"])
+            check_exact(core.matmul(x, y, **kw), want)
+    assert chosen > 0, f"no case in FAMILY_CASES runs the {family!r} kernels on {isa}"
 
 
 def test_kernel_for_every_plan():
@@ -302,3 +293,131 @@ def test_pool_parallel_for_runs_every_unit_once():
         for late in (False, True):  # helpers on threads, or only after the call returned
             counts = core.pool_parallel_for(units, 10**6, threads, late)
             assert counts == [1] * units, (units, threads, late)
+
+
+# ---------------------------------------------------------------- matrix-vector kernels
+# N = 1 runs on the matvec kernels (short K, vectorised across rows of A: plain row-major A,
+# whose row blocks are picked apart with shuffles, or a transposed A, whose columns are
+# vectors) or on the dot kernels (longer K, four rows at a time, K's last partial vector
+# masked). M sweeps every remainder of a block of rows (16 floats with AVX-512, 8 with
+# AVX2, 4 with SSE2; halve for doubles) and of the four-row groups, K every remainder of a
+# vector.
+MATVEC_M = list(range(1, 36)) + [47, 64, 65]
+MATVEC_K = list(range(1, 35))
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_matvec_and_dot_kernels_exact(dtype, transpose, isa):
+    rng = np.random.default_rng(21)
+    seen = set()
+    for m, k in itertools.product(MATVEC_M, MATVEC_K):
+        x = ints(rng, (2, k, m) if transpose else (2, m, k), dtype)
+        y = ints(rng, (2, k, 1), dtype)
+        seen.add(core.kernel_for(x, y, transpose_x=transpose))
+        check_exact(core.matmul(x, y, transpose_x=transpose), ref(x, y, transpose_x=transpose))
+    assert "matvec" in seen
+    if not transpose:
+        assert "dot" in seen
+
+
+def test_matvec_kernels_read_views_in_place():
+    # Shared, broadcast and strided vectors; a batch of vectors against one matrix folds
+    # into a matrix product, one vector against a batch of matrices does not.
+    rng = np.random.default_rng(22)
+    for k in (1, 3, 5, 7, 8, 13):
+        a = ints(rng, (6, 37, k), np.float32)
+        v = ints(rng, (k, 1), np.float32)
+        check_exact(core.matmul(a, v), ref(a, v))
+        vb = ints(rng, (6, 3 * k, 2), np.float32)[:, ::3, :1]  # strided K
+        check_exact(core.matmul(a, vb), ref(a, vb))
+        ab = np.broadcast_to(a[:1], a.shape)  # stride-0 batch
+        check_exact(core.matmul(ab, vb), ref(ab, vb))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
+    # The matvec and stationary kernels widen and round float16 / bfloat16 a vector at a
+    # time. A product of one term (K = 1) is exact in float32, so each output is that float32
+    # rounded once: to nearest even, to Inf past the largest finite value, NaN kept, and
+    # subnormals both ways. x holds every kind of 16-bit value (random bit patterns).
+    rng = np.random.default_rng(27)
+    x = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16).view(dtype)
+    for n, family in ((1, "matvec"), (20, "stationary")):
+        y = rng.standard_normal((3, 1, n)).astype(dtype)
+        assert core.kernel_for(x, y) == family
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are wanted here
+            want = (x.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
+        np.testing.assert_array_equal(core.matmul(x, y).astype(np.float32),
+                                      want.astype(np.float32))
+
+
+# ---------------------------------------------------------------- stationary kernels
+# The row kernel takes M >= 8 with N >= 4, and any M where N >= 2 fits one strip of B's
+# contiguous columns (complex: any N): whole vector strips, then one partial strip. N sweeps every remainder of the strip (16 floats or 8
+# complex64 with AVX-512), K up to the longest stationary K (32 real, 16 complex on
+# AVX-512) and one past it.
+ROW_N = list(range(1, 34))
+ROW_K = [1, 2, 3, 5, 7, 8, 11, 12, 16, 17, 24, 25, 32, 33]
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_row_kernel_every_strip_remainder(dtype, isa):
+    rng = np.random.default_rng(23)
+    for n, k in itertools.product(ROW_N, ROW_K):
+        m = 1 + (n * 7 + k) % 9  # every M from 1 to 9 across the sweep
+        x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
+        check_exact(core.matmul(x, y), ref(x, y))
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
+def test_complex_stationary_kernels_conjugate(flags):
+    # Complex strips hold (re, im) pairs and a copy turned by 90°; conjugation of either
+    # side (adjoint flags) flips the strip's imaginary lanes or the streamed value's.
+    tx, cx, ty, cy = flags
+    rng = np.random.default_rng(24)
+    for dtype, (m, n, k) in itertools.product(
+            [np.complex64, np.complex128], [(3, 5, 4), (9, 17, 8), (20, 2, 16), (5, 1, 3)]):
+        x = ints(rng, (3, k, m) if tx else (3, m, k), dtype)
+        y = ints(rng, (n, k) if ty else (k, n), dtype)
+        kw = {"transpose_x": tx, "conjugate_x": cx, "transpose_y": ty, "conjugate_y": cy}
+        assert core.kernel_for(x, y, **kw) in ("stationary", "tiny")
+        check_exact(core.matmul(x, y, **kw), ref(x, y, tx, cx, ty, cy))
+    x, y = ints(rng, (4, 6, 9), np.complex64), ints(rng, (9, 20), np.complex64)
+    assert core.kernel_for(np.swapaxes(x, -1, -2), y, transpose_x=True) == "stationary"
+
+
+# ---------------------------------------------------------------- planner folds
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])
+def test_shared_rhs_folds_into_rows(m, n, k, dtype):
+    # [B, M, K] @ [K, N] (and [1, K, N]) is one [B·M, K] @ [K, N] product per work item,
+    # and its gradient Σ_b A[b]ᵀ·g[b] is one product whose K is B·M.
+    rng = np.random.default_rng(m * 100 + n * 10 + k)
+    x = ints(rng, (30, m, k), dtype)
+    for y in (ints(rng, (k, n), dtype), ints(rng, (1, k, n), dtype)):
+        plan = core.plan(x, y)
+        assert plan["m"] > m and plan["m"] % m == 0
+        assert plan["m"] * plan["num_outputs"] == 30 * m
+        check_exact(core.matmul(x, y), ref(x, y))
+        g = ints(rng, (30, m, n), dtype)
+        shape = list(y.shape[:-2])
+        plan = core.plan(x, g, transpose_x=True, batch_shape=shape)
+        assert plan["k"] > m and plan["k"] * plan["num_reduced"] == 30 * m
+        want = np_reduce_to(ref(x, g, transpose_x=True), shape)
+        check_exact(core.matmul(x, g, transpose_x=True, batch_shape=shape), want)
+
+
+def test_folds_leave_other_layouts_alone():
+    x = np.ones((30, 5, 7), np.float32)
+    # A transposed: its rows do not run on from one matrix to the next.
+    xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    plan = core.plan(xt, np.ones((7, 3), np.float32), transpose_x=True)
+    assert plan["m"] == 5 and plan["num_outputs"] == 30
+    # B not shared: nothing folds.
+    assert core.plan(x, np.ones((30, 7, 3), np.float32))["num_outputs"] == 30
+    # A prime batch has no divisor to fold by, and stays correct.
+    xp = ints(np.random.default_rng(25), (31, 5, 7), np.float32)
+    y = ints(np.random.default_rng(26), (7, 3), np.float32)
+    check_exact(core.matmul(xp, y), ref(xp, y))

@@ -22,6 +22,12 @@ std::string ShapeString(const Operand& x) {
 
 bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
+// Whether x == a * b (without overflow).
+bool IsProduct(int64_t x, int64_t a, int64_t b) {
+  int64_t r;
+  return !MulOverflows(a, b, &r) && r == x;
+}
+
 // a * b, saturated at INT64_MAX / 4 (so that a few of them still add up): for cost
 // heuristics over sizes that may be astronomically large when some other dim is 0.
 int64_t SatMul(int64_t a, int64_t b) {
@@ -81,6 +87,13 @@ constexpr int64_t kMaxFoldedColumns = 64;
 // 2026-12-01 (README.md; weight gradient g[B,64,160,1]·u[B,64,8,1]ᵀ summed over B = 600,
 // 2048, one thread): 256 takes 1.10-1.11× as long, 4096 1.11× (B = 2048).
 constexpr int64_t kMaxFoldedK = 1024;
+// Rows per product when a batch sharing B folds into M: enough to load B once per many
+// rows, few enough to leave several work items per thread on a batch of ~100. Timed
+// 2026-12-01 (Zen 5, AVX-512, one thread, _smallmm_core.matmul of x[B, M, K] · y[K, N],
+// B = 30000, which folds to 480-512 rows, against B = 30011, prime, which cannot fold):
+// the unfolded batch takes 2.1-2.5× as long for 4×4·4×4, 5×7·7×12 and 8×8·8×8, 1.4-1.5×
+// for 16×16·16×4, 16×16·16×16 and 20×20·20×20, 1.07× for 32×3·3×1. Other caps not timed.
+constexpr int64_t kMaxFoldedRows = 512;
 
 // Removes loop i from a nest, or shrinks it to `size / taken` iterations when only part of
 // it was folded (its strides then step over the folded part).
@@ -97,13 +110,19 @@ void TakeFromLoop(Loop* loops, int* n, int i, int64_t taken) {
   }
 }
 
-// Turns batches of matrix-vector products that share a matrix into matrix-matrix products:
+// Turns batches of products that share an operand into one longer product:
 //  - N = 1 and an output loop along which A is broadcast: that loop becomes N (capsule
 //    prediction: W[i] · u[b, i] for all b is one 160×8 · 8×B GEMM);
 //  - M = 1 and an output loop along which B is broadcast: that loop becomes M;
-//  - K = 1 and a reduction loop: that loop becomes K (the capsule weight gradient
-//    Σ_b g[b, i] · u[b, i]ᵀ is one 160×B · B×8 GEMM).
-// The shared operand is then packed once and reused from registers across the columns.
+//  - an output loop along which B is broadcast while A's and C's rows run on evenly from
+//    one matrix to the next: that loop joins M ([B, M, K] · [K, N] is one [B·M, K] · [K, N]
+//    product, and so is the gradient g[B, M, N] · Bᵀ);
+//  - a reduction loop along which both operands' K axes run on evenly (any loop when
+//    K = 1): that loop joins K (the capsule weight gradient Σ_b g[b, i] · u[b, i]ᵀ is one
+//    160×B · B×8 GEMM, and the gradient Σ_b A[b]ᵀ · g[b] of a B shared by a batch is one
+//    K×(B·M) · (B·M)×N GEMM).
+// The shared operand is then loaded once and reused from registers across the rows or
+// columns.
 void FoldLoopsIntoMatrix(GemmPlan* p) {
   // Nothing to compute (an empty batch, or an empty sum whose result is zeros): folding
   // the other, possibly huge, loops would only size scratch buffers for no work.
@@ -125,7 +144,7 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   };
   // A side of 1 takes an output loop along which the other operand is broadcast: the
   // loop's strides for the moving operand and for C become that side's.
-  auto fold_side = [&](int64_t Loop::* shared, int64_t Loop::* moving, int64_t* side,
+  auto fold_side = [&](int64_t Loop::*shared, int64_t Loop::*moving, int64_t* side,
                        int64_t* op_stride, int64_t* c_stride) {
     const int best = pick(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
     const int64_t take = best >= 0 ? DivisorAtMost(p->out[best].size, kMaxFoldedColumns) : 1;
@@ -141,15 +160,33 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   } else if (p->m == 1) {
     fold_side(&Loop::b, &Loop::a, &p->m, &p->a_rs, &p->c_rs);
   }
-  if (p->k == 1) {
-    const int i = pick(p->red, p->num_red, [](const Loop&) { return true; });
-    // Reductions are serial anyway, so no parallelism is lost; the cap bounds the packed
-    // panels (M·K and K·N elements) when the batch is long.
-    const int64_t take = i >= 0 ? DivisorAtMost(p->red[i].size, kMaxFoldedK) : 1;
+  // Rows: an output loop along which B is broadcast and A's and C's rows continue.
+  {
+    const int i = pick(p->out, p->num_out, [&](const Loop& l) {
+      return p->m >= 1 && l.b == 0 && l.a != 0 && IsProduct(l.a, p->m, p->a_rs) &&
+             IsProduct(l.c, p->m, p->c_rs);
+    });
+    const int64_t take = i >= 0 ? DivisorAtMost(p->out[i].size, kMaxFoldedRows / p->m) : 1;
     if (take > 1) {
-      p->k = take;
-      p->a_cs = p->red[i].a;
-      p->b_rs = p->red[i].b;
+      p->m *= take;
+      TakeFromLoop(p->out, &p->num_out, i, take);
+    }
+  }
+  // K: a reduction loop along which both operands' K axes continue (K = 1: any loop, whose
+  // strides become the K strides). Reductions are serial anyway, so no parallelism is
+  // lost; the cap bounds the packed panels (M·K and K·N elements) when the batch is long.
+  {
+    const int i = pick(p->red, p->num_red, [&](const Loop& l) {
+      return p->k == 1 ||
+             (p->k > 1 && IsProduct(l.a, p->k, p->a_cs) && IsProduct(l.b, p->k, p->b_rs));
+    });
+    const int64_t take = i >= 0 ? DivisorAtMost(p->red[i].size, kMaxFoldedK / p->k) : 1;
+    if (take > 1) {
+      if (p->k == 1) {
+        p->a_cs = p->red[i].a;
+        p->b_rs = p->red[i].b;
+      }
+      p->k *= take;
       TakeFromLoop(p->red, &p->num_red, i, take);
     }
   }

@@ -127,6 +127,26 @@ PYBIND11_MODULE(_smallmm_core, m) {
       py::arg("batch_shape") = py::none(), py::arg("reduction_parts") = 1,
       "The kernel family (one of kernel_families) that matmul with these arguments runs "
       "on the active ISA; 'none' when the output is empty.");
+  m.def(
+      "plan",
+      [](const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
+         bool transpose_y, bool conjugate_y, std::optional<std::vector<int64_t>> batch_shape) {
+        const smallmm::GemmPlan p =
+            PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape).plan;
+        py::dict d;
+        d["m"] = p.m;
+        d["n"] = p.n;
+        d["k"] = p.k;
+        d["num_outputs"] = p.num_outputs;
+        d["num_reduced"] = p.num_reduced;
+        return d;
+      },
+      py::arg("x"), py::arg("y"), py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
+      py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
+      py::arg("batch_shape") = py::none(),
+      "The sizes of the products matmul runs with these arguments after the planner's "
+      "folds: M, N, K of each product, the number of output matrices and of products "
+      "summed into each.");
   m.def("suggest_reduction_split",
         [](const py::array& x, const py::array& y, std::vector<int64_t> batch_shape, int threads) {
           const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);

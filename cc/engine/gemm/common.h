@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>  // static inline intrinsics only: nothing here can leak as a COMDAT
+#endif
 
 #include "cc/engine/float16_bits.h"
 #include "cc/engine/smallmm.h"
@@ -41,8 +45,17 @@ struct Traits16 {
   static R Load(const void* p, int64_t i) { return kToFloat(static_cast<const uint16_t*>(p)[i]); }
   static void Store(void* p, int64_t i, R v) { static_cast<uint16_t*>(p)[i] = kFromFloat(v); }
 };
+#if defined(__F16C__)
+// One instruction each way where the build has F16C (the AVX2 and AVX-512 builds): the
+// same values as the bit conversions (round to nearest even; NaN stays NaN).
+inline float HalfToFloatF16C(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t FloatToHalfF16C(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+template <>
+struct Traits<DType::kHalf> : Traits16<&HalfToFloatF16C, &FloatToHalfF16C> {};
+#else
 template <>
 struct Traits<DType::kHalf> : Traits16<&HalfToFloat, &FloatToHalf> {};
+#endif
 template <>
 struct Traits<DType::kBFloat16> : Traits16<&BF16ToFloat, &FloatToBF16> {};
 
@@ -60,6 +73,27 @@ struct VecOf {
   typedef R type __attribute__((vector_size(sizeof(R) * L)));
 };
 
+// This build's vector width in bytes.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+// The signed integer as wide as R: the lane type of R's shuffle masks.
+template <typename R>
+struct SameSizeInt {
+  using type = typename std::conditional<sizeof(R) == 8, int64_t, int32_t>::type;
+};
+
+// A shuffle mask of L lanes, lane r = f(r) (f constexpr: the mask is a constant).
+template <typename I, typename F, int... r>
+constexpr I MakeMask(F f, std::integer_sequence<int, r...>) {
+  return I{f(r)...};
+}
+
 // Unaligned vector load / store (memcpy compiles to one vmovups).
 template <typename V, typename R>
 inline V LoadVec(const R* p) {
@@ -70,6 +104,134 @@ inline V LoadVec(const R* p) {
 template <typename V, typename R>
 inline void StoreVec(R* p, const V& v) {
   memcpy(p, &v, sizeof(V));
+}
+
+// The first n lanes of a vector (0 <= n <= its lanes): the other lanes read as zero and
+// are never written. With AVX-512 these are masked loads and stores, which touch no byte
+// past p + n; elsewhere the lanes are moved one at a time.
+template <typename V, typename R>
+inline V LoadPartial(const R* p, int n) {
+#if defined(__AVX512F__)
+  constexpr bool kMasked = (sizeof(R) == 4 || sizeof(R) == 8) && sizeof(V) >= 16;
+  if constexpr (kMasked) {
+    const unsigned k = (1u << n) - 1;
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 64) return (V)_mm512_maskz_loadu_ps(k, p);
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 32) return (V)_mm256_maskz_loadu_ps(k, p);
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 16) return (V)_mm_maskz_loadu_ps(k, p);
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 64) return (V)_mm512_maskz_loadu_pd(k, p);
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 32) return (V)_mm256_maskz_loadu_pd(k, p);
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 16) return (V)_mm_maskz_loadu_pd(k, p);
+  }
+#endif
+  R lanes[sizeof(V) / sizeof(R)] = {};
+  for (int i = 0; i < n; ++i) lanes[i] = p[i];
+  return LoadVec<V>(lanes);
+}
+template <typename V, typename R>
+inline void StorePartial(R* p, const V& v, int n) {
+#if defined(__AVX512F__)
+  constexpr bool kMasked = (sizeof(R) == 4 || sizeof(R) == 8) && sizeof(V) >= 16;
+  if constexpr (kMasked) {
+    const unsigned k = (1u << n) - 1;
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 64) return _mm512_mask_storeu_ps(p, k, __m512(v));
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 32) return _mm256_mask_storeu_ps(p, k, __m256(v));
+    if constexpr (sizeof(R) == 4 && sizeof(V) == 16) return _mm_mask_storeu_ps(p, k, __m128(v));
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 64) return _mm512_mask_storeu_pd(p, k, __m512d(v));
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 32) return _mm256_mask_storeu_pd(p, k, __m256d(v));
+    if constexpr (sizeof(R) == 8 && sizeof(V) == 16) return _mm_mask_storeu_pd(p, k, __m128d(v));
+  }
+#endif
+  R lanes[sizeof(V) / sizeof(R)];
+  memcpy(lanes, &v, sizeof(V));
+  for (int i = 0; i < n; ++i) p[i] = lanes[i];
+}
+
+// float16 / bfloat16 elements p[0..n) widened to a vector of W floats, and a vector of W
+// floats rounded into p[0..n) (0 <= n <= W; the other lanes read as zero and are never
+// written): whole-vector conversions, with the same values as Traits' scalar ones (round
+// to nearest even, NaN stays NaN). bfloat16 is a shift either way; float16 uses F16C's
+// vcvtph2ps / vcvtps2ph where the build has it (the zero-masked AVX-512 forms: GCC 12's
+// unmasked ones start from an undefined register and warn).
+template <DType D, int W>
+inline typename VecOf<float, W>::type Widened(const typename VecOf<uint16_t, W>::type& v) {
+  using F = typename VecOf<float, W>::type;
+  if constexpr (D == DType::kBFloat16) {
+    return (F)(__builtin_convertvector(v, typename VecOf<uint32_t, W>::type) << 16);
+  }
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return (F)_mm512_maskz_cvtph_ps(0xffff, (__m256i)v);
+#endif
+#if defined(__F16C__)
+  if constexpr (W == 8) return (F)_mm256_cvtph_ps((__m128i)v);
+#endif
+  F f;
+  for (int i = 0; i < W; ++i) f[i] = Traits<D>::Load(&v, i);
+  return f;
+}
+template <DType D, int W>
+inline typename VecOf<uint16_t, W>::type Rounded(const typename VecOf<float, W>::type& f) {
+  using U16 = typename VecOf<uint16_t, W>::type;
+  using U32 = typename VecOf<uint32_t, W>::type;
+  if constexpr (D == DType::kBFloat16) {
+    const U32 u = (U32)f;
+    const U32 nan = (U32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+    const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (((u >> 16) | 0x0040u) & nan), U16);
+  }
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    return (U16)_mm512_maskz_cvtps_ph(0xffff, (__m512)f, _MM_FROUND_TO_NEAREST_INT);
+  }
+#endif
+#if defined(__F16C__)
+  if constexpr (W == 8) return (U16)_mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT);
+#endif
+  U16 v;
+  for (int i = 0; i < W; ++i) Traits<D>::Store(&v, i, f[i]);
+  return v;
+}
+template <DType D, int W>
+inline typename VecOf<float, W>::type LoadWidened(const uint16_t* p, int n) {
+  using U16 = typename VecOf<uint16_t, W>::type;
+  if (n == W) return Widened<D, W>(LoadVec<U16>(p));
+  uint16_t h[W] = {};
+  memcpy(h, p, sizeof(uint16_t) * n);
+  return Widened<D, W>(LoadVec<U16>(h));
+}
+template <DType D, int W>
+inline void StoreRounded(uint16_t* p, const typename VecOf<float, W>::type& f, int n) {
+  const typename VecOf<uint16_t, W>::type v = Rounded<D, W>(f);
+  if (n == W) return StoreVec(p, v);
+  uint16_t h[W];
+  StoreVec(h, v);
+  memcpy(p, h, sizeof(uint16_t) * n);
+}
+
+// n <= L storage scalars of dtype D at p as a vector of its accumulation type (the other
+// lanes zero), and back: plain vector moves for float, double and the (re, im) scalars of
+// complex types, conversions for float16 and bfloat16.
+template <DType D, int L>
+using AccVec = typename VecOf<typename Traits<D>::R, L>::type;
+template <DType D>
+using StorageOf = typename DTypeInfo<D>::Storage;
+template <DType D>
+constexpr bool kStoredAsAcc = std::is_same<StorageOf<D>, typename Traits<D>::R>::value;
+template <DType D, int L>
+inline AccVec<D, L> LoadLanes(const StorageOf<D>* p, int n) {
+  if constexpr (kStoredAsAcc<D>) {
+    return n == L ? LoadVec<AccVec<D, L>>(p) : LoadPartial<AccVec<D, L>>(p, n);
+  } else {
+    return LoadWidened<D, L>(p, n);
+  }
+}
+template <DType D, int L>
+inline void StoreLanes(StorageOf<D>* p, const AccVec<D, L>& v, int n) {
+  if constexpr (kStoredAsAcc<D>) {
+    if (n == L) return StoreVec(p, v);
+    StorePartial(p, v, n);
+  } else {
+    StoreRounded<D, L>(p, v, n);
+  }
 }
 
 // ---------------------------------------------------------------- loop nests

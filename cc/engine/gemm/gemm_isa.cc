@@ -10,6 +10,7 @@
 //
 // The kernel families, one header each, tried in the order of kFamilies below:
 //   tiny        M, N, K <= 4: unrolled products straight from memory        (tiny.h)
+//   matvec      matrix-vector products with a short K, across rows          (matvec.h)
 //   dot         matrix-vector products as dot products along K              (dot.h)
 //   stationary  short K: one operand in registers, the other streamed past  (stationary.h)
 //   packed      everything: packed tiles and micro-kernels                  (packed.h, micro.h)
@@ -19,6 +20,7 @@
 #include "cc/engine/gemm/common.h"
 #include "cc/engine/gemm/dot.h"
 #include "cc/engine/gemm/gemm_kernels.h"
+#include "cc/engine/gemm/matvec.h"
 #include "cc/engine/gemm/packed.h"
 #include "cc/engine/gemm/stationary.h"
 #include "cc/engine/gemm/tiny.h"
@@ -46,9 +48,8 @@ struct KernelFamily {
 // _smallmm_core.kernel_families iterate this table.
 template <DType D>
 constexpr KernelFamily<D> kFamilies[] = {
-    {"tiny", &CanTiny<D>, &RunTiny<D>},
-    {"dot", &CanDot<D>, &RunDot<D>},
-    {"stationary", &CanStationary<D>, &RunStationary<D>},
+    {"tiny", &CanTiny<D>, &RunTiny<D>},       {"matvec", &CanMatvec<D>, &RunMatvec<D>},
+    {"dot", &CanDot<D>, &RunDot<D>},          {"stationary", &CanStationary<D>, &RunStationary<D>},
     {"packed", &CanPacked<D>, &RunPacked<D>},
 };
 constexpr int kNumFamilies =

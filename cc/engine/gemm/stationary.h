@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "cc/engine/gemm/common.h"
@@ -20,169 +21,222 @@
 namespace smallmm {
 namespace {
 
-// This build's vector width, and the longest K of the stationary kernels: the strip takes K
-// vector registers, plus four accumulators and a broadcast.
-// - AVX-512: 24 + 5 of 32 registers. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
+// The longest K of the stationary kernels: the strip takes K vector registers, plus four
+// accumulators and a broadcast.
+// - AVX-512: 24 + 5 of 32 registers at first. 0ee665a (2026-11-25): 20000 20×20×20 products 5.2 ->
 //   3.5 ms single-threaded against the packed micro-kernels; bench 20000 × 20×20@20×20
-//   forward+backward 14.4 -> 10.9 ms.
+//   forward+backward 14.4 -> 10.9 ms. Now 32, some of the strip spilled to the stack
+//   (kernel_grid.py, 2026-12-01, Zen 5, a busy shared machine; tf.matmul forward ratios,
+//   packed -> stationary): 12×32·32×16 0.67× -> 1.22×, 5×32·32×5 0.57× -> 1.14×, 32³
+//   float64 0.56× -> 1.11×, float16 1.14× -> 2.25×, float32 0.98× -> 0.50× and 1.14× in
+//   two runs.
 // - AVX2: 11 + 5 of 16. Timed 2026-12-01 (../README.md): K = 9..11 products (M = 8..20,
 //   N = 8..64) take 0.16-0.95× the packed time (it was 8, d94c004).
 // - Baseline (SSE2): 8 (d94c004); K = 9..11 took 1.3-1.8× the packed time (same run).
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64, kStationaryMaxK = 24;
+constexpr int kStationaryMaxK = 32;
 #elif defined(__AVX__)
-constexpr int kVecBytes = 32, kStationaryMaxK = 11;
+constexpr int kStationaryMaxK = 11;
 #else
-constexpr int kVecBytes = 16, kStationaryMaxK = 8;
+constexpr int kStationaryMaxK = 8;
 #endif
 
-// Lane type: a W-lane vector, or the scalar itself for W = 1.
-template <typename R, int W>
-struct Lanes {
-  using type = typename VecOf<R, W>::type;
-};
-template <typename R>
-struct Lanes<R, 1> {
-  using type = R;
-};
+// Complex products: the strip holds W / 2 complex lanes as interleaved (re, im) pairs, and
+// a second copy turned by 90° (i·s: (-im, re) pairs), so a streamed value x = xr + i·xi
+// adds xr·s + xi·(i·s): two FMAs per complex lane pair, no shuffles in the loop. The two
+// copies take 2K registers, so complex products stop at half the real K.
+template <DType D>
+constexpr int kStationaryMaxKOf = Traits<D>::kComplex ? kStationaryMaxK / 2 : kStationaryMaxK;
 
-// A finished column (row) of W lanes to out[o..o+W): vector stores for float/double
-// (non-temporal when asked and a whole line), rounded lane by lane for fp16/bf16.
-template <DType D, int W>
-inline void PutLanes(void* out, int64_t o, const typename Lanes<typename Traits<D>::R, W>::type& v,
-                     bool stream) {
-  using R = typename Traits<D>::R;
-  if constexpr (kPlainReal<D>) {
-    R* p = static_cast<R*>(out) + o;
-    if constexpr (W * sizeof(R) == 64) {
-      if (stream) {
-        StreamVec(p, v);
-        return;
-      }
-    }
-    StoreVec(p, v);
-  } else {
-    R lanes[W];
-    memcpy(lanes, &v, sizeof(lanes));
-    for (int i = 0; i < W; ++i) Traits<D>::Store(out, o + i, lanes[i]);
+// Storage scalars per element (2 for complex).
+template <DType D>
+constexpr int kScalars = Traits<D>::kComplex ? 2 : 1;
+
+// A finished column (row) of a strip to out element o (W storage scalars): vector stores
+// for float/double (non-temporal when asked and a whole line), rounded as a vector for
+// fp16/bf16. A partial strip (the last one of a side that is not a whole number of
+// vectors) writes its first `lanes` storage scalars only.
+template <DType D, int W, bool kPartial>
+inline void PutLanes(void* out, int64_t o, const AccVec<D, W>& v, bool stream, int lanes) {
+  StorageOf<D>* p = static_cast<StorageOf<D>*>(out) + kScalars<D> * o;
+  if constexpr (!kPartial && kStoredAsAcc<D> && sizeof(v) == 64) {
+    if (stream) return StreamVec(p, v);
   }
+  StoreLanes<D, W>(p, v, kPartial ? lanes : W);
 }
 
-// The streamed side of a strip: out(:, j) = Σ_l sv[l] · x(l, j), x(l, j) = x[xo + l * x_ls +
-// j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per column.
-template <DType D, int W, int K, bool kUnit>
-__attribute__((always_inline)) inline void StationaryStream(
-    const typename Lanes<typename Traits<D>::R, W>::type* __restrict sv, const void* x, int64_t xo,
-    int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js, int64_t count, bool stream) {
+// The strip in registers: s[l] holds s(v, l) for the strip's lanes v; complex also i·s.
+template <DType D, int W, int K>
+struct StripRegs {
   using T = Traits<D>;
-  using V = typename Lanes<typename T::R, W>::type;
+  using R = typename T::R;
+  using V = typename VecOf<R, W>::type;
+  V s[K];
+  V is[T::kComplex ? K : 1];
+  // c += x · s[l] for the streamed element x at index e (conjugated when x_sign is -1).
+  __attribute__((always_inline)) void Fma(V& c, int l, const void* x, int64_t e, R x_sign) const {
+    if constexpr (T::kComplex) {
+      c += s[l] * T::Load(x, 2 * e);  // two FMAs, not a sum of two products
+      c += is[l] * (x_sign * T::Load(x, 2 * e + 1));
+    } else {
+      c += s[l] * T::Load(x, e);
+    }
+  }
+};
+
+// The streamed side of a strip: out(:, j) = Σ_l s(:, l) · x(l, j), x(l, j) = x[xo + l *
+// x_ls + j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per
+// column.
+template <DType D, int W, int K, bool kUnit, bool kPartial>
+__attribute__((always_inline)) inline void StationaryStream(const StripRegs<D, W, K>& sr,
+                                                            const void* x, int64_t xo, int64_t x_ls,
+                                                            int64_t x_js,
+                                                            typename Traits<D>::R x_sign, void* out,
+                                                            int64_t oo, int64_t o_js, int64_t count,
+                                                            bool stream, int lanes) {
+  using V = typename VecOf<typename Traits<D>::R, W>::type;
   const int64_t ls = kUnit ? 1 : x_ls;
   int64_t j = 0;
   // Four columns at a time: four independent FMA chains.
   for (; j + 4 <= count; j += 4) {
     const int64_t x0 = xo + j * x_js, x1 = x0 + x_js, x2 = x1 + x_js, x3 = x2 + x_js;
     V c0 = V{}, c1 = V{}, c2 = V{}, c3 = V{};  // from +0 like every GEMM (-0 · 1 = +0)
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int l = 0; l < K; ++l) {
-      c0 += sv[l] * T::Load(x, x0 + l * ls);
-      c1 += sv[l] * T::Load(x, x1 + l * ls);
-      c2 += sv[l] * T::Load(x, x2 + l * ls);
-      c3 += sv[l] * T::Load(x, x3 + l * ls);
+      sr.Fma(c0, l, x, x0 + l * ls, x_sign);
+      sr.Fma(c1, l, x, x1 + l * ls, x_sign);
+      sr.Fma(c2, l, x, x2 + l * ls, x_sign);
+      sr.Fma(c3, l, x, x3 + l * ls, x_sign);
     }
-    PutLanes<D, W>(out, oo + j * o_js, c0, stream);
-    PutLanes<D, W>(out, oo + (j + 1) * o_js, c1, stream);
-    PutLanes<D, W>(out, oo + (j + 2) * o_js, c2, stream);
-    PutLanes<D, W>(out, oo + (j + 3) * o_js, c3, stream);
+    PutLanes<D, W, kPartial>(out, oo + j * o_js, c0, stream, lanes);
+    PutLanes<D, W, kPartial>(out, oo + (j + 1) * o_js, c1, stream, lanes);
+    PutLanes<D, W, kPartial>(out, oo + (j + 2) * o_js, c2, stream, lanes);
+    PutLanes<D, W, kPartial>(out, oo + (j + 3) * o_js, c3, stream, lanes);
   }
   for (; j < count; ++j) {
     const int64_t xj = xo + j * x_js;
     V c0 = V{};
-#pragma GCC unroll 16
-    for (int l = 0; l < K; ++l) c0 += sv[l] * T::Load(x, xj + l * ls);
-    PutLanes<D, W>(out, oo + j * o_js, c0, stream);
+#pragma GCC unroll 32
+    for (int l = 0; l < K; ++l) sr.Fma(c0, l, x, xj + l * ls, x_sign);
+    PutLanes<D, W, kPartial>(out, oo + j * o_js, c0, stream, lanes);
   }
 }
 
-// One strip: s(v, l) = s[so + v * s_vs + l * s_ls] for v < W, l < K; the streamed side as
-// in StationaryStream; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
-template <DType D, int W, int K>
-void StationaryStrip(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
-                     int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
-                     int64_t count, bool stream) {
+// Where one side of the product lives: element (v, l) at off + v * vs + l * ls, conjugated
+// when conj (complex only).
+struct Side {
+  const void* p;
+  int64_t off, vs, ls;
+  bool conj;
+};
+
+// One strip: s(v, l) for v < W / kScalars lanes (fewer when kPartial: `lanes` storage
+// scalars, the rest zero and never stored), l < K; the streamed side x(l, j) = x(j, l) of
+// its Side; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
+template <DType D, int W, int K, bool kPartial>
+void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js,
+                     int64_t count, bool stream, int lanes) {
   using T = Traits<D>;
   using R = typename T::R;
-  using V = typename Lanes<R, W>::type;
-  V sv[K];
-  bool loaded = false;
-  if constexpr (kPlainReal<D>) {
-    if (s_vs == 1) {  // lanes contiguous: read in place
-      const R* sr = static_cast<const R*>(s) + so;
-#pragma GCC unroll 16
-      for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(sr + l * s_ls);
-      loaded = true;
+  using V = typename VecOf<R, W>::type;
+  constexpr int kS = kScalars<D>;
+  StripRegs<D, W, K> sr;
+  if (s.vs == 1) {  // lanes contiguous: read in place
+    const StorageOf<D>* p = static_cast<const StorageOf<D>*>(s.p) + kS * s.off;
+#pragma GCC unroll 32
+    for (int l = 0; l < K; ++l) sr.s[l] = LoadLanes<D, W>(p + kS * l * s.ls, kPartial ? lanes : W);
+  } else {  // gather (and widen) the strip through a small transposed copy
+    R tmp[K][W];
+    if constexpr (kPartial) memset(tmp, 0, sizeof(tmp));
+    for (int v = 0; v < (kPartial ? lanes : W) / kS; ++v)
+#pragma GCC unroll 32
+      for (int l = 0; l < K; ++l)
+        for (int q = 0; q < kS; ++q)
+          tmp[l][kS * v + q] = T::Load(s.p, kS * (s.off + v * s.vs + l * s.ls) + q);
+#pragma GCC unroll 32
+    for (int l = 0; l < K; ++l) sr.s[l] = LoadVec<V>(tmp[l]);
+  }
+  if constexpr (T::kComplex) {
+    // Conjugate: negate the imaginary lanes. i·s: swap each (re, im) pair to (im, re), then
+    // negate the new real lanes.
+    using I = typename VecOf<typename SameSizeInt<R>::type, W>::type;
+    constexpr auto seq = std::make_integer_sequence<int, W>();
+    constexpr I swap = MakeMask<I>([](int r) { return r ^ 1; }, seq);
+    const V conj = MakeMask<V>([](int r) { return r % 2 ? R(-1) : R(1); }, seq);
+    const V turn = MakeMask<V>([](int r) { return r % 2 ? R(1) : R(-1); }, seq);
+#pragma GCC unroll 32
+    for (int l = 0; l < K; ++l) {
+      if (s.conj) sr.s[l] *= conj;
+      sr.is[l] = __builtin_shuffle(sr.s[l], swap) * turn;
     }
   }
-  if (!loaded) {  // gather (and widen) the strip through a small transposed copy
-    R tmp[K][W];
-    for (int v = 0; v < W; ++v)
-#pragma GCC unroll 16
-      for (int l = 0; l < K; ++l) tmp[l][v] = T::Load(s, so + v * s_vs + l * s_ls);
-#pragma GCC unroll 16
-    for (int l = 0; l < K; ++l) sv[l] = LoadVec<V>(tmp[l]);
-  }
-  if (x_ls == 1) {  // the usual case: each streamed column is contiguous along K
-    StationaryStream<D, W, K, true>(sv, x, xo, 1, x_js, out, oo, o_js, count, stream);
+  const R x_sign = x.conj ? R(-1) : R(1);
+  if (x.ls == 1) {  // the usual case: each streamed column is contiguous along K
+    StationaryStream<D, W, K, true, kPartial>(sr, x.p, x.off, 1, x.vs, x_sign, out, oo, o_js, count,
+                                              stream, lanes);
   } else {
-    StationaryStream<D, W, K, false>(sv, x, xo, x_ls, x_js, out, oo, o_js, count, stream);
+    StationaryStream<D, W, K, false, kPartial>(sr, x.p, x.off, x.ls, x.vs, x_sign, out, oo, o_js,
+                                               count, stream, lanes);
   }
 }
 
-// All `rows` strips of one product: full vector strips, then the rest in halving widths
-// (20 rows of floats with AVX-512: 16 + 4).
+// All `rows` strips of one product: whole vector strips, then one partial strip for the
+// rest (20 rows of floats with AVX-512: 16 + 4 lanes of 16).
 template <DType D, int W, int K>
-void StationaryRows(const void* s, int64_t so, int64_t s_vs, int64_t s_ls, const void* x,
-                    int64_t xo, int64_t x_ls, int64_t x_js, void* out, int64_t oo, int64_t o_js,
-                    int64_t rows, int64_t count, bool stream) {
-  using R = typename Traits<D>::R;
+void StationaryRows(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
+                    int64_t count, bool stream) {
+  constexpr int kLanes = W / kScalars<D>;  // elements per strip (W storage scalars)
+  const int64_t first = s.off;
   int64_t v = 0;
-  constexpr bool kWidest = W * sizeof(R) == kVecBytes;
-  for (; v + W <= rows && (kWidest || v == 0); v += W) {
-    StationaryStrip<D, W, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v, o_js,
-                             count, stream);
+  for (; v + kLanes <= rows; v += kLanes) {
+    s.off = first + v * s.vs;
+    StationaryStrip<D, W, K, false>(s, x, out, oo + v, o_js, count, stream, W);
   }
-  if constexpr (W > 1) {
-    if (v < rows) {
-      StationaryRows<D, W / 2, K>(s, so + v * s_vs, s_vs, s_ls, x, xo, x_ls, x_js, out, oo + v,
-                                  o_js, rows - v, count, stream);
-    }
+  if (v < rows) {
+    s.off = first + v * s.vs;
+    StationaryStrip<D, W, K, true>(s, x, out, oo + v, o_js, count, stream,
+                                   int(kScalars<D> * (rows - v)));
   }
 }
 
 // Which kernel suits C: the column kernel when C's columns are contiguous, the row kernel
-// when its rows are; each needs enough streamed columns (rows) to pay for loading the
-// strip, and a strip side that is a vector. From d94c004 (2026-11-25, chosen for the
-// capsule's 160×8 · 8×50 and for 8×8 · 8×64). Timed 2026-12-01 (../README.md, AVX-512, row
-// kernel, 20000 products): streaming from 4 rows instead of 8 takes 0.23-0.92× the packed
-// time for most M = 4..7, but 1.2-2.4× with a wide strip and long K (N = 64 with K >= 16,
-// or K = 24 with N <= 8); at N = 64 with K >= 16 even M = 8 and 12 take 1.1-2.1× the packed
-// time today. The count wants a cost in K·N to replace it; until then it stays.
+// when its rows are. The column kernel needs enough streamed columns to pay for loading the
+// strip, and a strip side that is a vector: from d94c004 (2026-11-25, chosen for the
+// capsule's 160×8 · 8×50). The row kernel took M >= 8 and N >= 4 (d94c004); timed
+// 2026-12-01 (../README.md, AVX-512, 20000 products) fewer rows lost to the packed kernels
+// only with several strips and a long K (N = 64 with K >= 16: 1.2-2.4× the packed time).
+// Its last strip is now a partial vector, so it also takes any M and N >= 2 (N = 1 is a
+// matvec) where N fits one strip: the packed kernels' wide tiles are mostly padding there
+// (5×7 · 7×12 and 32×12 · 12×3 ran 0.84× and 0.78× tf.matmul on them, 1.1-2.0× on this
+// kernel; kernel_grid.py, 2026-12-01, Zen 5 AVX-512), also where the strip is gathered
+// (B transposed, as in every gradient g·Bᵀ): keeping those on the packed kernels for M < 8
+// took forward+backward of 6×8·8×16, 32×12·12×3 and 12×16·(3×16)ᵀ from 1.28-1.71× down to
+// 0.69-0.83× tf.matmul (same tool and day). Complex products take the row kernel at any N.
 constexpr int kStationaryMinStreamed = 8;
 constexpr int kStationaryMinStrip = 4;
+constexpr int kRowKernelMinN = 2;
+// Elements per strip.
+template <DType D>
+constexpr int kStripLanes = kVecBytes / sizeof(typename Traits<D>::R) / kScalars<D>;
 inline bool ColumnKernelFits(const GemmPlan& p) {
   return p.c_rs == 1 && p.n >= kStationaryMinStreamed && p.m >= kStationaryMinStrip;
 }
+template <DType D>
 inline bool RowKernelFits(const GemmPlan& p) {
-  return p.c_cs == 1 && p.m >= kStationaryMinStreamed && p.n >= kStationaryMinStrip;
+  const bool many_rows = p.m >= kStationaryMinStreamed;
+  const bool one_strip = p.n >= kRowKernelMinN && p.n <= kStripLanes<D>;
+  return p.c_cs == 1 &&
+         ((many_rows && p.n >= kStationaryMinStrip) || one_strip || Traits<D>::kComplex);
 }
 
 template <DType D>
 bool CanStationary(const GemmPlan& p) {
-  return !Traits<D>::kComplex && p.num_reduced == 1 && p.k >= 1 && p.k <= kStationaryMaxK &&
-         (ColumnKernelFits(p) || RowKernelFits(p));
+  return p.num_reduced == 1 && p.k >= 1 && p.k <= kStationaryMaxKOf<D> &&
+         (ColumnKernelFits(p) || RowKernelFits<D>(p));
 }
 
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
-// round (lane by lane, to nearest even).
+// round (a vector at a time, to nearest even).
 template <DType D, int K>
 void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t count,
                    int64_t ao, int64_t sa, int64_t bo, int64_t sb, int64_t co, int64_t sc) {
@@ -191,18 +245,21 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const bool col = ColumnKernelFits(p);
   const bool stream =
       uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes && (col ? p.c_cs : p.c_rs) != 1;
+  // Column kernel: the strip is rows of A (v = i), the stream B's columns (j); row kernel:
+  // the strip is columns of B (v = j), the stream A's rows (i).
+  Side sa_{a, 0, p.a_rs, p.a_cs, p.conj_a}, sb_{b, 0, p.b_cs, p.b_rs, p.conj_b};
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
+    sa_.off = ao;
+    sb_.off = bo;
     if (col) {
-      StationaryRows<D, VL, K>(a, ao, p.a_rs, p.a_cs, b, bo, p.b_rs, p.b_cs, c, co, p.c_cs, p.m,
-                               p.n, stream);
+      StationaryRows<D, VL, K>(sa_, sb_, c, co, p.c_cs, p.m, p.n, stream);
     } else {
-      StationaryRows<D, VL, K>(b, bo, p.b_cs, p.b_rs, a, ao, p.a_cs, p.a_rs, c, co, p.c_rs, p.n,
-                               p.m, stream);
+      StationaryRows<D, VL, K>(sb_, sa_, c, co, p.c_rs, p.n, p.m, stream);
     }
   }
 }
 
-// Every K in [1, kStationaryMaxK], at index K - 1.
+// Every K in [1, kStationaryMaxKOf<D>], at index K - 1.
 template <DType D, int... I>
 struct StationaryTable {
   static constexpr DirectFn<D> fns[] = {&StationaryRun<D, I + 1>...};
@@ -211,16 +268,12 @@ template <DType D, int... I>
 StationaryTable<D, I...> MakeStationaryTable(std::integer_sequence<int, I...>);  // type only
 template <DType D>
 using StationaryFns =
-    decltype(MakeStationaryTable<D>(std::make_integer_sequence<int, kStationaryMaxK>()));
+    decltype(MakeStationaryTable<D>(std::make_integer_sequence<int, kStationaryMaxKOf<D>>()));
 
 template <DType D>
 bool RunStationary(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
                    int64_t end) {
-  if constexpr (Traits<D>::kComplex) {
-    return false;  // never chosen (CanStationary)
-  } else {
-    return RunDirect<D>(StationaryFns<D>::fns[p.k - 1], p, a, b, c, begin, end);
-  }
+  return RunDirect<D>(StationaryFns<D>::fns[p.k - 1], p, a, b, c, begin, end);
 }
 
 }  // namespace
