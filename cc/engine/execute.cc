@@ -44,8 +44,12 @@ int64_t Footprint(const GemmPlan& p) {
 
 }  // namespace
 
-ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* products, int count,
-                                 const Executor& ex) {
+ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, const Executor& ex) {
+  Product products[2];
+  for (int i = 0; i < count; ++i) {
+    products[i] = in[i];
+    FoldForCpuKernels(&products[i].plan);
+  }
   // Whether each product's kernel could allocate its scratch, reported per product.
   std::atomic<bool> ran[2] = {{true}, {true}};
   auto run = [&](int i, const GemmPlan& p, void* dst, int64_t begin, int64_t end) {

@@ -49,7 +49,8 @@ struct ExecuteStatus {
   int product = 0;  // which product failed
 };
 
-// Runs `count` products (1, or 2 for a pair: both gradients of a product) of one dtype,
+// Runs `count` products (1, or 2 for a pair: both gradients of a product) of one dtype on
+// the CPU kernels (plans as PlanBatchMatMul gives them; the CPU folds are applied here),
 // none with an empty output. On failure the outputs of the failing product (and of those
 // after it) are unwritten: kKernelScratch when a kernel could not allocate its packing
 // scratch (RunBatchMatMul), kPartialsScratch when ex.scratch returned nullptr.

@@ -110,43 +110,53 @@ void TakeFromLoop(Loop* loops, int* n, int i, int64_t taken) {
   }
 }
 
-// Turns batches of products that share an operand into one longer product:
+// Nothing to compute (an empty batch, or an empty sum whose result is zeros): folding
+// the other, possibly huge, loops would only size scratch buffers for no work.
+bool HasEmptyLoop(const GemmPlan& p) {
+  for (int i = 0; i < p.num_out; ++i) {
+    if (p.out[i].size == 0) return true;
+  }
+  for (int i = 0; i < p.num_red; ++i) {
+    if (p.red[i].size == 0) return true;
+  }
+  return false;
+}
+
+// The longest loop (size > 1) that satisfies ok, or -1.
+template <typename Ok>
+int PickLoop(const Loop* loops, int n, Ok ok) {
+  int best = -1;
+  for (int i = 0; i < n; ++i) {
+    if (loops[i].size > 1 && ok(loops[i]) && (best < 0 || loops[i].size > loops[best].size)) {
+      best = i;
+    }
+  }
+  return best;
+}
+
+void CountLoops(GemmPlan* p) {
+  int64_t outputs = 1, reduced = 1;
+  for (int i = 0; i < p->num_out; ++i) outputs *= p->out[i].size;
+  for (int i = 0; i < p->num_red; ++i) reduced *= p->red[i].size;
+  p->num_outputs = outputs;
+  p->num_reduced = reduced;
+}
+
+// Turns batches of matrix-vector products that share a matrix into matrix-matrix products
+// (every device's kernels take these plans):
 //  - N = 1 and an output loop along which A is broadcast: that loop becomes N (capsule
 //    prediction: W[i] · u[b, i] for all b is one 160×8 · 8×B GEMM);
 //  - M = 1 and an output loop along which B is broadcast: that loop becomes M;
-//  - an output loop along which B is broadcast while A's and C's rows run on evenly from
-//    one matrix to the next: that loop joins M ([B, M, K] · [K, N] is one [B·M, K] · [K, N]
-//    product, and so is the gradient g[B, M, N] · Bᵀ);
-//  - a reduction loop along which both operands' K axes run on evenly (any loop when
-//    K = 1): that loop joins K (the capsule weight gradient Σ_b g[b, i] · u[b, i]ᵀ is one
-//    160×B · B×8 GEMM, and the gradient Σ_b A[b]ᵀ · g[b] of a B shared by a batch is one
-//    K×(B·M) · (B·M)×N GEMM).
-// The shared operand is then loaded once and reused from registers across the rows or
-// columns.
+//  - K = 1 and a reduction loop: that loop becomes K (the capsule weight gradient
+//    Σ_b g[b, i] · u[b, i]ᵀ is one 160×B · B×8 GEMM).
+// The shared operand is then packed once and reused from registers across the columns.
 void FoldLoopsIntoMatrix(GemmPlan* p) {
-  // Nothing to compute (an empty batch, or an empty sum whose result is zeros): folding
-  // the other, possibly huge, loops would only size scratch buffers for no work.
-  for (int i = 0; i < p->num_out; ++i) {
-    if (p->out[i].size == 0) return;
-  }
-  for (int i = 0; i < p->num_red; ++i) {
-    if (p->red[i].size == 0) return;
-  }
-  // The longest loop (size > 1) that satisfies ok, or -1.
-  auto pick = [](const Loop* loops, int n, auto ok) {
-    int best = -1;
-    for (int i = 0; i < n; ++i) {
-      if (loops[i].size > 1 && ok(loops[i]) && (best < 0 || loops[i].size > loops[best].size)) {
-        best = i;
-      }
-    }
-    return best;
-  };
+  if (HasEmptyLoop(*p)) return;
   // A side of 1 takes an output loop along which the other operand is broadcast: the
   // loop's strides for the moving operand and for C become that side's.
-  auto fold_side = [&](int64_t Loop::*shared, int64_t Loop::*moving, int64_t* side,
+  auto fold_side = [&](int64_t Loop::* shared, int64_t Loop::* moving, int64_t* side,
                        int64_t* op_stride, int64_t* c_stride) {
-    const int best = pick(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
+    const int best = PickLoop(p->out, p->num_out, [&](const Loop& l) { return l.*shared == 0; });
     const int64_t take = best >= 0 ? DivisorAtMost(p->out[best].size, kMaxFoldedColumns) : 1;
     if (take > 1) {
       *side = take;
@@ -160,11 +170,31 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
   } else if (p->m == 1) {
     fold_side(&Loop::b, &Loop::a, &p->m, &p->a_rs, &p->c_rs);
   }
-  // Rows: an output loop along which B is broadcast and A's and C's rows continue.
+  // Reductions are serial anyway, so no parallelism is lost; the cap bounds the packed
+  // panels (M·K and K·N elements) when the batch is long.
+  if (p->k == 1) {
+    const int i = PickLoop(p->red, p->num_red, [](const Loop&) { return true; });
+    const int64_t take = i >= 0 ? DivisorAtMost(p->red[i].size, kMaxFoldedK) : 1;
+    if (take > 1) {
+      p->k = take;
+      p->a_cs = p->red[i].a;
+      p->b_rs = p->red[i].b;
+      TakeFromLoop(p->red, &p->num_red, i, take);
+    }
+  }
+  CountLoops(p);
+}
+
+}  // namespace
+
+void FoldForCpuKernels(GemmPlan* p) {
+  if (HasEmptyLoop(*p)) return;
+  // Rows: an output loop along which B is broadcast while A's and C's rows run on evenly
+  // from one matrix to the next joins M ([B, M, K] · [K, N] is one [B·M, K] · [K, N]
+  // product, and so is the gradient g[B, M, N] · Bᵀ).
   {
-    const int i = pick(p->out, p->num_out, [&](const Loop& l) {
-      return p->m >= 1 && l.b == 0 && l.a != 0 && IsProduct(l.a, p->m, p->a_rs) &&
-             IsProduct(l.c, p->m, p->c_rs);
+    const int i = PickLoop(p->out, p->num_out, [&](const Loop& l) {
+      return l.b == 0 && l.a != 0 && IsProduct(l.a, p->m, p->a_rs) && IsProduct(l.c, p->m, p->c_rs);
     });
     const int64_t take = i >= 0 ? DivisorAtMost(p->out[i].size, kMaxFoldedRows / p->m) : 1;
     if (take > 1) {
@@ -172,32 +202,20 @@ void FoldLoopsIntoMatrix(GemmPlan* p) {
       TakeFromLoop(p->out, &p->num_out, i, take);
     }
   }
-  // K: a reduction loop along which both operands' K axes continue (K = 1: any loop, whose
-  // strides become the K strides). Reductions are serial anyway, so no parallelism is
-  // lost; the cap bounds the packed panels (M·K and K·N elements) when the batch is long.
-  {
-    const int i = pick(p->red, p->num_red, [&](const Loop& l) {
-      return p->k == 1 ||
-             (p->k > 1 && IsProduct(l.a, p->k, p->a_cs) && IsProduct(l.b, p->k, p->b_rs));
+  // K: a reduction loop along which both operands' K axes run on evenly joins K (the
+  // gradient Σ_b A[b]ᵀ · g[b] of a B shared by a batch is one K×(B·M) · (B·M)×N GEMM).
+  if (p->k > 1) {
+    const int i = PickLoop(p->red, p->num_red, [&](const Loop& l) {
+      return IsProduct(l.a, p->k, p->a_cs) && IsProduct(l.b, p->k, p->b_rs);
     });
     const int64_t take = i >= 0 ? DivisorAtMost(p->red[i].size, kMaxFoldedK / p->k) : 1;
     if (take > 1) {
-      if (p->k == 1) {
-        p->a_cs = p->red[i].a;
-        p->b_rs = p->red[i].b;
-      }
       p->k *= take;
       TakeFromLoop(p->red, &p->num_red, i, take);
     }
   }
-  int64_t outputs = 1, reduced = 1;
-  for (int i = 0; i < p->num_out; ++i) outputs *= p->out[i].size;
-  for (int i = 0; i < p->num_red; ++i) reduced *= p->red[i].size;
-  p->num_outputs = outputs;
-  p->num_reduced = reduced;
+  CountLoops(p);
 }
-
-}  // namespace
 
 bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_batch,
                      int target_rank, GemmPlan* plan, int* out_rank,

@@ -93,6 +93,13 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
                      int64_t out_dims[kMaxBatchDims + 2], std::string* error,
                      const int* out_perm = nullptr, int out_perm_rank = 0);
 
+// The CPU kernels' folds, applied by the CPU executors to a plan from PlanBatchMatMul
+// before they run it: a batch that shares B joins M up to a few hundred rows, and a
+// reduction along which both operands' K axes run on evenly joins K, so the shared
+// operand is loaded once for many rows. The GPU kernels take the plan unfolded (their
+// size-specialised variants stage a broadcast operand once per block of matrices).
+void FoldForCpuKernels(GemmPlan* plan);
+
 // Rough cost of one output matrix in cycles, for sharding work over threads.
 int64_t CostPerOutput(const GemmPlan& plan);
 

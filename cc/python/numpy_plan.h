@@ -54,7 +54,8 @@ inline Layout LayoutOf(const py::array& x, const char* name) {
   return l;
 }
 
-// What every entry point shares: dtype check, numpy layouts, and the engine's plan.
+// What every entry point shares: dtype check, numpy layouts, and the engine's plan (with the
+// CPU kernels' folds, or as the GPU kernels take it when cpu_kernels is false).
 struct Planned {
   smallmm::DType dtype;
   Layout lx, ly;
@@ -64,7 +65,8 @@ struct Planned {
 
 inline Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                        bool transpose_y, bool conjugate_y,
-                       const std::optional<std::vector<int64_t>>& batch_shape) {
+                       const std::optional<std::vector<int64_t>>& batch_shape,
+                       bool cpu_kernels = true) {
   if (!x.dtype().equal(y.dtype())) {
     throw py::type_error("smallmm: x and y must have the same dtype, got " +
                          std::string(py::str(x.dtype())) + " and " +
@@ -86,6 +88,7 @@ inline Planned PlanFor(const py::array& x, const py::array& y, bool transpose_x,
                                 out_dims, &error)) {
     throw py::value_error(error);
   }
+  if (cpu_kernels) smallmm::FoldForCpuKernels(&r.plan);
   r.shape.assign(out_dims, out_dims + out_rank);
   return r;
 }

@@ -54,7 +54,8 @@ py::tuple SimulateGpuMatMul(const py::array& x, const py::array& y, bool transpo
                             std::optional<std::vector<int64_t>> batch_shape,
                             std::optional<std::string> kernel, int block, int smem_budget,
                             int64_t max_blocks) {
-  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
+  const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape,
+                            /*cpu_kernels=*/false);
   py::array out(x.dtype(), p.shape);
   smallmm::gpu::SimOptions opt;
   if (kernel) opt.kernel = KernelIndex(*kernel);
