@@ -76,8 +76,9 @@ struct StripRegs {
   // c += x · s[l] for the streamed element x at index e (conjugated when x_sign is -1).
   __attribute__((always_inline)) void Fma(V& c, int l, const void* x, int64_t e, R x_sign) const {
     if constexpr (T::kComplex) {
-      c += s[l] * T::Load(x, 2 * e);  // two FMAs, not a sum of two products
-      c += is[l] * (x_sign * T::Load(x, 2 * e + 1));
+      // One sum of two products, rounded like the packed micro-kernel and the GPU block
+      // program (re += ar·br - ai·bi): the same bits on every family at the baseline ISA.
+      c += s[l] * T::Load(x, 2 * e) + is[l] * (x_sign * T::Load(x, 2 * e + 1));
     } else {
       c += s[l] * T::Load(x, e);
     }
