@@ -19,7 +19,8 @@ operands and the output of one call take about --mib MiB together.
     python benchmarks/kernel_grid.py --dtypes float32 --fwd-only --json before.json
     TF_SMALLMM_ISA=avx2 python benchmarks/kernel_grid.py   # another ISA's kernels
 
-`--compare before.json` adds the ratios of an earlier run as columns.
+`--compare before.json` adds the ratios of an earlier run as columns; `--markdown
+benchmarks/KERNELS.md` writes the table with the machine, ISA and command it came from.
 """
 
 import argparse
@@ -275,6 +276,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--compare", help="rows of an earlier run (--json), shown alongside")
     p.add_argument("--list", action="store_true", help="list the cases and their kernels")
+    p.add_argument("--markdown", help="write the table here, headed by machine and command")
     args = p.parse_args(argv)
     dtypes = set(args.dtypes.split(","))
     groups = set(args.groups.split(",")) if args.groups else None
@@ -300,7 +302,20 @@ def main(argv=None):
     if args.compare:
         with open(args.compare) as f:
             before = json.load(f)
-    print(report(rows, before))
+    table = report(rows, before)
+    print(table)
+    if args.markdown:
+        from tf_smallmm.tools.sweep import machine
+
+        with open(args.markdown, "w") as f:
+            f.write("# Kernel grid: the raw SmallMM op against tf.linalg.matmul\n\n"
+                    f"{time.strftime('%Y-%m-%d')}, {machine()}, SmallMM ISA "
+                    f"{core.active_isa()}, TensorFlow {tf.__version__}; "
+                    f"`python benchmarks/kernel_grid.py {' '.join(argv or sys.argv[1:])}`.\n"
+                    "Ratios are the median over rounds of time(tf.linalg.matmul) / time(ours), "
+                    "paired and interleaved in one process: above 1, ours is faster. Kernels: "
+                    "the families that run the forward product, dA and dB.\n\n"
+                    + table + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=0)
