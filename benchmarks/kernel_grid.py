@@ -158,8 +158,8 @@ def families(case):
     fwd = core.kernel_for(a, b, case.ta, ca and case.ta, case.tb, cb and case.tb)
     fa, fb = engine._factor(a, case.ta, ca and case.ta), engine._factor(b, case.tb, cb and case.tb)
     gf = engine._factor(g, False, False)
-    da = engine._push(gf, (fb[0], not fb[1], not fb[2]), fa[1], fa[2])
-    db = engine._push((fa[0], not fa[1], not fa[2]), gf, fb[1], fb[2])
+    da = engine._push(gf, (fb[0], not fb[1], not fb[2], fb[3]), fa[1], fa[2])
+    db = engine._push((fa[0], not fa[1], not fa[2], fa[3]), gf, fb[1], fb[2])
     names = [fwd]
     for (x, y), shape in ((da, case.a_shape), (db, case.b_shape)):
         names.append(core.kernel_for(x[0], y[0], x[1], x[2], y[1], y[2],
