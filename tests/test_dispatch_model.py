@@ -70,6 +70,38 @@ def test_a_family_the_model_has_not_measured_keeps_the_size_rule(model):
     assert dispatch.choose(tf.float32, 32, 32, 32, dispatch.SHARED) == dispatch.BUILTIN
 
 
+def test_a_16bit_family_not_measured_takes_the_dense_cells(model):
+    model({"bfloat16": M_ABOVE_8, "float32": []})
+    assert dispatch.choose(tf.bfloat16, 16, 4, 4, dispatch.SHARED) == dispatch.BUILTIN
+    assert dispatch.choose(tf.bfloat16, 4, 4, 4, dispatch.SHARED) == dispatch.KERNEL
+    # float16 has no dense cells here: the size rule.
+    assert dispatch.choose(tf.float16, 16, 4, 4, dispatch.SHARED) == dispatch.KERNEL
+
+
+def test_a_contraction_without_a_common_batch_is_asked_as_one_gemm(model, monkeypatch):
+    """keras `dot` of [64,8,16] and [32,16,4] is one [512,16]·[16,128] GEMM for the built-in:
+    the model is asked about that, DENSE, not about each row of x against a matrix of y."""
+    asked = []
+    choose = dispatch.choose
+
+    def spy(dtype, m, n, k, family=dispatch.DENSE):
+        asked.append((m, n, k, family))
+        return choose(dtype, m, n, k, family)
+
+    model({"float32": [[m, n, k] for m in CLASSES if m > 8 for n in CLASSES for k in CLASSES]})
+    monkeypatch.setattr(dispatch, "choose", spy)
+    x, y = random_tensor((64, 8, 16), tf.float32, 1), random_tensor((32, 16, 4), tf.float32, 2)
+    want = np.tensordot(x.numpy(), y.numpy(), axes=([2], [1]))
+    for run in (smm.dot, tf.function(smm.dot)):
+        asked.clear()
+        contraction._eager_lowering.cache_clear()
+        np.testing.assert_allclose(run(x, y), want, rtol=1e-5, atol=1e-5)
+        assert asked == [(512, 128, 16, dispatch.DENSE)]
+    assert not smallmm_ops(tf.function(smm.dot).get_concrete_function(x, y))
+    x = random_tensor((2, 3, 16), tf.float32, 3)  # 6×16 · 16×128: ours
+    assert smallmm_ops(tf.function(smm.dot).get_concrete_function(x, y))
+
+
 @pytest.mark.parametrize("call, family", [
     (lambda: smm.matmul(tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "dense"),
     (lambda: smm.matmul(tf.ones([2, 3]), tf.ones([5, 3, 4])), "shared"),

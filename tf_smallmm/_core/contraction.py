@@ -323,7 +323,8 @@ class _Lowering:
     """What runs a plan for operands of given sizes: the lhs / rhs views (in the tensors'
     own axis order: the op reads them through the plan's perms), the product's
     batch_shape (None: no batch axis summed), the output's shape, the shared labels
-    whose sizes must be checked at run time, and M, N, K. Sizes are ints where known
+    whose sizes must be checked at run time, and the M, N, K the dispatch model is asked
+    about (_dispatch_shape). Sizes are ints where known
     (always in eager mode, where lowerings are cached per shape), else scalar tensors."""
 
     plan: Plan
@@ -384,7 +385,7 @@ def _lower(c, p, dims, own):
             out_shape.append(d if isinstance(d, int) else _ResultAxis(axis_of[label]))
         else:
             out_shape.append(size(label))
-    mnk = tuple(_prod(size(label) for label in labels) for labels in (p.m, p.n, p.k))
+    mnk = tuple(_prod(size(label) for label in labels) for labels in _dispatch_shape(c, p)[:3])
     return _Lowering(p, a_shape, b_shape, batch_shape, tuple(out_shape), tuple(checks), mnk)
 
 
@@ -425,6 +426,22 @@ def _family(c, p):
 
 
 @functools.lru_cache(maxsize=4096)
+def _dispatch_shape(c, p):
+    """What the dispatch model is asked about plan p: (M, N, K labels, product family).
+    Without a batch axis common to both operands the built-in runs the contraction as one
+    GEMM (each operand's own free axes fold into its side: keras `dot` of [4096,8,16] and
+    [32,16,4] is [32768,16]·[16,128]), so M and N take those axes and the family is DENSE;
+    otherwise the engine's product itself, with _family."""
+    lhs, rhs = (c.x, c.y) if p.lhs_is_x else (c.y, c.x)
+    if p.batch and not any(p.reduced):
+        only_lhs = tuple(label for g in p.batch if not any(x in rhs for x in g) for label in g)
+        only_rhs = tuple(label for g in p.batch if not any(x in lhs for x in g) for label in g)
+        if len(only_lhs) + len(only_rhs) == sum(len(g) for g in p.batch):
+            return p.m + only_lhs, p.n + only_rhs, p.k, dispatch.DENSE
+    return p.m, p.n, p.k, _family(c, p)
+
+
+@functools.lru_cache(maxsize=4096)
 def _eager_lowering(c, x_shape, y_shape):
     """The lowering of c for operands of these (fully known) shapes, or None (no plan,
     or shapes the built-in rejects). Cached: eager calls repeat the same shapes."""
@@ -457,7 +474,7 @@ def run(c, x, y, fallback, name=None):
     dtype = x.dtype.base_dtype
     if context.executing_eagerly():  # every size known: a cached lowering, no graph work
         low = _eager_lowering(c, x._shape_tuple(), y._shape_tuple())
-        if low is None or dispatch.choose(dtype, *low.mnk, _family(c, low.plan)) != \
+        if low is None or dispatch.choose(dtype, *low.mnk, _dispatch_shape(c, low.plan)[3]) != \
                 dispatch.KERNEL:
             return None
         return _execute(low, x, y)
@@ -474,8 +491,8 @@ def run(c, x, y, fallback, name=None):
         known = _prod(s for s in sizes if s is not None)
         return dispatch.AtLeast(known) if None in sizes else known
 
-    family = _family(c, p)
-    choice = dispatch.choose(dtype, bound(p.m), bound(p.n), bound(p.k), family)
+    m, n, k, family = _dispatch_shape(c, p)
+    choice = dispatch.choose(dtype, bound(m), bound(n), bound(k), family)
     if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
     with ops.name_scope(name, "einsum", [x, y]) as scope:

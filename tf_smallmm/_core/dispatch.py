@@ -264,15 +264,23 @@ def decode_cells(rows):
 def _table(dtype_name, cpu_class, family):
     """(size bounds, the cells where the built-in wins) for this dtype, CPU class and
     product family. Not measured for them (see _measured_class): the size rule
-    MAX_SMALL_MACS; on a CPU class not measured at all, 16-bit products from 16³
-    multiply-adds up also go to the built-in."""
+    MAX_SMALL_MACS, or for 16-bit dtypes the dense family's cells where those were
+    measured; on a CPU class not measured at all, 16-bit products from 16³ multiply-adds
+    up also go to the built-in."""
     data = model()
     bounds = tuple(data["size_bounds"])
     every = list(itertools.product(range(len(bounds) + 1), repeat=3))
     source = _measured_class(cpu_class, data["classes"])
-    measured = data["classes"].get(source, {}).get("builtin", {}).get(family, {})
+    families = data["classes"].get(source, {}).get("builtin", {})
+    measured, dense = families.get(family, {}), families.get(DENSE, {})
     if dtype_name in measured:
         cells = decode_cells(measured[dtype_name])
+    elif tf.as_dtype(dtype_name) in SIXTEEN_BIT and dtype_name in dense:
+        # 16-bit products lose where the kernels' float32 arithmetic loses to the built-in's
+        # 16-bit units, which sharing an operand does not change (SWEEP.md of 2026-12-01:
+        # bfloat16 A- and B-shared matmuls at 0.39-0.81× in cells the dense model gives to
+        # the built-in): a family not measured takes the dense cells.
+        cells = decode_cells(dense[dtype_name])
     else:
         cells = {c for c in every if _cell_macs(c, bounds) > MAX_SMALL_MACS}
     if source != cpu_class and tf.as_dtype(dtype_name) in SIXTEEN_BIT:
