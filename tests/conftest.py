@@ -110,6 +110,16 @@ def run_python(code, env=None, timeout=120):
                           cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture
+def on_kernels():
+    """For tests of the kernel path: every product our ops support runs on them, whatever
+    the dispatch model measured on this CPU (it may send a test's shape to the built-in)."""
+    from tf_smallmm._core import dispatch
+
+    with dispatch.kernels_everywhere():
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kernels_are_loaded():
     # Tests of our kernels must not silently pass on the built-in fallback.

@@ -150,6 +150,7 @@ def test_numpy_inputs_and_name():
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.float16, tf.bfloat16],
                          ids=lambda d: d.name)
+@pytest.mark.usefixtures("on_kernels")
 def test_every_float_dtype_with_gradients_on_two_engine_ops(entry, dtype):
     predict = ENTRY_POINTS[entry]
     w = random_tensor((6, 3, 4, 8), dtype, seed=14)

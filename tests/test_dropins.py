@@ -276,6 +276,7 @@ def forward_backward(case, dtype=tf.float32):
 
 
 @pytest.mark.parametrize("case", sampled(FAST), ids=str)
+@pytest.mark.usefixtures("on_kernels")
 def test_forward_and_backward_graphs_run_on_smallmm_without_transposes(case):
     forward = tf.function(case.ours, input_signature=[
         tf.TensorSpec(s, tf.float32) for s in case.shapes]).get_concrete_function()
@@ -339,6 +340,7 @@ def test_batch_dot_every_axis_pair_of_ranks_2_to_5(xn, yn, a0, a1):
 
 @pytest.mark.parametrize("xn, yn", [(xn, yn) for xn in range(1, 5) for yn in range(2, 5)
                                     if xn > 2 or yn > 2])
+@pytest.mark.usefixtures("on_kernels")
 def test_dot_every_rank_pair_runs_on_the_engine(xn, yn):
     xs = [2, 3, 4][:xn - 1] + [5]
     ys = [6, 7][:yn - 2] + [5, 3]

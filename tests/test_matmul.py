@@ -410,6 +410,7 @@ def test_shared_weight_gradient_over_a_long_batch(dtype):
 @pytest.mark.parametrize("shapes", [((9000, 8, 8), (9000, 8, 64)),       # row kernel
                                     ((1152, 160, 8), (30, 1152, 8, 1))],  # column kernel
                          ids=["8x8@8x64", "capsule"])
+@pytest.mark.usefixtures("on_kernels")
 def test_outputs_over_16mib_are_exact(shapes, dtype):
     # Outputs of 16 MiB and more go to memory with non-temporal stores (TF's buffers are
     # 64-byte aligned, so every whole line takes that path), with a fence before the op

@@ -110,6 +110,7 @@ def _flag_cases():
 
 @needs_xla
 @pytest.mark.parametrize("dtype,side_a,side_b", _flag_cases())
+@pytest.mark.usefixtures("on_kernels")
 def test_matmul_every_dtype_and_flag(dtype, side_a, side_b):
     (ta, aa), (tb, ab) = side_a, side_b
     sa, sb = shapes_for(5, 3, 7, ta or aa, tb or ab, (4,), (4,))
@@ -234,6 +235,7 @@ def test_threads_and_split_reductions(dtype):
 # --------------------------------------------------------------------------- drop-ins
 @needs_xla
 @pytest.mark.parametrize("case", sampled(FAST), ids=str)
+@pytest.mark.usefixtures("on_kernels")
 def test_dropins(case):
     xs = inputs(case, tf.float32)
     if any(0 in s for s in case.shapes):
