@@ -41,6 +41,7 @@ except ImportError:  # run from a source checkout with an in-place build
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tf_smallmm import _smallmm_core as core
 from tf_smallmm._core import engine
+from tf_smallmm.tools import sweep
 
 MiB = 1 << 20
 SIZES = (1, 2, 3, 4, 5, 7, 8, 12, 16, 20, 24, 32)
@@ -192,31 +193,11 @@ def steps(case, ours):
     return fwd, fwd_bwd
 
 
-def per_call(fn, args, reps):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn(*args)  # CPU ops run synchronously: the call returns when the op is done
-    return (time.perf_counter() - t0) / reps
-
-
 def paired_ratio(f_ours, f_tf, args, rounds, min_seconds):
-    """Median over rounds of time(tf) / time(ours), timed back to back, alternating order;
-    also the median per-call times in ms."""
-    for f in (f_ours, f_tf):
-        f(*args)
-        f(*args)
-    t = min(per_call(f_ours, args, 1), per_call(f_tf, args, 1))
-    reps = max(1, int(min_seconds / max(t, 1e-6)))
-    ratios, t_ours, t_tf = [], [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            o, b = per_call(f_ours, args, reps), per_call(f_tf, args, reps)
-        else:
-            b, o = per_call(f_tf, args, reps), per_call(f_ours, args, reps)
-        ratios.append(b / o)
-        t_ours.append(o)
-        t_tf.append(b)
-    return float(np.median(ratios)), 1e3 * float(np.median(t_ours)), 1e3 * float(np.median(t_tf))
+    """Median over rounds of time(tf) / time(ours), timed back to back, alternating order
+    (tf_smallmm.tools.sweep.paired); also the median per-call times in ms."""
+    ratio, t_ours, t_tf = sweep.paired(f_ours, f_tf, args, rounds, seconds=min_seconds)
+    return ratio, 1e3 * t_ours, 1e3 * t_tf
 
 
 def run(case, args):
@@ -305,11 +286,9 @@ def main(argv=None):
     table = report(rows, before)
     print(table)
     if args.markdown:
-        from tf_smallmm.tools.sweep import machine
-
         with open(args.markdown, "w") as f:
             f.write("# Kernel grid: the raw SmallMM op against tf.linalg.matmul\n\n"
-                    f"{time.strftime('%Y-%m-%d')}, {machine()}, SmallMM ISA "
+                    f"{time.strftime('%Y-%m-%d')}, {sweep.machine()}, SmallMM ISA "
                     f"{core.active_isa()}, TensorFlow {tf.__version__}; "
                     f"`python benchmarks/kernel_grid.py {' '.join(argv or sys.argv[1:])}`.\n"
                     "Ratios are the median over rounds of time(tf.linalg.matmul) / time(ours), "

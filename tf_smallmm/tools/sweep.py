@@ -236,14 +236,15 @@ def _seconds(fn, args, reps):
     return (time.perf_counter() - t0) / reps
 
 
-def paired(ours, builtin, args, rounds):
+def paired(ours, builtin, args, rounds, seconds=None):
     """(median of per-round builtin / ours time ratios, median ours s, median builtin s):
-    each round times both back to back, the order alternating."""
+    each round times both back to back, the order alternating, each for about `seconds`
+    (default TIMING_S) of repeated calls. benchmarks/kernel_grid.py times with it too."""
     for _ in range(2):
         ours(*args)
         builtin(*args)
     one = max(_seconds(ours, args, 1), _seconds(builtin, args, 1), 1e-7)
-    reps = max(1, int(TIMING_S / one))
+    reps = max(1, int((TIMING_S if seconds is None else seconds) / one))
     ratios, t_ours, t_builtin = [], [], []
     for r in range(rounds):
         if r % 2 == 0:
