@@ -15,6 +15,7 @@ Environment:
 
 import concurrent.futures
 import datetime
+import functools
 import glob
 import importlib.metadata
 import json
@@ -114,14 +115,19 @@ def _compile(cmd, o, force=False):
 CUDA_MIN_DRIVER = {11: (11000, "450.80.02"), 12: (12000, "525.60.13"), 13: (13000, "580")}
 
 
-def _nvcc_release(nvcc):
-    """(major, minor) of an nvcc, from `nvcc --version`, or None if it does not run."""
+@functools.cache
+def _nvcc_version(nvcc):
+    """What `nvcc --version` prints, or None if it does not run (asked once per nvcc)."""
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                              check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    m = re.search(r"release (\d+)\.(\d+)", out)
+
+
+def _nvcc_release(nvcc):
+    """(major, minor) of an nvcc, from `nvcc --version`, or None if it does not run."""
+    m = re.search(r"release (\d+)\.(\d+)", _nvcc_version(nvcc) or "")
     return (int(m[1]), int(m[2])) if m else None
 
 
@@ -338,8 +344,7 @@ class BuildSmallMM(build_ext):
             "xla": not xla_missing,
             "xla_missing": xla_missing,
             "cuda_archs": CUDA_ARCHS if cuda else [],
-            "nvcc": subprocess.check_output([nvcc, "--version"], text=True).strip().splitlines()[-1]
-            if cuda else None,
+            "nvcc": _nvcc_version(nvcc).strip().splitlines()[-1] if cuda else None,
             # The toolkit that built the GPU kernels and the oldest driver that runs them
             # (the loader registers no GPU kernel under an older one).
             "cuda_toolkit": f"{release[0]}.{release[1]}" if release else None,
