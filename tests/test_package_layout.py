@@ -67,7 +67,8 @@ def test_each_subpackage_says_what_it_holds_and_may_import(subpackage):
 @pytest.mark.slow
 def test_building_without_tensorflow_says_what_to_do_in_one_sentence(tmp_path):
     """What `pip install .` with build isolation meets: no TensorFlow importable."""
-    root = os.path.dirname(PACKAGE)
+    # The checkout these tests are in (the package itself may be an installed copy).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nsys.modules['tensorflow'] = None\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
