@@ -36,7 +36,7 @@ mkdir -p "$SRC" "$LOGS" "$WORK/bin"
 # Sources only: no build outputs, caches or compiled libraries from the worktree.
 (cd "$ROOT" && tar --exclude=build --exclude='*.so' --exclude='*.o' --exclude=__pycache__ \
    --exclude=.hypothesis --exclude=.pytest_cache --exclude='_build_info.json' \
-   -cf - setup.py pyproject.toml cc tf_smallmm tests scripts $( [[ -d cuda ]] && echo cuda )) \
+   -cf - setup.py pyproject.toml cc tf_smallmm tests scripts examples $( [[ -d cuda ]] && echo cuda )) \
   | tar -C "$SRC" -xf -
 
 # g++ wrapper: setup.py passes -O3 -g0 first; flags given later win.
