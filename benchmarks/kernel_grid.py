@@ -150,21 +150,16 @@ def tensor(shape, dtype, seed):
 
 def families(case):
     """Kernel families of the forward product and of the products forming dA and dB
-    (the same factors as the op's gradient, tf_smallmm._core.engine._grads)."""
+    (the op's own gradient products, tf_smallmm._core.engine.grad_jobs)."""
     dt = np_dtype(case.dtype)
     a, b = np.zeros(case.a_shape, dt), np.zeros(case.b_shape, dt)
     out_shape = np.broadcast_shapes(case.a_shape[:-2], case.b_shape[:-2]) + (case.m, case.n)
-    g = np.zeros(out_shape, dt)
-    ca = cb = case.adj
-    fwd = core.kernel_for(a, b, case.ta, ca and case.ta, case.tb, cb and case.tb)
-    fa, fb = engine._factor(a, case.ta, ca and case.ta), engine._factor(b, case.tb, cb and case.tb)
-    gf = engine._factor(g, False, False)
-    da = engine._push(gf, (fb[0], not fb[1], not fb[2], fb[3]), fa[1], fa[2])
-    db = engine._push((fa[0], not fa[1], not fa[2], fa[3]), gf, fb[1], fb[2])
-    names = [fwd]
-    for (x, y), shape in ((da, case.a_shape), (db, case.b_shape)):
-        names.append(core.kernel_for(x[0], y[0], x[1], x[2], y[1], y[2],
-                                     batch_shape=list(shape[:-2])))
+    ca, cb = case.adj and case.ta, case.adj and case.tb
+    names = [core.kernel_for(a, b, case.ta, ca, case.tb, cb)]
+    for lhs, rhs, batch, _ in engine.grad_jobs(tf.constant(a), tf.constant(b), case.ta, ca,
+                                               case.tb, cb, tf.zeros(out_shape, case.dtype)):
+        names.append(core.kernel_for(lhs[0].numpy(), rhs[0].numpy(), lhs[1], lhs[2], rhs[1],
+                                     rhs[2], batch_shape=list(batch)))
     return names
 
 

@@ -89,6 +89,22 @@ def product_pair(first, second):
         perm_output_2=list(p2))
 
 
+def grad_jobs(x, y, tx, cx, ty, cy, grad, need_x=True, need_y=True, perms=((), (), ())):
+    """The products that form _grads' dx and dy (those needed), each as (lhs factor, rhs
+    factor, batch_shape, perm_output); a factor is (tensor, transpose, conjugate, perm).
+    benchmarks/kernel_grid.py asks which kernels run them."""
+    px, py, pout = perms
+    g = _factor(grad, False, False, _inverse(pout))
+    jobs = []
+    if need_x:
+        jobs.append(_push(g, _factor(y, not ty, not cy, py), tx, cx)
+                    + (_view_batch(x, px), _inverse(px)))
+    if need_y:
+        jobs.append(_push(_factor(x, not tx, not cx, px), g, ty, cy)
+                    + (_view_batch(y, py), _inverse(py)))
+    return jobs
+
+
 def _grads(x, y, tx, cx, ty, cy, grad, need_x=True, need_y=True, perms=((), (), ())):
     """Gradients of C = op_x(X) · op_y(Y) (C possibly a batch sum) for upstream `grad`,
     where X, Y are x, y read through perms[0], perms[1] and the op's output is C written
@@ -102,15 +118,7 @@ def _grads(x, y, tx, cx, ty, cy, grad, need_x=True, need_y=True, perms=((), (), 
     intermediate. When both are needed they are one Pair op, which reads `grad` once for
     both.
     """
-    px, py, pout = perms
-    g = _factor(grad, False, False, _inverse(pout))
-    jobs = []
-    if need_x:
-        jobs.append(_push(g, _factor(y, not ty, not cy, py), tx, cx)
-                    + (_view_batch(x, px), _inverse(px)))
-    if need_y:
-        jobs.append(_push(_factor(x, not tx, not cx, px), g, ty, cy)
-                    + (_view_batch(y, py), _inverse(py)))
+    jobs = grad_jobs(x, y, tx, cx, ty, cy, grad, need_x, need_y, perms)
     if len(jobs) == 2:
         return product_pair(*jobs)
     outs = [product(lhs[0], rhs[0], lhs[1], lhs[2], rhs[1], rhs[2], batch_shape=batch,
