@@ -1,9 +1,11 @@
-"""The dispatch policy: its dtype list against the library's, and builtin_ops() blocks
-(nested, overlapping, from many threads) and what they leave behind."""
+"""The dispatch policy: its dtype list and limits against the library's, the products it
+is asked about, and builtin_ops() blocks (nested, overlapping, from many threads) and what
+they leave behind."""
 
 import os
 import threading
 
+import pytest
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
@@ -29,6 +31,36 @@ def test_supported_dtypes_are_the_librarys():
 
 def test_max_batch_dims_is_the_kernels():
     assert dispatch.MAX_BATCH_DIMS == core.max_batch_dims
+
+
+def test_max_folded_rows_is_the_kernels():
+    assert dispatch.MAX_FOLDED_ROWS == core.max_folded_rows
+
+
+@pytest.mark.parametrize("m, batch, rows", [
+    (4, 131072, 512), (24, 3640, 480), (3, 233016, 504), (32, 2048, 512), (4, 7, 28),
+    (5, 30011, 5), (600, 8, 600), (1, 1, 1), (4, 0, 4)])
+def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
+    assert dispatch.folded_rows(m, batch) == rows
+
+
+@pytest.mark.parametrize("sa, sb, ta, expected", [
+    # B shared by every matrix of A: asked as the folded dense product.
+    ((131072, 4, 4), (4, 4), False, (512, 4, 4, dispatch.DENSE)),
+    ((8, 16, 4, 4), (1, 1, 4, 4), False, (512, 4, 4, dispatch.DENSE)),
+    ((7, 5, 3), (3, 2), False, (35, 2, 3, dispatch.DENSE)),
+    # No row fold: A transposed, a batch only run time knows, B not shared by all.
+    ((131072, 4, 4), (4, 4), True, (4, 4, 4, dispatch.SHARED)),
+    ((None, 4, 4), (4, 4), False, (4, 4, 4, dispatch.SHARED)),
+    ((8, 16, 4, 4), (16, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
+    ((4, 4), (131072, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
+    ((9, 4, 4), (9, 4, 4), False, (4, 4, 4, dispatch.DENSE)),
+])
+def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expected):
+    from tf_smallmm.dropins import linalg
+
+    sizes = linalg._product_sizes(sa, sb, ta, False)
+    assert tuple(s.lo if isinstance(s, dispatch.AtLeast) else s for s in sizes) == expected
 
 
 def matmul_ops():

@@ -87,13 +87,6 @@ constexpr int64_t kMaxFoldedColumns = 64;
 // 2026-12-01 (README.md; weight gradient g[B,64,160,1]·u[B,64,8,1]ᵀ summed over B = 600,
 // 2048, one thread): 256 takes 1.10-1.11× as long, 4096 1.11× (B = 2048).
 constexpr int64_t kMaxFoldedK = 1024;
-// Rows per product when a batch sharing B folds into M: enough to load B once per many
-// rows, few enough to leave several work items per thread on a batch of ~100. Timed
-// 2026-12-01 (Zen 5, AVX-512, one thread, _smallmm_core.matmul of x[B, M, K] · y[K, N],
-// B = 30000, which folds to 480-512 rows, against B = 30011, prime, which cannot fold):
-// the unfolded batch takes 2.1-2.5× as long for 4×4·4×4, 5×7·7×12 and 8×8·8×8, 1.4-1.5×
-// for 16×16·16×4, 16×16·16×16 and 20×20·20×20, 1.07× for 32×3·3×1. Other caps not timed.
-constexpr int64_t kMaxFoldedRows = 512;
 
 // Removes loop i from a nest, or shrinks it to `size / taken` iterations when only part of
 // it was folded (its strides then step over the folded part).

@@ -93,6 +93,15 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
                      int64_t out_dims[kMaxBatchDims + 2], std::string* error,
                      const int* out_perm = nullptr, int out_perm_rank = 0);
 
+// Rows per product when a batch sharing B folds into M (FoldForCpuKernels; the dispatch
+// model is asked about the folded product, tf_smallmm/dropins/linalg.py): enough to load B once per
+// many rows, few enough to leave several work items per thread on a batch of ~100. Timed 2026-12-01
+// (Zen 5, AVX-512, one thread, _smallmm_core.matmul of x[B, M, K] · y[K, N], B = 30000, which folds
+// to 480-512 rows, against B = 30011, prime, which cannot fold): the unfolded batch takes 2.1-2.5×
+// as long for 4×4·4×4, 5×7·7×12 and 8×8·8×8, 1.4-1.5× for 16×16·16×4, 16×16·16×16 and
+// 20×20·20×20, 1.07× for 32×3·3×1. Other caps not timed.
+constexpr int64_t kMaxFoldedRows = 512;
+
 // The CPU kernels' folds, applied by the CPU executors to a plan from PlanBatchMatMul
 // before they run it: a batch that shares B joins M up to a few hundred rows, and a
 // reduction along which both operands' K axes run on evenly joins K, so the shared

@@ -45,6 +45,12 @@ MAX_SMALL_MACS = 24 * 24 * 24
 # (cc/engine/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
 MAX_BATCH_DIMS = 8
 
+# The CPU kernels run a batch [B, M, K] · [K, N] that shares B as products of up to this
+# many rows (M times a divisor of B), one [B·M, K] · [K, N] GEMM in pieces; the model is
+# asked about that product (`folded_rows`). Equal to smallmm::kMaxFoldedRows
+# (cc/engine/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
+MAX_FOLDED_ROWS = 512
+
 
 class _Forced:
     """How many builtin_ops() blocks are open, in all threads together."""
@@ -286,6 +292,14 @@ def _table(dtype_name, cpu_class, family):
     if source != cpu_class and tf.as_dtype(dtype_name) in SIXTEEN_BIT:
         cells |= {c for c in every if _cell_macs(c, bounds) > UNMEASURED_16BIT_MAX_MACS}
     return bounds, frozenset(cells)
+
+
+def folded_rows(m, batch):
+    """The rows of the products the CPU kernels run for `batch` matrices of M rows that share
+    B: M times the largest divisor of the batch that keeps them within MAX_FOLDED_ROWS (as
+    FoldForCpuKernels, cc/engine/plan.cc)."""
+    most = max(1, MAX_FOLDED_ROWS // max(m, 1))
+    return m * max([d for d in range(1, min(batch, most) + 1) if batch % d == 0], default=1)
 
 
 def _classes(size, bounds):

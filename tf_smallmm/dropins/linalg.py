@@ -3,6 +3,7 @@ tf.linalg.matmul / tf.linalg.matvec)."""
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 from tensorflow.python.framework import composite_tensor, ops
@@ -63,6 +64,14 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
                 if 1 not in (da, db):
                     return None
                 family = dispatch.SHARED
+        batch = sa[:-2]
+        if (family == dispatch.SHARED and not transpose_a and m is not None
+                and all(d == 1 for d in sb[:-2]) and None not in batch):
+            # B shared by every matrix of A: the CPU kernels run one [B·M, K] · [K, N] GEMM
+            # in pieces of dispatch.folded_rows, a dense product of that many rows (bfloat16
+            # [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md).
+            m = dispatch.folded_rows(m, int(np.prod(batch, dtype=np.int64)))
+            family = dispatch.DENSE
     return tuple(unknown if d is None else d for d in (m, n, k)) + (family,)
 
 
