@@ -85,6 +85,33 @@ struct StripRegs {
   }
 };
 
+// Streamed columns per step: one FMA chain each, all on the strip's registers. Eight keep
+// both FMA pipes busy through the FMA latency where the strip leaves room for eight
+// accumulators (AVX-512: the strip's K registers, twice K for complex, + 8 + a broadcast
+// of 32); otherwise four.
+template <DType D, int K>
+constexpr int kStreamColumns = kVecBytes == 64 && K * kScalars<D> <= 20 ? 8 : 4;
+
+// C streamed columns j..j+C-1 of a strip, C independent FMA chains.
+template <int C, DType D, int W, int K, bool kPartial>
+__attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& sr, const void* x,
+                                                      int64_t xj, int64_t ls, int64_t x_js,
+                                                      typename Traits<D>::R x_sign, void* out,
+                                                      int64_t oj, int64_t o_js, bool stream,
+                                                      int lanes) {
+  using V = typename VecOf<typename Traits<D>::R, W>::type;
+  V c[C];
+#pragma GCC unroll 8
+  for (int q = 0; q < C; ++q) c[q] = V{};  // from +0 like every GEMM (-0 · 1 = +0)
+#pragma GCC unroll 32
+  for (int l = 0; l < K; ++l) {
+#pragma GCC unroll 8
+    for (int q = 0; q < C; ++q) sr.Fma(c[q], l, x, xj + q * x_js + l * ls, x_sign);
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < C; ++q) PutLanes<D, W, kPartial>(out, oj + q * o_js, c[q], stream, lanes);
+}
+
 // The streamed side of a strip: out(:, j) = Σ_l s(:, l) · x(l, j), x(l, j) = x[xo + l *
 // x_ls + j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per
 // column.
@@ -95,31 +122,23 @@ __attribute__((always_inline)) inline void StationaryStream(const StripRegs<D, W
                                                             typename Traits<D>::R x_sign, void* out,
                                                             int64_t oo, int64_t o_js, int64_t count,
                                                             bool stream, int lanes) {
-  using V = typename VecOf<typename Traits<D>::R, W>::type;
+  constexpr int C = kStreamColumns<D, K>;
   const int64_t ls = kUnit ? 1 : x_ls;
   int64_t j = 0;
-  // Four columns at a time: four independent FMA chains.
-  for (; j + 4 <= count; j += 4) {
-    const int64_t x0 = xo + j * x_js, x1 = x0 + x_js, x2 = x1 + x_js, x3 = x2 + x_js;
-    V c0 = V{}, c1 = V{}, c2 = V{}, c3 = V{};  // from +0 like every GEMM (-0 · 1 = +0)
-#pragma GCC unroll 32
-    for (int l = 0; l < K; ++l) {
-      sr.Fma(c0, l, x, x0 + l * ls, x_sign);
-      sr.Fma(c1, l, x, x1 + l * ls, x_sign);
-      sr.Fma(c2, l, x, x2 + l * ls, x_sign);
-      sr.Fma(c3, l, x, x3 + l * ls, x_sign);
+  for (; j + C <= count; j += C) {
+    StreamStep<C, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
+                                     o_js, stream, lanes);
+  }
+  if constexpr (C > 4) {
+    if (j + 4 <= count) {
+      StreamStep<4, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
+                                       o_js, stream, lanes);
+      j += 4;
     }
-    PutLanes<D, W, kPartial>(out, oo + j * o_js, c0, stream, lanes);
-    PutLanes<D, W, kPartial>(out, oo + (j + 1) * o_js, c1, stream, lanes);
-    PutLanes<D, W, kPartial>(out, oo + (j + 2) * o_js, c2, stream, lanes);
-    PutLanes<D, W, kPartial>(out, oo + (j + 3) * o_js, c3, stream, lanes);
   }
   for (; j < count; ++j) {
-    const int64_t xj = xo + j * x_js;
-    V c0 = V{};
-#pragma GCC unroll 32
-    for (int l = 0; l < K; ++l) sr.Fma(c0, l, x, xj + l * ls, x_sign);
-    PutLanes<D, W, kPartial>(out, oo + j * o_js, c0, stream, lanes);
+    StreamStep<1, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
+                                     o_js, stream, lanes);
   }
 }
 
