@@ -422,6 +422,9 @@ def markdown(rows, controls, roof, bandwidth, args, seconds, image):
         sorted(max(r.get("fwd", 1), r.get("fwd_bwd", 1)) for r in controls)
     lo, hi = (min(spread), max(spread)) if spread else (float("nan"), float("nan"))
     below = [r for r in cases if _worst(r) < FLOOR_TARGET]
+    rechecked = [r for r in cases if "first" in r]
+    on_ours = [r for r in cases if r.get("kernel") or r.get("branch")]
+    same_ops = [r for r in cases if "kernel" in r and not (r["kernel"] or r["branch"])]
     cmd = "python -m tf_smallmm.bench --sweep" + (" --quick" if args.quick else "")
     lines = [
         "# Sweep: every drop-in against the built-in it replaces",
@@ -439,19 +442,28 @@ def markdown(rows, controls, roof, bandwidth, args, seconds, image):
          "choice), or a run-time branch between them (sizes unknown at trace time)."),
         "",
         (f"Noise: {len(controls)} controls (the built-in against itself) ranged "
-         f"{lo:.2f}–{hi:.2f}. Cases below {FLOOR_TARGET}: {len(below)} of {len(cases)}."),
+         f"{lo:.2f}–{hi:.2f}. {len(rechecked)} cases below {FLOOR_TARGET} were measured "
+         f"again with three times the rounds (the tables "
+         f"give the second measurement; 'first ×' the first pass's worst ratio). Below "
+         f"{FLOOR_TARGET} after that: {len(below)} of {len(cases)} cases: "
+         f"{sum(r in below for r in on_ours)} of the {len(on_ours)} that run SmallMM ops "
+         f"(or a run-time branch), {sum(r in below for r in same_ops)} of the "
+         f"{len(same_ops)} that the dispatch sends to the built-in (the same ops on both "
+         f"sides: noise), {sum('kernel' not in r and r in below for r in cases)} of the "
+         f"{sum('kernel' not in r for r in cases)} eager calls."),
         "",
         f"![speed-up heatmaps]({image})",
         "",
         "## Worst cases",
         "",
-        "| group | case | dtype | path | fwd × | fwd+bwd × | eager × |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| group | case | dtype | path | fwd × | fwd+bwd × | eager × | first × |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     def row(r):
         return (f"| {r['group']} | {r['case']} | {r['dtype']} | {_path(r)} | "
                 f"{_ratio(r.get('fwd'))} | {_ratio(r.get('fwd_bwd'))} | "
-                f"{_ratio(r.get('eager'))} |")
+                f"{_ratio(r.get('eager'))} | "
+                f"{_ratio(_worst(r['first'])) if 'first' in r else ''} |")
 
     lines += [row(r) for r in sorted(cases, key=_worst)[:15]]
     lines += ["", "## By group", "", "| group | cases | on SmallMM | min × | median × |",
@@ -471,8 +483,8 @@ def markdown(rows, controls, roof, bandwidth, args, seconds, image):
         lines += [f"| {r['n']} | {r['count']} | {r['ours_ms']:.2f} | {r['floor_ms']:.2f} | "
                   f"{r['x_floor']:.2f} | {r['vs_builtin']:.2f} |" for r in roof]
     lines += ["", "## Every case", "",
-              "| group | case | dtype | path | fwd × | fwd+bwd × | eager × |",
-              "|---|---|---|---|---:|---:|---:|"]
+              "| group | case | dtype | path | fwd × | fwd+bwd × | eager × | first × |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
     lines += [row(r) for r in cases]
     lines += ["", "Controls:", "", "| case | fwd × | fwd+bwd × |", "|---|---:|---:|"]
     lines += [f"| {r['case']} | {_ratio(r.get('fwd'))} | {_ratio(r.get('fwd_bwd'))} |"
@@ -568,6 +580,26 @@ def run_cases(cases, rounds, controls_every=0, reuse=None):
     return rows, controls
 
 
+def recheck(cases, rows, rounds):
+    """Rows below FLOOR_TARGET measured again with `rounds` rounds (a case lands there by
+    a loss of ours or by a burst of load from other processes on a shared machine, which
+    also moves the controls by ±10%): the row keeps the second measurement, and the first
+    under "first" (both are reported)."""
+    by_label = {(c.label, c.dtype.name): c for c in cases}
+    out = []
+    for r in rows:
+        case = by_label.get((r["case"], r["dtype"]))
+        if case is not None and _worst(r) < FLOOR_TARGET:
+            again = measure(case, rounds)
+            again["first"] = {k: r[k] for k in ("fwd", "fwd_bwd", "eager") if k in r}
+            print(f"  recheck {r['case']} ({r['dtype']}): "
+                  + " ".join(f"{k} {r[k]:.2f} -> {again[k]:.2f}" for k in again["first"]),
+                  flush=True)
+            r = again
+        out.append(r)
+    return out
+
+
 def main(args):
     from tf_smallmm.tools import bench
 
@@ -599,6 +631,7 @@ def main(args):
         cases = [c for c in cases if args.only in c.label]
     rows, controls = run_cases(cases, rounds, controls_every=25 if args.quick else 40,
                                reuse=reuse)
+    rows = recheck(cases, rows, 3 * rounds)
     bandwidth = bench.copy_bandwidth_gbs()
     roof = [] if args.only else roofline(bandwidth, rounds, args.quick)
     out = args.out or os.path.join("benchmarks", "SWEEP-quick.md" if args.quick else "SWEEP.md")
