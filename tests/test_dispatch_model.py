@@ -266,6 +266,28 @@ def test_big_product_with_none_batch_goes_to_the_builtin_without_a_branch():
     assert not smallmm_ops(f) and not types & {"If", "StatelessIf"}
 
 
+@pytest.mark.parametrize("a_shape, b_shape, ours", [
+    ((2, 2), (2, 2), False), ((32, 32), (32, 32), False), ((1, 16), (16, 1), False),
+    ((33, 8), (8, 8), None),  # a side above SINGLE_MATRIX_MAX: the model decides
+    ((None, 8), (8, 8), None), ((1, 2, 2), (2, 2), None)])
+def test_single_small_matrices_take_the_builtin_in_both_modes(model, a_shape, b_shape, ours):
+    """One small matrix times another is all call overhead: the built-in MatMul, eagerly
+    and in tf.function alike (so both give the same bits), except where the test forces
+    our kernels."""
+    model({"float32": []})  # the model says ours everywhere: only the size rule differs
+    expected = True if ours is None else ours
+    f = tf.function(smm.matmul).get_concrete_function(tf.TensorSpec(a_shape),
+                                                      tf.TensorSpec(b_shape))
+    assert bool(smallmm_ops(f)) == expected
+    with dispatch.kernels_everywhere():
+        f = tf.function(smm.matmul).get_concrete_function(tf.TensorSpec(a_shape),
+                                                          tf.TensorSpec(b_shape))
+        assert smallmm_ops(f)
+    if None not in a_shape:
+        a, b = random_tensor(a_shape, tf.float32, 1), random_tensor(b_shape, tf.float32, 2)
+        np.testing.assert_array_equal(smm.matmul(a, b), tf.function(smm.matmul)(a, b))
+
+
 # ------------------------------------------------------------------ eager fast paths
 EAGER_CASES = [
     ("matmul", smm.matmul, tf.linalg.matmul, (2, 3, 3), (2, 3, 3)),
@@ -357,3 +379,26 @@ def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
     # Unmeasured: N 5-8 (3, 3, 3) is next to (3, 2, 3) only -> the built-in; N 17-24
     # (3, 6, 3) is between 1.5 and 0.8 -> sqrt(1.2) -> ours; N 33-64 next to 0.8.
     assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
+
+
+def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
+    """A row below FLOOR_TARGET is measured again (here the same op on both sides, so the
+    second measurement is near 1); the first pass stays in the row and the report."""
+    import types
+
+    from tf_smallmm.tools import sweep
+
+    case = sweep.Case("grid", "matmul 4×(3×3 @ 3×3)", tf.float32, tf.linalg.matmul,
+                      tf.linalg.matmul, ((4, 3, 3), (4, 3, 3)))
+    fast = {"group": "grid", "case": "fast", "dtype": "float32", "point": None,
+            "kernel": True, "branch": False, "fwd": 1.5, "fwd_bwd": 1.4}
+    slow = {"group": "grid", "case": case.label, "dtype": "float32", "point": None,
+            "kernel": False, "branch": False, "fwd": 0.5, "fwd_bwd": 0.6}
+    rows = sweep.recheck([case], [fast, slow], rounds=3)
+    assert rows[0] is fast
+    assert rows[1]["first"] == {"fwd": 0.5, "fwd_bwd": 0.6}
+    assert rows[1]["fwd"] > 0.5 and rows[1]["fwd_bwd"] > 0.6
+    args = types.SimpleNamespace(quick=True, repeats=None)
+    text = sweep.markdown(rows, [], [], 40.0, args, 60.0, "x.png")
+    assert "1 cases below 0.95 were measured again" in text
+    assert "| 0.50 |" in text  # the first pass's worst ratio

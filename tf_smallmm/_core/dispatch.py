@@ -194,6 +194,11 @@ def kernels_everywhere():
             _Everywhere.depth -= 1
 
 
+def everywhere():
+    """Whether a kernels_everywhere() block is open."""
+    return _Everywhere.depth > 0
+
+
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -328,7 +333,7 @@ def choose(dtype, m, n, k, family=DENSE):
     a signature (eager code asks on every call)."""
     if not use_kernel(dtype):
         return BUILTIN
-    if _Everywhere.depth > 0:
+    if everywhere():
         return KERNEL
     return _model_choice(dtype, m, n, k, family, isa_class())
 
