@@ -40,9 +40,9 @@ def _single_small_product(sa, sb):
     2026-12-02) and level inside tf.function (2×2 to 32×32: 0.99-1.04×, paired). Both
     modes take the built-in, so eager and tf.function results stay the same bits. Not
     within dispatch.kernels_everywhere()."""
-    return (sa is not None and sb is not None and len(sa) == 2 and len(sb) == 2
-            and all(d is not None and d <= SINGLE_MATRIX_MAX for d in sa + sb)
-            and not dispatch.everywhere())
+    if sa is None or sb is None or len(sa) != 2 or len(sb) != 2 or None in sa or None in sb:
+        return False
+    return max(sa + sb) <= SINGLE_MATRIX_MAX and not dispatch.everywhere()
 
 
 def _shape(t):
@@ -135,13 +135,20 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
     copies, transposes as strides, gradients of broadcast operands summed inside the
     kernel); everything else calls `tf.linalg.matmul` with the same arguments.
     """
+    if (type(a) is type(b) is ops.EagerTensor and name is None and output_type is None
+            and transpose_a is False and transpose_b is False and adjoint_a is False
+            and adjoint_b is False and a_is_sparse is False and b_is_sparse is False
+            and grad_a is False and grad_b is False
+            and _single_small_product(a._shape_tuple(), b._shape_tuple())):
+        # The usual eager call of two small matrices goes straight to the built-in, given
+        # no argument it was not given (each costs its dispatch wrapper time: ~5 µs for all
+        # nine), with plain comparisons only (this is all per-call cost). Any other call
+        # takes the checks below, and on_engine sends it to the built-in too.
+        return builtins.matmul(a, b)
     builtin_kwargs = {"transpose_a": transpose_a, "transpose_b": transpose_b,
                       "adjoint_a": adjoint_a, "adjoint_b": adjoint_b, "a_is_sparse": a_is_sparse,
                       "b_is_sparse": b_is_sparse, "output_type": output_type, "grad_a": grad_a,
                       "grad_b": grad_b}
-    if (isinstance(a, ops.EagerTensor) and isinstance(b, ops.EagerTensor)
-            and _single_small_product(a._shape_tuple(), b._shape_tuple())):
-        return builtins.matmul(a, b, name=name, **builtin_kwargs)  # skips our checks' cost
     with ops.name_scope(name, "MatMul", [a, b]) as scope:
         if (transpose_a and adjoint_a) or (transpose_b and adjoint_b):
             return builtins.matmul(a, b, name=scope, **builtin_kwargs)  # raises ValueError
