@@ -190,11 +190,9 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   const int64_t a_tile = kPlanes * p.k * mt, b_tile = kPlanes * p.k * nt;
   const bool direct_c = kInPlace && !reducing && (col ? p.c_rs == 1 : p.c_cs == 1);
   // An output far larger than the last-level cache is evicted before anyone reads it:
-  // write it with non-temporal stores (saves the read-for-ownership of every line), where
-  // C's lines are whole cache lines apart (see StationaryRun: streamed lines mixed with
-  // partly written cached ones cost far more than they save).
-  const bool stream_c = direct_c && uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes &&
-                        (col ? p.c_cs : p.c_rs) * int64_t(sizeof(R)) % 64 == 0;
+  // write it with non-temporal stores (saves the read-for-ownership of every line).
+  const bool stream_c = direct_c && StreamOutput(uint64_t(p.output_elements) * sizeof(R),
+                                                 (col ? p.c_cs : p.c_rs) * int64_t(sizeof(R)));
   const R* a_mem = static_cast<const R*>(a);
   const R* b_mem = static_cast<const R*>(b);
   R* c_mem = static_cast<R*>(c);

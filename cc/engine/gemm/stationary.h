@@ -263,14 +263,10 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   using R = typename Traits<D>::R;
   constexpr int VL = kVecBytes / sizeof(R);
   const bool col = ColumnKernelFits(p);
-  // Non-temporal stores only where every output line is written whole by one of them: C's
-  // lines along the streamed side a multiple of 64 bytes apart. Otherwise (20 floats = 80
-  // bytes per row) the streamed lines alternate with partly written cached lines, and the
-  // stores of [65536, 20, 20] ran at 0.34× tf.matmul (kernel_grid.py --only '20×20×1',
-  // 2026-12-02, Zen 5; 1.9× for 16×16, whose rows are whole lines).
-  const int64_t line_step = (col ? p.c_cs : p.c_rs) * int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
-  const bool stream = uint64_t(p.output_elements) * sizeof(R) >= kStreamBytes &&
-                      (col ? p.c_cs : p.c_rs) != 1 && line_step % 64 == 0;
+  // The streamed side's output vectors are (col ? c_cs : c_rs) elements apart.
+  const bool stream =
+      StreamOutput(uint64_t(p.output_elements) * sizeof(R),
+                   (col ? p.c_cs : p.c_rs) * int64_t(sizeof(StorageOf<D>)) * kScalars<D>);
   // Column kernel: the strip is rows of A (v = i), the stream B's columns (j); row kernel:
   // the strip is columns of B (v = j), the stream A's rows (i).
   Side sa_{a, 0, p.a_rs, p.a_cs, p.conj_a}, sb_{b, 0, p.b_cs, p.b_rs, p.conj_b};
