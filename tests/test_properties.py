@@ -138,10 +138,8 @@ def _kernel_takes(op, dtype, call, args):
     sa, sb = tuple(args[0].shape), tuple(args[1].shape)
     if op.name == "matvec":
         sb += (1,)
-    if linalg._single_small_product(sa, sb):
-        return False  # two single small matrices: the built-in MatMul in every mode
     sizes = linalg._product_sizes(sa, sb, ta, tb)
-    return sizes is not None and dispatch.choose(dtype, *sizes) == dispatch.KERNEL
+    return linalg._choice(dtype, sa, sb, sizes) == dispatch.KERNEL
 
 
 @OPS

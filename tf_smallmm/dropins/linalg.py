@@ -91,6 +91,14 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
     return tuple(unknown if d is None else d for d in (m, n, k)) + (family,)
 
 
+def _choice(dtype, sa, sb, sizes):
+    """KERNEL, BUILTIN or RUNTIME for a product of static shapes sa, sb whose
+    `_product_sizes` are `sizes` (None: the built-in)."""
+    if sizes is None or _single_small_product(sa, sb):
+        return dispatch.BUILTIN
+    return dispatch.choose(dtype, *sizes)
+
+
 def _run_time_sizes(a, b, transpose_a, transpose_b):
     """M, N, K as ints where static, else read from a and b at run time. With an unknown
     rank the shape is read padded with 1s, so that a rank below 2 does not fail here but
@@ -177,11 +185,8 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
     between the kernel and `fallback()` (the same product by the built-in the caller
     replaces); without a fallback such products are None too."""
     ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
-    sa, sb = _shape(a), _shape(b)
-    sizes = _product_sizes(sa, sb, ta, tb) if a.dtype == b.dtype else None
-    choice = dispatch.choose(a.dtype.base_dtype, *sizes) if sizes else dispatch.BUILTIN
-    if _single_small_product(sa, sb):
-        choice = dispatch.BUILTIN
+    sizes = _product_sizes(_shape(a), _shape(b), ta, tb) if a.dtype == b.dtype else None
+    choice = _choice(a.dtype.base_dtype, _shape(a), _shape(b), sizes)
     if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
 
