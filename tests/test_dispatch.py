@@ -44,14 +44,19 @@ def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
     assert dispatch.folded_rows(m, batch) == rows
 
 
+def _plain(sizes):
+    return tuple(tuple(s.lo if isinstance(s, dispatch.AtLeast) else s for s in size)
+                 for size in sizes)
+
+
 @pytest.mark.parametrize("sa, sb, ta, expected", [
     # B shared by every matrix of A: asked as the folded dense product.
     ((131072, 4, 4), (4, 4), False, (512, 4, 4, dispatch.DENSE)),
     ((8, 16, 4, 4), (1, 1, 4, 4), False, (512, 4, 4, dispatch.DENSE)),
     ((7, 5, 3), (3, 2), False, (35, 2, 3, dispatch.DENSE)),
-    # No row fold: A transposed, a batch only run time knows, B not shared by all.
+    ((1, 4, 4), (4, 4), False, (4, 4, 4, dispatch.DENSE)),
+    # No row fold: A transposed, B not shared by all.
     ((131072, 4, 4), (4, 4), True, (4, 4, 4, dispatch.SHARED)),
-    ((None, 4, 4), (4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((8, 16, 4, 4), (16, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((4, 4), (131072, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((9, 4, 4), (9, 4, 4), False, (4, 4, 4, dispatch.DENSE)),
@@ -59,8 +64,55 @@ def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
 def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expected):
     from tf_smallmm.dropins import linalg
 
-    sizes = linalg._product_sizes(sa, sb, ta, False)
-    assert tuple(s.lo if isinstance(s, dispatch.AtLeast) else s for s in sizes) == expected
+    assert _plain(linalg._product_sizes(sa, sb, ta, False)) == (expected,)
+
+
+@pytest.mark.parametrize("sa, sb, ta, expected", [
+    # A batch only the run time knows: the fold (at least M rows) or not.
+    ((None, 4, 4), (4, 4), False, {(4, 4, 4, dispatch.DENSE)}),
+    ((9, None, 4), (4, 4), False, {(1, 4, 4, dispatch.DENSE)}),
+    # Batch axes that may or may not broadcast: every family.
+    ((None, 4, 4), (None, 4, 4), False,
+     {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
+    ((9, 4, 4), (None, 4, 4), True, {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
+    (None, (4, 4), False, {(1, 4, 4, dispatch.DENSE)}),
+    ((4, 4), None, False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.SHARED)}),
+])
+def test_product_sizes_with_unknown_batches_list_every_product(sa, sb, ta, expected):
+    from tf_smallmm.dropins import linalg
+
+    assert set(_plain(linalg._product_sizes(sa, sb, ta, False))) == expected
+
+
+SHAPE_PAIRS = [
+    ((131072, 4, 4), (4, 4)), ((8, 16, 4, 4), (1, 1, 4, 4)), ((7, 5, 3), (3, 2)),
+    ((1, 4, 4), (4, 4)), ((8, 16, 4, 4), (16, 4, 4)), ((4, 4), (131072, 4, 4)),
+    ((9, 4, 4), (9, 4, 4)), ((0, 25, 0), (1, 0, 0)), ((0, 3, 2), (2, 2)),
+    ((5, 1, 600, 4), (3, 4, 2)), ((3, 1, 4, 4), (1, 1, 4, 4)), ((6, 33, 4), (1, 4, 1)),
+    ((2, 3, 4), (2, 1, 4, 4)), ((1, 1, 8, 8), (8, 8)), ((30011, 5, 3), (3, 3))]
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("known", ["rank", "nothing"])
+def test_run_time_product_is_the_static_answer(transpose_a, known):
+    """What the graph computes from the run-time shapes (sizes, family, fold) is what the
+    static shapes give, and among what they gave at trace time."""
+    from tf_smallmm.dropins import linalg
+
+    for sa, sb in SHAPE_PAIRS:
+        if transpose_a:
+            sa = sa[:-2] + sa[:-3:-1]
+        specs = [tf.TensorSpec([None] * len(s) if known == "rank" else None) for s in (sa, sb)]
+        f = tf.function(lambda a, b: linalg._run_time_product(a, b, transpose_a, False),
+                        input_signature=specs)
+        m, n, k, shared = (int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
+        static = _plain(linalg._product_sizes(sa, sb, transpose_a, False))
+        family = dispatch.SHARED if shared else dispatch.DENSE
+        assert static == ((m, n, k, family),), (sa, sb)
+        traced = linalg._product_sizes(*(tuple(s.shape) if known == "rank" else None
+                                         for s in specs), transpose_a, False)
+        assert any(t[3] == family and (isinstance(t[0], dispatch.AtLeast) or t[0] == m)
+                   for t in traced), (sa, sb, traced)
 
 
 def matmul_ops():

@@ -54,16 +54,23 @@ def _shape(t):
 
 @functools.lru_cache(maxsize=4096)
 def _product_sizes(sa, sb, transpose_a, transpose_b):
-    """(M, N, K, the dispatch model's product family) of op(a) · op(b) for static shapes
-    sa, sb (dispatch.AtLeast(1) where unknown), or None where our kernel must not run
-    because its errors would not be the built-in's: ranks below 2 or above the kernel's
-    batch limit, inner or batch sizes that cannot match. tf.linalg.matmul then runs and
-    raises its own errors. SHARED: an operand is statically broadcast over a batch axis."""
+    """What the dispatch model may be asked about for op(a) · op(b) with static shapes sa,
+    sb: a tuple of the (M, N, K, product family) that the run-time shapes can give
+    (dispatch.AtLeast where a size is unknown), one where the static shapes decide; or
+    None where our kernel must not run because its errors would not be the built-in's:
+    ranks below 2 or above the kernel's batch limit, inner or batch sizes that cannot
+    match. tf.linalg.matmul then runs and raises its own errors.
+
+    The family is SHARED where an operand is broadcast over a batch axis, except that a B
+    shared by every matrix of A runs on the CPU kernels as one [B·M, K] · [K, N] GEMM in
+    pieces of dispatch.folded_rows, a DENSE product of that many rows (bfloat16
+    [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md). Unknown
+    batch axes or ranks leave it to the run time: `_run_time_product` decides the same
+    way from the shapes then."""
     if (sa is not None and len(sa) < 2) or (sb is not None and len(sb) < 2):
         return None
     if max(len(sa or ()), len(sb or ())) - 2 > dispatch.MAX_BATCH_DIMS:
         return None
-    unknown = dispatch.AtLeast(1)
     m = sa[-1 if transpose_a else -2] if sa is not None else None
     ka = sa[-2 if transpose_a else -1] if sa is not None else None
     kb = sb[-1 if transpose_b else -2] if sb is not None else None
@@ -71,24 +78,61 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
     if ka is not None and kb is not None and ka != kb:
         return None
     k = ka if ka is not None else kb
-    family = dispatch.DENSE
     if sa is not None and sb is not None:
-        if len(sa) != len(sb):
-            family = dispatch.SHARED
         for da, db in zip(reversed(sa[:-2]), reversed(sb[:-2])):
-            if da is not None and db is not None and da != db:
-                if 1 not in (da, db):
-                    return None
-                family = dispatch.SHARED
-        batch = sa[:-2]
-        if (family == dispatch.SHARED and not transpose_a and m is not None
-                and all(d == 1 for d in sb[:-2]) and None not in batch):
-            # B shared by every matrix of A: the CPU kernels run one [B·M, K] · [K, N] GEMM
-            # in pieces of dispatch.folded_rows, a dense product of that many rows (bfloat16
-            # [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md).
-            m = dispatch.folded_rows(m, int(np.prod(batch, dtype=np.int64)))
-            family = dispatch.DENSE
-    return tuple(unknown if d is None else d for d in (m, n, k)) + (family,)
+            if da is not None and db is not None and da != db and 1 not in (da, db):
+                return None
+    if sa is None or sb is None or None in sa[:-2] + sb[:-2]:
+        # Every product the run-time shapes may give: equal batches (DENSE), a broadcast
+        # one (SHARED), or B shared by all (DENSE, folded: at least M rows).
+        families = set()
+        if sa is None or sb is None or (
+                len(sa) == len(sb) and all(None in (da, db) or da == db
+                                           for da, db in zip(sa[:-2], sb[:-2]))):
+            families.add((m, dispatch.DENSE))
+        if transpose_a or sb is None or any(d != 1 for d in sb[:-2]):
+            families.add((m, dispatch.SHARED))
+        if not transpose_a and (sb is None or all(d in (1, None) for d in sb[:-2])):
+            families.add((dispatch.AtLeast(m or 1), dispatch.DENSE))
+    elif len(sa) == len(sb) and sa[:-2] == sb[:-2]:
+        families = {(m, dispatch.DENSE)}
+    elif not transpose_a and all(d == 1 for d in sb[:-2]):
+        batch = int(np.prod(sa[:-2], dtype=np.int64))
+        families = {(None if m is None else dispatch.folded_rows(m, batch), dispatch.DENSE)}
+    else:
+        families = {(m, dispatch.SHARED)}
+
+    def bound(d):
+        return dispatch.AtLeast(1) if d is None else d
+
+    return tuple(sorted(((bound(rows), bound(n), bound(k), family)
+                         for rows, family in families), key=repr))
+
+
+def _run_time_product(a, b, transpose_a, transpose_b):
+    """M, N, K and whether the product is SHARED, as `_product_sizes` decides them from
+    static shapes, read from a and b at run time (scalar tensors where the static shapes
+    do not know them)."""
+    m, n, k = _run_time_sizes(a, b, transpose_a, transpose_b)
+    # Batch axes (shape[:-2] is empty below rank 2: the branch's op raises the error).
+    ba, bb = tf.shape(a, tf.int64)[:-2], tf.shape(b, tf.int64)[:-2]
+    rank_a, rank_b = tf.size(ba), tf.size(bb)
+    longest = tf.maximum(rank_a, rank_b)
+    same = tf.logical_and(tf.equal(rank_a, rank_b), tf.reduce_all(tf.equal(
+        tf.pad(ba, [[longest - rank_a, 0]], constant_values=1),
+        tf.pad(bb, [[longest - rank_b, 0]], constant_values=1))))
+    if transpose_a:
+        return m, n, k, tf.logical_not(same)
+    fold = tf.logical_and(tf.logical_not(same), tf.reduce_all(tf.equal(bb, 1)))
+    # dispatch.folded_rows: M times the largest divisor of the batch that keeps the rows
+    # within MAX_FOLDED_ROWS.
+    rows = tf.cast(m, tf.int64)
+    batch = tf.reduce_prod(ba)
+    most = tf.minimum(batch, tf.maximum(dispatch.MAX_FOLDED_ROWS // tf.maximum(rows, 1), 1))
+    d = tf.range(1, dispatch.MAX_FOLDED_ROWS + 1, dtype=tf.int64)
+    divisor = tf.reduce_max(tf.where(tf.logical_and(d <= most, batch % d == 0), d, 1))
+    folded = tf.cast(tf.where(fold, rows * divisor, rows), tf.int32)
+    return folded, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold))
 
 
 def _choice(dtype, sa, sb, sizes):
@@ -96,7 +140,8 @@ def _choice(dtype, sa, sb, sizes):
     `_product_sizes` are `sizes` (None: the built-in)."""
     if sizes is None or _single_small_product(sa, sb):
         return dispatch.BUILTIN
-    return dispatch.choose(dtype, *sizes)
+    choices = {dispatch.choose(dtype, *candidate) for candidate in sizes}
+    return choices.pop() if len(choices) == 1 else dispatch.RUNTIME
 
 
 def _run_time_sizes(a, b, transpose_a, transpose_b):
@@ -196,9 +241,12 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
 
     if choice == dispatch.KERNEL:
         return ours(name)
-    return tf.cond(dispatch.kernel_wins(a.dtype.base_dtype, *_run_time_sizes(a, b, ta, tb),
-                                        sizes[3]),
-                   ours, fallback, name=name)
+    m, n, k, shared = _run_time_product(a, b, ta, tb)
+    wins = {family: dispatch.kernel_wins(a.dtype.base_dtype, m, n, k, family)
+            for family in sorted({size[3] for size in sizes})}
+    if len(wins) == 2:
+        wins = {None: tf.where(shared, wins[dispatch.SHARED], wins[dispatch.DENSE])}
+    return tf.cond(wins.popitem()[1], ours, fallback, name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,

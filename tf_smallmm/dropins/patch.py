@@ -60,7 +60,8 @@ def _matmul_operator(a, b):
     if a is None or b is None:
         return None
     with ops.name_scope(None, "matmul", [a, b]) as scope:
-        return linalg.on_engine(a, b, name=scope)
+        # (`a @ b` of two dense tensors is tf.matmul(a, b): the run-time branch's other side.)
+        return linalg.on_engine(a, b, name=scope, fallback=lambda: builtins.matmul(a, b))
 
 
 def _operator(original, reflected):
