@@ -354,8 +354,10 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
 
 
 # ---------------------------------------------------------------- stationary kernels
-# The row kernel takes M >= 8 with N >= 4, and any M where N >= 2 fits one strip of B's
-# contiguous columns (complex: any N): whole vector strips, then one partial strip. N sweeps every remainder of the strip (16 floats or 8
+# The row kernel takes M >= 8 with N >= 4, with AVX-512 also M <= 3 with N >= 4 (one or
+# a few rows times a matrix: a lone streamed row sums its K products in split chains), and
+# any M where N >= 2 fits one strip of B's contiguous columns (complex: any N): whole
+# vector strips, then one partial strip. N sweeps every remainder of the strip (16 floats or 8
 # complex64 with AVX-512), K up to the longest stationary K (32 real, 16 complex on
 # AVX-512) and one past it.
 ROW_N = list(range(1, 34))
@@ -368,6 +370,15 @@ def test_row_kernel_every_strip_remainder(dtype, isa):
     for n, k in itertools.product(ROW_N, ROW_K):
         m = 1 + (n * 7 + k) % 9  # every M from 1 to 9 across the sweep
         x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
+        check_exact(core.matmul(x, y), ref(x, y))
+
+
+def test_few_rows_times_a_wide_matrix_take_the_row_kernel_with_avx512(isa):
+    rng = np.random.default_rng(25)
+    for dtype, m, n, k in itertools.product(NP_DTYPES, [1, 2, 3], [17, 33, 64], [8, 13, 16]):
+        x, y = ints(rng, (3, m, k), dtype), ints(rng, (3, k, n), dtype)
+        if isa == "avx512":
+            assert core.kernel_for(x, y) == "stationary", (dtype, m, n, k)
         check_exact(core.matmul(x, y), ref(x, y))
 
 

@@ -92,7 +92,14 @@ struct StripRegs {
 template <DType D, int K>
 constexpr int kStreamColumns = kVecBytes == 64 && K * kScalars<D> <= 20 ? 8 : 4;
 
-// C streamed columns j..j+C-1 of a strip, C independent FMA chains.
+// A single streamed column sums K products in kSplitChains chains (l mod 4) where K is
+// long enough, added at the end: one chain of K dependent FMAs waits out the FMA latency
+// at every step (a [1, K] · [K, N] row times a matrix, and the last columns of a strip).
+template <int C, int K>
+constexpr int kSplitChains = C == 1 && K >= 8 ? 4 : 1;
+
+// C streamed columns j..j+C-1 of a strip, C independent FMA chains (or one split in
+// kSplitChains).
 template <int C, DType D, int W, int K, bool kPartial>
 __attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& sr, const void* x,
                                                       int64_t xj, int64_t ls, int64_t x_js,
@@ -100,16 +107,18 @@ __attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& 
                                                       int64_t oj, int64_t o_js, bool stream,
                                                       int lanes) {
   using V = typename VecOf<typename Traits<D>::R, W>::type;
-  V c[C];
+  constexpr int S = kSplitChains<C, K>;
+  V c[C * S];
 #pragma GCC unroll 8
-  for (int q = 0; q < C; ++q) c[q] = V{};  // from +0 like every GEMM (-0 · 1 = +0)
+  for (int q = 0; q < C * S; ++q) c[q] = V{};  // from +0 like every GEMM (-0 · 1 = +0)
 #pragma GCC unroll 32
   for (int l = 0; l < K; ++l) {
 #pragma GCC unroll 8
-    for (int q = 0; q < C; ++q) sr.Fma(c[q], l, x, xj + q * x_js + l * ls, x_sign);
+    for (int q = 0; q < C; ++q) sr.Fma(c[q * S + l % S], l, x, xj + q * x_js + l * ls, x_sign);
   }
+  if constexpr (S == 4) c[0] = (c[0] + c[1]) + (c[2] + c[3]);
 #pragma GCC unroll 8
-  for (int q = 0; q < C; ++q) PutLanes<D, W, kPartial>(out, oj + q * o_js, c[q], stream, lanes);
+  for (int q = 0; q < C; ++q) PutLanes<D, W, kPartial>(out, oj + q * o_js, c[q * S], stream, lanes);
 }
 
 // The streamed side of a strip: out(:, j) = Σ_l s(:, l) · x(l, j), x(l, j) = x[xo + l *
@@ -235,6 +244,11 @@ void StationaryRows(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, 
 constexpr int kStationaryMinStreamed = 8;
 constexpr int kStationaryMinStrip = 4;
 constexpr int kRowKernelMinN = 2;
+// AVX-512 (kernel_grid-style A/B in tf.function, 2026-12-02, Zen 5): [B, M, K] · [B, K, N]
+// with M = 1..3, N = 32 or 64, K = 8..32 moved from the packed kernels to this one (with
+// split chains): float16 0.55-0.99× -> 1.04-1.42× tf.matmul, bfloat16 0.49-0.71× ->
+// 0.95-1.26×, float32 0.91-1.26× -> 0.99-1.22×. Not measured on the narrower ISAs.
+constexpr int kRowKernelMaxFewRows = kVecBytes == 64 ? 3 : 0;
 // Elements per strip.
 template <DType D>
 constexpr int kStripLanes = kVecBytes / sizeof(typename Traits<D>::R) / kScalars<D>;
@@ -243,7 +257,7 @@ inline bool ColumnKernelFits(const GemmPlan& p) {
 }
 template <DType D>
 inline bool RowKernelFits(const GemmPlan& p) {
-  const bool many_rows = p.m >= kStationaryMinStreamed;
+  const bool many_rows = p.m >= kStationaryMinStreamed || p.m <= kRowKernelMaxFewRows;
   const bool one_strip = p.n >= kRowKernelMinN && p.n <= kStripLanes<D>;
   return p.c_cs == 1 &&
          ((many_rows && p.n >= kStationaryMinStrip) || one_strip || Traits<D>::kComplex);
