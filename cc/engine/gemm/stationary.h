@@ -95,8 +95,10 @@ constexpr int kStreamColumns = kVecBytes == 64 && K * kScalars<D> <= 20 ? 8 : 4;
 // A single streamed column sums K products in kSplitChains chains (l mod 4) where K is
 // long enough, added at the end: one chain of K dependent FMAs waits out the FMA latency
 // at every step (a [1, K] · [K, N] row times a matrix, and the last columns of a strip).
+// AVX-512 only, where it was measured (kRowKernelMaxFewRows); the baseline build keeps
+// the one sequential sum that the GPU block program reproduces bit for bit.
 template <int C, int K>
-constexpr int kSplitChains = C == 1 && K >= 8 ? 4 : 1;
+constexpr int kSplitChains = kVecBytes == 64 && C == 1 && K >= 8 ? 4 : 1;
 
 // C streamed columns j..j+C-1 of a strip, C independent FMA chains (or one split in
 // kSplitChains).
