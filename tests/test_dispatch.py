@@ -42,6 +42,8 @@ def test_max_folded_rows_is_the_kernels():
     (5, 30011, 5), (600, 8, 600), (1, 1, 1), (4, 0, 4)])
 def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
     assert dispatch.folded_rows(m, batch) == rows
+    assert int(dispatch.folded_rows_at_run_time(tf.constant(m, tf.int64),
+                                                tf.constant(batch, tf.int64))) == rows
 
 
 def _plain(sizes):

@@ -307,6 +307,14 @@ def folded_rows(m, batch):
     return m * max([d for d in range(1, min(batch, most) + 1) if batch % d == 0], default=1)
 
 
+def folded_rows_at_run_time(m, batch):
+    """folded_rows for scalar int64 tensors m and batch (sizes only the run time knows):
+    a few small graph ops."""
+    most = tf.minimum(batch, tf.maximum(MAX_FOLDED_ROWS // tf.maximum(m, 1), 1))
+    d = tf.range(1, MAX_FOLDED_ROWS + 1, dtype=tf.int64)
+    return m * tf.reduce_max(tf.where(tf.logical_and(d <= most, batch % d == 0), d, 1))
+
+
 def _classes(size, bounds):
     """The size classes a size can be in: one when known, every class from its lower
     bound up when it is AtLeast."""

@@ -124,15 +124,10 @@ def _run_time_product(a, b, transpose_a, transpose_b):
     if transpose_a:
         return m, n, k, tf.logical_not(same)
     fold = tf.logical_and(tf.logical_not(same), tf.reduce_all(tf.equal(bb, 1)))
-    # dispatch.folded_rows: M times the largest divisor of the batch that keeps the rows
-    # within MAX_FOLDED_ROWS.
     rows = tf.cast(m, tf.int64)
-    batch = tf.reduce_prod(ba)
-    most = tf.minimum(batch, tf.maximum(dispatch.MAX_FOLDED_ROWS // tf.maximum(rows, 1), 1))
-    d = tf.range(1, dispatch.MAX_FOLDED_ROWS + 1, dtype=tf.int64)
-    divisor = tf.reduce_max(tf.where(tf.logical_and(d <= most, batch % d == 0), d, 1))
-    folded = tf.cast(tf.where(fold, rows * divisor, rows), tf.int32)
-    return folded, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold))
+    folded = dispatch.folded_rows_at_run_time(rows, tf.reduce_prod(ba))
+    rows = tf.cast(tf.where(fold, folded, rows), tf.int32)
+    return rows, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold))
 
 
 def _choice(dtype, sa, sb, sizes):
@@ -230,8 +225,9 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
     between the kernel and `fallback()` (the same product by the built-in the caller
     replaces); without a fallback such products are None too."""
     ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
-    sizes = _product_sizes(_shape(a), _shape(b), ta, tb) if a.dtype == b.dtype else None
-    choice = _choice(a.dtype.base_dtype, _shape(a), _shape(b), sizes)
+    sa, sb, dtype = _shape(a), _shape(b), a.dtype.base_dtype
+    sizes = _product_sizes(sa, sb, ta, tb) if a.dtype == b.dtype else None
+    choice = _choice(dtype, sa, sb, sizes)
     if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
 
@@ -242,11 +238,13 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
     if choice == dispatch.KERNEL:
         return ours(name)
     m, n, k, shared = _run_time_product(a, b, ta, tb)
-    wins = {family: dispatch.kernel_wins(a.dtype.base_dtype, m, n, k, family)
-            for family in sorted({size[3] for size in sizes})}
-    if len(wins) == 2:
-        wins = {None: tf.where(shared, wins[dispatch.SHARED], wins[dispatch.DENSE])}
-    return tf.cond(wins.popitem()[1], ours, fallback, name=name)
+    families = {size[3] for size in sizes}
+    if len(families) == 1:
+        wins = dispatch.kernel_wins(dtype, m, n, k, families.pop())
+    else:  # the run-time shapes say which
+        wins = tf.where(shared, dispatch.kernel_wins(dtype, m, n, k, dispatch.SHARED),
+                        dispatch.kernel_wins(dtype, m, n, k, dispatch.DENSE))
+    return tf.cond(wins, ours, fallback, name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,
