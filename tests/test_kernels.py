@@ -382,6 +382,21 @@ def test_few_rows_times_a_wide_matrix_take_the_row_kernel_with_avx512(isa):
         check_exact(core.matmul(x, y), ref(x, y))
 
 
+# A real strip whose lanes are rows of contiguous elements (B transposed on the row
+# kernel, a row-major A on the column kernel) is transposed in registers, 8 columns at a
+# time: every strip remainder, every remainder of the 8-column groups, each ISA.
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_strips_transposed_in_registers(dtype, isa):
+    rng = np.random.default_rng(26)
+    for n, k in itertools.product(range(2, 34), [1, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32]):
+        m = 8 + (n + k) % 3
+        x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, n, k), dtype)
+        if isa == "avx512":
+            assert core.kernel_for(x, y, transpose_y=True) == "stationary", (dtype, n, k)
+        check_exact(core.matmul(x, y, transpose_y=True), ref(x, y, False, False, True, False))
+
+
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
 def test_complex_stationary_kernels_conjugate(flags):
     # Complex strips hold (re, im) pairs and a copy turned by 90°; conjugation of either
