@@ -381,6 +381,62 @@ def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
     assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
 
 
+def test_a_class_entry_cuts_sizes_at_its_own_bounds(monkeypatch):
+    """A measurement fitted with other size classes than the file's top-level ones keeps
+    them: M = 8 and M = 7 fall in different classes with a bound at 7."""
+    own = [1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096]
+    m7 = dispatch.size_class(7, own)
+    cells = dispatch.encode_cells({(m7, n, k) for n in range(len(own) + 1)
+                                   for k in range(len(own) + 1)}, len(own) + 1)
+    data = {"size_bounds": BOUNDS, "classes": {"avx512+bf16": {
+        "size_bounds": own, "builtin": {dispatch.DENSE: {"float32": cells}}}}}
+    monkeypatch.setattr(dispatch, "model", lambda: data)
+    monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16")
+    dispatch._table.cache_clear()
+    dispatch._model_choice.cache_clear()
+    try:
+        assert dispatch.choose(tf.float32, 7, 64, 8) == dispatch.BUILTIN
+        assert dispatch.choose(tf.float32, 5, 64, 8) == dispatch.BUILTIN
+        assert dispatch.choose(tf.float32, 8, 64, 8) == dispatch.KERNEL
+        assert dispatch.choose(tf.float32, 4, 64, 8) == dispatch.KERNEL
+    finally:
+        dispatch._table.cache_clear()
+        dispatch._model_choice.cache_clear()
+
+
+def test_refit_fits_the_saved_rows_again_and_keeps_their_stamp(tmp_path, monkeypatch):
+    """--refit-model: the cells come from the rows a --write-model run saved, cut at
+    MODEL_BOUNDS; the entry still says when and where those rows were measured."""
+    import json
+
+    from tf_smallmm.tools import sweep
+
+    monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16")
+    rows = [{"dtype": "float32", "point": p, "fwd": f, "fwd_bwd": 1.2} for p, f in [
+        ((7, 32, 8), 0.7), ((8, 32, 8), 1.3), ((8, 1, 8), 1.5)]]
+    controls = [{"fwd": 1.0, "fwd_bwd": 1.0}] * 10
+    saved = tmp_path / "SWEEP.json"
+    saved.write_text(json.dumps({"rows": [], "model_rows": rows, "model_controls": controls}))
+    stamp = {"date": "2026-01-02", "command": "python -m tf_smallmm.bench --sweep "
+             "--write-model", "machine": "somewhere", "tensorflow": "2.21.0"}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"size_bounds": BOUNDS, "classes": {
+        "avx512+bf16": dict(stamp, builtin={})}}))
+    sweep.refit_model(str(saved), str(path))
+    entry = json.loads(path.read_text())["classes"]["avx512+bf16"]
+    assert {k: entry[k] for k in stamp} == stamp and "refit-model" in entry["fitted"]
+    assert entry["size_bounds"] == list(sweep.MODEL_BOUNDS)
+    cells = dispatch.decode_cells(entry["builtin"][dispatch.DENSE]["float32"])
+    assert cells == dispatch.decode_cells(
+        sweep.fit_model(rows, sweep.MODEL_BOUNDS, sweep.noise_floor(controls))["float32"])
+    cls = [dispatch.size_class(s, sweep.MODEL_BOUNDS) for s in (7, 8, 32)]
+    assert (cls[0], cls[2], cls[1]) in cells      # M 5-7: the built-in
+    assert (cls[1], cls[2], cls[1]) not in cells  # M 8: ours
+    saved.write_text(json.dumps({"rows": [], "model_rows": []}))
+    with pytest.raises(SystemExit, match="no model rows"):
+        sweep.refit_model(str(saved), str(path))
+
+
 def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
     """A row below FLOOR_TARGET is measured again (here the same op on both sides, so the
     second measurement is near 1); the first pass stays in the row and the report."""

@@ -279,10 +279,12 @@ def _table(dtype_name, cpu_class, family):
     measured; on a CPU class not measured at all, 16-bit products from 16³ multiply-adds
     up also go to the built-in."""
     data = model()
-    bounds = tuple(data["size_bounds"])
-    every = list(itertools.product(range(len(bounds) + 1), repeat=3))
     source = _measured_class(cpu_class, data["classes"])
-    families = data["classes"].get(source, {}).get("builtin", {})
+    entry = data["classes"].get(source, {})
+    # Each measurement keeps the size classes it was fitted with.
+    bounds = tuple(entry.get("size_bounds", data["size_bounds"]))
+    every = list(itertools.product(range(len(bounds) + 1), repeat=3))
+    families = entry.get("builtin", {})
     measured, dense = families.get(family, {}), families.get(DENSE, {})
     if dtype_name in measured:
         cells = decode_cells(measured[dtype_name])

@@ -481,6 +481,9 @@ def main(argv=None):
     p.add_argument("--write-model", action="store_true",
                    help="with --sweep: first measure our kernels on the model grid and "
                    "rewrite the dispatch model for this CPU class")
+    p.add_argument("--refit-model", action="store_true",
+                   help="fit the dispatch model for this CPU class again from the rows of "
+                   "the last --write-model run (benchmarks/SWEEP.json), measuring nothing")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the cases whose name contains TEXT (e.g. 'routings')")
@@ -498,6 +501,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.refit_model:
+        path = sweep.dispatch._MODEL_PATH
+        sweep.refit_model(os.path.join("benchmarks", "SWEEP.json"), path)
+        print(f"wrote {path}")
+        return
     if args.sweep:
         sweep.main(args)
         return

@@ -326,6 +326,15 @@ def control(case, rounds):
 # machine, the controls ranged 0.72-1.33 and the floor came out at 0.86.
 NEAR = 0.97
 
+# The model's size classes: each of M, N and K is cut at these bounds. The cuts follow
+# the kernels' own rules, so one class does not mix sizes that run on different kernels:
+# 3 | 4 (the tiny kernels' sizes; one to three rows take the row kernel with AVX-512),
+# 7 | 8 (from 8 rows the row kernel, below it the packed kernels beyond one strip). With
+# 4 | 8 only (2026-12-02), M = 5, 7 and 8 shared a class: float32 [B, 5 or 7, K] · [B, K, 32]
+# lose on the packed kernels (0.72-0.91×, forced) and sent 8×8 · 8×64, which the row
+# kernel runs at 1.3× and RESULTS.md at 2.07× tf.matmul, to the built-in with them.
+MODEL_BOUNDS = (1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096)
+
 
 def noise_floor(controls):
     ratios = [r[k] for r in controls for k in ("fwd", "fwd_bwd") if k in r]
@@ -360,22 +369,41 @@ def fit_model(rows, bounds, floor):
     return out
 
 
-def write_model(rows, controls, path, command):
+def write_model(rows, controls, path, command, stamp=None):
     """Rewrites this CPU class's entry of the model file from the forced-kernel rows and
-    the controls measured with them."""
+    the controls measured with them, cut at MODEL_BOUNDS. `stamp` (date, command, machine,
+    tensorflow) says when and how the rows were measured, by default now."""
     with open(path) as f:
         data = json.load(f)
     floor = noise_floor(controls)
     ratios = [r[k] for r in controls for k in ("fwd", "fwd_bwd") if k in r] or [np.nan]
-    data["classes"][dispatch.isa_class()] = {
-        "date": datetime.date.today().isoformat(), "command": command,
-        "machine": machine(), "tensorflow": tf.__version__,
+    entry = dict(stamp or {"date": datetime.date.today().isoformat(), "command": command,
+                           "machine": machine(), "tensorflow": tf.__version__})
+    if stamp:
+        entry["fitted"] = f"{datetime.date.today().isoformat()}: {command}"
+    entry.update({
         "noise": f"{len(controls)} controls {min(ratios):.2f}-{max(ratios):.2f}, "
                  f"floor {floor:.2f}",
-        "builtin": {dispatch.DENSE: fit_model(rows, data["size_bounds"], floor)}}
+        "size_bounds": list(MODEL_BOUNDS),
+        "builtin": {dispatch.DENSE: fit_model(rows, MODEL_BOUNDS, floor)}})
+    data["classes"][dispatch.isa_class()] = entry
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+
+
+def refit_model(sweep_json, path):
+    """Fits this CPU class's model again from the forced-kernel rows a --write-model run
+    left in sweep_json (after a change of MODEL_BOUNDS or of the fit), measuring nothing."""
+    with open(sweep_json) as f:
+        saved = json.load(f)
+    if not saved.get("model_rows"):
+        raise SystemExit(f"{sweep_json} holds no model rows: run --sweep --write-model")
+    with open(path) as f:
+        old = json.load(f)["classes"].get(dispatch.isa_class(), {})
+    stamp = {k: old[k] for k in ("date", "command", "machine", "tensorflow") if k in old}
+    write_model(saved["model_rows"], saved["model_controls"], path,
+                "python -m tf_smallmm.bench --refit-model", stamp=stamp)
 
 
 # --------------------------------------------------------------------------- report
@@ -645,7 +673,13 @@ def main(args):
     with open(out, "w") as f:
         f.write(markdown(rows, controls, roof, bandwidth, args, time.perf_counter() - t0,
                          os.path.basename(os.path.splitext(out)[0] + ".png")))
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    saved = os.path.splitext(out)[0] + ".json"
+    if not args.write_model and os.path.exists(saved):
+        # The rows the shipped model was fitted from stay with it (--refit-model reads them).
+        with open(saved) as f:
+            before = json.load(f)
+        forced, forced_controls = before.get("model_rows", []), before.get("model_controls", [])
+    with open(saved, "w") as f:
         json.dump({"rows": rows, "controls": controls, "roofline": roof,
                    "model_rows": forced, "model_controls": forced_controls}, f, indent=0)
     heatmap(rows, os.path.splitext(out)[0] + ".png")
