@@ -25,11 +25,14 @@ M_ABOVE_8 = [[m, n, k] for m in CLASSES if m > 3 for n in CLASSES for k in CLASS
 def model(monkeypatch):
     """install({dtype name: cells where the built-in wins}, cpu_class=...): a synthetic
     model measured for avx512+bf16, DENSE family only."""
-    def install(cells=None, cpu_class="avx512+bf16"):
-        dense = {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, len(CLASSES))
+    def install(cells=None, cpu_class="avx512+bf16", bounds=None):
+        classes = len(bounds or BOUNDS) + 1
+        dense = {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, classes)
                  for dtype, dtype_cells in (cells or {}).items()}
-        data = {"size_bounds": BOUNDS,
-                "classes": {"avx512+bf16": {"builtin": {dispatch.DENSE: dense}}}}
+        entry = {"builtin": {dispatch.DENSE: dense}}
+        if bounds:  # the entry's own size classes
+            entry["size_bounds"] = bounds
+        data = {"size_bounds": BOUNDS, "classes": {"avx512+bf16": entry}}
         monkeypatch.setattr(dispatch, "model", lambda: data)
         monkeypatch.setattr(dispatch, "isa_class", lambda: cpu_class)
         dispatch._table.cache_clear()
@@ -381,27 +384,17 @@ def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
     assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
 
 
-def test_a_class_entry_cuts_sizes_at_its_own_bounds(monkeypatch):
+def test_a_class_entry_cuts_sizes_at_its_own_bounds(model):
     """A measurement fitted with other size classes than the file's top-level ones keeps
     them: M = 8 and M = 7 fall in different classes with a bound at 7."""
     own = [1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096]
     m7 = dispatch.size_class(7, own)
-    cells = dispatch.encode_cells({(m7, n, k) for n in range(len(own) + 1)
-                                   for k in range(len(own) + 1)}, len(own) + 1)
-    data = {"size_bounds": BOUNDS, "classes": {"avx512+bf16": {
-        "size_bounds": own, "builtin": {dispatch.DENSE: {"float32": cells}}}}}
-    monkeypatch.setattr(dispatch, "model", lambda: data)
-    monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16")
-    dispatch._table.cache_clear()
-    dispatch._model_choice.cache_clear()
-    try:
-        assert dispatch.choose(tf.float32, 7, 64, 8) == dispatch.BUILTIN
-        assert dispatch.choose(tf.float32, 5, 64, 8) == dispatch.BUILTIN
-        assert dispatch.choose(tf.float32, 8, 64, 8) == dispatch.KERNEL
-        assert dispatch.choose(tf.float32, 4, 64, 8) == dispatch.KERNEL
-    finally:
-        dispatch._table.cache_clear()
-        dispatch._model_choice.cache_clear()
+    model({"float32": [(m7, n, k) for n in range(len(own) + 1) for k in range(len(own) + 1)]},
+          bounds=own)
+    assert dispatch.choose(tf.float32, 7, 64, 8) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 5, 64, 8) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 8, 64, 8) == dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 4, 64, 8) == dispatch.KERNEL
 
 
 def test_refit_fits_the_saved_rows_again_and_keeps_their_stamp(tmp_path, monkeypatch):

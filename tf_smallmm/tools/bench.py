@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_smallmm as smm
+from tf_smallmm._core import dispatch
 from tf_smallmm.capsules import routing
 from tf_smallmm.tools import sweep
 
@@ -502,9 +503,8 @@ def main(argv=None):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.refit_model:
-        path = sweep.dispatch._MODEL_PATH
-        sweep.refit_model(os.path.join("benchmarks", "SWEEP.json"), path)
-        print(f"wrote {path}")
+        sweep.refit_model(os.path.join("benchmarks", "SWEEP.json"), dispatch._MODEL_PATH)
+        print(f"wrote {dispatch._MODEL_PATH}")
         return
     if args.sweep:
         sweep.main(args)

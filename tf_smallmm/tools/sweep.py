@@ -333,6 +333,10 @@ NEAR = 0.97
 # 4 | 8 only (2026-12-02), M = 5, 7 and 8 shared a class: float32 [B, 5 or 7, K] · [B, K, 32]
 # lose on the packed kernels (0.72-0.91×, forced) and sent 8×8 · 8×64, which the row
 # kernel runs at 1.3× and RESULTS.md at 2.07× tf.matmul, to the built-in with them.
+# The shipped 2026-12-02 model is still the fit with the old classes: refitted with these
+# (--refit-model), its sweep had 9 cases below 0.95×, mostly K = 3 with N = 32 products
+# whose cells the 3 | 4 cut moved to our kernels (bfloat16 B-shared 0.69× forward+backward);
+# the next --write-model fits these classes from fresh rows, and its sweep decides.
 MODEL_BOUNDS = (1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096)
 
 

@@ -171,7 +171,8 @@ struct Side {
 // Paired in one process against the scalar copy (2026-12-02, Zen 5, 2 threads, in
 // tf.function): capsule_predict with W[1152, 10, 16, 8] 1.42× faster at batch 10, 1.27×
 // at 25, 1.04× at 50 (its output writes bound it); float32 [B, M, K] · [B, N, K]ᵀ forward
-// 1.11-1.32× for n³ = 8³-32³, float64 / float16 0.97-1.18× (level within the noise).
+// 1.11-1.32× for n³ = 8³-32³, float64 / float16 0.93-1.18× (0.98-1.11× measured again
+// with 21 rounds: level within the noise).
 template <DType D, int W>
 constexpr bool kShuffleStrip = !Traits<D>::kComplex && (W == 8 || W == 16);
 
