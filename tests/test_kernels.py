@@ -353,6 +353,24 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
                                       want.astype(np.float32))
 
 
+# Streamed columns at least 1024 elements apart (the capsule prediction's u[b, i, :]) are
+# copied to a contiguous 16 KiB buffer, a block of columns at a time, where more than one
+# strip reads them: one block, several blocks and a partial last one, K read in place and
+# through a strided view.
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_far_streamed_columns_copied_in_blocks(dtype, isa):
+    rng = np.random.default_rng(27)
+    longest = {"avx512": 32, "avx2": 11}.get(isa, 8) // (2 if np.dtype(dtype).kind == "c" else 1)
+    for m, k, b in [(17, 8, 9), (33, 32, 150), (20, 16, 300), (40, 5, 40)]:
+        caps = 1024 // k + 1  # u[b] is caps·k >= 1024 elements long
+        x = ints(rng, (caps, m, k), dtype)
+        y = ints(rng, (b, caps, 2 * k, 1), dtype)[:, :, ::2]  # K stride 2
+        for yy in (np.ascontiguousarray(y), y):
+            if k <= longest:
+                assert core.kernel_for(x, yy) == "stationary", (dtype, m, k, b)
+            check_exact(core.matmul(x, yy), ref(x, yy))
+
+
 # ---------------------------------------------------------------- stationary kernels
 # The row kernel takes M >= 8 with N >= 4, with AVX-512 also M <= 3 with N >= 4 (one or
 # a few rows times a matrix: a lone streamed row sums its K products in split chains), and

@@ -285,8 +285,8 @@ void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_
 // All `rows` strips of one product: whole vector strips, then one partial strip for the
 // rest (20 rows of floats with AVX-512: 16 + 4 lanes of 16).
 template <DType D, int W, int K>
-void StationaryRows(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
-                    int64_t count, bool stream) {
+void StationaryStrips(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
+                      int64_t count, bool stream) {
   constexpr int kLanes = W / kScalars<D>;  // elements per strip (W storage scalars)
   const int64_t first = s.off;
   int64_t v = 0;
@@ -298,6 +298,50 @@ void StationaryRows(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, 
     s.off = first + v * s.vs;
     StationaryStrip<D, W, K, true>(s, x, out, oo + v, o_js, count, stream,
                                    int(kScalars<D> * (rows - v)));
+  }
+}
+
+// Every strip reads all of the streamed side. Where its columns are far apart, each strip
+// would fetch them again from L2: the capsule prediction streams u[b, i, :], 36,864 bytes
+// (9 pages) apart, so all its columns fall in one L1 set. There the columns are first
+// copied, a block at a time, into a contiguous buffer that stays in L1 for every strip.
+// Paired in one process against reading in place (2026-12-02, Zen 5, 2 threads, in
+// tf.function, 15 rounds): capsule_predict with W[1152, 10, 16, 8] float32 1.21× faster at
+// batch 50 and 1.05× at batch 10, float64 1.30× and 1.10×.
+constexpr int64_t kStreamBufferBytes = 16 << 10;
+
+template <DType D, int K>
+void CopyColumns(const Side& x, int64_t j0, int64_t count, StorageOf<D>* buf) {
+  constexpr int kS = kScalars<D>;
+  const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x.p);
+  for (int64_t j = 0; j < count; ++j) {
+    const StorageOf<D>* col = src + kS * (x.off + (j0 + j) * x.vs);
+    StorageOf<D>* dst = buf + j * K * kS;
+    if (x.ls == 1) {
+      memcpy(dst, col, sizeof(StorageOf<D>) * K * kS);
+    } else {
+      for (int l = 0; l < K; ++l)
+        for (int q = 0; q < kS; ++q) dst[l * kS + q] = col[kS * l * x.ls + q];
+    }
+  }
+}
+
+template <DType D, int W, int K>
+void StationaryRows(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
+                    int64_t count, bool stream) {
+  const bool far = x.vs >= kNearStride || x.vs <= -kNearStride;
+  if (rows <= W / kScalars<D> || !far) {
+    return StationaryStrips<D, W, K>(s, x, out, oo, o_js, rows, count, stream);
+  }
+  using S = StorageOf<D>;
+  constexpr int64_t kBlock = kStreamBufferBytes / (int64_t(sizeof(S)) * K * kScalars<D>);
+  static_assert(kBlock >= 8, "a block holds at least one step of streamed columns");
+  alignas(64) S buf[kStreamBufferBytes / sizeof(S)];
+  for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
+    const int64_t n = count - j0 < kBlock ? count - j0 : kBlock;
+    CopyColumns<D, K>(x, j0, n, buf);
+    StationaryStrips<D, W, K>(s, Side{buf, 0, K, 1, x.conj}, out, oo + j0 * o_js, o_js, rows, n,
+                              stream);
   }
 }
 
