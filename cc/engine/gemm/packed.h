@@ -123,7 +123,6 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   // Tiles: whole mt×nt tiles, and along each side a last "edge" tile of the smallest
   // tile size that holds the rest (M = 20 is a 16-tile and a 4-tile, not two 16-tiles).
   constexpr bool kInPlace = kPlainReal<D>;
-  auto near = [](int64_t stride) { return stride > -kNearStride && stride < kNearStride; };
   int mi = TileClass(p.m), ni = TileClass(p.n);
   if (kInPlace && !kC) {
     // A broadcast (scalar) side read in place takes one pointer per accumulator; when
@@ -132,8 +131,8 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
     // kernel spills every step. Four (kFarScalarTile) do.
     const int cap = TileClass(kFarScalarTile);
     const bool col0 = ColumnMode(kTileSizes[mi], kTileSizes[ni], kC, p.c_rs, p.c_cs);
-    if (col0 && !near(p.b_cs) && near(p.b_rs) && ni > cap) ni = cap;
-    if (!col0 && !near(p.a_rs) && near(p.a_cs) && mi > cap) mi = cap;
+    if (col0 && !NearStride(p.b_cs) && NearStride(p.b_rs) && ni > cap) ni = cap;
+    if (!col0 && !NearStride(p.a_rs) && NearStride(p.a_cs) && mi > cap) mi = cap;
   }
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
@@ -151,8 +150,8 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   const bool whole_n = p.n % nt == 0 || nte == p.n % nt;
   // A K step of a page or more (a batch axis folded into K) makes every step a new,
   // unprefetched line: pack those operands (packing streams them in memory order).
-  const bool direct_a = kInPlace && whole_m && (!col || p.a_rs == 1) && near(p.a_cs);
-  const bool direct_b = kInPlace && whole_n && (col || p.b_cs == 1) && near(p.b_rs);
+  const bool direct_a = kInPlace && whole_m && (!col || p.a_rs == 1) && NearStride(p.a_cs);
+  const bool direct_b = kInPlace && whole_n && (col || p.b_cs == 1) && NearStride(p.b_rs);
   const bool scalar_in_place = col ? direct_b : direct_a;
   // [M edge?][N edge?]
   const MicroFn<R, kC> micros[2][2] = {

@@ -329,8 +329,7 @@ void CopyColumns(const Side& x, int64_t j0, int64_t count, StorageOf<D>* buf) {
 template <DType D, int W, int K>
 void StationaryRows(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
                     int64_t count, bool stream) {
-  const bool far = x.vs >= kNearStride || x.vs <= -kNearStride;
-  if (rows <= W / kScalars<D> || !far) {
+  if (rows <= W / kScalars<D> || NearStride(x.vs)) {
     return StationaryStrips<D, W, K>(s, x, out, oo, o_js, rows, count, stream);
   }
   using S = StorageOf<D>;

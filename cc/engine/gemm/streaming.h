@@ -77,7 +77,8 @@ inline void StreamFence() {
 
 // A stride (in elements) at least this long is "far": consecutive steps along it land on
 // different pages, so the hardware prefetchers do not follow them. Far operands are
-// packed rather than read in place (packed.h) and prefetched by software (below).
+// packed rather than read in place (packed.h), streamed columns copied to a buffer
+// (stationary.h), and both prefetched by software (below).
 // 002f432 (2026-11-25): the capsule dW read in place, K steps 737 KB apart: 3.1 -> 8.2 ms.
 // Timed 2026-12-01 (../README.md, one thread, dW- and du-shaped g[1000, i, 160, 1]): 256
 // takes 1.45-1.7× as long at stride 800; reading in place takes 0.35-0.57× of packing's
@@ -85,6 +86,9 @@ inline void StreamFence() {
 // but at 25,600 the results swing from 0.8 to 1.9×. A larger value would win below ~16K; it
 // also moves the prefetch and far-tile decisions, so it waits for those to be timed together.
 constexpr int64_t kNearStride = 1024;
+
+// Whether a stride is not far (either sign).
+inline bool NearStride(int64_t stride) { return stride > -kNearStride && stride < kNearStride; }
 
 // Software prefetch of one operand panel X[off + r*rs + l*ls] (r < rows, l < k). A batch
 // axis folded into K or N puts every K step (or column) of a panel on its own page, often
@@ -107,8 +111,7 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
   if (s_out == 0) n_out = 1;
   // Only panels spread over pages, and small enough to sit in L1/L2 until used.
   int64_t bytes;
-  if (n_in <= 0 || n_out <= 0 || mag(s_out) < kNearStride ||
-      __builtin_mul_overflow(n_in, n_out, &bytes) ||
+  if (n_in <= 0 || n_out <= 0 || NearStride(s_out) || __builtin_mul_overflow(n_in, n_out, &bytes) ||
       __builtin_mul_overflow(bytes, kBytes, &bytes) || bytes > kPrefetchMaxBytes) {
     return;
   }
