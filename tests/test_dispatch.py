@@ -5,6 +5,7 @@ they leave behind."""
 import os
 import threading
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
@@ -37,6 +38,50 @@ def test_max_folded_rows_is_the_kernels():
     assert dispatch.MAX_FOLDED_ROWS == core.max_folded_rows
 
 
+def test_max_folded_columns_is_the_kernels():
+    assert dispatch.MAX_FOLDED_COLUMNS == core.max_folded_columns
+
+
+def test_folded_columns_are_the_kernels_folds():
+    """The largest divisor within MAX_FOLDED_COLUMNS (DivisorAtMost, cc/engine/plan.cc),
+    the same from ints and at run time; an unknown size may give any."""
+    sizes = list(range(200)) + [1024, 1031, 4096 * 3]
+    expected = [max([d for d in range(1, min(s, 64) + 1) if s % d == 0], default=1)
+                for s in sizes]
+    assert [dispatch.folded_columns(s) for s in sizes] == expected
+    run_time = tf.function(lambda s: tf.map_fn(dispatch.folded_columns, s))
+    assert run_time(tf.constant(sizes, tf.int32)).numpy().tolist() == expected
+    assert dispatch.folded_columns(dispatch.AtLeast(50)) == dispatch.AtLeast(1)
+
+
+@pytest.mark.parametrize("batch, columns", [(50, 50), (128, 64), (67, 1), (1, 1)])
+def test_shared_matrix_times_vectors_asks_about_the_folded_product(monkeypatch, batch,
+                                                                    columns):
+    """Capsule prediction W[i] · u[b, i] and a matvec of a matrix shared by a batch run as
+    one product with the batch as columns: the model is asked about that product, eagerly,
+    in a graph, and (through the run-time branch) with the batch unknown."""
+    asked, real = [], dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *a: asked.append(a) or real(*a))
+    w, u = tf.ones([6, 10, 16, 8]), tf.ones([batch, 6, 8])
+    for f in (smm.capsule_predict, tf.function(smm.capsule_predict)):
+        asked.clear()
+        f(w, u)
+        assert [a[1:] for a in asked] == [(160, columns, 8, dispatch.SHARED, (160, 1, 8))]
+    m, x = tf.ones([16, 8]), tf.ones([batch, 8])
+    # (A batch of one shares nothing: one dense product.)
+    family = dispatch.SHARED if batch > 1 else dispatch.DENSE
+    for f in (smm.matvec, tf.function(smm.matvec)):
+        asked.clear()
+        f(m, x)
+        assert {a[1:5] for a in asked} == {(16, columns, 8, family)}
+    asked.clear()
+    spec = tf.TensorSpec([None, 6, 8])
+    got = tf.function(smm.capsule_predict, input_signature=[tf.TensorSpec(w.shape), spec])
+    got = got(w, u)
+    assert [a[1:5] for a in asked] == [(160, dispatch.AtLeast(1), 8, dispatch.SHARED)]
+    np.testing.assert_array_equal(got, tf.einsum("ijkl,bil->bijk", w, u))
+
+
 @pytest.mark.parametrize("m, batch, rows", [
     (4, 131072, 512), (24, 3640, 480), (3, 233016, 504), (32, 2048, 512), (4, 7, 28),
     (5, 30011, 5), (600, 8, 600), (1, 1, 1), (4, 0, 4)])
@@ -47,7 +92,7 @@ def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
 
 
 def _plain(sizes):
-    return tuple(tuple(s.lo if isinstance(s, dispatch.AtLeast) else s for s in size)
+    return tuple(tuple(s.lo if isinstance(s, dispatch.AtLeast) else s for s in size[:4])
                  for size in sizes)
 
 
@@ -62,6 +107,10 @@ def _plain(sizes):
     ((8, 16, 4, 4), (16, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((4, 4), (131072, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((9, 4, 4), (9, 4, 4), False, (4, 4, 4, dispatch.DENSE)),
+    # Matrix-vector products sharing A: the batch A lacks is N, up to a divisor of 64.
+    ((4, 4), (50, 4, 1), False, (4, 50, 4, dispatch.SHARED)),
+    ((3, 1, 16, 8), (3, 128, 8, 1), False, (16, 64, 8, dispatch.SHARED)),
+    ((8, 4), (67, 8, 1), True, (4, 1, 8, dispatch.SHARED)),
 ])
 def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expected):
     from tf_smallmm.dropins import linalg
@@ -91,7 +140,10 @@ SHAPE_PAIRS = [
     ((1, 4, 4), (4, 4)), ((8, 16, 4, 4), (16, 4, 4)), ((4, 4), (131072, 4, 4)),
     ((9, 4, 4), (9, 4, 4)), ((0, 25, 0), (1, 0, 0)), ((0, 3, 2), (2, 2)),
     ((5, 1, 600, 4), (3, 4, 2)), ((3, 1, 4, 4), (1, 1, 4, 4)), ((6, 33, 4), (1, 4, 1)),
-    ((2, 3, 4), (2, 1, 4, 4)), ((1, 1, 8, 8), (8, 8)), ((30011, 5, 3), (3, 3))]
+    ((2, 3, 4), (2, 1, 4, 4)), ((1, 1, 8, 8), (8, 8)), ((30011, 5, 3), (3, 3)),
+    # A shared by matrix-vector products: the batch it lacks folds into N.
+    ((4, 4), (50, 4, 1)), ((12, 16, 8), (50, 12, 8, 1)), ((12, 16, 8), (67, 12, 8, 1)),
+    ((3, 1, 16, 8), (3, 128, 8, 1)), ((12, 16, 8), (12, 8, 1))]
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])
@@ -107,10 +159,14 @@ def test_run_time_product_is_the_static_answer(transpose_a, known):
         specs = [tf.TensorSpec([None] * len(s) if known == "rank" else None) for s in (sa, sb)]
         f = tf.function(lambda a, b: linalg._run_time_product(a, b, transpose_a, False),
                         input_signature=specs)
-        m, n, k, shared = (int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
+        m, n, k, shared, one = (int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
         static = _plain(linalg._product_sizes(sa, sb, transpose_a, False))
         family = dispatch.SHARED if shared else dispatch.DENSE
         assert static == ((m, n, k, family),), (sa, sb)
+        # One product's N, which a folded N stands for (per_product of dispatch.choose).
+        assert one == sb[-1]
+        per_product = linalg._product_sizes(sa, sb, transpose_a, False)[0][4]
+        assert per_product in (None, (sa[-1 if transpose_a else -2], 1, k)), (sa, sb)
         traced = linalg._product_sizes(*(tuple(s.shape) if known == "rank" else None
                                          for s in specs), transpose_a, False)
         assert any(t[3] == family and (isinstance(t[0], dispatch.AtLeast) or t[0] == m)

@@ -87,9 +87,9 @@ def test_a_contraction_without_a_common_batch_is_asked_as_one_gemm(model, monkey
     asked = []
     choose = dispatch.choose
 
-    def spy(dtype, m, n, k, family=dispatch.DENSE):
+    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None):
         asked.append((m, n, k, family))
-        return choose(dtype, m, n, k, family)
+        return choose(dtype, m, n, k, family, per_product)
 
     model({"float32": [[m, n, k] for m in CLASSES if m > 8 for n in CLASSES for k in CLASSES]})
     monkeypatch.setattr(dispatch, "choose", spy)
@@ -118,9 +118,9 @@ def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
     asked = []
     choose = dispatch.choose
 
-    def spy(dtype, m, n, k, family=dispatch.DENSE):
+    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None):
         asked.append(family)
-        return choose(dtype, m, n, k, family)
+        return choose(dtype, m, n, k, family, per_product)
 
     monkeypatch.setattr(dispatch, "choose", spy)
     contraction._eager_lowering.cache_clear()

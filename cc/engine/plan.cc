@@ -76,13 +76,6 @@ int64_t DivisorAtMost(int64_t n, int64_t cap) {
   return 1;
 }
 
-// Columns per folded GEMM: enough to amortise packing the shared matrix and fill the
-// 16-wide micro-kernels, few enough to leave one work item per thread on a batch of ~100.
-// 0b9b741 (2026-11-25). Timed 2026-12-01 (README.md; capsule prediction W[1152,160,8] ·
-// u[B,1152,8], B = 100, 128, 256): 32 takes 1.08-1.17× as long on one thread and 1.01-1.02×
-// with the TF op on 2 threads; 128 takes 0.87-0.99× and 0.96-1.00×: 64 keeps several work
-// items per thread on layers with few input capsules for at most a few percent.
-constexpr int64_t kMaxFoldedColumns = 64;
 // A bound on the packed panels when a long batch folds into K (6ad3d4f, 2026-11-25). Timed
 // 2026-12-01 (README.md; weight gradient g[B,64,160,1]·u[B,64,8,1]ᵀ summed over B = 600,
 // 2048, one thread): 256 takes 1.10-1.11× as long, 4096 1.11× (B = 2048).

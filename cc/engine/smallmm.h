@@ -102,6 +102,15 @@ bool PlanBatchMatMul(const Operand& a, const Operand& b, const int64_t* target_b
 // 20×20·20×20, 1.07× for 32×3·3×1. Other caps not timed.
 constexpr int64_t kMaxFoldedRows = 512;
 
+// Columns per folded GEMM (FoldLoopsIntoMatrix; the dispatch model is asked about the folded
+// product, tf_smallmm/_core/dispatch.py): enough to amortise packing the shared matrix and fill
+// the 16-wide micro-kernels, few enough to leave one work item per thread on a batch of ~100.
+// 0b9b741 (2026-11-25). Timed 2026-12-01 (README.md; capsule prediction W[1152,160,8] ·
+// u[B,1152,8], B = 100, 128, 256): 32 takes 1.08-1.17× as long on one thread and 1.01-1.02×
+// with the TF op on 2 threads; 128 takes 0.87-0.99× and 0.96-1.00×: 64 keeps several work
+// items per thread on layers with few input capsules for at most a few percent.
+constexpr int64_t kMaxFoldedColumns = 64;
+
 // The CPU kernels' folds, applied by the CPU executors to a plan from PlanBatchMatMul
 // before they run it: a batch that shares B joins M up to a few hundred rows, and a
 // reduction along which both operands' K axes run on evenly joins K, so the shared

@@ -171,6 +171,7 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.attr("kernel_families") = kernel_families;  // in the order the engine tries them
   m.attr("max_batch_dims") = smallmm::kMaxBatchDims;
   m.attr("max_folded_rows") = smallmm::kMaxFoldedRows;
+  m.attr("max_folded_columns") = smallmm::kMaxFoldedColumns;
   m.attr("tile_sizes") =
       std::vector<int>(std::begin(smallmm::kTileSizes), std::end(smallmm::kTileSizes));
 }

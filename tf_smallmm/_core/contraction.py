@@ -334,6 +334,7 @@ class _Lowering:
     out_shape: tuple
     checks: tuple  # (label, size in x, size in y)
     mnk: tuple
+    per_product: tuple  # or None: see _folded
     # Eagerly: each shape above as an int32 tensor, made once. The raw ops' fast path takes
     # a shape tensor; a Python list makes them fall back to a conversion costing ~8× the
     # reshape itself.
@@ -385,8 +386,22 @@ def _lower(c, p, dims, own):
             out_shape.append(d if isinstance(d, int) else _ResultAxis(axis_of[label]))
         else:
             out_shape.append(size(label))
-    mnk = tuple(_prod(size(label) for label in labels) for labels in _dispatch_shape(c, p)[:3])
-    return _Lowering(p, a_shape, b_shape, batch_shape, tuple(out_shape), tuple(checks), mnk)
+    m, n, k, _, fold = _dispatch_shape(c, p)
+    mnk = [_prod(size(label) for label in labels) for labels in (m, n, k)]
+    return _Lowering(p, a_shape, b_shape, batch_shape, tuple(out_shape), tuple(checks),
+                     *_folded(mnk, fold))
+
+
+def _folded(mnk, fold):
+    """(M, N, K asked, the per_product sizes of dispatch.choose) from sizes whose side
+    `fold` (_dispatch_shape) holds the batch that side is folded from."""
+    if fold is None:
+        return tuple(mnk), None
+    one = list(mnk)
+    one[fold] = 1
+    mnk = list(mnk)
+    mnk[fold] = dispatch.folded_columns(mnk[fold])
+    return tuple(mnk), tuple(one)
 
 
 def _reshape(t, shape, tensors, name=None):
@@ -427,18 +442,27 @@ def _family(c, p):
 
 @functools.lru_cache(maxsize=4096)
 def _dispatch_shape(c, p):
-    """What the dispatch model is asked about plan p: (M, N, K labels, product family).
-    Without a batch axis common to both operands the built-in runs the contraction as one
-    GEMM (each operand's own free axes fold into its side: keras `dot` of [4096,8,16] and
-    [32,16,4] is [32768,16]·[16,128]), so M and N take those axes and the family is DENSE;
-    otherwise the engine's product itself, with _family."""
+    """What the dispatch model is asked about plan p: (M, N, K labels, product family,
+    fold). Without a batch axis common to both operands the built-in runs the contraction
+    as one GEMM (each operand's own free axes fold into its side: keras `dot` of
+    [4096,8,16] and [32,16,4] is [32768,16]·[16,128]), so M and N take those axes and the
+    family is DENSE; otherwise the engine's product itself, with _family. fold is None,
+    or the index (0: M, 1: N) of a side the kernels fill from the batch: matrix-vector
+    products sharing the matrix along batch axes run as one product with those axes as
+    columns (capsule prediction W[i] · u[b, i] for all b is one 160×8 · 8×B product), so
+    that side's labels are those axes and its size is dispatch.folded_columns of theirs."""
     lhs, rhs = (c.x, c.y) if p.lhs_is_x else (c.y, c.x)
-    if p.batch and not any(p.reduced):
-        only_lhs = tuple(label for g in p.batch if not any(x in rhs for x in g) for label in g)
-        only_rhs = tuple(label for g in p.batch if not any(x in lhs for x in g) for label in g)
-        if len(only_lhs) + len(only_rhs) == sum(len(g) for g in p.batch):
-            return p.m + only_lhs, p.n + only_rhs, p.k, dispatch.DENSE
-    return p.m, p.n, p.k, _family(c, p)
+    only_lhs = tuple(label for g in p.batch if not any(x in rhs for x in g) for label in g)
+    only_rhs = tuple(label for g in p.batch if not any(x in lhs for x in g) for label in g)
+    if p.batch and not any(p.reduced) and \
+            len(only_lhs) + len(only_rhs) == sum(len(g) for g in p.batch):
+        return p.m + only_lhs, p.n + only_rhs, p.k, dispatch.DENSE, None
+    # (As FoldLoopsIntoMatrix, cc/engine/plan.cc: N = 1 first, then M = 1.)
+    if not p.n and only_rhs:
+        return p.m, only_rhs, p.k, dispatch.SHARED, 1
+    if not p.m and only_lhs:
+        return only_lhs, p.n, p.k, dispatch.SHARED, 0
+    return p.m, p.n, p.k, _family(c, p), None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -474,8 +498,8 @@ def run(c, x, y, fallback, name=None):
     dtype = x.dtype.base_dtype
     if context.executing_eagerly():  # every size known: a cached lowering, no graph work
         low = _eager_lowering(c, x._shape_tuple(), y._shape_tuple())
-        if low is None or dispatch.choose(dtype, *low.mnk, _dispatch_shape(c, low.plan)[3]) != \
-                dispatch.KERNEL:
+        if low is None or dispatch.choose(dtype, *low.mnk, _dispatch_shape(c, low.plan)[3],
+                                          low.per_product) != dispatch.KERNEL:
             return None
         return _execute(low, x, y)
     p = plan(c)
@@ -491,8 +515,9 @@ def run(c, x, y, fallback, name=None):
         known = _prod(s for s in sizes if s is not None)
         return dispatch.AtLeast(known) if None in sizes else known
 
-    m, n, k, family = _dispatch_shape(c, p)
-    choice = dispatch.choose(dtype, bound(m), bound(n), bound(k), family)
+    m, n, k, family, fold = _dispatch_shape(c, p)
+    mnk, per_product = _folded([bound(m), bound(n), bound(k)], fold)
+    choice = dispatch.choose(dtype, *mnk, family, per_product)
     if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
         return None
     with ops.name_scope(name, "einsum", [x, y]) as scope:
@@ -523,7 +548,7 @@ def run(c, x, y, fallback, name=None):
                 same = tf.logical_or(same, tf.logical_or(tf.equal(dx, 1), tf.equal(dy, 1)))
             fits.append(same)
         wins = [] if choice == dispatch.KERNEL else [
-            dispatch.kernel_wins(dtype, *low.mnk, family)]
+            dispatch.kernel_wins(dtype, *low.mnk, family, low.per_product)]
         if not fits and not wins:
             return _execute(low, x, y, name=scope)
         shapes = []

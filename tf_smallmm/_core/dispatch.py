@@ -51,6 +51,13 @@ MAX_BATCH_DIMS = 8
 # (cc/engine/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
 MAX_FOLDED_ROWS = 512
 
+# A batch of matrix-vector products W[i] · u[b] that share W along an axis b runs as one
+# W[i] · [u[b] ...] product of up to this many columns (N is the largest divisor of b's
+# size within it; and M likewise for vector-matrix products sharing B), so the model is
+# asked about that product (`folded_columns`). Equal to smallmm::kMaxFoldedColumns
+# (cc/engine/smallmm.h; tests/test_dispatch.py checks it through _smallmm_core).
+MAX_FOLDED_COLUMNS = 64
+
 
 class _Forced:
     """How many builtin_ops() blocks are open, in all threads together."""
@@ -271,6 +278,14 @@ def decode_cells(rows):
             for k, mark in enumerate(group) if mark == "B"}
 
 
+def _family_measured(dtype_name, cpu_class, family):
+    """Whether the model measured this product family and dtype for this CPU class (or
+    the class _measured_class takes for it)."""
+    data = model()
+    entry = data["classes"].get(_measured_class(cpu_class, data["classes"]), {})
+    return dtype_name in entry.get("builtin", {}).get(family, {})
+
+
 @functools.cache
 def _table(dtype_name, cpu_class, family):
     """(size bounds, the cells where the built-in wins) for this dtype, CPU class and
@@ -317,6 +332,20 @@ def folded_rows_at_run_time(m, batch):
     return m * tf.reduce_max(tf.where(tf.logical_and(d <= most, batch % d == 0), d, 1))
 
 
+def folded_columns(size):
+    """The columns (or rows) of the product the kernels run for a batch of `size`
+    matrix-vector products sharing their matrix (FoldLoopsIntoMatrix, cc/engine/plan.cc):
+    the largest divisor of size within MAX_FOLDED_COLUMNS. An int, AtLeast(1) for an
+    AtLeast (an unknown size may be prime), or a scalar int32 tensor for a tensor."""
+    if isinstance(size, AtLeast):
+        return AtLeast(1)
+    if tf.is_tensor(size):
+        size = tf.cast(size, tf.int32)
+        d = tf.range(1, MAX_FOLDED_COLUMNS + 1, dtype=tf.int32)
+        return tf.reduce_max(tf.where(tf.logical_and(d <= size, size % d == 0), d, 1))
+    return max(d for d in range(1, min(max(size, 1), MAX_FOLDED_COLUMNS) + 1) if size % d == 0)
+
+
 def _classes(size, bounds):
     """The size classes a size can be in: one when known, every class from its lower
     bound up when it is AtLeast."""
@@ -326,7 +355,9 @@ def _classes(size, bounds):
 
 
 @functools.lru_cache(maxsize=4096)
-def _model_choice(dtype, m, n, k, family, cpu_class):
+def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
+    if per_product is not None and not _family_measured(dtype.name, cpu_class, family):
+        m, n, k = per_product
     bounds, builtin = _table(dtype.name, cpu_class, family)
     wins = {cell not in builtin
             for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
@@ -335,23 +366,32 @@ def _model_choice(dtype, m, n, k, family, cpu_class):
     return BUILTIN if wins == {False} else RUNTIME
 
 
-def choose(dtype, m, n, k, family=DENSE):
+def choose(dtype, m, n, k, family=DENSE, per_product=None):
     """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
     (batched or not) of a family (DENSE or SHARED): each of m, n, k is an int or an
-    AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes unknown at trace time; the
-    caller branches on `kernel_wins(...)` in the graph. Cheap after the first call for
-    a signature (eager code asks on every call)."""
+    AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes
+    unknown at trace time; the caller branches on `kernel_wins(...)` in the graph. Cheap
+    after the first call for a signature (eager code asks on every call).
+
+    per_product: where m, n, k are a product the kernels fold from a batch of products
+    (folded_columns), the (M, N, K) of one of them. A family the model has not measured
+    is asked about that instead: its fallbacks (the size rule, the dense cells) were
+    fitted to single products, and a folded capsule prediction (160×8 · 8×50) is far
+    above the size rule's bound while each of its products (160×8 · 8×1) is not."""
     if not use_kernel(dtype):
         return BUILTIN
     if everywhere():
         return KERNEL
-    return _model_choice(dtype, m, n, k, family, isa_class())
+    return _model_choice(dtype, m, n, k, family, isa_class(), per_product)
 
 
-def kernel_wins(dtype, m, n, k, family=DENSE):
+def kernel_wins(dtype, m, n, k, family=DENSE, per_product=None):
     """The model's answer as a boolean scalar tensor, for sizes that are ints or scalar
     int32 tensors (the run-time sizes of a RUNTIME choice): whether the size classes
-    they fall in are cells where our kernels win. A few small graph ops."""
+    they fall in are cells where our kernels win. A few small graph ops. per_product as
+    in choose."""
+    if per_product is not None and not _family_measured(dtype.name, isa_class(), family):
+        m, n, k = per_product
     bounds, builtin = _table(dtype.name, isa_class(), family)
     sizes = (m, n, k)
     unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]

@@ -2,6 +2,7 @@
 tf.linalg.matmul / tf.linalg.matvec)."""
 
 import functools
+import itertools
 
 import numpy as np
 import tensorflow as tf
@@ -89,45 +90,58 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
         if sa is None or sb is None or (
                 len(sa) == len(sb) and all(None in (da, db) or da == db
                                            for da, db in zip(sa[:-2], sb[:-2]))):
-            families.add((m, dispatch.DENSE))
+            families.add((m, n, dispatch.DENSE, False))
         if transpose_a or sb is None or any(d != 1 for d in sb[:-2]):
-            families.add((m, dispatch.SHARED))
+            families.add((m, None if n == 1 else n, dispatch.SHARED, n == 1))
         if not transpose_a and (sb is None or all(d in (1, None) for d in sb[:-2])):
-            families.add((dispatch.AtLeast(m or 1), dispatch.DENSE))
+            families.add((dispatch.AtLeast(m or 1), n, dispatch.DENSE, False))
     elif len(sa) == len(sb) and sa[:-2] == sb[:-2]:
-        families = {(m, dispatch.DENSE)}
+        families = {(m, n, dispatch.DENSE, False)}
     elif not transpose_a and all(d == 1 for d in sb[:-2]):
         batch = int(np.prod(sa[:-2], dtype=np.int64))
-        families = {(None if m is None else dispatch.folded_rows(m, batch), dispatch.DENSE)}
+        families = {(None if m is None else dispatch.folded_rows(m, batch), n,
+                     dispatch.DENSE, False)}
     else:
-        families = {(m, dispatch.SHARED)}
+        # Matrix-vector products whose matrix is broadcast run as one product with the
+        # batch axes A lacks as columns (dispatch.folded_columns).
+        lacks = int(np.prod([db for da, db in itertools.zip_longest(
+            reversed(sa[:-2]), reversed(sb[:-2]), fillvalue=1) if da == 1], dtype=np.int64))
+        families = {(m, dispatch.folded_columns(lacks) if n == 1 else n, dispatch.SHARED,
+                     n == 1)}
 
     def bound(d):
         return dispatch.AtLeast(1) if d is None else d
 
-    return tuple(sorted(((bound(rows), bound(n), bound(k), family)
-                         for rows, family in families), key=repr))
+    # (folded: the per_product sizes of dispatch.choose, one product of N = 1.)
+    return tuple(sorted(((bound(rows), bound(cols), bound(k), family,
+                          (bound(m), 1, bound(k)) if folded else None)
+                         for rows, cols, family, folded in families), key=repr))
 
 
 def _run_time_product(a, b, transpose_a, transpose_b):
     """M, N, K and whether the product is SHARED, as `_product_sizes` decides them from
     static shapes, read from a and b at run time (scalar tensors where the static shapes
-    do not know them)."""
+    do not know them), and the N of one product (N is folded where it is 1)."""
     m, n, k = _run_time_sizes(a, b, transpose_a, transpose_b)
+    one = n
     # Batch axes (shape[:-2] is empty below rank 2: the branch's op raises the error).
     ba, bb = tf.shape(a, tf.int64)[:-2], tf.shape(b, tf.int64)[:-2]
     rank_a, rank_b = tf.size(ba), tf.size(bb)
     longest = tf.maximum(rank_a, rank_b)
-    same = tf.logical_and(tf.equal(rank_a, rank_b), tf.reduce_all(tf.equal(
-        tf.pad(ba, [[longest - rank_a, 0]], constant_values=1),
-        tf.pad(bb, [[longest - rank_b, 0]], constant_values=1))))
+    pa = tf.pad(ba, [[longest - rank_a, 0]], constant_values=1)
+    pb = tf.pad(bb, [[longest - rank_b, 0]], constant_values=1)
+    same = tf.logical_and(tf.equal(rank_a, rank_b), tf.reduce_all(tf.equal(pa, pb)))
+    # N = 1 with A broadcast: the axes A lacks are the columns (1 where nothing is shared).
+    if not isinstance(n, int) or n == 1:
+        n = tf.where(tf.equal(n, 1), dispatch.folded_columns(
+            tf.reduce_prod(tf.where(tf.equal(pa, 1), pb, 1))), n)
     if transpose_a:
-        return m, n, k, tf.logical_not(same)
+        return m, n, k, tf.logical_not(same), one
     fold = tf.logical_and(tf.logical_not(same), tf.reduce_all(tf.equal(bb, 1)))
     rows = tf.cast(m, tf.int64)
     folded = dispatch.folded_rows_at_run_time(rows, tf.reduce_prod(ba))
     rows = tf.cast(tf.where(fold, folded, rows), tf.int32)
-    return rows, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold))
+    return rows, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold)), one
 
 
 def _choice(dtype, sa, sb, sizes):
@@ -237,13 +251,15 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
 
     if choice == dispatch.KERNEL:
         return ours(name)
-    m, n, k, shared = _run_time_product(a, b, ta, tb)
-    families = {size[3] for size in sizes}
-    if len(families) == 1:
-        wins = dispatch.kernel_wins(dtype, m, n, k, families.pop())
+    m, n, k, shared, one = _run_time_product(a, b, ta, tb)
+    # (The folded N of SHARED products, or one product's N where that family is not
+    # measured: see dispatch.choose.)
+    wins = {family: dispatch.kernel_wins(dtype, m, n, k, family, (m, one, k))
+            for family in {size[3] for size in sizes}}
+    if len(wins) == 1:
+        wins = wins.popitem()[1]
     else:  # the run-time shapes say which
-        wins = tf.where(shared, dispatch.kernel_wins(dtype, m, n, k, dispatch.SHARED),
-                        dispatch.kernel_wins(dtype, m, n, k, dispatch.DENSE))
+        wins = tf.where(shared, wins[dispatch.SHARED], wins[dispatch.DENSE])
     return tf.cond(wins, ours, fallback, name=name)
 
 

@@ -14,6 +14,7 @@ loss ops); eager cases call both sides directly. Controls time the built-in agai
     python -m tf_smallmm.bench --sweep --write-model  # first measures our kernels on the
         # model grid (forced, kernels_everywhere), rewrites tf_smallmm/_core/
         # dispatch_model.json for this CPU class, then sweeps with the new model
+        # (--family dense | shared: that product family's grid only)
 """
 
 import dataclasses
@@ -54,6 +55,7 @@ class Case:
     shapes: tuple
     spec: tuple = None  # TensorSpecs, or None: static shapes
     point: tuple = None  # (M, N, K) on the model grid, or None
+    family: str = dispatch.DENSE  # the model's product family of a grid point
     eager: bool = False
     grads: bool = True
 
@@ -106,6 +108,32 @@ def grid(quick):
         # Beyond the small sizes: where the built-in takes over.
         big = [(64, 64, 64), (128, 128, 128), (4096, 8, 8), (4096, 64, 64), (1024, 512, 512)]
         out += [matmul_case(m, n, k, dtype) for m, n, k in (big[:3] if quick else big)]
+    return out
+
+
+def shared_case(m, n, k, dtype, folded):
+    """A[G, M, K] broadcast against B[Bt, G, K, N'] through smm.matmul vs tf.linalg.matmul:
+    a point (M, N, K) of the model's SHARED family. folded: N' = 1 and Bt = N, the batch of
+    matrix-vector products the kernels run as one product of N columns (capsule
+    prediction, matvec of a shared matrix); else Bt = 4 and N' = N."""
+    bt, cols = (n, 1) if folded else (4, n)
+    groups = _batch(m * k, bt * k * cols, bt * m * cols)
+    a_shape, b_shape = (groups, m, k), (bt, groups, k, cols)
+    return Case("shared grid", f"matmul A-shared {a_shape} @ {b_shape}", dtype, smm.matmul,
+                tf.linalg.matmul, (a_shape, b_shape), point=(m, n, k),
+                family=dispatch.SHARED)
+
+
+def shared_grid(quick):
+    """The model grid of the SHARED family: products whose A is broadcast over a batch
+    axis of B, folded (N' = 1) and not, for every dtype."""
+    ms = [1, 4, 16, 160] if quick else [1, 3, 8, 16, 32, 160]
+    ks = [3, 8, 32] if quick else [3, 8, 16, 32]
+    out = []
+    for dtype in DTYPES:
+        out += [shared_case(m, n, k, dtype, True) for m in ms for k in ks
+                for n in ([1, 8, 64] if quick else [1, 4, 16, 64])]
+        out += [shared_case(m, 8, k, dtype, False) for m in ms for k in ks]
     return out
 
 
@@ -291,7 +319,7 @@ def measure(case, rounds):
     """The case's row: ratios forward / forward+backward (or eager), times, kernel use."""
     a, b = _tensor(case.shapes[0], case.dtype, 1), _tensor(case.shapes[1], case.dtype, 2)
     row = {"group": case.group, "case": case.label, "dtype": case.dtype.name,
-           "point": case.point}
+           "point": case.point, "family": case.family}
     if case.eager:
         row["eager"], row["ours_s"], row["builtin_s"] = paired(case.ours, case.builtin,
                                                                (a, b), rounds)
@@ -347,7 +375,7 @@ def noise_floor(controls):
 
 def fit_model(rows, bounds, floor):
     """{dtype name: the cells where the built-in wins, in dispatch.encode_cells' form},
-    from the forced-kernel rows of the model grid (the DENSE family). A cell's score is
+    from the forced-kernel rows of one family's model grid. A cell's score is
     its worst point's ratio; a cell without a point takes the geometric mean of the
     scores of the nearest measured cells (in size classes), i.e. it is interpolated
     between them."""
@@ -374,22 +402,36 @@ def fit_model(rows, bounds, floor):
 
 
 def write_model(rows, controls, path, command, stamp=None):
-    """Rewrites this CPU class's entry of the model file from the forced-kernel rows and
-    the controls measured with them, cut at MODEL_BOUNDS. `stamp` (date, command, machine,
-    tensorflow) says when and how the rows were measured, by default now."""
+    """Rewrites this CPU class's entry of the model file for the product families of the
+    forced-kernel rows, from them and the controls measured with them. Cut at MODEL_BOUNDS
+    where every family the entry holds is fitted again, else at the entry's own bounds
+    (one set of size classes per entry). `stamp` (date, command, machine, tensorflow)
+    says when and how the rows were measured, by default now."""
     with open(path) as f:
         data = json.load(f)
+    old = data["classes"].get(dispatch.isa_class(), {})
+    families = sorted({r.get("family", dispatch.DENSE) for r in rows if r.get("point")})
+    kept = {f: cells for f, cells in old.get("builtin", {}).items() if f not in families}
+    bounds = tuple(old.get("size_bounds", data["size_bounds"])) if kept else MODEL_BOUNDS
     floor = noise_floor(controls)
     ratios = [r[k] for r in controls for k in ("fwd", "fwd_bwd") if k in r] or [np.nan]
-    entry = dict(stamp or {"date": datetime.date.today().isoformat(), "command": command,
-                           "machine": machine(), "tensorflow": tf.__version__})
+    measured = dict(stamp or {"date": datetime.date.today().isoformat(), "command": command,
+                              "machine": machine(), "tensorflow": tf.__version__})
     if stamp:
-        entry["fitted"] = f"{datetime.date.today().isoformat()}: {command}"
-    entry.update({
-        "noise": f"{len(controls)} controls {min(ratios):.2f}-{max(ratios):.2f}, "
-                 f"floor {floor:.2f}",
-        "size_bounds": list(MODEL_BOUNDS),
-        "builtin": {dispatch.DENSE: fit_model(rows, MODEL_BOUNDS, floor)}})
+        measured["fitted"] = f"{datetime.date.today().isoformat()}: {command}"
+    measured["noise"] = (f"{len(controls)} controls {min(ratios):.2f}-{max(ratios):.2f}, "
+                         f"floor {floor:.2f}")
+    # The entry's top-level stamp is its dense family's; other families carry their own.
+    entry = {k: v for k, v in old.items() if k != "builtin"} if kept else {}
+    for family in families:
+        if family == dispatch.DENSE:
+            entry.update(measured)
+        else:
+            entry.setdefault("families", {})[family] = measured
+    entry["size_bounds"] = list(bounds)
+    entry["builtin"] = dict(kept, **{
+        f: fit_model([r for r in rows if r.get("family", dispatch.DENSE) == f], bounds, floor)
+        for f in families})
     data["classes"][dispatch.isa_class()] = entry
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
@@ -550,7 +592,8 @@ def heatmap(rows, path):
     except ImportError:
         print("matplotlib not installed: no heatmap")
         return
-    grid_rows = [r for r in rows if r.get("point") and max(r["point"]) <= max(SIZES)]
+    grid_rows = [r for r in rows if r.get("point") and max(r["point"]) <= max(SIZES)
+                 and r.get("family", dispatch.DENSE) == dispatch.DENSE]
     panels = sorted({(r["dtype"], r["point"][1]) for r in grid_rows},
                     key=lambda p: ([d.name for d in DTYPES].index(p[0]), p[1]))
     if not panels:
@@ -643,7 +686,9 @@ def main(args):
 
     t0 = time.perf_counter()
     rounds = args.repeats or (7 if args.quick else 11)
-    model_grid = grid(args.quick)
+    family = getattr(args, "family", None) or "all"
+    model_grid = (grid(args.quick) if family in ("all", dispatch.DENSE) else []) + \
+        (shared_grid(args.quick) if family in ("all", dispatch.SHARED) else [])
     if args.only:
         model_grid = [c for c in model_grid if args.only in c.label]
     reuse, forced, forced_controls = {}, [], []
@@ -662,7 +707,8 @@ def main(args):
         print(f"wrote {path}", flush=True)
         # Where the new model keeps our kernels, the wrapper runs what was just measured.
         reuse = {(r["case"], r["dtype"]): r for r in forced
-                 if dispatch.choose(tf.as_dtype(r["dtype"]), *r["point"]) == dispatch.KERNEL}
+                 if dispatch.choose(tf.as_dtype(r["dtype"]), *r["point"], r["family"])
+                 == dispatch.KERNEL}
     cases = model_grid + variants(args.quick) + equations(args.quick) + \
         unknown_batch(args.quick) + eager_cases()
     if args.only:
@@ -678,11 +724,15 @@ def main(args):
         f.write(markdown(rows, controls, roof, bandwidth, args, time.perf_counter() - t0,
                          os.path.basename(os.path.splitext(out)[0] + ".png")))
     saved = os.path.splitext(out)[0] + ".json"
-    if not args.write_model and os.path.exists(saved):
-        # The rows the shipped model was fitted from stay with it (--refit-model reads them).
+    if os.path.exists(saved) and (not args.write_model or family != "all"):
+        # The rows the shipped model was fitted from stay with it (--refit-model reads
+        # them): all of them, or those of the families not measured again.
         with open(saved) as f:
             before = json.load(f)
-        forced, forced_controls = before.get("model_rows", []), before.get("model_controls", [])
+        old_rows = [r for r in before.get("model_rows", [])
+                    if args.write_model is False or r.get("family", dispatch.DENSE) != family]
+        forced = old_rows + forced
+        forced_controls = before.get("model_controls", []) + forced_controls
     with open(saved, "w") as f:
         json.dump({"rows": rows, "controls": controls, "roofline": roof,
                    "model_rows": forced, "model_controls": forced_controls}, f, indent=0)
