@@ -51,6 +51,8 @@ def test_folded_columns_are_the_kernels_folds():
     assert [dispatch.folded_columns(s) for s in sizes] == expected
     run_time = tf.function(lambda s: tf.map_fn(dispatch.folded_columns, s))
     assert run_time(tf.constant(sizes, tf.int32)).numpy().tolist() == expected
+    assert [_in_a_v1_graph(lambda s=s: dispatch.folded_columns(tf.constant(s)))
+            for s in (7, 50, 128, 67)] == [7, 50, 64, 1]
     assert dispatch.folded_columns(dispatch.AtLeast(50)) == dispatch.AtLeast(1)
 
 
@@ -66,10 +68,10 @@ def test_shared_matrix_times_vectors_asks_about_the_folded_product(monkeypatch, 
     for f in (smm.capsule_predict, tf.function(smm.capsule_predict)):
         asked.clear()
         f(w, u)
-        assert [a[1:] for a in asked] == [(160, columns, 8, dispatch.SHARED, (160, 1, 8))]
+        assert [a[1:] for a in asked] == [(160, columns, 8, dispatch.FOLDED, (160, 1, 8))]
     m, x = tf.ones([16, 8]), tf.ones([batch, 8])
     # (A batch of one shares nothing: one dense product.)
-    family = dispatch.SHARED if batch > 1 else dispatch.DENSE
+    family = dispatch.FOLDED if batch > 1 else dispatch.DENSE
     for f in (smm.matvec, tf.function(smm.matvec)):
         asked.clear()
         f(m, x)
@@ -78,7 +80,7 @@ def test_shared_matrix_times_vectors_asks_about_the_folded_product(monkeypatch, 
     spec = tf.TensorSpec([None, 6, 8])
     got = tf.function(smm.capsule_predict, input_signature=[tf.TensorSpec(w.shape), spec])
     got = got(w, u)
-    assert [a[1:5] for a in asked] == [(160, dispatch.AtLeast(1), 8, dispatch.SHARED)]
+    assert [a[1:5] for a in asked] == [(160, dispatch.AtLeast(1), 8, dispatch.FOLDED)]
     np.testing.assert_array_equal(got, tf.einsum("ijkl,bil->bijk", w, u))
 
 
@@ -89,6 +91,15 @@ def test_folded_rows_are_the_cpu_kernels_folds(m, batch, rows):
     assert dispatch.folded_rows(m, batch) == rows
     assert int(dispatch.folded_rows_at_run_time(tf.constant(m, tf.int64),
                                                 tf.constant(batch, tf.int64))) == rows
+    assert _in_a_v1_graph(lambda: dispatch.folded_rows_at_run_time(
+        tf.constant(m, tf.int64), tf.constant(batch, tf.int64))) == rows
+
+
+def _in_a_v1_graph(build):
+    """The value of build()'s tensor in a TF1-style graph and session (where a tensor's ==
+    is not a graph op)."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        return session.run(build())
 
 
 def _plain(sizes):
@@ -108,9 +119,9 @@ def _plain(sizes):
     ((4, 4), (131072, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
     ((9, 4, 4), (9, 4, 4), False, (4, 4, 4, dispatch.DENSE)),
     # Matrix-vector products sharing A: the batch A lacks is N, up to a divisor of 64.
-    ((4, 4), (50, 4, 1), False, (4, 50, 4, dispatch.SHARED)),
-    ((3, 1, 16, 8), (3, 128, 8, 1), False, (16, 64, 8, dispatch.SHARED)),
-    ((8, 4), (67, 8, 1), True, (4, 1, 8, dispatch.SHARED)),
+    ((4, 4), (50, 4, 1), False, (4, 50, 4, dispatch.FOLDED)),
+    ((3, 1, 16, 8), (3, 128, 8, 1), False, (16, 64, 8, dispatch.FOLDED)),
+    ((8, 4), (67, 8, 1), True, (4, 1, 8, dispatch.FOLDED)),
 ])
 def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expected):
     from tf_smallmm.dropins import linalg
@@ -127,7 +138,9 @@ def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expecte
      {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
     ((9, 4, 4), (None, 4, 4), True, {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
     (None, (4, 4), False, {(1, 4, 4, dispatch.DENSE)}),
-    ((4, 4), None, False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.SHARED)}),
+    ((4, 4), None, False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.SHARED),
+                           (4, 1, 4, dispatch.FOLDED)}),
+    ((4, 4), (None, 4, 1), False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.FOLDED)}),
 ])
 def test_product_sizes_with_unknown_batches_list_every_product(sa, sb, ta, expected):
     from tf_smallmm.dropins import linalg
@@ -161,7 +174,8 @@ def test_run_time_product_is_the_static_answer(transpose_a, known):
                         input_signature=specs)
         m, n, k, shared, one = (int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
         static = _plain(linalg._product_sizes(sa, sb, transpose_a, False))
-        family = dispatch.SHARED if shared else dispatch.DENSE
+        family = dispatch.DENSE if not shared else \
+            dispatch.FOLDED if one == 1 else dispatch.SHARED
         assert static == ((m, n, k, family),), (sa, sb)
         # One product's N, which a folded N stands for (per_product of dispatch.choose).
         assert one == sb[-1]

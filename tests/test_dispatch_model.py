@@ -23,13 +23,18 @@ M_ABOVE_8 = [[m, n, k] for m in CLASSES if m > 3 for n in CLASSES for k in CLASS
 
 @pytest.fixture
 def model(monkeypatch):
-    """install({dtype name: cells where the built-in wins}, cpu_class=...): a synthetic
-    model measured for avx512+bf16, DENSE family only."""
-    def install(cells=None, cpu_class="avx512+bf16", bounds=None):
+    """install({dtype name: cells where the built-in wins}, cpu_class=..., families=...): a
+    synthetic model measured for avx512+bf16, DENSE family only unless `families` gives
+    {family: {dtype name: cells}} too."""
+    def install(cells=None, cpu_class="avx512+bf16", bounds=None, families=None):
         classes = len(bounds or BOUNDS) + 1
-        dense = {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, classes)
-                 for dtype, dtype_cells in (cells or {}).items()}
-        entry = {"builtin": {dispatch.DENSE: dense}}
+
+        def encode(measured):
+            return {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, classes)
+                    for dtype, dtype_cells in measured.items()}
+
+        entry = {"builtin": {dispatch.DENSE: encode(cells or {}),
+                             **{f: encode(c) for f, c in (families or {}).items()}}}
         if bounds:  # the entry's own size classes
             entry["size_bounds"] = bounds
         data = {"size_bounds": BOUNDS, "classes": {"avx512+bf16": entry}}
@@ -110,10 +115,11 @@ def test_a_contraction_without_a_common_batch_is_asked_as_one_gemm(model, monkey
     (lambda: smm.matmul(tf.ones([2, 3]), tf.ones([5, 3, 4])), "shared"),
     (lambda: smm.matmul(tf.ones([5, 1, 2, 3]), tf.ones([1, 6, 3, 4])), "shared"),
     (lambda: smm.einsum("abc,cd->abd", tf.ones([5, 2, 3]), tf.ones([3, 4])), "dense"),
-    (lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 3, 5])), "shared"),
+    (lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 3, 5])), "folded"),
+    (lambda: smm.matvec(tf.ones([4, 5]), tf.ones([6, 5])), "folded"),
     (lambda: smm.einsum("bij,bjk->k", tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "shared"),
 ], ids=["matmul", "matmul A shared", "matmul rank-4 broadcast", "einsum folded", "capsule",
-        "einsum summed batch"])
+        "matvec A shared", "einsum summed batch"])
 def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
     asked = []
     choose = dispatch.choose
@@ -126,6 +132,50 @@ def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
     contraction._eager_lowering.cache_clear()
     call()
     assert asked == [family]
+
+
+def test_a_folded_family_not_measured_asks_about_one_shared_product(model):
+    """Capsule prediction 160×8 · 8×50 folded from 50 matrix-vector products: without
+    FOLDED cells the model is asked about one 160×8 · 8×1 product, SHARED (the size rule
+    here), not about the folded product, far above the size rule's bound."""
+    model({"float32": []})
+    assert dispatch.choose(tf.float32, 160, 50, 8, dispatch.FOLDED, (160, 1, 8)) == \
+        dispatch.KERNEL
+    assert dispatch.choose(tf.float32, 160, 50, 8, dispatch.SHARED) == dispatch.BUILTIN
+    model({"float32": []}, families={dispatch.SHARED: {"float32": [[9, 0, 3]]}})
+    assert dispatch.choose(tf.float32, 160, 50, 8, dispatch.FOLDED, (160, 1, 8)) == \
+        dispatch.BUILTIN
+
+
+def test_measured_folded_cells_decide(model):
+    """bfloat16: the built-in for one column, ours from two (the folded N)."""
+    builtin = [[m, 0, k] for m in CLASSES for k in CLASSES]
+    model({"bfloat16": M_ABOVE_8}, families={dispatch.FOLDED: {"bfloat16": builtin}})
+    per_product = (160, 1, 8)
+    assert dispatch.choose(tf.bfloat16, 160, 1, 8, dispatch.FOLDED, per_product) == \
+        dispatch.BUILTIN
+    for n in (2, 8, 50, 64):
+        assert dispatch.choose(tf.bfloat16, 160, n, 8, dispatch.FOLDED, per_product) == \
+            dispatch.KERNEL
+    assert dispatch.choose(tf.bfloat16, 160, dispatch.AtLeast(1), 8, dispatch.FOLDED,
+                           per_product) == dispatch.RUNTIME
+
+
+@pytest.mark.parametrize("batch", [1, 7, 50], ids=["one-builtin", "prime-kernel", "kernel"])
+def test_capsule_with_an_unknown_batch_branches_on_the_folded_columns(model, batch):
+    """capsule_predict traced with a None batch: FOLDED cells send one column to the
+    built-in; the graph folds the run-time batch as the kernels do (7 columns: ours)."""
+    builtin = [[m, 0, k] for m in CLASSES for k in CLASSES]
+    model({"float32": []}, families={dispatch.FOLDED: {"float32": builtin}})
+    w = random_tensor((3, 2, 4, 5), tf.float64, 1).numpy().astype(np.float32)
+    u = random_tensor((batch, 3, 5), tf.float64, 2).numpy().astype(np.float32)
+    feeds = [(tf.TensorSpec([3, 2, 4, 5]), w), (tf.TensorSpec([None, 3, 5]), u)]
+    ran, got = ran_ops(_product_and_grads(smm.capsule_predict), feeds)
+    _, want = ran_ops(_product_and_grads(lambda w, u: tf.einsum("ijkl,bil->bijk", w, u)),
+                      feeds)
+    assert any(op.startswith("SmallMM") for op in ran) == (batch > 1), ran
+    for g, x in zip(got, want):
+        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_sizes_branch_only_where_the_answer_depends_on_them(model):

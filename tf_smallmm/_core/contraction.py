@@ -452,16 +452,18 @@ def _dispatch_shape(c, p):
     columns (capsule prediction W[i] · u[b, i] for all b is one 160×8 · 8×B product), so
     that side's labels are those axes and its size is dispatch.folded_columns of theirs."""
     lhs, rhs = (c.x, c.y) if p.lhs_is_x else (c.y, c.x)
-    only_lhs = tuple(label for g in p.batch if not any(x in rhs for x in g) for label in g)
-    only_rhs = tuple(label for g in p.batch if not any(x in lhs for x in g) for label in g)
+    # (Output batch axes only: a summed one is not an output loop the kernels can fold.)
+    kept = [g for g, summed in zip(p.batch, p.reduced) if not summed]
+    only_lhs = tuple(label for g in kept if not any(x in rhs for x in g) for label in g)
+    only_rhs = tuple(label for g in kept if not any(x in lhs for x in g) for label in g)
     if p.batch and not any(p.reduced) and \
             len(only_lhs) + len(only_rhs) == sum(len(g) for g in p.batch):
         return p.m + only_lhs, p.n + only_rhs, p.k, dispatch.DENSE, None
     # (As FoldLoopsIntoMatrix, cc/engine/plan.cc: N = 1 first, then M = 1.)
     if not p.n and only_rhs:
-        return p.m, only_rhs, p.k, dispatch.SHARED, 1
+        return p.m, only_rhs, p.k, dispatch.FOLDED, 1
     if not p.m and only_lhs:
-        return only_lhs, p.n, p.k, dispatch.SHARED, 0
+        return only_lhs, p.n, p.k, dispatch.FOLDED, 0
     return p.m, p.n, p.k, _family(c, p), None
 
 

@@ -154,13 +154,18 @@ def use_kernel(dtype):
 # `python -m tf_smallmm.bench --sweep --write-model`, which says the date and machine).
 # The table cuts each of M, N and K into size classes (1, 2, 3-4, 5-8, ..., beyond the
 # last bound) and marks the cells (M class, N class, K class) where the built-in wins, per
-# product family: DENSE (both operands have every batch axis: the sweep's grid) or SHARED
-# (one operand broadcast over a batch axis, or a batch axis summed in the kernel:
-# capsules, A- / B-shared matmul). A family the model has not measured keeps the size
-# rule below.
+# product family: DENSE (both operands have every batch axis: the sweep's grid), SHARED
+# (one operand broadcast over a batch axis, or a batch axis summed in the kernel: A- /
+# B-shared matmul), or FOLDED (matrix-vector products sharing their matrix, which the
+# kernels run as one product with the batch as columns: capsule prediction; asked about
+# that product, see folded_columns). FOLDED is apart from SHARED because the two run on
+# different kernels against different built-in paths: on a Xeon with AMX (2026-12-02)
+# bfloat16 A[G,160,8] · B[16,G,8,1] ran 4.05× tf.matmul forward, and A[G,160,8] ·
+# B[4,G,8,8], whose products are as wide, 0.79×. A family the model has not measured keeps
+# the size rule below (FOLDED: SHARED's answer for one product).
 
 KERNEL, BUILTIN, RUNTIME = "kernel", "builtin", "runtime"
-DENSE, SHARED = "dense", "shared"
+DENSE, SHARED, FOLDED = "dense", "shared", "folded"
 _MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_model.json")
 
 # CPU features that change how fast the *built-in* is for some dtype (oneDNN uses them),
@@ -329,7 +334,8 @@ def folded_rows_at_run_time(m, batch):
     a few small graph ops."""
     most = tf.minimum(batch, tf.maximum(MAX_FOLDED_ROWS // tf.maximum(m, 1), 1))
     d = tf.range(1, MAX_FOLDED_ROWS + 1, dtype=tf.int64)
-    return m * tf.reduce_max(tf.where(tf.logical_and(d <= most, batch % d == 0), d, 1))
+    # (tf.equal: in a TF1-style graph a tensor's == is Python's identity test, not a graph op.)
+    return m * tf.reduce_max(tf.where(tf.logical_and(d <= most, tf.equal(batch % d, 0)), d, 1))
 
 
 def folded_columns(size):
@@ -342,7 +348,7 @@ def folded_columns(size):
     if tf.is_tensor(size):
         size = tf.cast(size, tf.int32)
         d = tf.range(1, MAX_FOLDED_COLUMNS + 1, dtype=tf.int32)
-        return tf.reduce_max(tf.where(tf.logical_and(d <= size, size % d == 0), d, 1))
+        return tf.reduce_max(tf.where(tf.logical_and(d <= size, tf.equal(size % d, 0)), d, 1))
     return max(d for d in range(1, min(max(size, 1), MAX_FOLDED_COLUMNS) + 1) if size % d == 0)
 
 
@@ -356,8 +362,8 @@ def _classes(size, bounds):
 
 @functools.lru_cache(maxsize=4096)
 def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
-    if per_product is not None and not _family_measured(dtype.name, cpu_class, family):
-        m, n, k = per_product
+    if family == FOLDED and not _family_measured(dtype.name, cpu_class, family):
+        (m, n, k), family = per_product, SHARED
     bounds, builtin = _table(dtype.name, cpu_class, family)
     wins = {cell not in builtin
             for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
@@ -368,16 +374,16 @@ def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
 
 def choose(dtype, m, n, k, family=DENSE, per_product=None):
     """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
-    (batched or not) of a family (DENSE or SHARED): each of m, n, k is an int or an
+    (batched or not) of a family (DENSE, SHARED or FOLDED): each of m, n, k is an int or an
     AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes
     unknown at trace time; the caller branches on `kernel_wins(...)` in the graph. Cheap
     after the first call for a signature (eager code asks on every call).
 
-    per_product: where m, n, k are a product the kernels fold from a batch of products
-    (folded_columns), the (M, N, K) of one of them. A family the model has not measured
-    is asked about that instead: its fallbacks (the size rule, the dense cells) were
-    fitted to single products, and a folded capsule prediction (160×8 · 8×50) is far
-    above the size rule's bound while each of its products (160×8 · 8×1) is not."""
+    per_product: for FOLDED, the (M, N, K) of one of the products folded into m, n, k.
+    Where the model has not measured FOLDED, that product is asked about as SHARED: the
+    fallbacks (the size rule, the dense cells) were fitted to single products, and a
+    folded capsule prediction (160×8 · 8×50) is far above the size rule's bound while each
+    of its products (160×8 · 8×1) is not."""
     if not use_kernel(dtype):
         return BUILTIN
     if everywhere():
@@ -390,8 +396,8 @@ def kernel_wins(dtype, m, n, k, family=DENSE, per_product=None):
     int32 tensors (the run-time sizes of a RUNTIME choice): whether the size classes
     they fall in are cells where our kernels win. A few small graph ops. per_product as
     in choose."""
-    if per_product is not None and not _family_measured(dtype.name, isa_class(), family):
-        m, n, k = per_product
+    if family == FOLDED and not _family_measured(dtype.name, isa_class(), family):
+        (m, n, k), family = per_product, SHARED
     bounds, builtin = _table(dtype.name, isa_class(), family)
     sizes = (m, n, k)
     unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]

@@ -56,8 +56,9 @@ def _shape(t):
 @functools.lru_cache(maxsize=4096)
 def _product_sizes(sa, sb, transpose_a, transpose_b):
     """What the dispatch model may be asked about for op(a) · op(b) with static shapes sa,
-    sb: a tuple of the (M, N, K, product family) that the run-time shapes can give
-    (dispatch.AtLeast where a size is unknown), one where the static shapes decide; or
+    sb: a tuple of the (M, N, K, product family, per_product) that the run-time shapes can
+    give (dispatch.AtLeast where a size is unknown; per_product as in dispatch.choose),
+    one where the static shapes decide; or
     None where our kernel must not run because its errors would not be the built-in's:
     ranks below 2 or above the kernel's batch limit, inner or batch sizes that cannot
     match. tf.linalg.matmul then runs and raises its own errors.
@@ -65,7 +66,9 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
     The family is SHARED where an operand is broadcast over a batch axis, except that a B
     shared by every matrix of A runs on the CPU kernels as one [B·M, K] · [K, N] GEMM in
     pieces of dispatch.folded_rows, a DENSE product of that many rows (bfloat16
-    [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md). Unknown
+    [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md), and that
+    matrix-vector products (N = 1) sharing a broadcast A run as one product with the batch
+    axes A lacks as columns: FOLDED, N = dispatch.folded_columns of those axes. Unknown
     batch axes or ranks leave it to the run time: `_run_time_product` decides the same
     way from the shapes then."""
     if (sa is not None and len(sa) < 2) or (sb is not None and len(sb) < 2):
@@ -85,14 +88,18 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
                 return None
     if sa is None or sb is None or None in sa[:-2] + sb[:-2]:
         # Every product the run-time shapes may give: equal batches (DENSE), a broadcast
-        # one (SHARED), or B shared by all (DENSE, folded: at least M rows).
+        # one (SHARED; FOLDED where N may be 1), or B shared by all (DENSE, folded: at
+        # least M rows).
         families = set()
         if sa is None or sb is None or (
                 len(sa) == len(sb) and all(None in (da, db) or da == db
                                            for da, db in zip(sa[:-2], sb[:-2]))):
             families.add((m, n, dispatch.DENSE, False))
         if transpose_a or sb is None or any(d != 1 for d in sb[:-2]):
-            families.add((m, None if n == 1 else n, dispatch.SHARED, n == 1))
+            if n != 1:
+                families.add((m, n, dispatch.SHARED, False))
+            if n in (1, None):
+                families.add((m, None, dispatch.FOLDED, True))
         if not transpose_a and (sb is None or all(d in (1, None) for d in sb[:-2])):
             families.add((dispatch.AtLeast(m or 1), n, dispatch.DENSE, False))
     elif len(sa) == len(sb) and sa[:-2] == sb[:-2]:
@@ -102,26 +109,25 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
         families = {(None if m is None else dispatch.folded_rows(m, batch), n,
                      dispatch.DENSE, False)}
     else:
-        # Matrix-vector products whose matrix is broadcast run as one product with the
-        # batch axes A lacks as columns (dispatch.folded_columns).
         lacks = int(np.prod([db for da, db in itertools.zip_longest(
             reversed(sa[:-2]), reversed(sb[:-2]), fillvalue=1) if da == 1], dtype=np.int64))
-        families = {(m, dispatch.folded_columns(lacks) if n == 1 else n, dispatch.SHARED,
-                     n == 1)}
+        families = {(m, dispatch.folded_columns(lacks), dispatch.FOLDED, True) if n == 1
+                    else (m, n, dispatch.SHARED, False)}
 
     def bound(d):
         return dispatch.AtLeast(1) if d is None else d
 
-    # (folded: the per_product sizes of dispatch.choose, one product of N = 1.)
+    # (folded: FOLDED's per_product, one product of N = 1.)
     return tuple(sorted(((bound(rows), bound(cols), bound(k), family,
                           (bound(m), 1, bound(k)) if folded else None)
                          for rows, cols, family, folded in families), key=repr))
 
 
 def _run_time_product(a, b, transpose_a, transpose_b):
-    """M, N, K and whether the product is SHARED, as `_product_sizes` decides them from
-    static shapes, read from a and b at run time (scalar tensors where the static shapes
-    do not know them), and the N of one product (N is folded where it is 1)."""
+    """M, N, K and whether the product is SHARED or FOLDED, as `_product_sizes` decides
+    them from static shapes, read from a and b at run time (scalar tensors where the
+    static shapes do not know them), and the N of one product (FOLDED where it is 1 and
+    the product SHARED; N is then the folded N)."""
     m, n, k = _run_time_sizes(a, b, transpose_a, transpose_b)
     one = n
     # Batch axes (shape[:-2] is empty below rank 2: the branch's op raises the error).
@@ -252,14 +258,16 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
     if choice == dispatch.KERNEL:
         return ours(name)
     m, n, k, shared, one = _run_time_product(a, b, ta, tb)
-    # (The folded N of SHARED products, or one product's N where that family is not
-    # measured: see dispatch.choose.)
     wins = {family: dispatch.kernel_wins(dtype, m, n, k, family, (m, one, k))
             for family in {size[3] for size in sizes}}
-    if len(wins) == 1:
-        wins = wins.popitem()[1]
-    else:  # the run-time shapes say which
-        wins = tf.where(shared, wins[dispatch.SHARED], wins[dispatch.DENSE])
+    # Where several families are possible, the run-time shapes say which.
+    if dispatch.SHARED in wins and dispatch.FOLDED in wins:
+        wins[dispatch.SHARED] = tf.where(tf.equal(one, 1), wins.pop(dispatch.FOLDED),
+                                         wins[dispatch.SHARED])
+    if len(wins) > 1:
+        broadcast = wins.get(dispatch.SHARED, wins.get(dispatch.FOLDED))
+        wins = {dispatch.DENSE: tf.where(shared, broadcast, wins[dispatch.DENSE])}
+    wins = wins.popitem()[1]
     return tf.cond(wins, ours, fallback, name=name)
 
 

@@ -483,7 +483,8 @@ def main(argv=None):
                    help="with --sweep: first measure our kernels on the model grid and "
                    "rewrite the dispatch model for this CPU class")
     p.add_argument("--family", choices=["dense", "shared"], default=None,
-                   help="with --write-model: measure and refit only this product family")
+                   help="with --write-model: measure and refit only this grid (shared: "
+                   "the SHARED and FOLDED families)")
     p.add_argument("--refit-model", action="store_true",
                    help="fit the dispatch model for this CPU class again from the rows of "
                    "the last --write-model run (benchmarks/SWEEP.json), measuring nothing")

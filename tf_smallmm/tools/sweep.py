@@ -113,20 +113,20 @@ def grid(quick):
 
 def shared_case(m, n, k, dtype, folded):
     """A[G, M, K] broadcast against B[Bt, G, K, N'] through smm.matmul vs tf.linalg.matmul:
-    a point (M, N, K) of the model's SHARED family. folded: N' = 1 and Bt = N, the batch of
-    matrix-vector products the kernels run as one product of N columns (capsule
-    prediction, matvec of a shared matrix); else Bt = 4 and N' = N."""
+    a point (M, N, K) of the model's FOLDED family where `folded` (N' = 1 and Bt = N: the
+    batch of matrix-vector products the kernels run as one product of N columns, as
+    capsule prediction), else of the SHARED family (Bt = 4 and N' = N)."""
     bt, cols = (n, 1) if folded else (4, n)
     groups = _batch(m * k, bt * k * cols, bt * m * cols)
     a_shape, b_shape = (groups, m, k), (bt, groups, k, cols)
     return Case("shared grid", f"matmul A-shared {a_shape} @ {b_shape}", dtype, smm.matmul,
                 tf.linalg.matmul, (a_shape, b_shape), point=(m, n, k),
-                family=dispatch.SHARED)
+                family=dispatch.FOLDED if folded else dispatch.SHARED)
 
 
 def shared_grid(quick):
-    """The model grid of the SHARED family: products whose A is broadcast over a batch
-    axis of B, folded (N' = 1) and not, for every dtype."""
+    """The model grids of the FOLDED and SHARED families (products whose A is broadcast
+    over a batch axis of B), for every dtype."""
     ms = [1, 4, 16, 160] if quick else [1, 3, 8, 16, 32, 160]
     ks = [3, 8, 32] if quick else [3, 8, 16, 32]
     out = []
@@ -689,6 +689,7 @@ def main(args):
     family = getattr(args, "family", None) or "all"
     model_grid = (grid(args.quick) if family in ("all", dispatch.DENSE) else []) + \
         (shared_grid(args.quick) if family in ("all", dispatch.SHARED) else [])
+    measured = {r.family for r in model_grid}
     if args.only:
         model_grid = [c for c in model_grid if args.only in c.label]
     reuse, forced, forced_controls = {}, [], []
@@ -730,7 +731,7 @@ def main(args):
         with open(saved) as f:
             before = json.load(f)
         old_rows = [r for r in before.get("model_rows", [])
-                    if args.write_model is False or r.get("family", dispatch.DENSE) != family]
+                    if not args.write_model or r.get("family", dispatch.DENSE) not in measured]
         forced = old_rows + forced
         forced_controls = before.get("model_controls", []) + forced_controls
     with open(saved, "w") as f:
