@@ -216,6 +216,39 @@ def test_large_outputs_streamed_to_memory(dtype):
     check_exact(got, ref(x, y))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_tiny_dense_batches_every_size_and_remainder(dtype, isa):
+    # Back-to-back row-major products of every size <= 4 (with AVX-512, several to a vector
+    # of C; see tiny.h): batches that end in every remainder of those groups, a batch over
+    # two axes, and the same operands as views that are not back to back (one at a time).
+    rng = np.random.default_rng(13)
+    for m, n, k in itertools.product(range(1, 5), repeat=3):
+        for batch in [(1,), (17,), (16 + m * n,), (5, 7)]:
+            x, y = ints(rng, batch + (m, k), dtype), ints(rng, batch + (k, n), dtype)
+            assert core.kernel_for(x, y) == "tiny"
+            check_exact(core.matmul(x, y), ref(x, y))
+        x, y = ints(rng, (2, 23, m, k), dtype), ints(rng, (2, 23, k, n), dtype)
+        check_exact(core.matmul(x[:, ::2], y[:, ::2]), ref(x[:, ::2], y[:, ::2]))
+    # -0·1 sums from +0 as in every GEMM; NaN and Inf stay in their own products.
+    x = np.full((64, 2, 2), -0.0, dtype)
+    got = core.matmul(x, np.ones((64, 2, 2), dtype))
+    assert not np.signbit(got.astype(np.float64)).any()
+    x[5, 1, 0], x[9, 0, 1] = np.nan, np.inf
+    want = ref(x, np.ones((64, 2, 2), dtype))
+    np.testing.assert_array_equal(core.matmul(x, np.ones((64, 2, 2), dtype)), want)
+    assert np.isnan(want).sum() == 2 and np.isinf(want).sum() == 2
+
+
+def test_tiny_dense_large_output_streamed():
+    # 2×2 products with an output over 16 MiB: C written with non-temporal stores.
+    rng = np.random.default_rng(14)
+    x, y = ints(rng, (1 << 20, 2, 2), np.float32), ints(rng, (1 << 20, 2, 2), np.float32)
+    got = core.matmul(x, y)
+    assert got.nbytes >= 16 << 20
+    check_exact(got, ref(x, y))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128],
                          ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("parts", [2, 3, 5, 10])
