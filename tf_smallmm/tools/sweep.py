@@ -505,7 +505,11 @@ def markdown(rows, controls, roof, bandwidth, args, seconds, image):
     rechecked = [r for r in cases if "first" in r]
     on_ours = [r for r in cases if r.get("kernel") or r.get("branch")]
     same_ops = [r for r in cases if "kernel" in r and not (r["kernel"] or r["branch"])]
-    cmd = "python -m tf_smallmm.bench --sweep" + (" --quick" if args.quick else "")
+    # The command as run: --family leaves the other family's grid out of the tables.
+    family = getattr(args, "family", None)
+    cmd = "python -m tf_smallmm.bench --sweep" + (" --quick" if args.quick else "") + \
+        (" --write-model" if getattr(args, "write_model", False) else "") + \
+        (f" --family {family}" if family else "")
     lines = [
         "# Sweep: every drop-in against the built-in it replaces",
         "",
