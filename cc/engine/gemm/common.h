@@ -108,9 +108,20 @@ inline void StoreVec(R* p, const V& v) {
 
 // The first n lanes of a vector (0 <= n <= its lanes): the other lanes read as zero and
 // are never written. With AVX-512 these are masked loads and stores, which touch no byte
-// past p + n; elsewhere the lanes are moved one at a time.
+// past p + n; elsewhere the lanes are moved one at a time. The masked forms also keep
+// the load from waiting on the narrower stores of a copy (store forwarding fails there):
+// through a copy, float16 matvecs with K = 8..15 on the dot kernel (every row one partial
+// vector) ran 3× slower per element than K = 16.
 template <typename V, typename R>
 inline V LoadPartial(const R* p, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (sizeof(R) == 2 && sizeof(V) >= 16) {
+    const uint32_t k = uint32_t((uint64_t(1) << n) - 1);
+    if constexpr (sizeof(V) == 64) return (V)_mm512_maskz_loadu_epi16(k, p);
+    if constexpr (sizeof(V) == 32) return (V)_mm256_maskz_loadu_epi16(k, p);
+    if constexpr (sizeof(V) == 16) return (V)_mm_maskz_loadu_epi16(k, p);
+  }
+#endif
 #if defined(__AVX512F__)
   constexpr bool kMasked = (sizeof(R) == 4 || sizeof(R) == 8) && sizeof(V) >= 16;
   if constexpr (kMasked) {
@@ -129,6 +140,14 @@ inline V LoadPartial(const R* p, int n) {
 }
 template <typename V, typename R>
 inline void StorePartial(R* p, const V& v, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (sizeof(R) == 2 && sizeof(V) >= 16) {
+    const uint32_t k = uint32_t((uint64_t(1) << n) - 1);
+    if constexpr (sizeof(V) == 64) return _mm512_mask_storeu_epi16(p, k, __m512i(v));
+    if constexpr (sizeof(V) == 32) return _mm256_mask_storeu_epi16(p, k, __m256i(v));
+    if constexpr (sizeof(V) == 16) return _mm_mask_storeu_epi16(p, k, __m128i(v));
+  }
+#endif
 #if defined(__AVX512F__)
   constexpr bool kMasked = (sizeof(R) == 4 || sizeof(R) == 8) && sizeof(V) >= 16;
   if constexpr (kMasked) {
@@ -193,31 +212,13 @@ inline typename VecOf<uint16_t, W>::type Rounded(const typename VecOf<float, W>:
 template <DType D, int W>
 inline typename VecOf<float, W>::type LoadWidened(const uint16_t* p, int n) {
   using U16 = typename VecOf<uint16_t, W>::type;
-  if (n == W) return Widened<D, W>(LoadVec<U16>(p));
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  // A masked load: the copy through a stack buffer below stalls on store forwarding (a
-  // vector load of narrower stores), which made float16 matvecs with K = 8..15 on the dot
-  // kernel (every row one partial vector) 3x slower per element than K = 16.
-  if constexpr (W == 32) return Widened<D, W>((U16)_mm512_maskz_loadu_epi16((1u << n) - 1, p));
-  if constexpr (W == 16) return Widened<D, W>((U16)_mm256_maskz_loadu_epi16((1u << n) - 1, p));
-  if constexpr (W == 8) return Widened<D, W>((U16)_mm_maskz_loadu_epi16((1u << n) - 1, p));
-#endif
-  uint16_t h[W] = {};
-  memcpy(h, p, sizeof(uint16_t) * n);
-  return Widened<D, W>(LoadVec<U16>(h));
+  return Widened<D, W>(n == W ? LoadVec<U16>(p) : LoadPartial<U16>(p, n));
 }
 template <DType D, int W>
 inline void StoreRounded(uint16_t* p, const typename VecOf<float, W>::type& f, int n) {
   const typename VecOf<uint16_t, W>::type v = Rounded<D, W>(f);
   if (n == W) return StoreVec(p, v);
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  if constexpr (W == 32) return _mm512_mask_storeu_epi16(p, (1u << n) - 1, (__m512i)v);
-  if constexpr (W == 16) return _mm256_mask_storeu_epi16(p, (1u << n) - 1, (__m256i)v);
-  if constexpr (W == 8) return _mm_mask_storeu_epi16(p, (1u << n) - 1, (__m128i)v);
-#endif
-  uint16_t h[W];
-  StoreVec(h, v);
-  memcpy(p, h, sizeof(uint16_t) * n);
+  StorePartial(p, v, n);
 }
 
 // n <= L storage scalars of dtype D at p as a vector of its accumulation type (the other

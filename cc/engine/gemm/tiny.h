@@ -41,6 +41,8 @@ struct TinyDense {
   // product's C does not fit a vector (float64 from 3×3): those take the scalar loop.
   static constexpr int G = Min(L / (M * N), Min(2 * L / (M * K), 2 * L / (K * N)));
   static constexpr int kA = G * M * K, kB = G * K * N, kC = G * M * N;
+  // Whether C can be streamed: a group fills a whole vector of C stored as such.
+  static constexpr bool kStreams = kStoredAsAcc<D> && kC == L;
   using V = AccVec<D, L>;
   using I = typename VecOf<typename SameSizeInt<R>::type, L>::type;
 
@@ -73,7 +75,7 @@ struct TinyDense {
       V a1, b1;
       const V a0 = Load2(a, kA, &a1), b0 = Load2(b, kB, &b1);
       const V v = Sum(a0, a1, b0, b1, std::make_integer_sequence<int, K>());
-      if constexpr (kStoredAsAcc<D> && kC == L) {
+      if constexpr (kStreams) {
         if (stream) {
           StreamVec(c, v);
           continue;
@@ -105,7 +107,8 @@ void TinyRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t c
     using Dense = TinyDense<D, M, N, K>;
     if (count >= Dense::G && Dense::Dense(p, sa, sb, sc)) {
       using S = StorageOf<D>;
-      const bool stream = StreamOutput(uint64_t(p.output_elements) * sizeof(S), 64);
+      const bool stream =
+          Dense::kStreams && StreamOutput(uint64_t(p.output_elements) * sizeof(S), 64);
       t = Dense::Run(static_cast<const S*>(a) + ao, static_cast<const S*>(b) + bo,
                      static_cast<S*>(c) + co, count, stream);
       if (stream) StreamFence();
