@@ -498,6 +498,20 @@ def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
     assert rows[1]["first"] == {"fwd": 0.5, "fwd_bwd": 0.6}
     assert rows[1]["fwd"] > 0.5 and rows[1]["fwd_bwd"] > 0.6
     args = types.SimpleNamespace(quick=True, repeats=None)
-    text = sweep.markdown(rows, [], [], 40.0, args, 60.0, "x.png")
+    text = sweep.markdown(rows, [], [], args, 60.0, "x.png")
     assert "1 cases below 0.95 were measured again" in text
     assert "| 0.50 |" in text  # the first pass's worst ratio
+
+
+def test_floor_timed_in_the_same_rounds():
+    # The sweep's and the benchmarks' ×floor figures: every round times each function and
+    # both floor probes once, so a slow phase of the machine hits both sides of the ratio.
+    from tf_smallmm.tools import sweep
+    calls = []
+    (t_a, t_b), floor = sweep.timed_with_floor(
+        [lambda: calls.append("a"), lambda: calls.append("b")], 3 << 20, rounds=5)
+    assert t_a.shape == t_b.shape == floor.shape == (5,)
+    assert (floor > 0).all() and (t_a > 0).all()
+    # Each: two warm-up calls, one to size the timings, then `reps` calls in each round.
+    reps = (calls.count("a") - 3) // 5
+    assert reps >= 1 and calls.count("a") == calls.count("b") == 3 + 5 * reps

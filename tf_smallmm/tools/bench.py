@@ -5,9 +5,9 @@ classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-re
 best of them and ours under tf.function(jit_compile=True), forward and forward+backward (the step
 returns the loss *and* the gradients, so nothing is dead-code-eliminated). Reports the
 median time after warm-up, the peak extra memory of the forward+backward step, and the
-fraction of this machine's bandwidth floor: the minimum bytes the case must move (inputs
-and output once forward; forward + read upstream gradient and inputs, write both gradients
-backward) divided by a large copy's bandwidth measured in the same run.
+fraction of this machine's bandwidth floor: the time the hardware takes to move the
+minimum bytes the case must move (inputs and output once forward; forward + read upstream
+gradient and inputs, write both gradients backward), timed in the same rounds as ours.
 
     python -m tf_smallmm.bench                  # full suite -> benchmarks/RESULTS.md + .png
     python -m tf_smallmm.bench --quick          # a subset, under two minutes
@@ -79,24 +79,6 @@ def peak_extra_mib(fn, args):
         return (peak - before) / MiB
     except (ValueError, tf.errors.OpError):
         return float("nan")
-
-
-def copy_bandwidth_gbs(mib=256):
-    """This machine's memory bandwidth from a large streaming copy, counting the bytes the
-    hardware moves (see sweep.BANDWIDTH_METHOD): np.copyto of this size is glibc's memcpy,
-    which writes with non-temporal stores (read the source, write the destination: 2× the
-    size); TF's x * 1.5 writes through the cache, which first reads each destination line
-    for ownership (3×). Counting the latter 2× understated the bandwidth by a third and
-    flattered every ×floor figure by 1.5×. The better of the two."""
-    n = mib * MiB // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    t_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
-    x = tf.ones([n])
-    f = tf.function(lambda x: x * 1.5)  # not x + 0: grappler folds that to an identity
-    _fetch(f(x))
-    t_tf = min(_timed(lambda: _fetch(f(x))) for _ in range(5))
-    return max(2 * n * 4 / t_np, 3 * n * 4 / t_tf) / 1e9
 
 
 def _timed(fn):
@@ -233,7 +215,7 @@ def steps(fn, jit=False):
 
 
 # --------------------------------------------------------------------------- running
-def run_case(case, repeats, bandwidth, ours_only=False):
+def run_case(case, repeats, ours_only=False):
     rows = []
     impls = dict(case.impls)
     for name in case.xla + [case.ours]:
@@ -251,6 +233,8 @@ def run_case(case, repeats, bandwidth, ours_only=False):
             print(f"  {name}: skipped ({type(e).__name__})")
             continue
         row = {"impl": name, "fwd": t_f, "fwd_bwd": t_fb, "mem": mem}
+        if name == case.ours:
+            ours_steps = fwd, fwd_bwd
         if name == case.ours:  # did the dispatch policy choose our kernels?
             graph = fwd.get_concrete_function(case.a, case.b).graph
             row["engine"] = any(op.type.startswith("SmallMM") for op in graph.get_operations())
@@ -260,12 +244,22 @@ def run_case(case, repeats, bandwidth, ours_only=False):
     # Per-call overhead without tf.function, for the cases small enough that it dominates.
     eager = {name: median_ms(case.impls[name], (case.a, case.b), repeats, min_seconds=0.5)
              for name in case.eager}
-    floor_f = case.fwd_bytes / bandwidth / 1e6
-    floor_fb = case.bwd_bytes / bandwidth / 1e6
+    # The floors, timed in the same rounds as our steps (sweep.FLOOR_METHOD).
+    floor_f = floor_fb = float("nan")
+    ours = next(r for r in rows if r["impl"] == case.ours)
+    if not ours_only:
+        for step, moved, key in zip(ours_steps, (case.fwd_bytes, case.bwd_bytes),
+                                    ("fwd", "fwd_bwd")):
+            (t,), floor = sweep.timed_with_floor(
+                [lambda step=step: _fetch(step(case.a, case.b))], moved, repeats)
+            ours[f"x_floor_{key}"] = float(np.median(t / floor))
+            if key == "fwd":
+                floor_f = 1e3 * float(np.median(floor))
+            else:
+                floor_fb = 1e3 * float(np.median(floor))
     ours_xla = next((r for r in rows if r["impl"] == f"XLA: {case.ours}"), None)
     xla = [r for r in rows if r["impl"].startswith("XLA") and r is not ours_xla]
     builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
-    ours = next(r for r in rows if r["impl"] == case.ours)
     out_bytes = _nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size
     return {"case": case.name, "dtype": case.dtype.name, "rows": rows, "eager": eager,
             "floor_fwd": floor_f, "floor_fwd_bwd": floor_fb, "ours": ours,
@@ -291,7 +285,7 @@ def cases(quick):
     return out
 
 
-def markdown(results, bandwidth, args):
+def markdown(results, args):
     info = smm.build_info()
     lines = [
         "# Benchmark results",
@@ -299,10 +293,11 @@ def markdown(results, bandwidth, args):
         (f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
          f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
          f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
-         f"memory bandwidth {bandwidth:.1f} GB/s, the floor's unit ({sweep.BANDWIDTH_METHOD}). "
          f"Times are medians in ms "
-         f"after warm-up; ×floor = time / (minimum bytes moved / bandwidth), 1.0 is the "
-         f"roofline; 'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
+         f"after warm-up; ×floor = time / the floor time of the minimum bytes the case moves, "
+         f"1.0 is the roofline: {sweep.FLOOR_METHOD}; for tf_smallmm's rows the median of "
+         f"per-round ratios, for the others their time over the median floor. "
+         f"'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
          f"peak = extra allocator memory of the forward+backward step."),
         "",
         ("| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
@@ -314,8 +309,10 @@ def markdown(results, bandwidth, args):
         for row in r["rows"]:
             lines.append(
                 f"| {r['case']} | {r['dtype']} | {row['impl']} | {row['fwd']:.2f} | "
-                f"{row['fwd'] / r['floor_fwd']:.1f} | {row['fwd_bwd']:.2f} | "
-                f"{row['fwd_bwd'] / r['floor_fwd_bwd']:.1f} | {row['fwd'] / o['fwd']:.2f} | "
+                f"{row.get('x_floor_fwd', row['fwd'] / r['floor_fwd']):.1f} | "
+                f"{row['fwd_bwd']:.2f} | "
+                f"{row.get('x_floor_fwd_bwd', row['fwd_bwd'] / r['floor_fwd_bwd']):.1f} | "
+                f"{row['fwd'] / o['fwd']:.2f} | "
                 f"{row['fwd_bwd'] / o['fwd_bwd']:.2f} | {row['mem']:.1f} |")
     lines += ["", "Summary (ours vs the fastest built-in, and vs the fastest XLA variant):", "",
               ("| case | dtype | floor fwd ms | ours fwd ms | best built-in fwd | best XLA fwd | "
@@ -523,15 +520,13 @@ def main(argv=None):
                 f.write(f"`python -m tf_smallmm.bench --xla` on {datetime.date.today()}, "
                         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}\n\n" + table)
         return
-    bandwidth = 1.0 if args.ours_only else copy_bandwidth_gbs()
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
     results = []
     for make in cases(args.quick):
         case = make()
         if args.only and args.only not in case.name:
             continue
         print(f"{case.name} ({case.dtype.name})", flush=True)
-        results.append(run_case(case, repeats, bandwidth, args.ours_only))
+        results.append(run_case(case, repeats, args.ours_only))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: r[k] for k in ("case", "dtype", "ours")} for r in results], f)
@@ -541,7 +536,7 @@ def main(argv=None):
     out = args.out or os.path.join("benchmarks", "RESULTS-quick.md" if args.quick else "RESULTS.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        f.write(markdown(results, bandwidth, args))
+        f.write(markdown(results, args))
     plot(results, os.path.splitext(out)[0] + ".png")
     print(f"wrote {out}")
 

@@ -19,6 +19,7 @@ loss ops); eager cases call both sides directly. Controls time the built-in agai
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -465,18 +466,58 @@ def machine():
     return f"{name}, {os.cpu_count()} cores, CPU class {dispatch.isa_class()}"
 
 
-def roofline(bandwidth, rounds, quick):
+def interleaved(fns, rounds, seconds=None):
+    """Per-round seconds per call of each argument-less fn in `fns`: each round times all
+    of them back to back, the order rotating, so slow phases of a shared machine hit every
+    side of a ratio alike."""
+    for _ in range(2):
+        for fn in fns:
+            fn()
+    one = max(max(_seconds(fn, (), 1) for fn in fns), 1e-7)
+    reps = max(1, int((TIMING_S if seconds is None else seconds) / one))
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            k = (i + r) % len(fns)
+            times[k].append(_seconds(fns[k], (), reps))
+    return [np.array(t) for t in times]
+
+
+FLOOR_METHOD = ("the floor is the time the hardware takes to move the same bytes, measured "
+                "in the same rounds as ours: the faster of a NumPy copy of half of them "
+                "(glibc's memcpy writes copies this large with non-temporal stores: read the "
+                "source, write the destination) and TF's x * 1.5 on a third of them (read "
+                "the source, read the destination for ownership, write it)")
+
+
+def timed_with_floor(fns, moved, rounds):
+    """interleaved() of `fns` and of two probes that each move `moved` bytes: (the times
+    of each fn, the floor time of each round: the faster probe, see FLOOR_METHOD)."""
+    src = np.ones(moved // 8, np.float32)  # a memcpy moves twice its size
+    dst = np.empty_like(src)
+    x = tf.ones([moved // 12])  # x * 1.5 moves three times its size
+    scale = tf.function(lambda x: x * 1.5)  # not x + 0: grappler folds that to an identity
+    *times, t_copy, t_scale = interleaved(
+        [*fns, lambda: np.copyto(dst, src), lambda: scale(x)], rounds)
+    return times, np.minimum(t_copy, t_scale)
+
+
+def roofline(rounds, quick):
     """Batched n×n @ n×n forward, ~8M elements per operand: our time over the bandwidth
-    floor (inputs read and output written once at `bandwidth`)."""
+    floor, timed in the same rounds as ours (see FLOOR_METHOD)."""
     out = []
     for n in [2, 4, 8, 16, 32] if quick else [2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32]:
         count = max(1, 8_000_000 // (n * n))
         a, b = _tensor((count, n, n), tf.float32, 1), _tensor((count, n, n), tf.float32, 2)
         ours, base = tf.function(smm.matmul), tf.function(tf.linalg.matmul)
-        ratio, t_ours, _ = paired(ours, base, (a, b), rounds)
-        floor = 3 * count * n * n * 4 / (bandwidth * 1e9)
-        out.append({"n": n, "count": count, "ours_ms": 1e3 * t_ours, "floor_ms": 1e3 * floor,
-                    "x_floor": t_ours / floor, "vs_builtin": ratio})
+        moved = 3 * count * n * n * 4  # read A and B, write C
+        (t_ours, t_base), t_floor = timed_with_floor(
+            [functools.partial(ours, a, b), functools.partial(base, a, b)], moved, rounds)
+        out.append({"n": n, "count": count, "ours_ms": 1e3 * np.median(t_ours),
+                    "floor_ms": 1e3 * np.median(t_floor),
+                    "floor_gbs": moved / np.median(t_floor) / 1e9,
+                    "x_floor": float(np.median(t_ours / t_floor)),
+                    "vs_builtin": float(np.median(t_base / t_ours))})
     return out
 
 
@@ -496,7 +537,7 @@ def _worst(r):
     return min(r.get(k, np.inf) for k in ("fwd", "fwd_bwd", "eager"))
 
 
-def markdown(rows, controls, roof, bandwidth, args, seconds, image):
+def markdown(rows, controls, roof, args, seconds, image):
     cases = [r for r in rows if r["group"] != "control"]
     spread = sorted(min(r.get("fwd", 1), r.get("fwd_bwd", 1)) for r in controls) + \
         sorted(max(r.get("fwd", 1), r.get("fwd_bwd", 1)) for r in controls)
@@ -559,13 +600,16 @@ def markdown(rows, controls, roof, bandwidth, args, seconds, image):
                      f"{min(worst):.2f} | {np.median(worst):.2f} |")
     if roof:
         lines += ["", "## Batched n×n matmul against the memory-bandwidth floor", "",
-                  (f"Forward, ~8M elements per operand, float32. Floor = (A + B + C bytes) / "
-                   f"{bandwidth:.1f} GB/s; the bandwidth counts what the hardware moves "
-                   f"({BANDWIDTH_METHOD})."), "",
-                  "| n | batch | ours ms | floor ms | ours ×floor | tf.matmul / ours |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  (f"Forward, ~8M elements per operand, float32: A and B read, C written. "
+                   f"Each figure is the median over rounds that time ours, tf.matmul and "
+                   f"the floor back to back; {FLOOR_METHOD}. 'floor GB/s' is the bandwidth "
+                   f"that floor stands for."), "",
+                  ("| n | batch | ours ms | floor ms | floor GB/s | ours ×floor | "
+                   "tf.matmul / ours |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['n']} | {r['count']} | {r['ours_ms']:.2f} | {r['floor_ms']:.2f} | "
-                  f"{r['x_floor']:.2f} | {r['vs_builtin']:.2f} |" for r in roof]
+                  f"{r['floor_gbs']:.1f} | {r['x_floor']:.2f} | {r['vs_builtin']:.2f} |"
+                  for r in roof]
     lines += ["", "## Every case", "",
               "| group | case | dtype | path | fwd × | fwd+bwd × | eager × | first × |",
               "|---|---|---|---|---:|---:|---:|---:|"]
@@ -640,11 +684,6 @@ def heatmap(rows, path):
 
 
 # --------------------------------------------------------------------------- running
-BANDWIDTH_METHOD = ("best of a 256 MiB np.copyto, counted 2× its size because glibc's "
-                    "memcpy writes copies this large with non-temporal stores, and TF's "
-                    "x * 1.5, counted 3×: read the source, read the destination for "
-                    "ownership, write it")
-
 
 def run_cases(cases, rounds, controls_every=0, reuse=None):
     """Rows and control rows of `cases`; a case in `reuse` (by label and dtype) takes that
@@ -686,8 +725,6 @@ def recheck(cases, rows, rounds):
 
 
 def main(args):
-    from tf_smallmm.tools import bench
-
     t0 = time.perf_counter()
     rounds = args.repeats or (7 if args.quick else 11)
     family = getattr(args, "family", None) or "all"
@@ -721,12 +758,11 @@ def main(args):
     rows, controls = run_cases(cases, rounds, controls_every=25 if args.quick else 40,
                                reuse=reuse)
     rows = recheck(cases, rows, 3 * rounds)
-    bandwidth = bench.copy_bandwidth_gbs()
-    roof = [] if args.only else roofline(bandwidth, rounds, args.quick)
+    roof = [] if args.only else roofline(rounds, args.quick)
     out = args.out or os.path.join("benchmarks", "SWEEP-quick.md" if args.quick else "SWEEP.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        f.write(markdown(rows, controls, roof, bandwidth, args, time.perf_counter() - t0,
+        f.write(markdown(rows, controls, roof, args, time.perf_counter() - t0,
                          os.path.basename(os.path.splitext(out)[0] + ".png")))
     saved = os.path.splitext(out)[0] + ".json"
     if os.path.exists(saved) and (not args.write_model or family != "all"):
