@@ -249,6 +249,29 @@ def test_tiny_dense_large_output_streamed():
     check_exact(got, ref(x, y))
 
 
+@pytest.mark.parametrize("dtype,n", [(np.float32, 8), (np.float32, 12), (np.float16, 12),
+                                     (np.complex64, 8)], ids=str)
+def test_stationary_large_output_staged(isa, dtype, n):
+    # n×n products back to back with an output over 16 MiB whose rows are not whole cache
+    # lines: computed through a staging buffer whose whole lines are streamed out. The
+    # outputs run in 1 and 7 pieces, so runs start and end mid-line, next to another
+    # run's output, and the bytes around them must stay untouched.
+    rng = np.random.default_rng(n)
+    count = (16 << 20) // (n * n * np.dtype(dtype).itemsize) + 3
+    x, y = ints(rng, (count, n, n), dtype), ints(rng, (count, n, n), dtype)
+    if core.kernel_for(x[:2], y[:2]) != "stationary":
+        assert isa != "avx512"  # narrower vectors leave some of these to the packed kernels
+        pytest.skip(f"{n}×{n} runs on the packed kernels with {isa}")
+    want = ref(x, y)
+    for ranges in (1, 7):
+        check_exact(core.matmul(x, y, ranges=ranges), want)
+    core.set_output_staging(False)  # the stores of the kernel itself give the same
+    try:
+        check_exact(core.matmul(x, y, ranges=7), want)
+    finally:
+        core.set_output_staging(True)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128],
                          ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("parts", [2, 3, 5, 10])

@@ -101,4 +101,14 @@ bool SetIsa(const std::string& name) {
   return false;
 }
 
+namespace {
+std::atomic<bool>& Staging() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+}  // namespace
+
+void SetOutputStaging(bool on) { Staging().store(on, std::memory_order_relaxed); }
+bool OutputStaging() { return Staging().load(std::memory_order_relaxed); }
+
 }  // namespace smallmm

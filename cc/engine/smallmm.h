@@ -158,6 +158,12 @@ const char* CompiledIsas();
 // Force an ISA (for tests and benchmarks); returns false if the CPU lacks it.
 bool SetIsa(const std::string& name);
 
+// Whether large outputs that cannot be streamed store by store are computed through a
+// staging buffer and streamed from it (gemm/streaming.h StagedStream). On by default;
+// switched off for A/B timing and tests.
+void SetOutputStaging(bool on);
+bool OutputStaging();
+
 }  // namespace smallmm
 
 #endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

@@ -38,7 +38,9 @@ smallmm::GemmPlan PlanToRun(const smallmm::GemmPlan& plan, int reduction_parts) 
 
 py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
                  bool transpose_y, bool conjugate_y,
-                 std::optional<std::vector<int64_t>> batch_shape, int reduction_parts) {
+                 std::optional<std::vector<int64_t>> batch_shape, int reduction_parts,
+                 int ranges) {
+  if (ranges < 1) throw py::value_error("ranges must be at least 1");
   const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
   const smallmm::DType dtype = p.dtype;
   const smallmm::GemmPlan& plan = p.plan;
@@ -58,7 +60,13 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
                              plan.output_elements);
       }
     } else {
-      ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, 0, plan.num_outputs);
+      // The outputs in `ranges` consecutive pieces, one after another, as the TF op's
+      // threads would run them: each piece starts and ends wherever the split falls.
+      ran = true;
+      for (int r = 0; r < ranges && ran; ++r) {
+        ran = smallmm::RunBatchMatMul(dtype, plan, pa, pb, pc, plan.num_outputs * r / ranges,
+                                      plan.num_outputs * (r + 1) / ranges);
+      }
     }
   }
   if (!ran) {
@@ -110,9 +118,10 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("matmul", &MatMul, py::arg("x"), py::arg("y"), py::arg("transpose_x") = false,
         py::arg("conjugate_x") = false, py::arg("transpose_y") = false,
         py::arg("conjugate_y") = false, py::arg("batch_shape") = py::none(),
-        py::arg("reduction_parts") = 1,
+        py::arg("reduction_parts") = 1, py::arg("ranges") = 1,
         "op(x) @ op(y) with batch broadcasting; with batch_shape, batch axes missing from "
-        "it (or 1 in it) are summed over. Accepts any strides, including 0.");
+        "it (or 1 in it) are summed over. Accepts any strides, including 0. ranges > 1 "
+        "runs the outputs in that many consecutive pieces, as threads would.");
   m.def(
       "kernel_for",
       [](const py::array& x, const py::array& y, bool transpose_x, bool conjugate_x,
@@ -159,6 +168,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
+  m.def("set_output_staging", &smallmm::SetOutputStaging, py::arg("on"),
+        "Stage large outputs to stream them (the default) or not: for A/B timing and tests.");
   py::tuple dtype_names(smallmm::kNumDTypes);
   for (int i = 0; i < smallmm::kNumDTypes; ++i) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));

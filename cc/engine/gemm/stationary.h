@@ -399,7 +399,6 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
                    (col ? p.c_cs : p.c_rs) * int64_t(sizeof(StorageOf<D>)) * kScalars<D>);
   // Column kernel: the strip is rows of A (v = i), the stream B's columns (j); row kernel:
   // the strip is columns of B (v = j), the stream A's rows (i).
-  Side sa_{a, 0, p.a_rs, p.a_cs, p.conj_a}, sb_{b, 0, p.b_cs, p.b_rs, p.conj_b};
   // The streamed side of the next product, where its vectors are pages apart
   // (PrefetchPanel): the capsule prediction streams u[b, i, :], 36 KB apart. Paired in
   // one process (2026-12-02, Zen 5, 2 threads), capsule_predict with W[1152, 10, 16, 8]:
@@ -407,17 +406,36 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const void* next = col ? b : a;
   const int64_t next_step = col ? sb : sa, next_count = col ? p.n : p.m;
   const int64_t next_vs = col ? p.b_cs : p.a_rs, next_ls = col ? p.b_rs : p.a_cs;
-  int64_t next_off = (col ? bo : ao) + next_step;
-  for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc, next_off += next_step) {
-    if (t + 1 < count) PrefetchPanel<D>(next, next_off, next_count, p.k, next_vs, next_ls);
-    sa_.off = ao;
-    sb_.off = bo;
-    if (col) {
-      StationaryRows<D, VL, K>(sa_, sb_, c, co, p.c_cs, p.m, p.n, stream);
-    } else {
-      StationaryRows<D, VL, K>(sb_, sa_, c, co, p.c_rs, p.n, p.m, stream);
+  // Products t0 .. t0+n-1 into out, the first at offset oo.
+  auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
+    Side sa_{a, ao + t0 * sa, p.a_rs, p.a_cs, p.conj_a};
+    Side sb_{b, bo + t0 * sb, p.b_cs, p.b_rs, p.conj_b};
+    int64_t next_off = (col ? bo : ao) + (t0 + 1) * next_step;
+    for (int64_t t = t0; t < t0 + n; ++t, oo += so, next_off += next_step) {
+      if (t + 1 < count) PrefetchPanel<D>(next, next_off, next_count, p.k, next_vs, next_ls);
+      if (col) {
+        StationaryRows<D, VL, K>(sa_, sb_, out, oo, p.c_cs, p.m, p.n, stream);
+      } else {
+        StationaryRows<D, VL, K>(sb_, sa_, out, oo, p.c_rs, p.n, p.m, stream);
+      }
+      sa_.off += sa;
+      sb_.off += sb;
     }
+  };
+  constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
+  const int64_t product = p.m * p.n;  // products back to back, each one dense block
+  if (!stream && OutputStaging() && count > 1 &&
+      StreamOutput(uint64_t(p.output_elements) * kElementBytes, 64) &&
+      sc == product && ((p.c_rs == p.n && p.c_cs == 1) || (p.c_cs == p.m && p.c_rs == 1)) &&
+      StageFits(product * kElementBytes)) {
+    char* dst = static_cast<char*>(c) + co * kElementBytes;
+    StagedStream(dst, product * kElementBytes, count, [&](int64_t t0, int64_t n, char* buf) {
+      run(t0, n, buf, 0, product);
+    });
+    return;
   }
+  run(0, count, c, co, sc);
+  if (stream) StreamFence();
 }
 
 // Every K in [1, kStationaryMaxKOf<D>], at index K - 1.
