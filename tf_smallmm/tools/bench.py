@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -291,8 +290,8 @@ def markdown(results, args):
         "# Benchmark results",
         "",
         (f"`python -m tf_smallmm.bench{' --quick' if args.quick else ''}` on "
-         f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-         f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}, "
+         f"{datetime.date.today().isoformat()}: {sweep.machine()}, "
+         f"TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}. "
          f"Times are medians in ms "
          f"after warm-up; ×floor = time / the floor time of the minimum bytes the case moves, "
          f"1.0 is the roofline: {sweep.FLOOR_METHOD}; for tf_smallmm's rows the median of "
