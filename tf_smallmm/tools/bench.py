@@ -3,7 +3,8 @@
 For each case, in one run: our function and the TF built-ins (tf.einsum, tf.matmul, the
 classic tile-then-matmul, tf.linalg.matvec, tf_keras batch_dot, multiply-then-reduce), the
 best of them and ours under tf.function(jit_compile=True), forward and forward+backward (the step
-returns the loss *and* the gradients, so nothing is dead-code-eliminated). Reports the
+returns y *and* the gradients for a fixed upstream gradient, so nothing is dead-code-eliminated
+and no loss op is timed). Reports the
 median time after warm-up, the peak extra memory of the forward+backward step, and the
 fraction of this machine's bandwidth floor: the time the hardware takes to move the
 minimum bytes the case must move (inputs and output once forward; forward + read upstream
@@ -99,6 +100,7 @@ class Case:
         self.impls, self.ours, self.xla = impls, ours, xla_candidates
         y = impls[ours](a, b)
         self.y_shape, self.dtype = y.shape, y.dtype
+        self.g = tf.ones_like(y)  # the fixed upstream gradient of the forward+backward step
         self.fwd_bytes = _nbytes(a, b, y)
         self.bwd_bytes = self.fwd_bytes + _nbytes(y, a, b, a, b)
 
@@ -198,8 +200,9 @@ def matmul_case(m, k, n, dtype, elements=8_000_000):
                 ["tf.matmul", "tf.einsum"])
 
 
-def steps(fn, jit=False):
-    """The forward step and the forward+backward step (loss and both gradients)."""
+def steps(fn, g, jit=False):
+    """The forward step and the forward+backward step: y and both gradients for the fixed
+    upstream gradient g (no loss op, whose own reads and writes are not the product's)."""
     fwd = tf.function(fn, jit_compile=jit or None)
 
     @tf.function(jit_compile=jit or None)
@@ -207,8 +210,7 @@ def steps(fn, jit=False):
         with tf.GradientTape() as tape:
             tape.watch([a, b])
             y = fn(a, b)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32))
-        return loss, tape.gradient(loss, [a, b])
+        return (y, *tape.gradient(y, [a, b], output_gradients=g))
 
     return fwd, fwd_bwd
 
@@ -223,7 +225,7 @@ def run_case(case, repeats, ours_only=False):
         impls = {case.ours: impls[case.ours]}
     for name, impl in impls.items():
         fn, jit = impl if isinstance(impl, tuple) else (impl, False)
-        fwd, fwd_bwd = steps(fn, jit)
+        fwd, fwd_bwd = steps(fn, case.g, jit)
         try:
             t_f = median_ms(fwd, (case.a, case.b), repeats)
             t_fb = median_ms(fwd_bwd, (case.a, case.b), repeats)
@@ -297,7 +299,8 @@ def markdown(results, args):
          f"1.0 is the roofline: {sweep.FLOOR_METHOD}; for tf_smallmm's rows the median of "
          f"per-round ratios, for the others their time over the median floor. "
          f"'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
-         f"peak = extra allocator memory of the forward+backward step."),
+         f"peak = extra allocator memory of the forward+backward step, which returns y and "
+         f"both gradients for a fixed upstream gradient (no loss op)."),
         "",
         ("| case | dtype | implementation | fwd ms | fwd ×floor | fwd+bwd ms | fwd+bwd ×floor | "
          "ours × (fwd) | ours × (fwd+bwd) | peak MiB |"),
@@ -429,7 +432,7 @@ def xla_comparison(rounds):
         impls = {"ours XLA": (case.impls[case.ours], True), "ours": (case.impls[case.ours], False)}
         impls.update({f"XLA: {n}": (case.impls[n], True) for n in case.xla})
         for i, label in enumerate(("fwd", "fwd+bwd")):
-            fns = {name: steps(fn, jit)[i] for name, (fn, jit) in impls.items()}
+            fns = {name: steps(fn, case.g, jit)[i] for name, (fn, jit) in impls.items()}
             ir = fns["ours XLA"].experimental_get_compiler_ir(case.a, case.b)(stage="hlo")
             ours_in_ir = 'custom_call_target="smallmm_' in ir
             t = interleaved_ms(fns, (case.a, case.b), rounds)
