@@ -81,12 +81,6 @@ def peak_extra_mib(fn, args):
         return float("nan")
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # --------------------------------------------------------------------------- cases
 def _nbytes(*ts):
     return sum(int(np.prod(t.shape)) * t.dtype.size for t in ts)
@@ -234,9 +228,8 @@ def run_case(case, repeats, ours_only=False):
             print(f"  {name}: skipped ({type(e).__name__})")
             continue
         row = {"impl": name, "fwd": t_f, "fwd_bwd": t_fb, "mem": mem}
-        if name == case.ours:
-            ours_steps = fwd, fwd_bwd
         if name == case.ours:  # did the dispatch policy choose our kernels?
+            ours_steps = fwd, fwd_bwd
             graph = fwd.get_concrete_function(case.a, case.b).graph
             row["engine"] = any(op.type.startswith("SmallMM") for op in graph.get_operations())
         rows.append(row)
@@ -246,24 +239,20 @@ def run_case(case, repeats, ours_only=False):
     eager = {name: median_ms(case.impls[name], (case.a, case.b), repeats, min_seconds=0.5)
              for name in case.eager}
     # The floors, timed in the same rounds as our steps (sweep.FLOOR_METHOD).
-    floor_f = floor_fb = float("nan")
+    floor_ms = {"fwd": float("nan"), "fwd_bwd": float("nan")}
     ours = next(r for r in rows if r["impl"] == case.ours)
     if not ours_only:
-        for step, moved, key in zip(ours_steps, (case.fwd_bytes, case.bwd_bytes),
-                                    ("fwd", "fwd_bwd")):
+        for step, moved, key in zip(ours_steps, (case.fwd_bytes, case.bwd_bytes), floor_ms):
             (t,), floor = sweep.timed_with_floor(
                 [lambda step=step: _fetch(step(case.a, case.b))], moved, repeats)
             ours[f"x_floor_{key}"] = float(np.median(t / floor))
-            if key == "fwd":
-                floor_f = 1e3 * float(np.median(floor))
-            else:
-                floor_fb = 1e3 * float(np.median(floor))
+            floor_ms[key] = 1e3 * float(np.median(floor))
     ours_xla = next((r for r in rows if r["impl"] == f"XLA: {case.ours}"), None)
     xla = [r for r in rows if r["impl"].startswith("XLA") and r is not ours_xla]
     builtin = [r for r in rows if r["impl"] != case.ours and not r["impl"].startswith("XLA")]
     out_bytes = _nbytes(case.a, case.b) + int(np.prod(case.y_shape)) * case.dtype.size
     return {"case": case.name, "dtype": case.dtype.name, "rows": rows, "eager": eager,
-            "floor_fwd": floor_f, "floor_fwd_bwd": floor_fb, "ours": ours,
+            "floor_fwd": floor_ms["fwd"], "floor_fwd_bwd": floor_ms["fwd_bwd"], "ours": ours,
             "best_builtin": min(builtin, key=lambda r: r["fwd"]) if builtin else None,
             "best_builtin_fb": min(builtin, key=lambda r: r["fwd_bwd"]) if builtin else None,
             "best_xla": min(xla, key=lambda r: r["fwd"]) if xla else None,
@@ -405,18 +394,12 @@ def plot(results, path):
 
 
 def interleaved_ms(fns, args, rounds):
-    """Per-round wall times (ms) of each fn(*args), the fns called in turn within every
-    round (the order rotating), after two warm-up calls each: on a shared, noisy machine
-    only times taken side by side compare."""
+    """Per-round wall times (ms) of one call of each fn(*args) (sweep.interleaved): on a
+    shared, noisy machine only times taken side by side compare."""
     names = list(fns)
-    for name in names:
-        for _ in range(2):
-            _fetch(fns[name](*args))
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(1e3 * _timed(lambda name=name: _fetch(fns[name](*args))))
-    return times
+    times = sweep.interleaved([lambda f=fns[name]: _fetch(f(*args)) for name in names],
+                              rounds, seconds=0)
+    return {name: 1e3 * t for name, t in zip(names, times)}
 
 
 def xla_comparison(rounds):

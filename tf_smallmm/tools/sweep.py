@@ -273,23 +273,12 @@ def _seconds(fn, args, reps):
 
 def paired(ours, builtin, args, rounds, seconds=None):
     """(median of per-round builtin / ours time ratios, median ours s, median builtin s):
-    each round times both back to back, the order alternating, each for about `seconds`
-    (default TIMING_S) of repeated calls. benchmarks/kernel_grid.py times with it too."""
-    for _ in range(2):
-        ours(*args)
-        builtin(*args)
-    one = max(_seconds(ours, args, 1), _seconds(builtin, args, 1), 1e-7)
-    reps = max(1, int((TIMING_S if seconds is None else seconds) / one))
-    ratios, t_ours, t_builtin = [], [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            to, tb = _seconds(ours, args, reps), _seconds(builtin, args, reps)
-        else:
-            tb, to = _seconds(builtin, args, reps), _seconds(ours, args, reps)
-        ratios.append(tb / to)
-        t_ours.append(to)
-        t_builtin.append(tb)
-    return float(np.median(ratios)), float(np.median(t_ours)), float(np.median(t_builtin))
+    interleaved() timings of the two, each for about `seconds` (default TIMING_S) of
+    repeated calls. benchmarks/kernel_grid.py times with it too."""
+    t_ours, t_builtin = interleaved(
+        [functools.partial(ours, *args), functools.partial(builtin, *args)], rounds, seconds)
+    return (float(np.median(t_builtin / t_ours)), float(np.median(t_ours)),
+            float(np.median(t_builtin)))
 
 
 def _steps(fn, spec, y_shape, dtype):
@@ -467,9 +456,10 @@ def machine():
 
 
 def interleaved(fns, rounds, seconds=None):
-    """Per-round seconds per call of each argument-less fn in `fns`: each round times all
-    of them back to back, the order rotating, so slow phases of a shared machine hit every
-    side of a ratio alike."""
+    """Per-round seconds per call of each argument-less fn in `fns`, after two warm-up
+    calls each: each round times all of them back to back, the order rotating, so slow
+    phases of a shared machine hit every side of a ratio alike. Each timing repeats its fn
+    for about `seconds` (default TIMING_S; 0: one call)."""
     for _ in range(2):
         for fn in fns:
             fn()
