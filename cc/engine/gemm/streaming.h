@@ -96,7 +96,7 @@ inline bool StageFits(int64_t product_bytes) {
 // together they are the `count` · `product_bytes` bytes at dst.
 template <typename Run>
 void StagedStream(char* dst, int64_t product_bytes, int64_t count, Run&& run) {
-  typedef char Line __attribute__((vector_size(64), aligned(64)));
+  typedef char Line __attribute__((vector_size(64)));
   alignas(64) char buf[kStageBytes + 64];
   const int64_t per_chunk = kStageBytes / product_bytes;
   const int64_t lead = int64_t(reinterpret_cast<uintptr_t>(dst) % 64);
@@ -115,7 +115,7 @@ void StagedStream(char* dst, int64_t product_bytes, int64_t count, Run&& run) {
       s = 64;
       start = 0;
     }
-    for (; s < whole; s += 64) StreamVec(line + s, *reinterpret_cast<const Line*>(buf + s));
+    for (; s < whole; s += 64) StreamVec(line + s, LoadVec<Line>(buf + s));
     memcpy(buf, buf + whole, fill - whole);
     line += whole;
     fill -= whole;
