@@ -471,6 +471,35 @@ def test_strips_transposed_in_registers(dtype, isa):
         check_exact(core.matmul(x, y, transpose_y=True), ref(x, y, False, False, True, False))
 
 
+# Products whose output rows fit one strip run straight through on the row kernel (real,
+# K <= 8, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
+# one past a strip, B and Bᵀ, A transposed or strided, with that path on and off.
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_one_strip_runs_every_shape(dtype, isa):
+    rng = np.random.default_rng(27)
+    lanes = 64 // max(np.dtype(dtype).itemsize, 4)
+    cases = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 23, 64, 65)
+             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1) for k in (1, 3, 5, 8, 9)]
+    for m, n, k in cases:
+        x, y = ints(rng, (3, m, k), dtype), ints(rng, (3, k, n), dtype)
+        xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+        yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+        xs = ints(rng, (3, m, 2 * k), dtype)[..., ::2]  # A's K stride 2
+        want, want_s = ref(x, y), ref(xs, y)
+        if isa == "avx512" and dtype == np.float32 and max(m, n, k) > 4 and n <= 16:
+            assert core.kernel_for(x, y) == "stationary", (m, n, k)
+        try:
+            for on in (True, False):
+                core.set_one_strip_runs(on)
+                check_exact(core.matmul(x, y), want)
+                check_exact(core.matmul(x, yt, transpose_y=True), want)
+                check_exact(core.matmul(xt, y, transpose_x=True), want)
+                check_exact(core.matmul(xs, y), want_s)
+        finally:
+            core.set_one_strip_runs(True)
+
+
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
 def test_complex_stationary_kernels_conjugate(flags):
     # Complex strips hold (re, im) pairs and a copy turned by 90°; conjugation of either

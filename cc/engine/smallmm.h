@@ -164,6 +164,12 @@ bool SetIsa(const std::string& name);
 void SetOutputStaging(bool on);
 bool OutputStaging();
 
+// Whether the row kernel runs products whose output rows each fit one strip straight
+// through, one product after another (gemm/stationary.h OneStripRun). On by default;
+// switched off for A/B timing and tests.
+void SetOneStripRuns(bool on);
+bool OneStripRuns();
+
 }  // namespace smallmm
 
 #endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

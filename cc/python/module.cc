@@ -170,6 +170,9 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
   m.def("set_output_staging", &smallmm::SetOutputStaging, py::arg("on"),
         "Stage large outputs to stream them (the default) or not: for A/B timing and tests.");
+  m.def("set_one_strip_runs", &smallmm::SetOneStripRuns, py::arg("on"),
+        "Run products whose output rows fit one strip straight through (the default) or "
+        "through the strip layers: for A/B timing and tests.");
   py::tuple dtype_names(smallmm::kNumDTypes);
   for (int i = 0; i < smallmm::kNumDTypes; ++i) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));

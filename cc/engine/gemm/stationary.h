@@ -385,6 +385,77 @@ bool CanStationary(const GemmPlan& p) {
          (ColumnKernelFits(p) || RowKernelFits<D>(p));
 }
 
+// Rows i..i+R-1 of one product against its strip s, A's row i at `a`: R FMA chains side
+// by side, so that a long K does not leave the FMA units waiting on one chain. kUnit: A's
+// K stride is 1 (a row-major A), so every load is a constant offset from its row.
+template <int R, bool kUnit, DType D, int W, int K>
+__attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
+                                                        const StorageOf<D>* a, int64_t ars,
+                                                        int64_t acs, StorageOf<D>* c,
+                                                        int64_t crs, int n) {
+  const int64_t ls = kUnit ? 1 : acs;
+  AccVec<D, W> acc[R] = {};  // from +0 like every GEMM (-0 · 1 = +0)
+#pragma GCC unroll 8
+  for (int l = 0; l < K; ++l) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] += s[l] * Traits<D>::Load(a + r * ars, l * ls);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) StoreLanes<D, W>(c + r * crs, acc[r], n);
+}
+
+// The row kernel for products whose output rows each fit one strip (N <= W lanes), real
+// types, B's rows or columns contiguous: per product, the strip (B's K rows, N lanes each)
+// is loaded and A's rows stream past it, one product straight after another. The general
+// path (StationaryRows -> StationaryStrips -> StationaryStrip -> StationaryStream) spends
+// more on its layers than on a 5×5×5 product's 25 FMAs. Paired in one process against it
+// (see kOneStripMaxK).
+template <DType D, int W, int K, bool kUnit>
+void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b,
+                 int64_t bo, int64_t sb, void* c, int64_t co, int64_t sc, int64_t count) {
+  const int n = int(p.n);
+  const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, brs = p.b_rs, bcs = p.b_cs, crs = p.c_rs;
+  const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
+  const StorageOf<D>* bp = static_cast<const StorageOf<D>*>(b) + bo;
+  StorageOf<D>* cp = static_cast<StorageOf<D>*>(c) + co;
+  for (int64_t t = 0; t < count; ++t, ap += sa, bp += sb, cp += sc) {
+    AccVec<D, W> s[K] = {};  // all set below (OneStripFits); zeros keep the compiler sure
+    if (bcs == 1) {
+#pragma GCC unroll 8
+      for (int l = 0; l < K; ++l) s[l] = LoadLanes<D, W>(bp + l * brs, n);
+    } else if constexpr (kShuffleStrip<D, W>) {  // Bᵀ: N rows of K, transposed in registers
+      ShuffleStrip<D, W, K>(bp, bcs, n, s);
+    }
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      OneStripRows<4, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
+    }
+    for (; i < m; ++i) OneStripRows<1, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
+  }
+}
+
+// The largest K and M of OneStripRun. Paired in one process against the general path
+// (2026-12-03, Xeon AVX-512, one thread, _smallmm_core.matmul with set_one_strip_runs,
+// 300K and 8M elements per operand, B and Bᵀ, 9 rounds), float32: 5×5×5 1.7-2.4× faster,
+// 6×6×6 1.45-1.9×, 7×7×7 1.3-1.6×, 8×8×8 1.2-1.7×, 3×5·5×5 1.7-2.7×, 2×6·6×3 2.2-3.4×,
+// 20×8·8×8 1.3-1.5×, 32×5·5×8 1.04-1.33×, 64×8·8×8 1.15-1.24×. Longer K loses to the
+// general path's eight chains per step: 64×3·3×16 0.69-0.71×, 16×4·4×16 0.79-0.86×,
+// 12×12×12 0.82-1.20×. An earlier version of this path, one row at a time, gave float64
+// 1.0-1.3× and float16 / bfloat16 1.1-1.35× on the same small shapes.
+constexpr int kOneStripMaxK = 8;
+constexpr int64_t kOneStripMaxRows = 64;
+
+// Whether OneStripRun computes the plan's products (the row kernel, not streaming store by
+// store): real, K and M short, N within one strip, B read along rows or (transposed) columns, A's rows
+// near each other (far ones are prefetched by the general path).
+template <DType D, int K>
+bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
+  return !Traits<D>::kComplex && K <= kOneStripMaxK && !col && !stream && OneStripRuns() &&
+         p.c_cs == 1 && p.n <= kStripLanes<D> && p.m <= kOneStripMaxRows &&
+         NearStride(p.a_rs) &&
+         (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
+}
+
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
 // round (a vector at a time, to nearest even).
 template <DType D, int K>
@@ -407,7 +478,14 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const int64_t next_step = col ? sb : sa, next_count = col ? p.n : p.m;
   const int64_t next_vs = col ? p.b_cs : p.a_rs, next_ls = col ? p.b_rs : p.a_cs;
   // Products t0 .. t0+n-1 into out, the first at offset oo.
+  const bool one_strip = OneStripFits<D, K>(p, col, stream);
   auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
+    if constexpr (!Traits<D>::kComplex && K <= kOneStripMaxK) {
+      if (one_strip) {
+        auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
+        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n);
+      }
+    }
     Side sa_{a, ao + t0 * sa, p.a_rs, p.a_cs, p.conj_a};
     Side sb_{b, bo + t0 * sb, p.b_cs, p.b_rs, p.conj_b};
     int64_t next_off = (col ? bo : ao) + (t0 + 1) * next_step;

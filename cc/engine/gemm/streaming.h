@@ -86,10 +86,12 @@ constexpr int64_t kStageBytes = 8 << 10;
 // Whether products of `product_bytes` are staged. Paired in one process against the
 // kernel's own stores (2026-12-03, Xeon AVX-512, one thread, core.matmul of batched n×n
 // float32 with ~8M elements per operand, 15 rounds): n = 8 1.10× and n = 12 1.06× faster
-// staged; n = 5..7 and 20..24, whose products are bound by arithmetic rather than memory,
-// 0.97-1.02× (n = 16 and 32 stream store by store).
+// staged; n = 20..24, whose products are bound by arithmetic rather than memory,
+// 0.97-1.01× (n = 16 and 32 stream store by store). n = 5..7 were level too (0.98-1.02×)
+// until their products ran straight through (stationary.h OneStripRun); since, with the
+// same timing, 1.03× (n = 5, 6) and 1.05× (n = 7).
 inline bool StageFits(int64_t product_bytes) {
-  return product_bytes >= 256 && product_bytes <= 1024;
+  return product_bytes >= 64 && product_bytes <= 1024;
 }
 
 // run(t0, n, buf) writes the outputs of products t0 .. t0+n-1 back to back at buf;
