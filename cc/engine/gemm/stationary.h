@@ -440,8 +440,9 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
 // 6×6×6 1.45-1.9×, 7×7×7 1.3-1.6×, 8×8×8 1.2-1.7×, 3×5·5×5 1.7-2.7×, 2×6·6×3 2.2-3.4×,
 // 20×8·8×8 1.3-1.5×, 32×5·5×8 1.04-1.33×, 64×8·8×8 1.15-1.24×. Longer K loses to the
 // general path's eight chains per step: 64×3·3×16 0.69-0.71×, 16×4·4×16 0.79-0.86×,
-// 12×12×12 0.82-1.20×. An earlier version of this path, one row at a time, gave float64
-// 1.0-1.3× and float16 / bfloat16 1.1-1.35× on the same small shapes.
+// 12×12×12 0.82-1.20×. The same shapes with K <= 8 in other dtypes (same timing): float16
+// and bfloat16 1.02-2.6×, float64 1.0-2.5× (1.0-1.1× where 8M elements bind it to memory;
+// one reading of 0.94×, 20×8·8×8 in cache, where its other three read 1.01-1.17×).
 constexpr int kOneStripMaxK = 8;
 constexpr int64_t kOneStripMaxRows = 64;
 
