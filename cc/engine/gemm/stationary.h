@@ -227,25 +227,25 @@ __attribute__((always_inline)) inline void ShuffleStrip(const StorageOf<D>* p, i
   }
 }
 
-// One strip: s(v, l) for v < W / kScalars lanes (fewer when kPartial: `lanes` storage
-// scalars, the rest zero and never stored), l < K; the streamed side x(l, j) = x(j, l) of
-// its Side; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
+// The strip's K vectors s(v, l) of a Side (W storage scalars; `lanes` of them when
+// kPartial, the rest zero): read in place where lanes are contiguous, transposed in
+// registers where each lane's K elements are (ShuffleStrip), gathered otherwise.
 template <DType D, int W, int K, bool kPartial>
-void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js,
-                     int64_t count, bool stream, int lanes) {
+__attribute__((always_inline)) inline void LoadStrip(const Side& s, AccVec<D, W>* out,
+                                                     int lanes) {
   using T = Traits<D>;
   using R = typename T::R;
-  using V = typename VecOf<R, W>::type;
   constexpr int kS = kScalars<D>;
-  StripRegs<D, W, K> sr;
   if (s.vs == 1) {  // lanes contiguous: read in place
     const StorageOf<D>* p = static_cast<const StorageOf<D>*>(s.p) + kS * s.off;
 #pragma GCC unroll 32
-    for (int l = 0; l < K; ++l) sr.s[l] = LoadLanes<D, W>(p + kS * l * s.ls, kPartial ? lanes : W);
+    for (int l = 0; l < K; ++l) {
+      out[l] = LoadLanes<D, W>(p + kS * l * s.ls, kPartial ? lanes : W);
+    }
   } else if (kShuffleStrip<D, W> && s.ls == 1) {
     if constexpr (kShuffleStrip<D, W>) {
       ShuffleStrip<D, W, K>(static_cast<const StorageOf<D>*>(s.p) + s.off, s.vs,
-                            kPartial ? lanes : W, sr.s);
+                            kPartial ? lanes : W, out);
     }
   } else {  // gather (and widen) the strip through a small transposed copy
     R tmp[K][W];
@@ -256,8 +256,21 @@ void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_
         for (int q = 0; q < kS; ++q)
           tmp[l][kS * v + q] = T::Load(s.p, kS * (s.off + v * s.vs + l * s.ls) + q);
 #pragma GCC unroll 32
-    for (int l = 0; l < K; ++l) sr.s[l] = LoadVec<V>(tmp[l]);
+    for (int l = 0; l < K; ++l) out[l] = LoadVec<AccVec<D, W>>(tmp[l]);
   }
+}
+
+// One strip: s(v, l) for v < W / kScalars lanes (fewer when kPartial: `lanes` storage
+// scalars, the rest zero and never stored), l < K; the streamed side x(l, j) = x(j, l) of
+// its Side; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
+template <DType D, int W, int K, bool kPartial>
+void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js,
+                     int64_t count, bool stream, int lanes) {
+  using T = Traits<D>;
+  using R = typename T::R;
+  using V = typename VecOf<R, W>::type;
+  StripRegs<D, W, K> sr;
+  LoadStrip<D, W, K, kPartial>(s, sr.s, lanes);
   if constexpr (T::kComplex) {
     // Conjugate: negate the imaginary lanes. i·s: swap each (re, im) pair to (im, re), then
     // negate the new real lanes.
@@ -414,23 +427,19 @@ template <DType D, int W, int K, bool kUnit>
 void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b,
                  int64_t bo, int64_t sb, void* c, int64_t co, int64_t sc, int64_t count) {
   const int n = int(p.n);
-  const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, brs = p.b_rs, bcs = p.b_cs, crs = p.c_rs;
+  const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
   const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
-  const StorageOf<D>* bp = static_cast<const StorageOf<D>*>(b) + bo;
   StorageOf<D>* cp = static_cast<StorageOf<D>*>(c) + co;
-  for (int64_t t = 0; t < count; ++t, ap += sa, bp += sb, cp += sc) {
-    AccVec<D, W> s[K] = {};  // all set below (OneStripFits); zeros keep the compiler sure
-    if (bcs == 1) {
-#pragma GCC unroll 8
-      for (int l = 0; l < K; ++l) s[l] = LoadLanes<D, W>(bp + l * brs, n);
-    } else if constexpr (kShuffleStrip<D, W>) {  // Bᵀ: N rows of K, transposed in registers
-      ShuffleStrip<D, W, K>(bp, bcs, n, s);
-    }
+  for (int64_t t = 0; t < count; ++t, ap += sa, cp += sc) {
+    AccVec<D, W> s[K];
+    LoadStrip<D, W, K, true>(Side{b, bo + t * sb, p.b_cs, p.b_rs, false}, s, n);
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
       OneStripRows<4, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
     }
-    for (; i < m; ++i) OneStripRows<1, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
+    for (; i < m; ++i) {
+      OneStripRows<1, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
+    }
   }
 }
 
@@ -445,13 +454,16 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
 // one reading of 0.94×, 20×8·8×8 in cache, where its other three read 1.01-1.17×).
 constexpr int kOneStripMaxK = 8;
 constexpr int64_t kOneStripMaxRows = 64;
+// The (dtype, K) instances that have OneStripRun.
+template <DType D, int K>
+constexpr bool kOneStrip = !Traits<D>::kComplex && K <= kOneStripMaxK;
 
 // Whether OneStripRun computes the plan's products (the row kernel, not streaming store by
-// store): real, K and M short, N within one strip, B read along rows or (transposed) columns, A's rows
-// near each other (far ones are prefetched by the general path).
+// store): real, K and M short, N within one strip, B read along rows or (transposed)
+// columns, A's rows near each other (far ones are prefetched by the general path).
 template <DType D, int K>
 bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
-  return !Traits<D>::kComplex && K <= kOneStripMaxK && !col && !stream && OneStripRuns() &&
+  return kOneStrip<D, K> && !col && !stream && OneStripRuns() &&
          p.c_cs == 1 && p.n <= kStripLanes<D> && p.m <= kOneStripMaxRows &&
          NearStride(p.a_rs) &&
          (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
@@ -481,7 +493,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   // Products t0 .. t0+n-1 into out, the first at offset oo.
   const bool one_strip = OneStripFits<D, K>(p, col, stream);
   auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
-    if constexpr (!Traits<D>::kComplex && K <= kOneStripMaxK) {
+    if constexpr (kOneStrip<D, K>) {
       if (one_strip) {
         auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n);
