@@ -472,7 +472,7 @@ def test_strips_transposed_in_registers(dtype, isa):
 
 
 # Products whose output rows fit one strip run straight through on the row kernel (real,
-# K <= 8, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
+# K <= 16, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
 # one past a strip, B and Bᵀ, A transposed or strided, with that path on and off.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
@@ -480,7 +480,8 @@ def test_one_strip_runs_every_shape(dtype, isa):
     rng = np.random.default_rng(27)
     lanes = 64 // max(np.dtype(dtype).itemsize, 4)
     cases = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 23, 64, 65)
-             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1) for k in (1, 3, 5, 8, 9)]
+             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1)
+             for k in (1, 3, 5, 8, 9, 12, 16, 17)]
     for m, n, k in cases:
         x, y = ints(rng, (3, m, k), dtype), ints(rng, (3, k, n), dtype)
         xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))

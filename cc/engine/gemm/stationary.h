@@ -400,7 +400,10 @@ bool CanStationary(const GemmPlan& p) {
 
 // Rows i..i+R-1 of one product against its strip s, A's row i at `a`: R FMA chains side
 // by side, so that a long K does not leave the FMA units waiting on one chain. kUnit: A's
-// K stride is 1 (a row-major A), so every load is a constant offset from its row.
+// K stride is 1 (a row-major A), so every load is a constant offset from its row. The K
+// loop unrolls fully so that the strip stays in registers: unrolled by 8 only, GCC kept a
+// K = 16 strip on the stack and reloaded a vector per step, which lost to the general
+// path (64×3·3×16 0.69×).
 template <int R, bool kUnit, DType D, int W, int K>
 __attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
                                                         const StorageOf<D>* a, int64_t ars,
@@ -408,7 +411,7 @@ __attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
                                                         int64_t crs, int n) {
   const int64_t ls = kUnit ? 1 : acs;
   AccVec<D, W> acc[R] = {};  // from +0 like every GEMM (-0 · 1 = +0)
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int l = 0; l < K; ++l) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[r] += s[l] * Traits<D>::Load(a + r * ars, l * ls);
@@ -445,14 +448,18 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
 
 // The largest K and M of OneStripRun. Paired in one process against the general path
 // (2026-12-03, Xeon AVX-512, one thread, _smallmm_core.matmul with set_one_strip_runs,
-// 300K and 8M elements per operand, B and Bᵀ, 9 rounds), float32: 5×5×5 1.7-2.4× faster,
-// 6×6×6 1.45-1.9×, 7×7×7 1.3-1.6×, 8×8×8 1.2-1.7×, 3×5·5×5 1.7-2.7×, 2×6·6×3 2.2-3.4×,
-// 20×8·8×8 1.3-1.5×, 32×5·5×8 1.04-1.33×, 64×8·8×8 1.15-1.24×. Longer K loses to the
-// general path's eight chains per step: 64×3·3×16 0.69-0.71×, 16×4·4×16 0.79-0.86×,
-// 12×12×12 0.82-1.20×. The same shapes with K <= 8 in other dtypes (same timing): float16
-// and bfloat16 1.02-2.6×, float64 1.0-2.5× (1.0-1.1× where 8M elements bind it to memory;
-// one reading of 0.94×, 20×8·8×8 in cache, where its other three read 1.01-1.17×).
-constexpr int kOneStripMaxK = 8;
+// 300K and 8M elements per operand, B and Bᵀ, 7-11 rounds), float32: 5×5×5 1.7-2.4×
+// faster, 6×6×6 1.45-1.9×, 7×7×7 1.3-1.6×, 8×8×8 1.2-1.7×, 3×5·5×5 1.7-2.7×, 2×6·6×3
+// 2.2-3.4×, 20×8·8×8 1.3-1.5×, 32×5·5×8 1.04-1.33×, 64×8·8×8 1.15-1.24× in cache; with K
+// of 9-16 (the strip held in registers, see OneStripRows) 9×9×9 1.36-1.43×, 12×12×12
+// 1.3-1.45×, 16×16×16 1.1×, 64×3·3×16 1.04-1.09×, 16×4·4×16 1.2×, 32×8·8×12 1.2×,
+// 64×16·16×16 1.03-1.10× in cache and 0.98-1.11× (level) at 8M elements. Steps of 8 rows
+// instead of 4 were no faster at any K. Other dtypes (same timing): float16 and bfloat16
+// 1.02-2.6× (K <= 8) and 0.98-1.27× (K = 12, 16), float64 1.0-2.5× (K <= 8; 1.0-1.1× at
+// 8M elements) and 0.96-1.25× (K = 12, 16). Above 16 the strip and four accumulators
+// would crowd out the 32 registers. AVX2 and the baseline stop at their own
+// kStationaryMaxK (11 and 8); AVX2 float32 K <= 8: 5×5×5 1.13-1.17×, 8×8×8 1.01-1.31×.
+constexpr int kOneStripMaxK = 16;
 constexpr int64_t kOneStripMaxRows = 64;
 // The (dtype, K) instances that have OneStripRun.
 template <DType D, int K>
