@@ -458,7 +458,8 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
 // 1.02-2.6× (K <= 8) and 0.98-1.27× (K = 12, 16), float64 1.0-2.5× (K <= 8; 1.0-1.1× at
 // 8M elements) and 0.96-1.25× (K = 12, 16). Above 16 the strip and four accumulators
 // would crowd out the 32 registers. AVX2 and the baseline stop at their own
-// kStationaryMaxK (11 and 8); AVX2 float32 K <= 8: 5×5×5 1.13-1.17×, 8×8×8 1.01-1.31×.
+// kStationaryMaxK (11 and 8); AVX2 float32 K <= 8: 5×5×5 1.13-1.17×, 8×8×8 1.01-1.31×,
+// K = 9-11 (8×8·8×9 to 64×8·8×11) 0.96-1.20×; baseline float32 with B, N = 4: 1.3-2.0×.
 constexpr int kOneStripMaxK = 16;
 constexpr int64_t kOneStripMaxRows = 64;
 // The (dtype, K) instances that have OneStripRun.
