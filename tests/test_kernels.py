@@ -518,6 +518,108 @@ def test_complex_stationary_kernels_conjugate(flags):
     assert core.kernel_for(np.swapaxes(x, -1, -2), y, transpose_x=True) == "stationary"
 
 
+# ---------------------------------------------------------------- fused gradient pairs
+REAL_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+
+
+def fuses(dtype, s, n):
+    # Where PlanFusedPair fuses (measured): 16-bit at any S, float32 from S = 20.
+    return n <= 16 and (np.dtype(dtype).itemsize == 2 or (dtype == np.float32 and s >= 20))
+
+
+def capsule_backward_pair(rng, dtype, b, i, s, n, **kw):
+    """The Pair op of capsule prediction's backward, as the TF gradient builds it:
+    dW[i] = Σ_b g[b,i]·u[b,i]ᵀ and du[b,i] = W[i]ᵀ·g[b,i]; returns (got..., wants)."""
+    w, u, g = ints(rng, (i, s, n), dtype), ints(rng, (b, i, n, 1), dtype), \
+        ints(rng, (b, i, s, 1), dtype)
+    got = core.matmul_pair(g, u, False, True, [i], w, g, True, False, [b, i], **kw)
+    want_dw = np_reduce_to(ref(g, u, transpose_y=True), [i])
+    want_du = ref(w, g, transpose_x=True)
+    return got, (want_dw, want_du)
+
+
+# Both gradients of a broadcast weight in one pass over the upstream gradient: every
+# remainder of the register blocks (S rows of 6 / 3, R rows of 4 / 2), every vector width
+# (n = 1..16, one past it), batches that the planner folds only in part (B > 64), outputs
+# split into ranges as threads split them, on every ISA and real dtype, exact against
+# float64; the same with the fused path off.
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fused_pair_every_shape(dtype, isa):
+    rng = np.random.default_rng(31)
+    cases = [(1, 1, 1, 1), (3, 2, 5, 8), (5, 3, 7, 4), (4, 1, 6, 3), (7, 2, 13, 9),
+             (9, 3, 12, 16), (2, 4, 1, 5), (130, 2, 11, 8), (50, 3, 160, 8), (6, 2, 4, 17),
+             (5, 2, 23, 5), (130, 2, 21, 16), (3, 3, 20, 1)]
+    try:
+        for b, i, s, n in cases:
+            for on, ranges in ((True, 1), (True, 3), (False, 1)):
+                core.set_fused_pairs(on)
+                (dw, du, fused), (want_dw, want_du) = capsule_backward_pair(
+                    rng, dtype, b, i, s, n, ranges=ranges)
+                assert fused == (on and fuses(dtype, s, n)), (b, i, s, n)
+                check_exact(dw, want_dw)
+                check_exact(du, want_du)
+    finally:
+        core.set_fused_pairs(True)
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fused_pair_other_forms(dtype):
+    # The shared operand as the left factor of both products, rows of P and Q of different
+    # widths: P = X·Y, Q = Xᵀ·Z with X stored [R, S].
+    rng = np.random.default_rng(32)
+    for i, r, s, n_p, n_q in [(2, 5, 9, 3, 16), (3, 17, 4, 8, 1), (1, 1, 7, 2, 2),
+                              (2, 6, 25, 16, 3)]:
+        x = ints(rng, (i, r, s), dtype)
+        y, z = ints(rng, (i, r, n_p), dtype), ints(rng, (i, s, n_q), dtype)
+        p, q, fused = core.matmul_pair(x, y, True, False, None, x, z, False, False, None)
+        assert fused == fuses(dtype, s, max(n_p, n_q))
+        check_exact(p, ref(x, y, transpose_x=True))
+        check_exact(q, ref(x, z))
+    # Not a pair of that form: a product sharing nothing, a copy of X (another buffer),
+    # rows wider than a vector. All run as two products, with the same results.
+    x, y, z = ints(rng, (2, 5, 9), dtype), ints(rng, (2, 5, 3), dtype), ints(rng, (2, 9, 4), dtype)
+    for args, want in [((x, y, True, False, None, z, z, True, False, None),
+                        (ref(x, y, transpose_x=True), ref(z, z, transpose_x=True))),
+                       ((x, y, True, False, None, x.copy(), z, False, False, None),
+                        (ref(x, y, transpose_x=True), ref(x, z)))]:
+        p, q, fused = core.matmul_pair(*args)
+        assert not fused
+        check_exact(p, want[0])
+        check_exact(q, want[1])
+    z17 = ints(rng, (2, 9, 17), dtype)
+    p, q, fused = core.matmul_pair(x, y, True, False, None, x, z17, False, False, None)
+    assert not fused
+    check_exact(q, ref(x, z17))
+
+
+def test_fused_pair_through_the_tf_op():
+    # The capsule layer's backward is one Pair op, which runs fused (on TF's intra-op pool)
+    # and matches tf.einsum's gradients, with a batch the planner folds only in part.
+    import tensorflow as tf
+
+    import tf_smallmm as tsm
+
+    def step(f):
+        @tf.function
+        def run(w, u, g):
+            with tf.GradientTape() as t:
+                t.watch([w, u])
+                y = f(w, u)
+            return t.gradient(y, [w, u], output_gradients=g)
+        return run
+
+    ours, ref_step = step(tsm.capsule_predict), step(lambda w, u: tf.einsum("ijkl,bil->bijk", w, u))
+    rng = np.random.default_rng(33)
+    for b in (3, 100):
+        w = tf.constant(rng.standard_normal((96, 10, 16, 8)), tf.float32)
+        u = tf.constant(rng.standard_normal((b, 96, 8)), tf.float32)
+        g = tf.constant(rng.standard_normal((b, 96, 10, 16)), tf.float32)
+        graph = ours.get_concrete_function(w, u, g).graph
+        assert "SmallMMBatchMatMulPair" in {op.type for op in graph.get_operations()}, b
+        for got, want in zip(ours(w, u, g), ref_step(w, u, g)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------- planner folds
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])

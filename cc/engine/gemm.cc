@@ -12,6 +12,13 @@ bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void
   return ActiveIsaKernels().gemm->run[d](plan, a, b, c, begin, end);
 }
 
+bool RunFusedPair(DType dtype, const FusedPair& pair, void* const c[2], int64_t begin,
+                  int64_t end) {
+  const int d = int(dtype);
+  if (d < 0 || d >= kNumDTypes) return false;
+  return ActiveIsaKernels().gemm->pair[d](pair, c, begin, end);
+}
+
 const char* KernelFor(DType dtype, const GemmPlan& plan) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return "invalid";

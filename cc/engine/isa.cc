@@ -110,11 +110,17 @@ std::atomic<bool>& OneStrip() {
   static std::atomic<bool> on{true};
   return on;
 }
+std::atomic<bool>& Fused() {
+  static std::atomic<bool> on{true};
+  return on;
+}
 }  // namespace
 
 void SetOutputStaging(bool on) { Staging().store(on, std::memory_order_relaxed); }
 bool OutputStaging() { return Staging().load(std::memory_order_relaxed); }
 void SetOneStripRuns(bool on) { OneStrip().store(on, std::memory_order_relaxed); }
 bool OneStripRuns() { return OneStrip().load(std::memory_order_relaxed); }
+void SetFusedPairs(bool on) { Fused().store(on, std::memory_order_relaxed); }
+bool FusedPairs() { return Fused().load(std::memory_order_relaxed); }
 
 }  // namespace smallmm

@@ -463,4 +463,146 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
   }
 }
 
+
+// ---------------------------------------------------------------- fused gradient pairs
+namespace {
+
+constexpr int64_t kFusedPairMinFloatS = 20;  // see PlanFusedPair
+
+// One product of a pair seen from the operand X it shares with the other: X's free axis
+// (kept in C) and reduced axis (summed over), the other operand O, and C.
+struct PairSide {
+  int64_t free = 1, red = 1, n = 1;
+  int64_t x_free = 0, x_red = 0;  // X's strides
+  int64_t o_red = 0, o_n = 0;     // O's strides along the reduced axis and along n
+  int64_t c_free = 0, c_n = 0;    // C's strides along X's free axis and along n
+  int num_out = 0;
+  PairLoop out[kMaxBatchDims];  // x; y = O; p = C (the other slots unused)
+};
+
+// Joins `size` iterations of stride x_step (and o_step) to an axis of `extent` elements of
+// stride x_stride (o_stride) when they continue it; an axis of one element takes them.
+bool Continues(int64_t size, int64_t x_step, int64_t o_step, int64_t* extent, int64_t* x_stride,
+               int64_t* o_stride) {
+  if (*extent == 1) {
+    *x_stride = x_step;
+    *o_stride = o_step;
+  } else if (!IsProduct(x_step, *extent, *x_stride) || !IsProduct(o_step, *extent, *o_stride)) {
+    return false;
+  }
+  return !MulOverflows(*extent, size, extent);
+}
+
+bool SideOf(const GemmPlan& p, bool x_is_a, PairSide* s) {
+  if (p.conj_a || p.conj_b || p.num_out > kMaxBatchDims) return false;
+  if (x_is_a) {
+    *s = {p.m, p.k, p.n, p.a_rs, p.a_cs, p.b_rs, p.b_cs, p.c_rs, p.c_cs};
+  } else {
+    *s = {p.n, p.k, p.m, p.b_cs, p.b_rs, p.a_cs, p.a_rs, p.c_cs, p.c_rs};
+  }
+  // Every sum joins the reduced axis (a weight gradient's batch); none may be left over.
+  for (int i = 0; i < p.num_red; ++i) {
+    const Loop& l = p.red[p.num_red - 1 - i];  // innermost first: each continues the axis
+    if (!Continues(l.size, x_is_a ? l.a : l.b, x_is_a ? l.b : l.a, &s->red, &s->x_red, &s->o_red)) {
+      return false;
+    }
+  }
+  // An output loop along which O is broadcast joins the free axis where X and C continue it
+  // (the batch of an input gradient: W[i]ᵀ · ĝ[b, i] for every b).
+  for (int i = p.num_out - 1; i >= 0; --i) {
+    const Loop& l = p.out[i];
+    const int64_t lx = x_is_a ? l.a : l.b, lo = x_is_a ? l.b : l.a;
+    int64_t free = s->free, x_free = s->x_free, c_free = s->c_free;
+    if (lo == 0 && Continues(l.size, lx, l.c, &free, &x_free, &c_free)) {
+      s->free = free;
+      s->x_free = x_free;
+      s->c_free = c_free;
+      continue;
+    }
+    for (int j = s->num_out; j > 0; --j) s->out[j] = s->out[j - 1];
+    s->out[0] = {l.size, lx, lo, 0, l.c, 0};
+    ++s->num_out;
+  }
+  return true;
+}
+
+// Whether X's strides on the two sides name the same elements: each side's free axis is
+// the other's reduced axis (strides matter only along axes longer than one).
+bool SameAxis(int64_t size_a, int64_t stride_a, int64_t size_b, int64_t stride_b) {
+  return size_a == size_b && (size_a <= 1 || stride_a == stride_b);
+}
+
+}  // namespace
+
+bool PlanFusedPair(DType dtype, const GemmPlan& p0, const void* a0, const void* b0,
+                   const GemmPlan& p1, const void* a1, const void* b1, FusedPair* pair) {
+  if (dtype == DType::kComplex64 || dtype == DType::kComplex128) return false;
+  if (p0.output_elements <= 0 || p1.output_elements <= 0) return false;
+  if (p0.k < 1 || p1.k < 1 || p0.num_reduced < 1 || p1.num_reduced < 1) return false;
+  for (int x0 = 0; x0 < 2; ++x0) {
+    for (int x1 = 0; x1 < 2; ++x1) {
+      if ((x0 == 0 ? a0 : b0) != (x1 == 0 ? a1 : b1)) continue;
+      PairSide s[2];
+      if (!SideOf(p0, x0 == 0, &s[0]) || !SideOf(p1, x1 == 0, &s[1])) continue;
+      if (!SameAxis(s[0].red, s[0].x_red, s[1].free, s[1].x_free) ||
+          !SameAxis(s[0].free, s[0].x_free, s[1].red, s[1].x_red) ||
+          s[0].num_out != s[1].num_out) {
+        continue;
+      }
+      bool same_loops = true;
+      for (int i = 0; i < s[0].num_out; ++i) {
+        same_loops = same_loops && s[0].out[i].size == s[1].out[i].size &&
+                     s[0].out[i].x == s[1].out[i].x;
+      }
+      if (!same_loops) continue;
+      // P keeps X's contiguous axis (s) and sums over r; Q sums over s.
+      const int pi = s[0].free == 1 || s[0].x_free == 1 ? 0 : 1;
+      const PairSide& P = s[pi];
+      const PairSide& Q = s[1 - pi];
+      if (P.free > 1 && P.x_free != 1) continue;
+      bool vectors = true;
+      for (const PairSide* side : {&P, &Q}) {
+        vectors = vectors && side->n <= kFusedPairMaxN &&
+                  (side->n == 1 || (side->o_n == 1 && side->c_n == 1));
+      }
+      if (!vectors) continue;
+      // Where fusing pays, from the pair A/B (both products as two packed / stationary runs
+      // against fused, one thread, Xeon AVX-512, 2026-12-03): float16 / bfloat16 2.6-2.8×
+      // at S = 16-160 (X is converted once, not once per use); float32 1.04-2.2× from
+      // S = 20 on (capsule 160×8, B = 50-300: 1.4-2.2×), but 0.62-0.70× at S = 4-16 with
+      // B = 300, where staging each output costs more than its work; float64 0.76-0.98×.
+      if (dtype == DType::kDouble || (dtype == DType::kFloat && P.free < kFusedPairMinFloatS)) {
+        return false;
+      }
+      FusedPair f;
+      f.s = P.free;
+      f.r = P.red;
+      f.n_p = P.n;
+      f.n_q = Q.n;
+      f.x = pi == 0 ? (x0 == 0 ? a0 : b0) : (x1 == 0 ? a1 : b1);
+      f.y = pi == 0 ? (x0 == 0 ? b0 : a0) : (x1 == 0 ? b1 : a1);
+      f.z = pi == 0 ? (x1 == 0 ? b1 : a1) : (x0 == 0 ? b0 : a0);
+      f.x_r = P.x_red;
+      f.y_r = P.o_red;
+      f.p_s = P.c_free;
+      f.z_s = Q.o_red;
+      f.q_r = Q.c_free;
+      f.p_index = pi;
+      f.num_out = P.num_out;
+      for (int i = 0; i < P.num_out; ++i) {
+        f.out[i] = {P.out[i].size, P.out[i].x, P.out[i].y, Q.out[i].y, P.out[i].p, Q.out[i].p};
+        f.num_outputs *= P.out[i].size;
+      }
+      *pair = f;
+      return true;
+    }
+  }
+  return false;
+}
+
+int64_t FusedPairCostPerOutput(const FusedPair& f) {
+  // Two vector multiply-adds and a broadcast per element of X; staging Y, Z and Q.
+  return SatMul(SatMul(f.s, f.r), 3) + SatMul(f.r + f.s, 16) + 20;
+}
+
 }  // namespace smallmm

@@ -143,6 +143,51 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
 bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
                     int64_t begin, int64_t end);
 
+// Both gradients of a shared-operand product in one pass over the upstream gradient X.
+// The pair of products P = X·Y and Q = Xᵀ·Z (per output: X is S×R with S contiguous, P is
+// S×n_p, Q is R×n_q) is what a product with a broadcast weight leaves for its backward:
+// capsule prediction û[b,i] = W[i]·u[b,i] gives dW[i] = Σ_b ĝ[b,i]·u[b,i]ᵀ and
+// du[b,i] = W[i]ᵀ·ĝ[b,i], both reading ĝ. Run as two products, each packs X for itself;
+// here every element of X is loaded once, broadcast, and fed to both sums.
+constexpr int kFusedPairMaxN = 16;  // n_p, n_q: one row of P or Q is one vector of 16
+struct PairLoop {
+  int64_t size, x, y, z, p, q;  // element strides of X, Y, Z, P, Q along this output loop
+};
+struct FusedPair {
+  int64_t s = 0, r = 0, n_p = 0, n_q = 0;
+  // X[s, r] = x[s + r·x_r]; Y[r, n] = y[r·y_r + n]; Z[s, n] = z[s·z_s + n];
+  // P[s, n] = p[s·p_s + n]; Q[r, n] = q[r·q_r + n].
+  const void* x = nullptr;
+  const void* y = nullptr;
+  const void* z = nullptr;
+  int64_t x_r = 0, y_r = 0, z_s = 0, p_s = 0, q_r = 0;
+  int p_index = 0;  // which product of the pair is P (the other is Q)
+  int num_out = 0;
+  PairLoop out[kMaxBatchDims];
+  int64_t num_outputs = 1;
+};
+
+// Whether the two products (plans as PlanBatchMatMul gives them, before the CPU folds,
+// with their operands a_i, b_i) are such a pair with n_p, n_q <= kFusedPairMaxN, of a dtype
+// and size where fusing was measured to pay (float16 and bfloat16; float32 from S = 20), and
+// if so the description RunFusedPair runs (a batch axis that a
+// product sums over, or that the other operand is broadcast along, joins R when its
+// strides run on evenly, as a batch of gradients reads them).
+bool PlanFusedPair(DType dtype, const GemmPlan& p0, const void* a0, const void* b0,
+                   const GemmPlan& p1, const void* a1, const void* b1, FusedPair* pair);
+// Outputs [begin, end) of a fused pair: P written to c[pair.p_index], Q to the other, each
+// dense as its plan says. Returns false, unwritten, if its scratch (about (R + S)·32
+// elements and 16 KiB) cannot be allocated.
+bool RunFusedPair(DType dtype, const FusedPair& pair, void* const c[2], int64_t begin,
+                  int64_t end);
+// Rough cost of one output of a fused pair in cycles, for sharding.
+int64_t FusedPairCostPerOutput(const FusedPair& pair);
+
+// Whether pairs that PlanFusedPair accepts run fused (on by default; switched off for A/B
+// timing and tests).
+void SetFusedPairs(bool on);
+bool FusedPairs();
+
 // The kernel family RunBatchMatMul runs this plan with on the active ISA (a name from
 // KernelFamilies), "none" when the plan has no output elements, "invalid" for a bad dtype.
 const char* KernelFor(DType dtype, const GemmPlan& plan);

@@ -79,6 +79,62 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   return out;
 }
 
+// Both products of a pair (the TF Pair op: dx and dy of one product) as the engine's executor
+// runs them on one thread: fused (smallmm.h FusedPair) where the pair has that form and
+// fused pairs are on. ranges > 1 runs a fused pair's outputs in that many consecutive
+// pieces, as threads would. Returns (out_1, out_2, whether it ran fused).
+py::tuple MatMulPair(const py::array& x1, const py::array& y1, bool transpose_x1, bool transpose_y1,
+                     std::optional<std::vector<int64_t>> batch_shape_1, const py::array& x2,
+                     const py::array& y2, bool transpose_x2, bool transpose_y2,
+                     std::optional<std::vector<int64_t>> batch_shape_2, int ranges) {
+  if (ranges < 1) throw py::value_error("ranges must be at least 1");
+  // The plans as PlanBatchMatMul makes them: the executor applies the CPU folds itself.
+  const Planned p1 = PlanFor(x1, y1, transpose_x1, false, transpose_y1, false, batch_shape_1, false);
+  const Planned p2 = PlanFor(x2, y2, transpose_x2, false, transpose_y2, false, batch_shape_2, false);
+  if (p1.dtype != p2.dtype) throw py::type_error("smallmm: both products must have one dtype");
+  py::array out1(x1.dtype(), p1.shape), out2(x2.dtype(), p2.shape);
+  smallmm::Product products[2];
+  products[0] = {p1.plan, x1.data(), y1.data(), out1.mutable_data()};
+  products[1] = {p2.plan, x2.data(), y2.data(), out2.mutable_data()};
+  smallmm::FusedPair pair;
+  const bool fused =
+      p1.plan.output_elements > 0 && p2.plan.output_elements > 0 && smallmm::FusedPairs() &&
+      smallmm::PlanFusedPair(p1.dtype, p1.plan, x1.data(), y1.data(), p2.plan, x2.data(),
+                             y2.data(), &pair);
+  std::vector<std::vector<char>> scratch;
+  smallmm::Executor ex;
+  ex.parallel_for = [](int64_t units, int64_t, const smallmm::RangeFn& fn) { fn(0, units); };
+  ex.scratch = [&](int64_t bytes) -> void* {
+    scratch.emplace_back(size_t(bytes));
+    return scratch.back().data();
+  };
+  bool ok = true;
+  {
+    py::gil_scoped_release release;
+    if (fused && ranges > 1) {
+      void* const c[2] = {products[0].c, products[1].c};
+      for (int r = 0; r < ranges && ok; ++r) {
+        ok = smallmm::RunFusedPair(p1.dtype, pair, c, pair.num_outputs * r / ranges,
+                                   pair.num_outputs * (r + 1) / ranges);
+      }
+    } else {
+      // The executor takes no product with an empty output (as the TF op never passes one).
+      smallmm::Product run[2];
+      int count = 0;
+      for (const smallmm::Product& p : products) {
+        if (p.plan.output_elements > 0) run[count++] = p;
+      }
+      ok = count == 0 || smallmm::ExecuteBatchMatMul(p1.dtype, run, count, ex).error ==
+                             smallmm::ExecuteStatus::kNone;
+    }
+  }
+  if (!ok) {
+    PyErr_NoMemory();
+    throw py::error_already_set();
+  }
+  return py::make_tuple(out1, out2, fused);
+}
+
 // How often each of `units` ran under the engine's PoolParallelFor on a stand-in pool:
 // its helper tasks run on their own threads, or (late) only after the call returned, as
 // on a pool too busy to start them before the caller has done all the work itself.
@@ -156,6 +212,13 @@ PYBIND11_MODULE(_smallmm_core, m) {
       "The sizes of the products matmul runs with these arguments after the planner's "
       "folds: M, N, K of each product, the number of output matrices and of products "
       "summed into each.");
+  m.def("matmul_pair", &MatMulPair, py::arg("x1"), py::arg("y1"), py::arg("transpose_x1") = false,
+        py::arg("transpose_y1") = false, py::arg("batch_shape_1") = py::none(), py::arg("x2"),
+        py::arg("y2"), py::arg("transpose_x2") = false, py::arg("transpose_y2") = false,
+        py::arg("batch_shape_2") = py::none(), py::arg("ranges") = 1,
+        "Both products of a gradient pair, as the TF Pair op runs them (on this thread): "
+        "(op(x1) @ op(y1), op(x2) @ op(y2), fused), each summed to its batch_shape as "
+        "matmul's; fused says whether they ran as one fused pass over their shared operand.");
   m.def("suggest_reduction_split",
         [](const py::array& x, const py::array& y, std::vector<int64_t> batch_shape, int threads) {
           const Planned p = PlanFor(x, y, false, false, false, false, batch_shape);
@@ -170,6 +233,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
   m.def("set_output_staging", &smallmm::SetOutputStaging, py::arg("on"),
         "Stage large outputs to stream them (the default) or not: for A/B timing and tests.");
+  m.def("set_fused_pairs", &smallmm::SetFusedPairs, py::arg("on"),
+        "Whether gradient pairs of the fused form run fused (on by default): for A/B timing.");
   m.def("set_one_strip_runs", &smallmm::SetOneStripRuns, py::arg("on"),
         "Run products whose output rows fit one strip straight through (the default) or "
         "through the strip layers: for A/B timing and tests.");

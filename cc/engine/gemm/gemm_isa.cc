@@ -14,7 +14,8 @@
 //   dot         matrix-vector products as dot products along K              (dot.h)
 //   stationary  short K: one operand in registers, the other streamed past  (stationary.h)
 //   packed      everything: packed tiles and micro-kernels                  (packed.h, micro.h)
-// with what they share in common.h and streaming.h.
+// with what they share in common.h and streaming.h; and, outside the table because it runs
+// two products at once, the fused gradient pair (pair.h).
 #include <cstdint>
 
 #include "cc/engine/gemm/common.h"
@@ -22,6 +23,7 @@
 #include "cc/engine/gemm/gemm_kernels.h"
 #include "cc/engine/gemm/matvec.h"
 #include "cc/engine/gemm/packed.h"
+#include "cc/engine/gemm/pair.h"
 #include "cc/engine/gemm/stationary.h"
 #include "cc/engine/gemm/tiny.h"
 #include "cc/engine/smallmm.h"
@@ -107,6 +109,11 @@ const GemmKernels SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA) = {
 #define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) &KernelFor<DType::e>,
         SMALLMM_DTYPES(SMALLMM_KERNEL_FOR_ENTRY)
 #undef SMALLMM_KERNEL_FOR_ENTRY
+    },
+    {
+#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) &RunPair<DType::e>,
+        SMALLMM_DTYPES(SMALLMM_PAIR_ENTRY)
+#undef SMALLMM_PAIR_ENTRY
     },
     kFamilyNames.names,
     kNumFamilies,

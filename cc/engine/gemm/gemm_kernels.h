@@ -14,10 +14,13 @@ namespace smallmm {
 using GemmRunFn = bool (*)(const GemmPlan&, const void*, const void*, void*, int64_t, int64_t);
 // KernelFor for one dtype: the name of the family that GemmRunFn runs the plan with.
 using GemmKernelForFn = const char* (*)(const GemmPlan&);
+// RunFusedPair for one dtype (smallmm.h has the contract).
+using GemmPairRunFn = bool (*)(const FusedPair&, void* const[2], int64_t, int64_t);
 
 struct GemmKernels {
   GemmRunFn run[kNumDTypes];               // indexed by DType
   GemmKernelForFn kernel_for[kNumDTypes];  // indexed by DType
+  GemmPairRunFn pair[kNumDTypes];          // indexed by DType
   const char* const* families;             // the kernel families, in the order tried
   int num_families;
 };

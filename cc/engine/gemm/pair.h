@@ -1,0 +1,203 @@
+// pair.h — both gradients of a shared-operand product in one pass over the upstream
+// gradient X (smallmm.h FusedPair): per output, P = X·Y (S×n_p) and Q = Xᵀ·Z (R×n_q).
+// Each element of X is loaded once, broadcast, and multiplied into a row of P and a row of
+// Q; kSb rows of P (with their rows of Z) stay in registers while the rows of Q (with their
+// rows of Y) stream past. X (16 KiB at a time), Y and Z are staged as rows of the
+// accumulation type (Y and Z padded to a vector) once per output, so the inner loop does no
+// conversions and no partial loads. Included only by gemm_isa.cc (compiled once per ISA).
+#ifndef TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
+#define TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "cc/engine/gemm/common.h"
+#include "cc/engine/smallmm.h"
+
+namespace smallmm {
+namespace {
+
+constexpr int kVecRegisters = kVecBytes == 64 ? 32 : 16;
+
+template <DType D, int W>
+struct PairKernel {
+  using R = typename Traits<D>::R;
+  using S = StorageOf<D>;
+  using V = typename VecOf<R, W>::type;
+  // Registers per row vector (a row wider than the ISA's vectors takes several).
+  static constexpr int kPerRow = (W * int(sizeof(R)) + kVecBytes - 1) / kVecBytes;
+  // 2·kSb (P, Z) + 2·kRb (Q, Y) + 1 broadcast row vectors fit the register file.
+  static constexpr int kSb = (kVecRegisters == 32 ? 6 : 3) / kPerRow > 0
+                                 ? (kVecRegisters == 32 ? 6 : 3) / kPerRow
+                                 : 1;
+  static constexpr int kRb = (kVecRegisters == 32 ? 4 : 2) / kPerRow > 0
+                                 ? (kVecRegisters == 32 ? 4 : 2) / kPerRow
+                                 : 1;
+
+  // Rows of X staged per pass: 16 KiB, which stay in L1 next to the rows of Y, Z, P and Q
+  // they meet. Staged, X's rows are contiguous and in the accumulation type: in place they
+  // lie a batch row apart, often a multiple of 4 KiB, all in one L1 set, and 16-bit
+  // elements would be converted once per use.
+  static constexpr int64_t kStageElems = (16 << 10) / int64_t(sizeof(R));
+  static constexpr int kL = kVecBytes / int(sizeof(R));  // staging copies in vectors of kL
+  using VL = typename VecOf<R, kL>::type;
+
+  // RB rows of Q from r on, against the SB rows of P in pa (staged X columns at xs).
+  template <int SB, int RB>
+  static inline void Rows(const R* xs, int64_t xs_r, const R* ys, R* qacc, int64_t r,
+                          const V (&zr)[SB], V (&pa)[SB]) {
+    V yr[RB], qa[RB];
+    for (int i = 0; i < RB; ++i) {
+      yr[i] = LoadVec<V>(ys + (r + i) * W);
+      qa[i] = LoadVec<V>(qacc + (r + i) * W);
+    }
+    for (int j = 0; j < SB; ++j) {
+      for (int i = 0; i < RB; ++i) {
+        const V b = V{} + xs[(r + i) * xs_r + j];
+        pa[j] += b * yr[i];
+        qa[i] += b * zr[j];
+      }
+    }
+    for (int i = 0; i < RB; ++i) StoreVec(qacc + (r + i) * W, qa[i]);
+  }
+
+  // Rows s0 .. s0 + SB of P (accumulated in pacc) against `rows` rows of Q.
+  template <int SB>
+  static void Block(int64_t rows, const R* xs, int64_t xs_r, const R* ys, const R* zs, R* qacc,
+                    R* pacc) {
+    V zr[SB], pa[SB];
+    for (int j = 0; j < SB; ++j) {
+      zr[j] = LoadVec<V>(zs + j * W);
+      pa[j] = LoadVec<V>(pacc + j * W);
+    }
+    int64_t r = 0;
+    for (; r + kRb <= rows; r += kRb) Rows<SB, kRb>(xs, xs_r, ys, qacc, r, zr, pa);
+    for (; r < rows; ++r) Rows<SB, 1>(xs, xs_r, ys, qacc, r, zr, pa);
+    for (int j = 0; j < SB; ++j) StoreVec(pacc + j * W, pa[j]);
+  }
+
+  // The last rows of P, fewer than kSb: one block of exactly that many.
+  template <int SB>
+  static void Tail(int64_t left, int64_t rows, const R* xs, int64_t xs_r, const R* ys,
+                   const R* zs, R* qacc, R* pacc) {
+    if constexpr (SB > 0) {
+      if (left == SB) return Block<SB>(rows, xs, xs_r, ys, zs, qacc, pacc);
+      Tail<SB - 1>(left, rows, xs, xs_r, ys, zs, qacc, pacc);
+    }
+  }
+
+  static int64_t StageRows(const FusedPair& f) {
+    return f.s >= kStageElems ? 1 : kStageElems / f.s;
+  }
+  // Scratch elements: Y, Q (R×W), Z, P (S×W), a pass of X and a vector of slack.
+  static bool ScratchElems(const FusedPair& f, int64_t* elems) {
+    int64_t rw, sw, xs;
+    return !__builtin_mul_overflow(f.r, int64_t(2 * W), &rw) &&
+           !__builtin_mul_overflow(f.s, int64_t(2 * W), &sw) &&
+           !__builtin_mul_overflow(StageRows(f), f.s, &xs) &&
+           !__builtin_add_overflow(rw, sw, elems) && !__builtin_add_overflow(*elems, xs, elems) &&
+           !__builtin_add_overflow(*elems, int64_t(kL), elems) &&
+           uint64_t(*elems) <= SIZE_MAX / sizeof(R);
+  }
+
+  // One output: X at x, Y at y, Z at z, P to p, Q to q; `next` (or null) is the next
+  // output's X, whose rows are prefetched while this one's are staged: they are more
+  // streams, a batch row apart, than the hardware prefetcher follows.
+  static void One(const FusedPair& f, const S* x, const S* next, const S* y, const S* z, S* p,
+                  S* q, R* scratch) {
+    R* ys = scratch;
+    R* qacc = ys + f.r * W;
+    R* zs = qacc + f.r * W;
+    R* pacc = zs + f.s * W;
+    R* xs = pacc + f.s * W;
+    for (int64_t r = 0; r < f.r; ++r) {
+      StoreVec(ys + r * W, LoadLanes<D, W>(y + r * f.y_r, int(f.n_p)));
+      StoreVec(qacc + r * W, V{});
+    }
+    for (int64_t s = 0; s < f.s; ++s) {
+      StoreVec(zs + s * W, LoadLanes<D, W>(z + s * f.z_s, int(f.n_q)));
+      StoreVec(pacc + s * W, V{});
+    }
+    const int64_t pass = StageRows(f);
+    for (int64_t r0 = 0; r0 < f.r; r0 += pass) {
+      const int64_t rows = f.r - r0 < pass ? f.r - r0 : pass;
+      // Stage X[:, r0 .. r0 + rows) as rows of S (a row's last vector spills zeros into the
+      // next row's start, overwritten by that row, or into the slack).
+      for (int64_t r = 0; r < rows; ++r) {
+        const S* row = x + (r0 + r) * f.x_r;
+        for (int64_t s = 0; s < f.s; s += kL) {
+          if (next != nullptr) __builtin_prefetch(next + (r0 + r) * f.x_r + s, 0, 3);
+          const int n = f.s - s < kL ? int(f.s - s) : kL;
+          StoreVec(xs + r * f.s + s, LoadLanes<D, kL>(row + s, n));
+        }
+      }
+      int64_t s0 = 0;
+      for (; s0 + kSb <= f.s; s0 += kSb) {
+        Block<kSb>(rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W, pacc + s0 * W);
+      }
+      Tail<kSb - 1>(f.s - s0, rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W,
+                    pacc + s0 * W);
+    }
+    for (int64_t s = 0; s < f.s; ++s) {
+      StoreLanes<D, W>(p + s * f.p_s, LoadVec<V>(pacc + s * W), int(f.n_p));
+    }
+    for (int64_t r = 0; r < f.r; ++r) {
+      StoreLanes<D, W>(q + r * f.q_r, LoadVec<V>(qacc + r * W), int(f.n_q));
+    }
+  }
+
+  static bool Run(const FusedPair& f, void* const c[2], int64_t begin, int64_t end) {
+    int64_t elems;
+    if (!ScratchElems(f, &elems)) return false;
+    R* scratch = static_cast<R*>(malloc(sizeof(R) * size_t(elems)));
+    if (scratch == nullptr) return false;
+    const S* x = static_cast<const S*>(f.x);
+    const S* y = static_cast<const S*>(f.y);
+    const S* z = static_cast<const S*>(f.z);
+    S* p = static_cast<S*>(c[f.p_index]);
+    S* q = static_cast<S*>(c[1 - f.p_index]);
+    // Offsets of output o along the loop nest.
+    auto offsets = [&](int64_t o, int64_t* off) {
+      for (int k = 0; k < 5; ++k) off[k] = 0;
+      for (int d = f.num_out - 1; d >= 0; --d) {
+        const PairLoop& l = f.out[d];
+        const int64_t i = o % l.size;
+        o /= l.size;
+        off[0] += i * l.x;
+        off[1] += i * l.y;
+        off[2] += i * l.z;
+        off[3] += i * l.p;
+        off[4] += i * l.q;
+      }
+    };
+    int64_t cur[5], nxt[5] = {};
+    offsets(begin, cur);
+    for (int64_t o = begin; o < end; ++o) {
+      const bool more = o + 1 < end;
+      if (more) offsets(o + 1, nxt);
+      One(f, x + cur[0], more ? x + nxt[0] : nullptr, y + cur[1], z + cur[2], p + cur[3],
+          q + cur[4], scratch);
+      for (int k = 0; k < 5; ++k) cur[k] = nxt[k];
+    }
+    free(scratch);
+    return true;
+  }
+};
+
+template <DType D>
+bool RunPair(const FusedPair& f, void* const c[2], int64_t begin, int64_t end) {
+  if constexpr (Traits<D>::kComplex) {
+    return false;  // PlanFusedPair never describes a complex pair
+  } else {
+    if (begin >= end) return true;
+    const int64_t n = f.n_p > f.n_q ? f.n_p : f.n_q;
+    if (n <= 4) return PairKernel<D, 4>::Run(f, c, begin, end);
+    if (n <= 8) return PairKernel<D, 8>::Run(f, c, begin, end);
+    return PairKernel<D, kFusedPairMaxN>::Run(f, c, begin, end);
+  }
+}
+
+}  // namespace
+}  // namespace smallmm
+
+#endif  // TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
