@@ -566,11 +566,12 @@ bool PlanFusedPair(DType dtype, const GemmPlan& p0, const void* a0, const void* 
                   (side->n == 1 || (side->o_n == 1 && side->c_n == 1));
       }
       if (!vectors) continue;
-      // Where fusing pays, from the pair A/B (both products as two packed / stationary runs
-      // against fused, one thread, Xeon AVX-512, 2026-12-03): float16 / bfloat16 2.6-2.8×
-      // at S = 16-160 (X is converted once, not once per use); float32 1.04-2.2× from
-      // S = 20 on (capsule 160×8, B = 50-300: 1.4-2.2×), but 0.62-0.70× at S = 4-16 with
-      // B = 300, where staging each output costs more than its work; float64 0.76-0.98×.
+      // Where fusing pays, from the pair A/B (benchmarks/fused_pair_ab.py: two products
+      // against fused, one thread, Xeon AVX-512, 2026-12-03): float16 3.2-3.4× at S = 16-160
+      // (X is converted once, not once per use); float32 1.1-2.4× from S = 20 (capsule
+      // 160×8, B = 50-300: 1.7-2.4×; S = 12-16 with n = 8 1.15-1.5×, but n = 4 0.82×) and
+      // 0.68-0.71× at S = 4-8 with B = 300, where staging each output costs more than its
+      // work; float64 0.89-1.16×.
       if (dtype == DType::kDouble || (dtype == DType::kFloat && P.free < kFusedPairMinFloatS)) {
         return false;
       }

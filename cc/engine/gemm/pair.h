@@ -53,9 +53,11 @@ struct PairKernel {
     }
     for (int j = 0; j < SB; ++j) {
       for (int i = 0; i < RB; ++i) {
-        const V b = V{} + xs[(r + i) * xs_r + j];
-        pa[j] += b * yr[i];
-        qa[i] += b * zr[j];
+        // vector * scalar: one broadcast from memory. (V{} + x would add 0.0 in scalar first,
+        // which is not an identity for -0.0, on the ports the multiply-adds need.)
+        const R b = xs[(r + i) * xs_r + j];
+        pa[j] += yr[i] * b;
+        qa[i] += zr[j] * b;
       }
     }
     for (int i = 0; i < RB; ++i) StoreVec(qacc + (r + i) * W, qa[i]);
