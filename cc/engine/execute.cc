@@ -45,30 +45,6 @@ int64_t Footprint(const GemmPlan& p) {
 }  // namespace
 
 ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, const Executor& ex) {
-  // Both gradients of a broadcast-weight product, each element of the upstream gradient
-  // read once for both (smallmm.h FusedPair), where the pair has that form and enough
-  // outputs to keep every thread busy (otherwise the split reductions below do).
-  FusedPair fused;
-  if (count == 2 && FusedPairs() &&
-      PlanFusedPair(dtype, in[0].plan, in[0].a, in[0].b, in[1].plan, in[1].a, in[1].b, &fused)) {
-    const int64_t per = FusedPairCostPerOutput(fused);
-    const int64_t total = per > INT64_MAX / fused.num_outputs ? INT64_MAX : per * fused.num_outputs;
-    if (total < kInlineCost || ex.threads < 2 || fused.num_outputs >= 2 * int64_t(ex.threads)) {
-      void* const c[2] = {in[0].c, in[1].c};
-      std::atomic<bool> ok{true};
-      auto fn = [&](int64_t begin, int64_t end) {
-        if (!RunFusedPair(dtype, fused, c, begin, end)) ok.store(false, std::memory_order_relaxed);
-      };
-      if (total < kInlineCost || ex.threads < 2) {
-        fn(0, fused.num_outputs);
-      } else {
-        ex.parallel_for(fused.num_outputs, per, fn);
-      }
-      ExecuteStatus s;
-      if (!ok.load()) s.error = ExecuteStatus::kKernelScratch;
-      return s;
-    }
-  }
   Product products[2];
   for (int i = 0; i < count; ++i) {
     products[i] = in[i];
@@ -95,6 +71,23 @@ ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, cons
     s.product = i;
     return s;
   };
+  // Both gradients of a broadcast-weight product, each element of the upstream gradient
+  // read once for both (smallmm.h FusedPair; planned from the unfolded plans), where the
+  // pair has that form and enough outputs to keep every thread busy (otherwise the split
+  // reductions below do).
+  FusedPair fused;
+  if (count == 2 && FusedPairs() &&
+      PlanFusedPair(dtype, in[0].plan, in[0].a, in[0].b, in[1].plan, in[1].a, in[1].b, &fused)) {
+    const int64_t per = FusedPairCostPerOutput(fused);
+    const int64_t total = per > INT64_MAX / fused.num_outputs ? INT64_MAX : per * fused.num_outputs;
+    if (total < kInlineCost || ex.threads < 2 || fused.num_outputs >= 2 * int64_t(ex.threads)) {
+      void* const c[2] = {in[0].c, in[1].c};
+      shard(fused.num_outputs, per, total, [&](int64_t begin, int64_t end) {
+        if (!RunFusedPair(dtype, fused, c, begin, end)) ran[0].store(false);
+      });
+      return ran[0].load() ? ExecuteStatus() : failed(0);
+    }
+  }
   const int parts[2] = {SuggestReductionSplit(dtype, products[0].plan, ex.threads),
                         count > 1 ? SuggestReductionSplit(dtype, products[1].plan, ex.threads) : 1};
 

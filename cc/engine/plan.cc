@@ -463,7 +463,6 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
   }
 }
 
-
 // ---------------------------------------------------------------- fused gradient pairs
 namespace {
 
