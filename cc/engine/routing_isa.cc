@@ -88,7 +88,9 @@ inline void StoreV(T* p, const typename VecOf<T, L>::type& v) {
 
 template <typename T, int L>
 inline typename VecOf<T, L>::type Splat(T x) {
-  return typename VecOf<T, L>::type{} + x;
+  // x - 0 is an identity even for -0.0, so it compiles to one broadcast; 0 + x is not, and
+  // costs a scalar add before the broadcast.
+  return x - typename VecOf<T, L>::type{};
 }
 
 // One level of the transposing reduction: a and b each hold L/S segments of S lanes, each

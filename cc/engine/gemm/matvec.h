@@ -93,7 +93,7 @@ void MatvecRun(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
     V xv[K];
 #pragma GCC unroll 8
-    for (int l = 0; l < K; ++l) xv[l] = V{} + Traits<D>::Load(b, bo + l * b_rs);
+    for (int l = 0; l < K; ++l) xv[l] = Traits<D>::Load(b, bo + l * b_rs) - V{};  // a splat
     const S* A0 = A + ao;
     S* y = Y + co;
     int64_t i = 0;
