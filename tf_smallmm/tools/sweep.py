@@ -112,11 +112,21 @@ def grid(quick):
     return out
 
 
-def shared_case(m, n, k, dtype, folded):
+def shared_case(m, n, k, dtype, folded, one=False):
     """A[G, M, K] broadcast against B[Bt, G, K, N'] through smm.matmul vs tf.linalg.matmul:
     a point (M, N, K) of the model's FOLDED family where `folded` (N' = 1 and Bt = N: the
     batch of matrix-vector products the kernels run as one product of N columns, as
-    capsule prediction), else of the SHARED family (Bt = 4 and N' = N)."""
+    capsule prediction), else of the SHARED family (Bt = 4 and N' = N). `one`: the SHARED
+    family's other end, one A[M, K] against a batch B[Bt, K, N] (a weight applied to a
+    batch of matrices). Its gradient for A is one long reduction instead of G of them,
+    so it runs on other code (no fused pair, 16-bit sums not split over threads): in the
+    2026-12-04 sweep, fitted from the G-many points only, bfloat16 A[32, 3] @ B[2048, 3,
+    32] ran forward+backward at 0.48× on a cell those points gave to our kernels."""
+    if one:
+        bt = _batch(k * n, m * n)
+        return Case("shared grid", f"matmul A-shared ({m}, {k}) @ ({bt}, {k}, {n})", dtype,
+                    smm.matmul, tf.linalg.matmul, ((m, k), (bt, k, n)), point=(m, n, k),
+                    family=dispatch.SHARED)
     bt, cols = (n, 1) if folded else (4, n)
     groups = _batch(m * k, bt * k * cols, bt * m * cols)
     a_shape, b_shape = (groups, m, k), (bt, groups, k, cols)
@@ -135,6 +145,8 @@ def shared_grid(quick):
         out += [shared_case(m, n, k, dtype, True) for m in ms for k in ks
                 for n in ([1, 8, 64] if quick else [1, 4, 16, 64])]
         out += [shared_case(m, 8, k, dtype, False) for m in ms for k in ks]
+        out += [shared_case(m, n, k, dtype, False, one=True) for m in ms for k in ks
+                for n in ([8] if quick else [8, 32])]
     return out
 
 
