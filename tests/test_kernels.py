@@ -522,9 +522,15 @@ def test_complex_stationary_kernels_conjugate(flags):
 REAL_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
 
 
-def fuses(dtype, s, n):
-    # Where PlanFusedPair fuses (measured): 16-bit at any S, float32 from S = 20.
-    return n <= 16 and (np.dtype(dtype).itemsize == 2 or (dtype == np.float32 and s >= 20))
+def fuses(dtype, s, n, r, contiguous):
+    # Where PlanFusedPair fuses (measured): only where X's R rows are not one dense block
+    # (`contiguous`: rows S apart) and R > 1; 16-bit at any S, from R = 32 where rows of P
+    # and Q hold one or two elements; float32 from S = 20.
+    if contiguous or r <= 1 or n > 16:
+        return False
+    if np.dtype(dtype).itemsize == 2:
+        return n > 2 or r >= 32
+    return dtype == np.float32 and s >= 20
 
 
 def capsule_backward_pair(rng, dtype, b, i, s, n, **kw):
@@ -555,7 +561,8 @@ def test_fused_pair_every_shape(dtype, isa):
                 core.set_fused_pairs(on)
                 (dw, du, fused), (want_dw, want_du) = capsule_backward_pair(
                     rng, dtype, b, i, s, n, ranges=ranges)
-                assert fused == (on and fuses(dtype, s, n)), (b, i, s, n)
+                # X = g[:, i] has rows b, I·S apart: one dense block when I = 1.
+                assert fused == (on and fuses(dtype, s, n, b, i == 1)), (b, i, s, n)
                 check_exact(dw, want_dw)
                 check_exact(du, want_du)
     finally:
@@ -565,14 +572,23 @@ def test_fused_pair_every_shape(dtype, isa):
 @pytest.mark.parametrize("dtype", REAL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_fused_pair_other_forms(dtype):
     # The shared operand as the left factor of both products, rows of P and Q of different
-    # widths: P = X·Y, Q = Xᵀ·Z with X stored [R, S].
+    # widths: P = Σ_i X[i]ᵀ·Y[i], Q[i] = X[i]·Z with X stored [I, R, S] (Z broadcast over
+    # i, as a weight is), so that R runs over i and r. X's rows are padded (S + 3 apart):
+    # rows S apart, one dense block, do not fuse.
     rng = np.random.default_rng(32)
     for i, r, s, n_p, n_q in [(2, 5, 9, 3, 16), (3, 17, 4, 8, 1), (1, 1, 7, 2, 2),
                               (2, 6, 25, 16, 3)]:
-        x = ints(rng, (i, r, s), dtype)
-        y, z = ints(rng, (i, r, n_p), dtype), ints(rng, (i, s, n_q), dtype)
+        x = ints(rng, (i, r, s + 3), dtype)[..., :s]
+        y, z = ints(rng, (i, r, n_p), dtype), ints(rng, (1, s, n_q), dtype)
+        p, q, fused = core.matmul_pair(x, y, True, False, [1], x, z, False, False, None)
+        assert fused == fuses(dtype, s, max(n_p, n_q), i * r, False), (i, r, s, n_p, n_q)
+        check_exact(p, np_reduce_to(ref(x, y, transpose_x=True), [1]))
+        check_exact(q, ref(x, z))
+        # The gradients of a plain batched product (X one dense block per output) run as
+        # two products, each slice of X shared in cache, not fused.
+        x, z = np.ascontiguousarray(x), ints(rng, (i, s, n_q), dtype)
         p, q, fused = core.matmul_pair(x, y, True, False, None, x, z, False, False, None)
-        assert fused == fuses(dtype, s, max(n_p, n_q))
+        assert not fused
         check_exact(p, ref(x, y, transpose_x=True))
         check_exact(q, ref(x, z))
     # Not a pair of that form: a product sharing nothing, a copy of X (another buffer),

@@ -466,7 +466,8 @@ void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* 
 // ---------------------------------------------------------------- fused gradient pairs
 namespace {
 
-constexpr int64_t kFusedPairMinFloatS = 20;  // see PlanFusedPair
+constexpr int64_t kFusedPairMinFloatS = 20;    // see PlanFusedPair
+constexpr int64_t kFusedPairMinNarrowR = 32;  // see PlanFusedPair
 
 // One product of a pair seen from the operand X it shares with the other: X's free axis
 // (kept in C) and reduced axis (summed over), the other operand O, and C.
@@ -572,6 +573,22 @@ bool PlanFusedPair(DType dtype, const GemmPlan& p0, const void* a0, const void* 
       // 0.68-0.71× at S = 4-8 with B = 300, where staging each output costs more than its
       // work; float64 0.89-1.16×.
       if (dtype == DType::kDouble || (dtype == DType::kFloat && P.free < kFusedPairMinFloatS)) {
+        return false;
+      }
+      // X one dense block [R, S] per output (its rows S apart: the gradients of a plain
+      // batched product, R = one matrix's rows, as [B, M, 1] · [B, 1, N]): the executor's
+      // pair loop already runs both products on each slice of X while it is in cache, and
+      // staging per output only costs. float16 [B, M, 1] · [B, 1, 32], M = 1-128, took
+      // 1.2-20× as long fused (same A/B, 2026-12-04), and the sweep's 16-bit
+      // forward+backward there fell from 1.3-7.1× to 0.48-0.66× tf.matmul. Fusing pays
+      // where X's rows are batch rows far apart, as in every broadcast weight's gradient.
+      if (P.x_red == P.free || P.red <= 1) return false;
+      // 16-bit rows of one or two elements need enough rows of X to pay for staging each
+      // output (capsule-form A/B, float16, S = 32 and 160, one thread, 2026-12-04): n = 1
+      // 0.26-0.72× at R = 4-8, 0.90-1.00× at 16, 1.16-1.60× from 32; n = 2 0.55-0.85× at
+      // R = 4-8, 1.14-1.34× at 16; n = 4 1.14-1.20× already at R = 4. (float32, which
+      // only fuses from S = 20, gains 1.7-2.1× at n = 1 from R = 8.)
+      if (dtype != DType::kFloat && std::max(P.n, Q.n) <= 2 && P.red < kFusedPairMinNarrowR) {
         return false;
       }
       FusedPair f;
