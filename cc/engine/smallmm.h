@@ -169,7 +169,8 @@ struct FusedPair {
 
 // Whether the two products (plans as PlanBatchMatMul gives them, before the CPU folds,
 // with their operands a_i, b_i) are such a pair with n_p, n_q <= kFusedPairMaxN, of a dtype
-// and size where fusing was measured to pay (float16 and bfloat16; float32 from S = 20), and
+// and size where fusing was measured to pay (float16 and bfloat16; float32 from S = 20; X's
+// rows far apart, not one dense [R, S] block; 16-bit rows of 1-2 elements from R = 32), and
 // if so the description RunFusedPair runs (a batch axis that a
 // product sums over, or that the other operand is broadcast along, joins R when its
 // strides run on evenly, as a batch of gradients reads them).
