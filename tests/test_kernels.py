@@ -501,6 +501,37 @@ def test_one_strip_runs_every_shape(dtype, isa):
             core.set_one_strip_runs(True)
 
 
+# Products whose output rows span two strips run in blocks of 8 rows on the row kernel
+# (real, AVX-512, M >= 4): every M across its blocks (8, 4, then single rows), N across the
+# second strip's widths and one past it, K up to one past the stationary limit, B and Bᵀ,
+# A transposed or strided, with that path on and off.
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_two_strip_blocks_every_shape(dtype, isa):
+    rng = np.random.default_rng(28)
+    lanes = 64 // max(np.dtype(dtype).itemsize, 4)
+    cases = [(m, n, k) for m in (3, 4, 5, 8, 11, 12, 13, 16, 23)
+             for n in (lanes + 1, lanes + 3, 2 * lanes - 1, 2 * lanes, 2 * lanes + 1)
+             for k in (1, 5, 16, 17, 32, 33)]
+    for m, n, k in cases:
+        x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
+        xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+        yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+        xs = ints(rng, (2, m, 2 * k), dtype)[..., ::2]  # A's K stride 2
+        want, want_s = ref(x, y), ref(xs, y)
+        if isa == "avx512" and dtype == np.float32 and m >= 4 and n <= 32 and k <= 32:
+            assert core.kernel_for(x, y) == "stationary", (m, n, k)
+        try:
+            for on in (True, False):
+                core.set_one_strip_runs(on)
+                check_exact(core.matmul(x, y), want)
+                check_exact(core.matmul(x, yt, transpose_y=True), want)
+                check_exact(core.matmul(xt, y, transpose_x=True), want)
+                check_exact(core.matmul(xs, y), want_s)
+        finally:
+            core.set_one_strip_runs(True)
+
+
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))
 def test_complex_stationary_kernels_conjugate(flags):
     # Complex strips hold (re, im) pairs and a copy turned by 90°; conjugation of either

@@ -381,6 +381,18 @@ constexpr int kRowKernelMaxFewRows = kVecBytes == 64 ? 3 : 0;
 // Elements per strip.
 template <DType D>
 constexpr int kStripLanes = kVecBytes / sizeof(typename Traits<D>::R) / kScalars<D>;
+// BlockRun's products: N of two strips (kStripLanes < N <= 2·kStripLanes), at least half a
+// block of rows (fewer wait on their few FMA chains, where the general path splits each
+// column's sum in four), real types, AVX-512 (where it was measured).
+constexpr int kBlockStrips = 2;
+constexpr int kBlockRows = 8;
+template <DType D>
+constexpr bool kBlockRun = !Traits<D>::kComplex && kVecBytes == 64;
+template <DType D>
+inline bool TwoStripBlocks(const GemmPlan& p) {
+  return kBlockRun<D> && OneStripRuns() && p.n > kStripLanes<D> &&
+         p.n <= kBlockStrips * kStripLanes<D> && p.m >= kBlockRows / 2;
+}
 inline bool ColumnKernelFits(const GemmPlan& p) {
   return p.c_rs == 1 && p.n >= kStationaryMinStreamed && p.m >= kStationaryMinStrip;
 }
@@ -388,8 +400,8 @@ template <DType D>
 inline bool RowKernelFits(const GemmPlan& p) {
   const bool many_rows = p.m >= kStationaryMinStreamed || p.m <= kRowKernelMaxFewRows;
   const bool one_strip = p.n >= kRowKernelMinN && p.n <= kStripLanes<D>;
-  return p.c_cs == 1 &&
-         ((many_rows && p.n >= kStationaryMinStrip) || one_strip || Traits<D>::kComplex);
+  return p.c_cs == 1 && ((many_rows && p.n >= kStationaryMinStrip) || one_strip ||
+                         TwoStripBlocks<D>(p) || Traits<D>::kComplex);
 }
 
 template <DType D>
@@ -446,6 +458,86 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
   }
 }
 
+// Rows i..i+R-1 of one product against S strips held in memory (s[q][l]: strip q's
+// vector for k step l; the last strip `last` lanes wide): R·S accumulators, and each k step
+// loads the S strip vectors and one element of each row, each element feeding S FMAs.
+template <int R, int S, bool kUnit, DType D, int W, int K>
+__attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
+                                                     const StorageOf<D>* a, int64_t ars,
+                                                     int64_t acs, void* c, int64_t co,
+                                                     int64_t crs, int last, bool stream) {
+  using V = AccVec<D, W>;
+  const int64_t ls = kUnit ? 1 : acs;
+  V acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
+#pragma GCC unroll 2
+  for (int l = 0; l < K; ++l) {
+    V v[S];
+#pragma GCC unroll 4
+    for (int q = 0; q < S; ++q) v[q] = s[q][l];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const auto x = Traits<D>::Load(a + r * ars, l * ls);
+#pragma GCC unroll 4
+      for (int q = 0; q < S; ++q) acc[r][q] += v[q] * x;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q + 1 < S; ++q) PutLanes<D, W, false>(c, co + r * crs + q * W, acc[r][q], stream, W);
+    if (last == W) {
+      PutLanes<D, W, false>(c, co + r * crs + (S - 1) * W, acc[r][S - 1], stream, W);
+    } else {
+      PutLanes<D, W, true>(c, co + r * crs + (S - 1) * W, acc[r][S - 1], stream, last);
+    }
+  }
+}
+
+// The row kernel for products whose output rows span two strips (17-32 floats or 16-bit
+// elements with AVX-512, 9-16 doubles), K up to kStationaryMaxK, real types. Per product,
+// B's K rows are loaded once into two strips in L1 (LoadStrip: in place or transposed),
+// then A's rows go past them kBlockRows at a time: each k step loads the two strip vectors
+// and one element of each row, and each element feeds two FMAs (16 accumulators). The
+// general path runs each strip past all of A's rows on its own: one broadcast load (and,
+// for 16-bit types, one conversion) per FMA, and a strip of K registers that spills from
+// K = 28. Paired in one process against it (2026-12-04, Xeon AVX-512, 2 threads, the TF op
+// in tf.function, ~2M elements per operand, 15-25 rounds in shuffled order): float32 32³
+// 1.03×, 20³ 1.05×, 24³ 1.01×, 32×16·16×32 1.07×, 8×32·32×32 1.03×; float16 and bfloat16
+// 1.19-1.29× (32³, 20³, 8×24·24×24, 32×16·16×24); float64 (N = 12, 16) level.
+template <DType D, int W, int K, bool kUnit>
+void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
+              int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream) {
+  constexpr int S = kBlockStrips, R = kBlockRows;
+  const int last = int(p.n - (S - 1) * W);
+  const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
+  const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
+  for (int64_t t = 0; t < count; ++t, ap += sa, co += sc) {
+    AccVec<D, W> s[S][K];
+#pragma GCC unroll 4
+    for (int q = 0; q + 1 < S; ++q) {
+      LoadStrip<D, W, K, false>(Side{b, bo + t * sb + q * W * p.b_cs, p.b_cs, p.b_rs, false}, s[q],
+                                W);
+    }
+    LoadStrip<D, W, K, true>(Side{b, bo + t * sb + (S - 1) * W * p.b_cs, p.b_cs, p.b_rs, false},
+                             s[S - 1], last);
+    int64_t i = 0;
+    for (; i + R <= m; i += R) {
+      BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+    }
+    if (i + R / 2 <= m) {
+      BlockRows<R / 2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                          stream);
+      i += R / 2;
+    }
+    if (i + R / 4 <= m) {
+      BlockRows<R / 4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                          stream);
+      i += R / 4;
+    }
+    if (i < m) BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+  }
+}
+
 // The largest K and M of OneStripRun. Paired in one process against the general path
 // (2026-12-03, Xeon AVX-512, one thread, _smallmm_core.matmul with set_one_strip_runs,
 // 300K and 8M elements per operand, B and Bᵀ, 7-11 rounds), float32: 5×5×5 1.7-2.4×
@@ -477,6 +569,14 @@ bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
          (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
 }
 
+// Whether BlockRun computes the plan's products: TwoStripBlocks, the row kernel, A's rows
+// near each other and B read along rows or (transposed) columns, as in OneStripFits.
+template <DType D>
+bool BlockFits(const GemmPlan& p, bool col) {
+  return TwoStripBlocks<D>(p) && !col && p.c_cs == 1 && NearStride(p.a_rs) &&
+         (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
+}
+
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
 // round (a vector at a time, to nearest even).
 template <DType D, int K>
@@ -500,11 +600,18 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const int64_t next_vs = col ? p.b_cs : p.a_rs, next_ls = col ? p.b_rs : p.a_cs;
   // Products t0 .. t0+n-1 into out, the first at offset oo.
   const bool one_strip = OneStripFits<D, K>(p, col, stream);
+  const bool block = BlockFits<D>(p, col);
   auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
     if constexpr (kOneStrip<D, K>) {
       if (one_strip) {
         auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n);
+      }
+    }
+    if constexpr (kBlockRun<D>) {
+      if (block) {
+        auto* fn = p.a_cs == 1 ? &BlockRun<D, VL, K, true> : &BlockRun<D, VL, K, false>;
+        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream);
       }
     }
     Side sa_{a, ao + t0 * sa, p.a_rs, p.a_cs, p.conj_a};
