@@ -503,7 +503,11 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // K = 28. Paired in one process against it (2026-12-04, Xeon AVX-512, 2 threads, the TF op
 // in tf.function, ~2M elements per operand, 15-25 rounds in shuffled order): float32 32³
 // 1.03×, 20³ 1.05×, 24³ 1.01×, 32×16·16×32 1.07×, 8×32·32×32 1.03×; float16 and bfloat16
-// 1.19-1.29× (32³, 20³, 8×24·24×24, 32×16·16×24); float64 (N = 12, 16) level.
+// 1.19-1.29× (32³, 20³, 8×24·24×24, 32×16·16×24); float64 (N = 12, 16) level. M = 4-7
+// went to the packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against
+// them (same day, one thread, _smallmm_core.matmul with set_one_strip_runs, in cache):
+// float32 5×32·32×32 2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 4×32·32×32 1.05×; float16
+// 3.3-6.6×.
 template <DType D, int W, int K, bool kUnit>
 void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
               int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream) {
