@@ -501,17 +501,18 @@ def test_one_strip_runs_every_shape(dtype, isa):
             core.set_one_strip_runs(True)
 
 
-# Products whose output rows span two strips run in blocks of 8 rows on the row kernel
-# (real, AVX-512, M >= 4): every M across its blocks (8, 4, then single rows), N across the
-# second strip's widths and one past it, K up to one past the stationary limit, B and Bᵀ,
+# Products whose output rows span two to four strips run in blocks of rows on the row kernel
+# (real, AVX-512, M >= 4): every M across its blocks (8 or 4, then 2 and 1 rows), N across
+# the strips' widths and one past the fourth, K up to one past the stationary limit, B and Bᵀ,
 # A transposed or strided, with that path on and off.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_two_strip_blocks_every_shape(dtype, isa):
+def test_strip_blocks_every_shape(dtype, isa):
     rng = np.random.default_rng(28)
     lanes = 64 // max(np.dtype(dtype).itemsize, 4)
     cases = [(m, n, k) for m in (3, 4, 5, 8, 11, 12, 13, 16, 23)
-             for n in (lanes + 1, lanes + 3, 2 * lanes - 1, 2 * lanes, 2 * lanes + 1)
+             for n in (lanes + 1, lanes + 3, 2 * lanes, 2 * lanes + 1, 3 * lanes,
+                       4 * lanes - 1, 4 * lanes, 4 * lanes + 1)
              for k in (1, 5, 16, 17, 32, 33)]
     for m, n, k in cases:
         x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
@@ -519,7 +520,7 @@ def test_two_strip_blocks_every_shape(dtype, isa):
         yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
         xs = ints(rng, (2, m, 2 * k), dtype)[..., ::2]  # A's K stride 2
         want, want_s = ref(x, y), ref(xs, y)
-        if isa == "avx512" and dtype == np.float32 and m >= 4 and n <= 32 and k <= 32:
+        if isa == "avx512" and dtype == np.float32 and m >= 4 and n <= 64 and k <= 32:
             assert core.kernel_for(x, y) == "stationary", (m, n, k)
         try:
             for on in (True, False):

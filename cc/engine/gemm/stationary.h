@@ -381,17 +381,16 @@ constexpr int kRowKernelMaxFewRows = kVecBytes == 64 ? 3 : 0;
 // Elements per strip.
 template <DType D>
 constexpr int kStripLanes = kVecBytes / sizeof(typename Traits<D>::R) / kScalars<D>;
-// BlockRun's products: N of two strips (kStripLanes < N <= 2·kStripLanes), at least half a
-// block of rows (fewer wait on their few FMA chains, where the general path splits each
-// column's sum in four), real types, AVX-512 (where it was measured).
-constexpr int kBlockStrips = 2;
-constexpr int kBlockRows = 8;
+// BlockRun's products: N of two to four strips (17-64 floats or 16-bit elements, 9-32
+// doubles), at least 4 rows (fewer wait on their few FMA chains, where the general path
+// splits each column's sum in four), real types, AVX-512 (where it was measured).
+constexpr int kBlockStrips = 4;
 template <DType D>
 constexpr bool kBlockRun = !Traits<D>::kComplex && kVecBytes == 64;
 template <DType D>
-inline bool TwoStripBlocks(const GemmPlan& p) {
+inline bool StripBlocks(const GemmPlan& p) {
   return kBlockRun<D> && OneStripRuns() && p.n > kStripLanes<D> &&
-         p.n <= kBlockStrips * kStripLanes<D> && p.m >= kBlockRows / 2;
+         p.n <= kBlockStrips * kStripLanes<D> && p.m >= 4;
 }
 inline bool ColumnKernelFits(const GemmPlan& p) {
   return p.c_rs == 1 && p.n >= kStationaryMinStreamed && p.m >= kStationaryMinStrip;
@@ -401,7 +400,7 @@ inline bool RowKernelFits(const GemmPlan& p) {
   const bool many_rows = p.m >= kStationaryMinStreamed || p.m <= kRowKernelMaxFewRows;
   const bool one_strip = p.n >= kRowKernelMinN && p.n <= kStripLanes<D>;
   return p.c_cs == 1 && ((many_rows && p.n >= kStationaryMinStrip) || one_strip ||
-                         TwoStripBlocks<D>(p) || Traits<D>::kComplex);
+                         StripBlocks<D>(p) || Traits<D>::kComplex);
 }
 
 template <DType D>
@@ -493,25 +492,26 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
   }
 }
 
-// The row kernel for products whose output rows span two strips (17-32 floats or 16-bit
-// elements with AVX-512, 9-16 doubles), K up to kStationaryMaxK, real types. Per product,
-// B's K rows are loaded once into two strips in L1 (LoadStrip: in place or transposed),
-// then A's rows go past them kBlockRows at a time: each k step loads the two strip vectors
-// and one element of each row, and each element feeds two FMAs (16 accumulators). The
-// general path runs each strip past all of A's rows on its own: one broadcast load (and,
-// for 16-bit types, one conversion) per FMA, and a strip of K registers that spills from
-// K = 28. Paired in one process against it (2026-12-04, Xeon AVX-512, 2 threads, the TF op
-// in tf.function, ~2M elements per operand, 15-25 rounds in shuffled order): float32 32³
-// 1.03×, 20³ 1.05×, 24³ 1.01×, 32×16·16×32 1.07×, 8×32·32×32 1.03×; float16 and bfloat16
-// 1.19-1.29× (32³, 20³, 8×24·24×24, 32×16·16×24); float64 (N = 12, 16) level. M = 4-7
-// went to the packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against
-// them (same day, one thread, _smallmm_core.matmul with set_one_strip_runs, in cache):
-// float32 5×32·32×32 2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 4×32·32×32 1.05×; float16
-// 3.3-6.6×.
-template <DType D, int W, int K, bool kUnit>
+// The row kernel for products whose output rows span two to four strips (StripBlocks), K up
+// to kStationaryMaxK. Per product, B's K rows are loaded once into S strips in L1
+// (LoadStrip: in place or transposed), then A's rows go past them 8 (S = 2) or 4 at a time:
+// each k step loads the S strip vectors and one element of each row, and each element feeds
+// S FMAs (12-16 accumulators). The general path runs each strip past all of A's rows on its
+// own: one broadcast load (and, for 16-bit types, one conversion) per FMA, and a strip of K
+// registers that spills from K = 28. Paired in one process against it (2026-12-04, Xeon
+// AVX-512, 2 threads, the TF op in tf.function, ~2M elements per operand, 15-25 rounds in
+// shuffled order): float32 32³ 1.03×, 20³ 1.05×, 24³ 1.01×, 32×16·16×32 1.07×, 8×32·32×32
+// 1.03×; float16 and bfloat16 1.19-1.29× (32³, 20³, 8×24·24×24, 32×16·16×24); float64
+// (N = 12, 16) level. One thread, in cache (_smallmm_core.matmul with set_one_strip_runs):
+// float32 8×8·8×64 1.33×, 8×8·8×48 1.64×, 64×8·8×64 1.42×, 16×16·16×64 1.19×, 32×32·32×64
+// 1.08×, 12×24·24×36 1.14×; float16 8×8·8×64 2.4×, 32×32·32×64 2.6×. M = 4-7 went to the
+// packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against them (same
+// timing): float32 5×32·32×32 1.7-2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 5×16·16×40 2.0×,
+// 4×32·32×32 1.05×; float16 3.3-6.6×.
+template <DType D, int W, int S, int K, bool kUnit>
 void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
               int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream) {
-  constexpr int S = kBlockStrips, R = kBlockRows;
+  constexpr int R = S == 2 ? 8 : 4;  // rows per block: 16 or 12-16 accumulators
   const int last = int(p.n - (S - 1) * W);
   const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
   const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
@@ -528,15 +528,16 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
     for (; i + R <= m; i += R) {
       BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
     }
-    if (i + R / 2 <= m) {
-      BlockRows<R / 2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                          stream);
-      i += R / 2;
+    if constexpr (R > 4) {
+      if (i + 4 <= m) {
+        BlockRows<4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                        stream);
+        i += 4;
+      }
     }
-    if (i + R / 4 <= m) {
-      BlockRows<R / 4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                          stream);
-      i += R / 4;
+    if (i + 2 <= m) {
+      BlockRows<2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+      i += 2;
     }
     if (i < m) BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
   }
@@ -573,11 +574,11 @@ bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
          (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
 }
 
-// Whether BlockRun computes the plan's products: TwoStripBlocks, the row kernel, A's rows
+// Whether BlockRun computes the plan's products: StripBlocks, the row kernel, A's rows
 // near each other and B read along rows or (transposed) columns, as in OneStripFits.
 template <DType D>
 bool BlockFits(const GemmPlan& p, bool col) {
-  return TwoStripBlocks<D>(p) && !col && p.c_cs == 1 && NearStride(p.a_rs) &&
+  return StripBlocks<D>(p) && !col && p.c_cs == 1 && NearStride(p.a_rs) &&
          (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
 }
 
@@ -614,7 +615,13 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     }
     if constexpr (kBlockRun<D>) {
       if (block) {
-        auto* fn = p.a_cs == 1 ? &BlockRun<D, VL, K, true> : &BlockRun<D, VL, K, false>;
+        const int strips = int((p.n + VL - 1) / VL);
+        auto* fn = strips == 2   ? (p.a_cs == 1 ? &BlockRun<D, VL, 2, K, true>
+                                                : &BlockRun<D, VL, 2, K, false>)
+                   : strips == 3 ? (p.a_cs == 1 ? &BlockRun<D, VL, 3, K, true>
+                                                : &BlockRun<D, VL, 3, K, false>)
+                                 : (p.a_cs == 1 ? &BlockRun<D, VL, 4, K, true>
+                                                : &BlockRun<D, VL, 4, K, false>);
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream);
       }
     }
