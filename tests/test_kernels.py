@@ -471,24 +471,17 @@ def test_strips_transposed_in_registers(dtype, isa):
         check_exact(core.matmul(x, y, transpose_y=True), ref(x, y, False, False, True, False))
 
 
-# Products whose output rows fit one strip run straight through on the row kernel (real,
-# K <= 16, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
-# one past a strip, B and Bᵀ, A transposed or strided, with that path on and off.
-@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
-                         ids=lambda d: np.dtype(d).name)
-def test_one_strip_runs_every_shape(dtype, isa):
-    rng = np.random.default_rng(27)
-    lanes = 64 // max(np.dtype(dtype).itemsize, 4)
-    cases = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 23, 64, 65)
-             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1)
-             for k in (1, 3, 5, 8, 9, 12, 16, 17)]
+def check_straight_runs(rng, cases, dtype, on_stationary):
+    """Each (m, n, k) of `cases` against float64 with the straight-through row runs on and
+    off: B and Bᵀ, A transposed and with K stride 2. on_stationary(m, n, k): whether the
+    product must be on the stationary family."""
     for m, n, k in cases:
         x, y = ints(rng, (3, m, k), dtype), ints(rng, (3, k, n), dtype)
         xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
         yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
         xs = ints(rng, (3, m, 2 * k), dtype)[..., ::2]  # A's K stride 2
         want, want_s = ref(x, y), ref(xs, y)
-        if isa == "avx512" and dtype == np.float32 and max(m, n, k) > 4 and n <= 16:
+        if on_stationary(m, n, k):
             assert core.kernel_for(x, y) == "stationary", (m, n, k)
         try:
             for on in (True, False):
@@ -499,6 +492,21 @@ def test_one_strip_runs_every_shape(dtype, isa):
                 check_exact(core.matmul(xs, y), want_s)
         finally:
             core.set_one_strip_runs(True)
+
+
+# Products whose output rows fit one strip run straight through on the row kernel (real,
+# K <= 16, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
+# one past a strip, B and Bᵀ, A transposed or strided, with that path on and off.
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_one_strip_runs_every_shape(dtype, isa):
+    lanes = 64 // max(np.dtype(dtype).itemsize, 4)
+    cases = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 23, 64, 65)
+             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1)
+             for k in (1, 3, 5, 8, 9, 12, 16, 17)]
+    check_straight_runs(
+        np.random.default_rng(27), cases, dtype,
+        lambda m, n, k: isa == "avx512" and dtype == np.float32 and max(m, n, k) > 4 and n <= 16)
 
 
 # Products whose output rows span two to four strips run in blocks of rows on the row kernel
@@ -508,29 +516,14 @@ def test_one_strip_runs_every_shape(dtype, isa):
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_strip_blocks_every_shape(dtype, isa):
-    rng = np.random.default_rng(28)
     lanes = 64 // max(np.dtype(dtype).itemsize, 4)
     cases = [(m, n, k) for m in (3, 4, 5, 8, 11, 12, 13, 16, 23)
              for n in (lanes + 1, lanes + 3, 2 * lanes, 2 * lanes + 1, 3 * lanes,
                        4 * lanes - 1, 4 * lanes, 4 * lanes + 1)
              for k in (1, 5, 16, 17, 32, 33)]
-    for m, n, k in cases:
-        x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n), dtype)
-        xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
-        yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
-        xs = ints(rng, (2, m, 2 * k), dtype)[..., ::2]  # A's K stride 2
-        want, want_s = ref(x, y), ref(xs, y)
-        if isa == "avx512" and dtype == np.float32 and m >= 4 and n <= 64 and k <= 32:
-            assert core.kernel_for(x, y) == "stationary", (m, n, k)
-        try:
-            for on in (True, False):
-                core.set_one_strip_runs(on)
-                check_exact(core.matmul(x, y), want)
-                check_exact(core.matmul(x, yt, transpose_y=True), want)
-                check_exact(core.matmul(xt, y, transpose_x=True), want)
-                check_exact(core.matmul(xs, y), want_s)
-        finally:
-            core.set_one_strip_runs(True)
+    check_straight_runs(
+        np.random.default_rng(28), cases, dtype,
+        lambda m, n, k: isa == "avx512" and dtype == np.float32 and m >= 4 and n <= 64 and k <= 32)
 
 
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))

@@ -210,10 +210,9 @@ bool SetIsa(const std::string& name);
 void SetOutputStaging(bool on);
 bool OutputStaging();
 
-// Whether the row kernel runs products whose output rows each fit one or two strips
+// Whether the row kernel runs products whose output rows each fit one to four strips
 // straight through, one product after another (gemm/stationary.h OneStripRun, BlockRun).
-// On by default;
-// switched off for A/B timing and tests.
+// On by default; switched off for A/B timing and tests.
 void SetOneStripRuns(bool on);
 bool OneStripRuns();
 

@@ -236,8 +236,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("set_fused_pairs", &smallmm::SetFusedPairs, py::arg("on"),
         "Whether gradient pairs of the fused form run fused (on by default): for A/B timing.");
   m.def("set_one_strip_runs", &smallmm::SetOneStripRuns, py::arg("on"),
-        "Run products whose output rows fit one or two strips straight through (the default) or "
-        "through the strip layers: for A/B timing and tests.");
+        "Run products whose output rows fit one to four strips straight through (the "
+        "default) or through the strip layers: for A/B timing and tests.");
   py::tuple dtype_names(smallmm::kNumDTypes);
   for (int i = 0; i < smallmm::kNumDTypes; ++i) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));

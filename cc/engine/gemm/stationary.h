@@ -563,23 +563,28 @@ constexpr int64_t kOneStripMaxRows = 64;
 template <DType D, int K>
 constexpr bool kOneStrip = !Traits<D>::kComplex && K <= kOneStripMaxK;
 
-// Whether OneStripRun computes the plan's products (the row kernel, not streaming store by
-// store): real, K and M short, N within one strip, B read along rows or (transposed)
-// columns, A's rows near each other (far ones are prefetched by the general path).
-template <DType D, int K>
-bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
-  return kOneStrip<D, K> && !col && !stream && OneStripRuns() &&
-         p.c_cs == 1 && p.n <= kStripLanes<D> && p.m <= kOneStripMaxRows &&
-         NearStride(p.a_rs) &&
+// Whether the row kernel can run the plan's products straight through, one after another
+// (OneStripRun, BlockRun): A's rows near each other (far ones are prefetched by the general
+// path) and B read along rows or (transposed) columns, which LoadStrip reads in place or
+// transposes in registers.
+template <DType D>
+bool StraightThrough(const GemmPlan& p, bool col) {
+  return !col && OneStripRuns() && p.c_cs == 1 && NearStride(p.a_rs) &&
          (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
 }
 
-// Whether BlockRun computes the plan's products: StripBlocks, the row kernel, A's rows
-// near each other and B read along rows or (transposed) columns, as in OneStripFits.
+// Whether OneStripRun computes the plan's products: real, K and M short, N within one
+// strip, not streaming store by store.
+template <DType D, int K>
+bool OneStripFits(const GemmPlan& p, bool col, bool stream) {
+  return kOneStrip<D, K> && !stream && p.n <= kStripLanes<D> && p.m <= kOneStripMaxRows &&
+         StraightThrough<D>(p, col);
+}
+
+// Whether BlockRun computes the plan's products (StripBlocks).
 template <DType D>
 bool BlockFits(const GemmPlan& p, bool col) {
-  return StripBlocks<D>(p) && !col && p.c_cs == 1 && NearStride(p.a_rs) &&
-         (p.b_cs == 1 || (kShuffleStrip<D, kStripLanes<D>> && p.b_rs == 1));
+  return StripBlocks<D>(p) && StraightThrough<D>(p, col);
 }
 
 // float16 / bfloat16 accumulate in float32 like every other kernel: loads widen, stores
