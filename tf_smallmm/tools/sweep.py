@@ -2,7 +2,7 @@
 a grid of small products, as a new user would call them.
 
 Each case times our function and the built-in in the same process, paired and interleaved:
-every round times both back to back (the order alternating between rounds), and the case's
+every round times both back to back (in an order shuffled each round), and the case's
 figure is the median over rounds of the built-in's time / ours (above 1: ours is faster).
 Both sides run in tf.function, forward (y = f(a, b)) and forward+backward (y and the
 gradients for a and b, from tf.GradientTape.gradient with a fixed upstream gradient: no
@@ -469,18 +469,20 @@ def machine():
 
 def interleaved(fns, rounds, seconds=None):
     """Per-round seconds per call of each argument-less fn in `fns`, after two warm-up
-    calls each: each round times all of them back to back, the order rotating, so slow
-    phases of a shared machine hit every side of a ratio alike. Each timing repeats its fn
-    for about `seconds` (default TIMING_S; 0: one call)."""
+    calls each: each round times all of them back to back, so slow phases of a shared
+    machine hit every side of a ratio alike. The order is shuffled each round (seeded):
+    what ran just before decides how much of an operand is still cached, and a rotating
+    order would keep each fn behind the same neighbour. Each timing repeats its fn for
+    about `seconds` (default TIMING_S; 0: one call)."""
     for _ in range(2):
         for fn in fns:
             fn()
     one = max(max(_seconds(fn, (), 1) for fn in fns), 1e-7)
     reps = max(1, int((TIMING_S if seconds is None else seconds) / one))
     times = [[] for _ in fns]
-    for r in range(rounds):
-        for i in range(len(fns)):
-            k = (i + r) % len(fns)
+    order = np.random.default_rng(len(fns))
+    for _ in range(rounds):
+        for k in order.permutation(len(fns)):
             times[k].append(_seconds(fns[k], (), reps))
     return [np.array(t) for t in times]
 
@@ -562,7 +564,7 @@ def markdown(rows, controls, roof, args, seconds, image):
         "",
         ("Each figure is the built-in's time / ours (above 1: ours is faster): the median "
          "over rounds of paired, interleaved timings in one process (each round times both "
-         "sides back to back, the order alternating), both sides in tf.function; "
+         "sides back to back, in an order shuffled each round), both sides in tf.function; "
          "forward = y, forward+backward = y and the gradients for both inputs from "
          "GradientTape.gradient with a fixed upstream gradient. Eager cases call both sides "
          "directly. 'path' is what our side ran: SmallMM, the built-in (the dispatch model's "
