@@ -216,6 +216,11 @@ bool OutputStaging();
 void SetOneStripRuns(bool on);
 bool OneStripRuns();
 
+// Whether the stationary kernels prefetch along runs of products by software
+// (gemm/streaming.h RunAhead). On by default; switched off for A/B timing.
+void SetRunPrefetch(bool on);
+bool RunPrefetch();
+
 }  // namespace smallmm
 
 #endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

@@ -238,6 +238,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("set_one_strip_runs", &smallmm::SetOneStripRuns, py::arg("on"),
         "Run products whose output rows fit one to four strips straight through (the "
         "default) or through the strip layers: for A/B timing and tests.");
+  m.def("set_run_prefetch", &smallmm::SetRunPrefetch, py::arg("on"),
+        "Prefetch along runs of products by software (the default) or not: for A/B timing.");
   py::tuple dtype_names(smallmm::kNumDTypes);
   for (int i = 0; i < smallmm::kNumDTypes; ++i) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));

@@ -439,21 +439,25 @@ __attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
 // (see kOneStripMaxK).
 template <DType D, int W, int K, bool kUnit>
 void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b,
-                 int64_t bo, int64_t sb, void* c, int64_t co, int64_t sc, int64_t count) {
+                 int64_t bo, int64_t sb, void* c, int64_t co, int64_t sc, int64_t count,
+                 RunAhead<D>& ahead) {
   const int n = int(p.n);
   const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
   const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
   StorageOf<D>* cp = static_cast<StorageOf<D>*>(c) + co;
   for (int64_t t = 0; t < count; ++t, ap += sa, cp += sc) {
+    ahead.Product(t);
     AccVec<D, W> s[K];
     LoadStrip<D, W, K, true>(Side{b, bo + t * sb, p.b_cs, p.b_rs, false}, s, n);
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
+      ahead.Step();
       OneStripRows<4, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
     }
     for (; i < m; ++i) {
       OneStripRows<1, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
     }
+    ahead.Flush();
   }
 }
 
@@ -464,12 +468,14 @@ template <int R, int S, bool kUnit, DType D, int W, int K>
 __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
                                                      const StorageOf<D>* a, int64_t ars,
                                                      int64_t acs, void* c, int64_t co,
-                                                     int64_t crs, int last, bool stream) {
+                                                     int64_t crs, int last, bool stream,
+                                                     RunAhead<D>& ahead) {
   using V = AccVec<D, W>;
   const int64_t ls = kUnit ? 1 : acs;
   V acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
 #pragma GCC unroll 2
   for (int l = 0; l < K; ++l) {
+    ahead.Step();
     V v[S];
 #pragma GCC unroll 4
     for (int q = 0; q < S; ++q) v[q] = s[q][l];
@@ -510,12 +516,14 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // 4×32·32×32 1.05×; float16 3.3-6.6×.
 template <DType D, int W, int S, int K, bool kUnit>
 void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
-              int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream) {
+              int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream,
+              RunAhead<D>& ahead) {
   constexpr int R = S == 2 ? 8 : 4;  // rows per block: 16 or 12-16 accumulators
   const int last = int(p.n - (S - 1) * W);
   const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
   const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
   for (int64_t t = 0; t < count; ++t, ap += sa, co += sc) {
+    ahead.Product(t);
     AccVec<D, W> s[S][K];
 #pragma GCC unroll 4
     for (int q = 0; q + 1 < S; ++q) {
@@ -526,20 +534,26 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
                              s[S - 1], last);
     int64_t i = 0;
     for (; i + R <= m; i += R) {
-      BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+      BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                      stream, ahead);
     }
     if constexpr (R > 4) {
       if (i + 4 <= m) {
         BlockRows<4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                        stream);
+                                        stream, ahead);
         i += 4;
       }
     }
     if (i + 2 <= m) {
-      BlockRows<2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+      BlockRows<2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                      stream, ahead);
       i += 2;
     }
-    if (i < m) BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last, stream);
+    if (i < m) {
+      BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                      stream, ahead);
+    }
+    ahead.Flush();
   }
 }
 
@@ -611,11 +625,18 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   // Products t0 .. t0+n-1 into out, the first at offset oo.
   const bool one_strip = OneStripFits<D, K>(p, col, stream);
   const bool block = BlockFits<D>(p, col);
+  constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
+  const bool ahead_on =
+      RunPrefetch() && uint64_t(p.output_elements) * kElementBytes >= kRunAheadMinOutputBytes;
   auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
+    // Prefetch along the range's products, their output lines too where stored in place
+    // (not streamed, not staged).
+    RunAhead<D> ahead(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, c, co + t0 * sc, sc,
+                      count - t0, ahead_on, !stream && out == c);
     if constexpr (kOneStrip<D, K>) {
       if (one_strip) {
         auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
-        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n);
+        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
       }
     }
     if constexpr (kBlockRun<D>) {
@@ -627,7 +648,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
                                                 : &BlockRun<D, VL, 3, K, false>)
                                  : (p.a_cs == 1 ? &BlockRun<D, VL, 4, K, true>
                                                 : &BlockRun<D, VL, 4, K, false>);
-        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream);
+        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream, ahead);
       }
     }
     Side sa_{a, ao + t0 * sa, p.a_rs, p.a_cs, p.conj_a};
@@ -635,6 +656,8 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     int64_t next_off = (col ? bo : ao) + (t0 + 1) * next_step;
     for (int64_t t = t0; t < t0 + n; ++t, oo += so, next_off += next_step) {
       if (t + 1 < count) PrefetchPanel<D>(next, next_off, next_count, p.k, next_vs, next_ls);
+      ahead.Product(t - t0);
+      ahead.Flush();
       if (col) {
         StationaryRows<D, VL, K>(sa_, sb_, out, oo, p.c_cs, p.m, p.n, stream);
       } else {
@@ -644,7 +667,6 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
       sb_.off += sb;
     }
   };
-  constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
   const int64_t product = p.m * p.n;  // products back to back, each one dense block
   if (!stream && OutputStaging() && count > 1 &&
       StreamOutput(uint64_t(p.output_elements) * kElementBytes, 64) &&
