@@ -187,9 +187,12 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
 // writing, unless the output is streamed (those are never read) or staged (the buffer is
 // in L1). Paired in one process against no prefetch (2026-12-04, Xeon AVX-512, 2 threads,
 // the TF op in tf.function, batched n×n float32 with ~8M elements per operand, 15 rounds in
-// shuffled order, run-time ×floor): n = 20 2.28 -> 1.80, 24 2.13 -> 1.77, 32 2.06 -> 1.68
-// (BlockRun); n = 5 1.86 -> 1.55-1.64, 8 1.81 -> 1.56-1.60, 12 1.74 -> 1.56-1.61
-// (OneStripRun). Prefetching the whole of the next products at their start was level.
+// shuffled order; time over the bandwidth floor of the same rounds): n = 20 2.47 -> 1.89,
+// 24 2.28 -> 1.85, 32 2.11 -> 1.67 (BlockRun); n = 5 2.11 -> 1.67, 8 1.84 -> 1.53, 12 1.77
+// -> 1.56 (OneStripRun); n = 16 1.55 -> 1.41 (the strip layers). Distances of 1 and 2
+// products at n = 20-32, and 1-4 KiB of A at n = 5-12, came out alike; prefetching to L2
+// instead of L1 too; prefetching C's lines for writing 1.03-1.05× more at n = 20, 24.
+// Prefetching the whole of the next products at their start was level.
 constexpr int64_t kRunAheadBytes = 4 << 10;
 // Only outputs this large: smaller runs are mostly in cache, where the prefetches cost
 // time and win none. Paired the same way, one thread (_smallmm_core.matmul with
