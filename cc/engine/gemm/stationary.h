@@ -468,14 +468,12 @@ template <int R, int S, bool kUnit, DType D, int W, int K>
 __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
                                                      const StorageOf<D>* a, int64_t ars,
                                                      int64_t acs, void* c, int64_t co,
-                                                     int64_t crs, int last, bool stream,
-                                                     RunAhead<D>& ahead) {
+                                                     int64_t crs, int last, bool stream) {
   using V = AccVec<D, W>;
   const int64_t ls = kUnit ? 1 : acs;
   V acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
 #pragma GCC unroll 2
   for (int l = 0; l < K; ++l) {
-    ahead.Step();
     V v[S];
 #pragma GCC unroll 4
     for (int q = 0; q < S; ++q) v[q] = s[q][l];
@@ -534,24 +532,26 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
                              s[S - 1], last);
     int64_t i = 0;
     for (; i + R <= m; i += R) {
+      ahead.Upto(i + R, m);
       BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream, ahead);
+                                      stream);
     }
     if constexpr (R > 4) {
       if (i + 4 <= m) {
+        ahead.Upto(i + 4, m);
         BlockRows<4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                        stream, ahead);
+                                        stream);
         i += 4;
       }
     }
     if (i + 2 <= m) {
       BlockRows<2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream, ahead);
+                                      stream);
       i += 2;
     }
     if (i < m) {
       BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream, ahead);
+                                      stream);
     }
     ahead.Flush();
   }

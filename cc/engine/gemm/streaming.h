@@ -89,7 +89,9 @@ constexpr int64_t kStageBytes = 8 << 10;
 // staged; n = 20..24, whose products are bound by arithmetic rather than memory,
 // 0.97-1.01× (n = 16 and 32 stream store by store). n = 5..7 were level too (0.98-1.02×)
 // until their products ran straight through (stationary.h OneStripRun); since, with the
-// same timing, 1.03× (n = 5, 6) and 1.05× (n = 7).
+// same timing, 1.03× (n = 5, 6) and 1.05× (n = 7). n = 20 and 24 again with RunAhead
+// (2026-12-04, 2 threads, the TF op, 15 shuffled rounds against the floor): 0.96× (1.70
+// and 1.75× the floor staged, 1.63 and 1.69× not), so they are still not staged.
 inline bool StageFits(int64_t product_bytes) {
   return product_bytes >= 64 && product_bytes <= 1024;
 }
@@ -181,9 +183,15 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
 // three streams far enough ahead: its loads missed and the FMAs waited, so memory and
 // arithmetic took turns instead of overlapping. RunAhead keeps one cursor per stream that
 // runs kRunAheadBytes (of A, B and C together) ahead of the product being computed,
-// issuing one line per stream per Step() (the kernels step once per k, which spreads the
-// lines over the product: a burst of 50 prefetches at once fills the line-fill buffers and
-// stalls the loads behind them) and the rest at Flush(). Output lines are prefetched for
+// spreading the lines over the product (a burst of 50 prefetches at once fills the
+// line-fill buffers and stalls the loads behind them) and issuing the rest at Flush():
+// OneStripRun issues one line per stream per block of 4 rows (Step()); BlockRun, before
+// each block of rows, the lines due in proportion to the rows done (Upto()). BlockRun
+// stepped once per k at first: the cursor checks in its inner loop cost it 9-12% in cache
+// at n = 20-32, and Upto() was 1.03-1.17× faster (one thread, out of cache) than that and
+// 1.07-1.12× in cache (a C++ harness of BlockRun, 2026-12-04, Xeon AVX-512, float32 n×n,
+// 200 and 8M/n² products). In OneStripRun, whose products are a few dozen FMAs, Upto()'s
+// divisions cost 1-8% against Step() (n = 5-12, same harness). Output lines are prefetched for
 // writing, unless the output is streamed (those are never read) or staged (the buffer is
 // in L1). Paired in one process against no prefetch (2026-12-04, Xeon AVX-512, 2 threads,
 // the TF op in tf.function, batched n×n float32 with ~8M elements per operand, 15 rounds in
@@ -238,6 +246,13 @@ class RunAhead {
     Line<1>();
     Line<2>();
   }
+  // The lines due once `done` of the product's `total` rows are computed: each stream's
+  // cursor goes that fraction of the way to its target.
+  void Upto(int64_t done, int64_t total) {
+    Due<0>(done, total);
+    Due<1>(done, total);
+    Due<2>(done, total);
+  }
   // Every line up to the cursors' targets.
   void Flush() {
     while (next_[0] < end_[0]) Line<0>();
@@ -263,6 +278,12 @@ class RunAhead {
     if (next_[J] >= end_[J]) return;
     __builtin_prefetch(reinterpret_cast<const char*>(next_[J]), J == 2 ? 1 : 0, 3);
     next_[J] += 64;
+  }
+  template <int J>
+  void Due(int64_t done, int64_t total) {
+    if (next_[J] >= end_[J]) return;
+    const uintptr_t due = end_[J] - uintptr_t(span_[J] * (total - done) / total);
+    while (next_[J] < due) Line<J>();
   }
 
   int64_t avail_, ahead_ = 0;
