@@ -5,6 +5,15 @@
 // rows of Y) stream past. X (16 KiB at a time), Y and Z are staged as rows of the
 // accumulation type (Y and Z padded to a vector) once per output, so the inner loop does no
 // conversions and no partial loads. Included only by gemm_isa.cc (compiled once per ISA).
+// The capsule's pair (X = g[:, i]: 50 rows of 160, n = 8) takes ~3.7 µs per output in cache
+// (AVX-512 float32, one thread), a third of it staging X, and ~1.2-1.7× that out of cache.
+// Timed against it and not kept (2026-12-04, Xeon, a C++ harness of RunPair, in and out of
+// cache, one and two processes): rows of 8 floats paired lane-interleaved into full 16-lane
+// vectors, a 2×2 tile of X per four FMAs from a row-interleaved second copy of X (half the
+// FMAs, but 1.2-1.25× slower: the second copy doubled the staging, and its blocks ran at
+// ~55% of the FMA peak on passes of 12 row pairs); the next output's X lines spread over
+// this output's blocks instead of issued while staging; the next output's rows of Y and Q
+// prefetched too. The last two came out level.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
 
