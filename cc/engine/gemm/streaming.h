@@ -188,19 +188,21 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
 // OneStripRun issues one line per stream per block of 4 rows (Step()); BlockRun, before
 // each block of rows, the lines due in proportion to the rows done (Upto()). BlockRun
 // stepped once per k at first: the cursor checks in its inner loop cost it 9-12% in cache
-// at n = 20-32, and Upto() was 1.03-1.17× faster (one thread, out of cache) than that and
-// 1.07-1.12× in cache (a C++ harness of BlockRun, 2026-12-04, Xeon AVX-512, float32 n×n,
-// 200 and 8M/n² products). In OneStripRun, whose products are a few dozen FMAs, Upto()'s
-// divisions cost 1-8% against Step() (n = 5-12, same harness). Output lines are prefetched for
-// writing, unless the output is streamed (those are never read) or staged (the buffer is
-// in L1). Paired in one process against no prefetch (2026-12-04, Xeon AVX-512, 2 threads,
-// the TF op in tf.function, batched n×n float32 with ~8M elements per operand, 15 rounds in
-// shuffled order; time over the bandwidth floor of the same rounds): n = 20 2.47 -> 1.89,
-// 24 2.28 -> 1.85, 32 2.11 -> 1.67 (BlockRun); n = 5 2.11 -> 1.67, 8 1.84 -> 1.53, 12 1.77
-// -> 1.56 (OneStripRun); n = 16 1.55 -> 1.41 (the strip layers). Distances of 1 and 2
-// products at n = 20-32, and 1-4 KiB of A at n = 5-12, came out alike; prefetching to L2
-// instead of L1 too; prefetching C's lines for writing 1.03-1.05× more at n = 20, 24.
-// Prefetching the whole of the next products at their start was level.
+// at n = 20-32. Upto() against that: 1.05-1.14× faster in cache and 1.02-1.17× out of cache
+// (a C++ harness of BlockRun, 2026-12-04, Xeon AVX-512, one thread, float32 n×n, 200 and
+// 8M/n² products); the TF op (2 threads, 8M elements, 21 shuffled rounds against the
+// floor) 1.03-1.07× at n = 20, 24, level at 32. In OneStripRun, whose products are a few
+// dozen FMAs, Upto()'s divisions cost 1-8% against Step() (n = 5-12, same harness). Output
+// lines are prefetched for writing, unless the output is streamed (those are never read)
+// or staged (the buffer is in L1). Paired in one process against no prefetch (2026-12-04,
+// Xeon AVX-512, 2 threads, the TF op in tf.function, batched n×n float32 with ~8M elements
+// per operand, 15 rounds in shuffled order; time over the bandwidth floor of the same
+// rounds): n = 20 2.47 -> 1.89, 24 2.28 -> 1.85, 32 2.11 -> 1.67 (BlockRun); n = 5 2.11 ->
+// 1.67, 8 1.84 -> 1.53, 12 1.77 -> 1.56 (OneStripRun); n = 16 1.55 -> 1.41 (the strip
+// layers). Distances of 1 and 2 products at n = 20-32, and 1-4 KiB of A at n = 5-12, came
+// out alike; prefetching to L2 instead of L1 too; prefetching C's lines for writing
+// 1.03-1.05× more at n = 20, 24. Prefetching the whole of the next products at their start
+// was level.
 constexpr int64_t kRunAheadBytes = 4 << 10;
 // Only outputs this large: smaller runs are mostly in cache, where the prefetches cost
 // time and win none. Paired the same way, one thread (_smallmm_core.matmul with
