@@ -478,6 +478,38 @@ def test_refit_fits_the_saved_rows_again_and_keeps_their_stamp(tmp_path, monkeyp
     saved.write_text(json.dumps({"rows": [], "model_rows": []}))
     with pytest.raises(SystemExit, match="no model rows"):
         sweep.refit_model(str(saved), str(path))
+    # A sweep's JSON keeps each CPU class's rows: the refit reads this class's only.
+    other = [dict(r, fwd=0.5) for r in rows]
+    saved.write_text(json.dumps({"rows": [], "models": {
+        "avx512+bf16+fp16+amx": {"rows": other, "controls": controls},
+        "avx512+bf16": {"rows": rows, "controls": controls}}}))
+    sweep.refit_model(str(saved), str(path))
+    assert json.loads(path.read_text())["classes"]["avx512+bf16"]["builtin"] == entry["builtin"]
+    saved.write_text(json.dumps({"rows": [], "models": {
+        "avx512+bf16+fp16+amx": {"rows": other, "controls": controls}}}))
+    with pytest.raises(SystemExit, match="no model rows for CPU class avx512"):
+        sweep.refit_model(str(saved), str(path))
+
+
+def test_a_sweep_keeps_the_model_rows_of_other_classes_and_families(monkeypatch):
+    from tf_smallmm.tools import sweep
+
+    monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16")
+    xeon = {"rows": [{"family": dispatch.DENSE, "fwd": 1.0}], "controls": [{"fwd": 1.0}]}
+    mine = {"rows": [{"family": dispatch.DENSE, "fwd": 0.5}, {"family": dispatch.SHARED,
+                                                               "fwd": 0.6}],
+            "controls": [{"fwd": 0.9}]}
+    legacy = sweep.saved_models({"model_rows": mine["rows"], "model_controls": mine["controls"]})
+    assert legacy == {"avx512+bf16": mine}
+    models = {"avx512+bf16+fp16+amx": xeon, "avx512+bf16": mine}
+    new = [{"family": dispatch.SHARED, "fwd": 2.0}]
+    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED}, False)
+    assert got["avx512+bf16+fp16+amx"] == xeon
+    assert got["avx512+bf16"] == {"rows": [mine["rows"][0]] + new,
+                                  "controls": [{"fwd": 0.9}, {"fwd": 1.1}]}
+    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED}, True)
+    assert got["avx512+bf16"] == {"rows": new, "controls": [{"fwd": 1.1}]}
+    assert got["avx512+bf16+fp16+amx"] == xeon and models["avx512+bf16"] == mine
 
 
 def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():

@@ -440,17 +440,43 @@ def write_model(rows, controls, path, command, stamp=None):
         f.write("\n")
 
 
+def saved_models(saved):
+    """{CPU class: {"rows", "controls"}}: the forced-kernel rows each class's model was
+    fitted from, as a sweep's JSON keeps them (one machine's sweep must not drop another
+    class's rows). A file from before the per-class layout holds one class's rows at the
+    top level, tagged with "cpu_class" or, untagged, taken as this machine's."""
+    if "models" in saved:
+        return saved["models"]
+    if not saved.get("model_rows"):
+        return {}
+    return {saved.get("cpu_class", dispatch.isa_class()): {
+        "rows": saved["model_rows"], "controls": saved.get("model_controls", [])}}
+
+
+def with_new_rows(models, rows, controls, families, replace_all):
+    """saved_models' dict with this CPU class's forced-kernel rows of `families` measured
+    again: the rows the shipped model was fitted from stay with it (--refit-model reads
+    them), those of the families not measured again (unless `replace_all`) and every other
+    CPU class's."""
+    mine = {"rows": [], "controls": []} if replace_all else \
+        models.get(dispatch.isa_class(), {"rows": [], "controls": []})
+    kept = [r for r in mine["rows"] if r.get("family", dispatch.DENSE) not in families]
+    return dict(models, **{dispatch.isa_class(): {
+        "rows": kept + list(rows), "controls": mine["controls"] + list(controls)}})
+
+
 def refit_model(sweep_json, path):
     """Fits this CPU class's model again from the forced-kernel rows a --write-model run
     left in sweep_json (after a change of MODEL_BOUNDS or of the fit), measuring nothing."""
     with open(sweep_json) as f:
-        saved = json.load(f)
-    if not saved.get("model_rows"):
-        raise SystemExit(f"{sweep_json} holds no model rows: run --sweep --write-model")
+        mine = saved_models(json.load(f)).get(dispatch.isa_class(), {})
+    if not mine.get("rows"):
+        raise SystemExit(f"{sweep_json} holds no model rows for CPU class "
+                         f"{dispatch.isa_class()}: run --sweep --write-model")
     with open(path) as f:
         old = json.load(f)["classes"].get(dispatch.isa_class(), {})
     stamp = {k: old[k] for k in ("date", "command", "machine", "tensorflow") if k in old}
-    write_model(saved["model_rows"], saved["model_controls"], path,
+    write_model(mine["rows"], mine["controls"], path,
                 "python -m tf_smallmm.bench --refit-model", stamp=stamp)
 
 
@@ -769,17 +795,14 @@ def main(args):
         f.write(markdown(rows, controls, roof, args, time.perf_counter() - t0,
                          os.path.basename(os.path.splitext(out)[0] + ".png")))
     saved = os.path.splitext(out)[0] + ".json"
-    if os.path.exists(saved) and (not args.write_model or family != "all"):
-        # The rows the shipped model was fitted from stay with it (--refit-model reads
-        # them): all of them, or those of the families not measured again.
+    models = {}
+    if os.path.exists(saved):
         with open(saved) as f:
-            before = json.load(f)
-        old_rows = [r for r in before.get("model_rows", [])
-                    if not args.write_model or r.get("family", dispatch.DENSE) not in measured]
-        forced = old_rows + forced
-        forced_controls = before.get("model_controls", []) + forced_controls
+            models = saved_models(json.load(f))
+    if args.write_model:
+        models = with_new_rows(models, forced, forced_controls, measured, family == "all")
     with open(saved, "w") as f:
         json.dump({"rows": rows, "controls": controls, "roofline": roof,
-                   "model_rows": forced, "model_controls": forced_controls}, f, indent=0)
+                   "models": models}, f, indent=0)
     heatmap(rows, os.path.splitext(out)[0] + ".png")
     print(f"wrote {out}")
