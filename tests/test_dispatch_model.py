@@ -383,6 +383,18 @@ def test_eager_fast_path_gives_the_graph_result(case, dtype):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtypes", [(tf.int32, tf.int32), (tf.bfloat16, tf.bfloat16),
+                                    (tf.bfloat16, tf.float32)], ids=str)
+def test_eager_single_matrices_are_the_builtins_bits(dtypes):
+    """Two small single matrices take the MatMul op eagerly, as tf.linalg.matmul does
+    (mixed dtypes through tf.linalg.matmul itself): the same dtype, shape and bits."""
+    a = tf.cast(random_tensor((3, 4), tf.float32, 1) * 4, dtypes[0])
+    b = tf.cast(random_tensor((4, 2), tf.float32, 2) * 4, dtypes[1])
+    ours, want = smm.matmul(a, b), tf.linalg.matmul(a, b)
+    assert ours.dtype == want.dtype and ours.shape == want.shape
+    np.testing.assert_array_equal(ours.numpy(), want.numpy())
+
+
 def test_eager_lowerings_are_cached_per_signature():
     contraction._eager_lowering.cache_clear()
     x, y = tf.ones([2, 3, 4]), tf.ones([2, 4, 5])
@@ -399,7 +411,10 @@ def test_eager_lowerings_are_cached_per_signature():
     lambda: smm.batch_dot(tf.ones([2, 3, 4]), tf.ones([2, 5, 6])),
     lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 4, 5])),
     lambda: smm.matmul(tf.ones([2, 3, 4]), tf.ones([2, 5, 6])),
-], ids=["einsum K", "einsum batch", "batch_dot", "capsule", "matmul"])
+    lambda: smm.matmul(tf.ones([2, 3]), tf.ones([2, 2])),
+    lambda: smm.matmul(tf.ones([2, 2], tf.bool), tf.ones([2, 2], tf.bool)),
+], ids=["einsum K", "einsum batch", "batch_dot", "capsule", "matmul", "matmul 2-D K",
+        "matmul 2-D bool"])
 def test_eager_errors_are_the_builtins(call):
     """Eagerly, shapes that do not fit raise what the built-in raises (type and text)."""
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)) as ours:

@@ -6,9 +6,11 @@ built-in and never the drop-in that called it.
 """
 
 from tensorflow.python.framework import tensor as _tensor
-from tensorflow.python.ops import math_ops, special_math_ops, variables
+from tensorflow.python.ops import gen_math_ops, math_ops, special_math_ops, variables
 
 matmul = math_ops.matmul  # tf.matmul, tf.linalg.matmul
+# The op tf.matmul ends in for two rank-2 tensors of one dtype and no flags.
+mat_mul = gen_math_ops.mat_mul
 matvec = math_ops.matvec  # tf.linalg.matvec
 einsum = special_math_ops.einsum  # tf.einsum, tf.linalg.einsum
 
