@@ -518,11 +518,12 @@ def test_a_sweep_keeps_the_model_rows_of_other_classes_and_families(monkeypatch)
     assert legacy == {"avx512+bf16": mine}
     models = {"avx512+bf16+fp16+amx": xeon, "avx512+bf16": mine}
     new = [{"family": dispatch.SHARED, "fwd": 2.0}]
-    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED}, False)
+    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED})
     assert got["avx512+bf16+fp16+amx"] == xeon
     assert got["avx512+bf16"] == {"rows": [mine["rows"][0]] + new,
                                   "controls": [{"fwd": 0.9}, {"fwd": 1.1}]}
-    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED}, True)
+    # Every family measured again: none of this class's old rows or controls stays.
+    got = sweep.with_new_rows(models, new, [{"fwd": 1.1}], {dispatch.SHARED, dispatch.DENSE})
     assert got["avx512+bf16"] == {"rows": new, "controls": [{"fwd": 1.1}]}
     assert got["avx512+bf16+fp16+amx"] == xeon and models["avx512+bf16"] == mine
 

@@ -444,25 +444,24 @@ def saved_models(saved):
     """{CPU class: {"rows", "controls"}}: the forced-kernel rows each class's model was
     fitted from, as a sweep's JSON keeps them (one machine's sweep must not drop another
     class's rows). A file from before the per-class layout holds one class's rows at the
-    top level, tagged with "cpu_class" or, untagged, taken as this machine's."""
+    top level: taken as this machine's."""
     if "models" in saved:
         return saved["models"]
     if not saved.get("model_rows"):
         return {}
-    return {saved.get("cpu_class", dispatch.isa_class()): {
-        "rows": saved["model_rows"], "controls": saved.get("model_controls", [])}}
+    return {dispatch.isa_class(): {"rows": saved["model_rows"],
+                                   "controls": saved.get("model_controls", [])}}
 
 
-def with_new_rows(models, rows, controls, families, replace_all):
+def with_new_rows(models, rows, controls, families):
     """saved_models' dict with this CPU class's forced-kernel rows of `families` measured
-    again: the rows the shipped model was fitted from stay with it (--refit-model reads
-    them), those of the families not measured again (unless `replace_all`) and every other
+    again. The rows the shipped model was fitted from stay with it (--refit-model reads
+    them): those of the families not measured again, with their controls, and every other
     CPU class's."""
-    mine = {"rows": [], "controls": []} if replace_all else \
-        models.get(dispatch.isa_class(), {"rows": [], "controls": []})
+    mine = models.get(dispatch.isa_class(), {"rows": [], "controls": []})
     kept = [r for r in mine["rows"] if r.get("family", dispatch.DENSE) not in families]
     return dict(models, **{dispatch.isa_class(): {
-        "rows": kept + list(rows), "controls": mine["controls"] + list(controls)}})
+        "rows": kept + list(rows), "controls": (mine["controls"] if kept else []) + list(controls)}})
 
 
 def refit_model(sweep_json, path):
@@ -800,7 +799,7 @@ def main(args):
         with open(saved) as f:
             models = saved_models(json.load(f))
     if args.write_model:
-        models = with_new_rows(models, forced, forced_controls, measured, family == "all")
+        models = with_new_rows(models, forced, forced_controls, measured)
     with open(saved, "w") as f:
         json.dump({"rows": rows, "controls": controls, "roofline": roof,
                    "models": models}, f, indent=0)

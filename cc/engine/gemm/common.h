@@ -193,9 +193,9 @@ inline typename VecOf<uint16_t, W>::type Rounded(const typename VecOf<float, W>:
   using U32 = typename VecOf<uint32_t, W>::type;
   if constexpr (D == DType::kBFloat16) {
     // A select, not and/or with the comparison's lanes: GCC built those all-ones lanes
-    // with a masked load of a constant on AVX-512, which stalled AMD Zen 5 on every
-    // store (bfloat16 [B, 32, 32] · [32, 16] 5× slower than float16); the select is one
-    // masked move.
+    // with a masked load of a constant on AVX-512, which stalled an AMD EPYC (CPU class
+    // avx512+bf16) on every store (bfloat16 [B, 32, 32] · [32, 16] 5× slower than
+    // float16); the select is one masked move.
     const U32 u = (U32)f;
     const U32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const U32 quiet = (u >> 16) | 0x0040u;  // NaN stays NaN
