@@ -1,6 +1,7 @@
 """The kernel core alone, through the pybind11 module (numpy in, numpy out, no TF)."""
 
 import itertools
+import pathlib
 
 import ml_dtypes
 import numpy as np
@@ -398,15 +399,52 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
     # time. A product of one term (K = 1) is exact in float32, so each output is that float32
     # rounded once: to nearest even, to Inf past the largest finite value, NaN kept, and
     # subnormals both ways. x holds every kind of 16-bit value (random bit patterns).
+    # (bfloat16 with the CPU's dot product flushes subnormals: see the test below.)
     rng = np.random.default_rng(27)
     x = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16).view(dtype)
-    for n, family in ((1, "matvec"), (20, "stationary")):
-        y = rng.standard_normal((3, 1, n)).astype(dtype)
-        assert core.kernel_for(x, y) == family
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are wanted here
-            want = (x.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
-        np.testing.assert_array_equal(core.matmul(x, y).astype(np.float32),
-                                      want.astype(np.float32))
+    dot = core.bf16_dot()
+    try:
+        core.set_bf16_dot(False)
+        for n, family in ((1, "matvec"), (20, "stationary")):
+            y = rng.standard_normal((3, 1, n)).astype(dtype)
+            assert core.kernel_for(x, y) == family
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are wanted here
+                want = (x.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
+            np.testing.assert_array_equal(core.matmul(x, y).astype(np.float32),
+                                          want.astype(np.float32))
+    finally:
+        core.set_bf16_dot(dot)
+
+
+def flush_subnormals(x):
+    """x (float32) with its subnormal values replaced by zeros of the same sign."""
+    tiny = np.finfo(np.float32).tiny
+    return np.where(np.abs(x) < tiny, np.copysign(np.float32(0), x), x).astype(np.float32)
+
+
+def test_bf16_dot_product_flushes_subnormals(isa):
+    # bfloat16 on the CPU's dot product instruction (AVX512-BF16) reads subnormal inputs as
+    # zero and flushes subnormal sums to zero, as TensorFlow's own bfloat16 matmul does on
+    # such CPUs; every other value rounds as float32 rounded once, like the kernels that
+    # widen. The same random bit patterns as above. K = 1: each output one product, exact
+    # before its rounding. K = 2: one instruction, which may also flush a subnormal partial
+    # sum, so within one bfloat16 step (or the smallest normal) of the exact sum flushed.
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    rng = np.random.default_rng(27)
+    bf = ml_dtypes.bfloat16
+    for k in (1, 2):
+        x = rng.integers(0, 1 << 16, size=(3, 37, k)).astype(np.uint16).view(bf)
+        y = rng.standard_normal((3, k, 20)).astype(bf)
+        with np.errstate(invalid="ignore", over="ignore"):
+            prod = flush_subnormals(x.astype(np.float32))[..., None] * y.astype(np.float32)[:, None]
+            want = flush_subnormals(prod.sum(axis=2, dtype=np.float32)).astype(bf)
+        got = core.matmul(x, y).astype(np.float32)
+        if k == 1:
+            np.testing.assert_array_equal(got, want.astype(np.float32))
+        else:
+            np.testing.assert_allclose(got, want.astype(np.float32), rtol=2.0 ** -7,
+                                       atol=2 * np.finfo(np.float32).tiny)
 
 
 # Streamed columns at least 1024 elements apart (the capsule prediction's u[b, i, :]) are
@@ -541,6 +579,82 @@ def test_complex_stationary_kernels_conjugate(flags):
         check_exact(core.matmul(x, y, **kw), ref(x, y, tx, cx, ty, cy))
     x, y = ints(rng, (4, 6, 9), np.complex64), ints(rng, (9, 20), np.complex64)
     assert core.kernel_for(np.swapaxes(x, -1, -2), y, transpose_x=True) == "stationary"
+
+
+# bfloat16 on the CPU's dot product (AVX512-BF16): every product of the row kernel whose
+# layout it reads (B row-major or transposed, A with any K stride, C row-major): N across
+# the 16-column strips and the 64-column blocks, odd and even K up to the stationary
+# limit, M across the 8, 4, 2 and 1 row blocks, against float64 with the dot product on
+# and off.
+def test_bf16_dot_every_shape(isa):
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    rng = np.random.default_rng(29)
+    bf = ml_dtypes.bfloat16
+    cases = [(m, n, k) for m in (1, 3, 4, 7, 8, 13, 70)
+             for n in (2, 15, 16, 17, 33, 48, 63, 64, 65, 100, 130)
+             for k in (1, 2, 3, 8, 15, 16, 17, 31, 32)]
+    try:
+        for m, n, k in cases:
+            x, y = ints(rng, (2, m, k), bf), ints(rng, (2, k, n), bf)
+            xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+            yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+            xs = ints(rng, (2, m, 2 * k), bf)[..., ::2]  # A's K stride 2
+            want, want_s = ref(x, y), ref(xs, y)
+            for on in (True, False):
+                core.set_bf16_dot(on)
+                check_exact(core.matmul(x, y), want)
+                check_exact(core.matmul(x, yt, transpose_y=True), want)
+                check_exact(core.matmul(xt, y, transpose_x=True), want)
+                check_exact(core.matmul(xs, y), want_s)
+    finally:
+        core.set_bf16_dot(True)
+
+
+# The packed family's bfloat16 plans on the dot product: K past the stationary kernels
+# (odd and even), C written along columns (the column kernel's layout), reductions over
+# batch axes (a weight gradient) and a broadcast operand packed once; every edge tile of
+# 1, 2, 4 and 8 rows and 16 or 32 columns.
+def test_bf16_dot_packed_every_shape(isa):
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    rng = np.random.default_rng(30)
+    bf = ml_dtypes.bfloat16
+    try:
+        for m, n, k in itertools.product((1, 2, 3, 5, 8, 9, 17), (1, 7, 16, 17, 33, 70),
+                                         (33, 40, 65)):
+            x, y = ints(rng, (3, m, k), bf), ints(rng, (3, k, n), bf)
+            assert core.kernel_for(x, y) in ("packed", "dot", "matvec"), (m, n, k)
+            want = ref(x, y)
+            yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
+            for on in (True, False):
+                core.set_bf16_dot(on)
+                check_exact(core.matmul(x, y), want)
+                check_exact(core.matmul(x, yt, transpose_y=True), want)
+                check_exact(core.matmul(x, y, batch_shape=[]), np_reduce_to(want, []))
+                check_exact(core.matmul(x[:1], y), ref(x[:1], y))  # A packed once
+        for m, n, k in itertools.product((4, 9, 20), (8, 20), (3, 16)):
+            # C along columns: Cᵀ = (yᵀ xᵀ) written through a transposed view.
+            x, y = ints(rng, (6, k, m), bf), ints(rng, (6, k, n), bf)
+            want = ref(x, y, True, False, False, False)
+            for on in (True, False):
+                core.set_bf16_dot(on)
+                check_exact(core.matmul(x, y, transpose_x=True), want)
+                check_exact(core.matmul(x, y, transpose_x=True, batch_shape=[]),
+                            np_reduce_to(want, []))
+    finally:
+        core.set_bf16_dot(True)
+
+
+def test_bf16_dot_setting():
+    # On by default exactly where the CPU has AVX512-BF16; never turned on without it.
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    has = "avx512_bf16" in flags and "avx512" in ISAS
+    assert core.bf16_dot() == has
+    assert core.set_bf16_dot(True) == has
+    assert core.set_bf16_dot(False) is False and core.bf16_dot() is False
+    core.set_bf16_dot(True)
 
 
 # ---------------------------------------------------------------- fused gradient pairs

@@ -118,6 +118,18 @@ std::atomic<bool>& Ahead() {
   static std::atomic<bool> on{true};
   return on;
 }
+bool CpuHasAvx512Bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return CpuHasAvx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+std::atomic<bool>& Bf16() {
+  static std::atomic<bool> on{CpuHasAvx512Bf16()};
+  return on;
+}
 }  // namespace
 
 void SetOutputStaging(bool on) { Staging().store(on, std::memory_order_relaxed); }
@@ -128,5 +140,11 @@ void SetFusedPairs(bool on) { Fused().store(on, std::memory_order_relaxed); }
 bool FusedPairs() { return Fused().load(std::memory_order_relaxed); }
 void SetRunPrefetch(bool on) { Ahead().store(on, std::memory_order_relaxed); }
 bool RunPrefetch() { return Ahead().load(std::memory_order_relaxed); }
+bool SetBf16Dot(bool on) {
+  const bool now = on && CpuHasAvx512Bf16();
+  Bf16().store(now, std::memory_order_relaxed);
+  return now;
+}
+bool Bf16Dot() { return Bf16().load(std::memory_order_relaxed); }
 
 }  // namespace smallmm

@@ -221,6 +221,13 @@ bool OneStripRuns();
 void SetRunPrefetch(bool on);
 bool RunPrefetch();
 
+// Whether bfloat16 products of the stationary row kernel run on the CPU's bfloat16 dot
+// product instruction (AVX512-BF16, gemm/bf16dot.h) with the AVX-512 kernels. On by
+// default where the CPU has it; SetBf16Dot(true) elsewhere leaves it off. Returns the
+// setting now in force.
+bool SetBf16Dot(bool on);
+bool Bf16Dot();
+
 }  // namespace smallmm
 
 #endif  // TF_SMALLMM_CC_ENGINE_SMALLMM_H_

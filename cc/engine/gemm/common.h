@@ -252,6 +252,32 @@ inline void StoreLanes(StorageOf<D>* p, const AccVec<D, L>& v, int n) {
   }
 }
 
+// ---------------------------------------------------------------- register transposes
+// Two vectors of H lanes as one of 2H (lo first).
+template <typename H, int... I>
+__attribute__((always_inline)) inline auto Concat(const H& lo, const H& hi,
+                                                  std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(lo, hi, I...);
+}
+
+// One stage of an 8-vector transpose in registers (stationary.h ShuffleStrip, bf16dot.h
+// LoadPairStrip), which swaps bit kBit of the vector index with bit kBit of the lane
+// index: lane L of the new low vector of each pair (bit kBit of its index clear) and of
+// the new high one.
+template <int kBit, typename V, typename I, int... L>
+__attribute__((always_inline)) inline void ShuffleStage(V* x, std::integer_sequence<int, L...>) {
+  constexpr int W = sizeof...(L);
+  constexpr I to_lo = {(L & kBit ? W + (L & ~kBit) : L)...};
+  constexpr I to_hi = {(L & kBit ? W + L : L | kBit)...};
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    if (j & kBit) continue;
+    const V lo = __builtin_shuffle(x[j], x[j | kBit], to_lo);
+    x[j | kBit] = __builtin_shuffle(x[j], x[j | kBit], to_hi);
+    x[j] = lo;
+  }
+}
+
 // ---------------------------------------------------------------- loop nests
 // Walks a loop nest: offsets of the current multi-index, advanced in row-major order.
 struct NestCursor {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "cc/engine/gemm/bf16dot.h"
 #include "cc/engine/gemm/common.h"
 #include "cc/engine/gemm/micro.h"
 #include "cc/engine/gemm/streaming.h"
@@ -105,6 +106,107 @@ void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t
   }
 }
 
+#if SMALLMM_BF16_DOT
+// ---------------------------------------------------------------- bfloat16 dot products
+// Output matrices [begin, end) of a bfloat16 plan (RunBatchMatMul's contract) on the CPU's
+// bfloat16 dot product (bf16dot.h): as RunPacked below, with pair-word tiles of 8 rows by
+// 16 or 32 columns, always packed, and float32 accumulator tiles rounded into C.
+inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void* c,
+                           int64_t begin, int64_t end) {
+  const int64_t pairs = (p.k + 1) / 2;
+  const int64_t mtiles = (p.m + kPairTileRows - 1) / kPairTileRows;
+  const int64_t ntiles = (p.n + kPairTileCols - 1) / kPairTileCols;
+  const int64_t m_edge = p.m - (mtiles - 1) * kPairTileRows;  // rows of the last M tile
+  const int64_t n_edge = p.n - (ntiles - 1) * kPairTileCols;
+  const int m_edge_w = 1 << PairRowClass(m_edge);
+  const int n_edge_w = n_edge <= kPairLanes ? kPairLanes : kPairTileCols;
+  auto mw = [&](int64_t ti) { return ti + 1 < mtiles ? kPairTileRows : m_edge_w; };
+  auto nw = [&](int64_t tj) { return tj + 1 < ntiles ? kPairTileCols : n_edge_w; };
+  const bool reducing = p.num_reduced > 1 && p.k > 0;
+  constexpr int64_t kAccTile = kPairTileRows * kPairTileCols;
+  // Scratch, overflow-checked as in RunPacked (a stride-0 view can have a huge K).
+  int64_t a_words, b_words, acc_elems, words;
+  if (!MulAdd(mtiles * kPairTileRows, pairs, 0, &a_words) ||
+      !MulAdd(ntiles * kPairTileCols, pairs, 0, &b_words) ||
+      !MulAdd(reducing ? mtiles * ntiles : 1, kAccTile, 0, &acc_elems) ||
+      __builtin_add_overflow(a_words, b_words, &words) ||
+      __builtin_add_overflow(words, acc_elems, &words) || uint64_t(words) > SIZE_MAX / 4 - 16) {
+    return false;
+  }
+  void* scratch = malloc(4 * size_t(words) + 64);  // 4-byte words, 64-aligned
+  if (scratch == nullptr) return false;
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  uint32_t* ap = reinterpret_cast<uint32_t*>(acc + acc_elems);
+  uint32_t* bp = ap + a_words;
+  const uint16_t* a16 = static_cast<const uint16_t*>(a);
+  const uint16_t* b16 = static_cast<const uint16_t*>(b);
+  int64_t packed_a = -1, packed_b = -1;  // a broadcast operand is packed once
+  auto pack = [&](int64_t ao, int64_t bo) {
+    if (ao != packed_a) {
+      for (int64_t ti = 0; ti < mtiles; ++ti) {
+        PackPairs(a16, ao, p.m, p.k, p.a_rs, p.a_cs, ti * kPairTileRows, mw(ti),
+                  ap + ti * kPairTileRows * pairs);
+      }
+      packed_a = ao;
+    }
+    if (bo != packed_b) {
+      for (int64_t tj = 0; tj < ntiles; ++tj) {
+        PackPairs(b16, bo, p.n, p.k, p.b_cs, p.b_rs, tj * kPairTileCols, nw(tj),
+                  bp + tj * kPairTileCols * pairs);
+      }
+      packed_b = bo;
+    }
+  };
+  auto micro = [&](int64_t ti, int64_t tj, float* tile, bool accumulate) {
+    const int mi = ti + 1 < mtiles ? 3 : PairRowClass(m_edge);
+    const int si = nw(tj) == kPairTileCols ? 1 : 0;
+    kPairMicros[mi][si](pairs, ap + ti * kPairTileRows * pairs, bp + tj * kPairTileCols * pairs,
+                        tile, accumulate);
+  };
+  auto store = [&](const float* tile, int64_t ti, int64_t tj, int64_t c_off) {
+    const int64_t rows = p.m - ti * kPairTileRows < kPairTileRows ? p.m - ti * kPairTileRows
+                                                                   : kPairTileRows;
+    const int64_t cols = p.n - tj * kPairTileCols < kPairTileCols ? p.n - tj * kPairTileCols
+                                                                   : kPairTileCols;
+    StoreTile<DType::kBFloat16>(tile, mw(ti), nw(tj), false, rows, cols, c,
+                                c_off + ti * kPairTileRows * p.c_rs + tj * kPairTileCols * p.c_cs,
+                                p.c_rs, p.c_cs);
+  };
+  NestCursor out;
+  out.Seek(p.out, p.num_out, begin);
+  NestCursor red;
+  for (int64_t o = begin; o < end; ++o, out.Next()) {
+    if (!reducing) {
+      const bool empty = p.num_reduced == 0 || p.k == 0;  // an empty sum gives zeros
+      if (!empty) pack(out.a, out.b);
+      for (int64_t ti = 0; ti < mtiles; ++ti) {
+        for (int64_t tj = 0; tj < ntiles; ++tj) {
+          if (empty) {
+            for (int64_t x = 0; x < kAccTile; ++x) acc[x] = 0.0f;
+          } else {
+            micro(ti, tj, acc, false);
+          }
+          store(acc, ti, tj, out.c);
+        }
+      }
+      continue;
+    }
+    red.Seek(p.red, p.num_red, 0);
+    for (int64_t r = 0; r < p.num_reduced; ++r, red.Next()) {
+      pack(out.a + red.a, out.b + red.b);
+      for (int64_t ti = 0; ti < mtiles; ++ti)
+        for (int64_t tj = 0; tj < ntiles; ++tj)
+          micro(ti, tj, acc + (ti * ntiles + tj) * kAccTile, r > 0);
+    }
+    for (int64_t ti = 0; ti < mtiles; ++ti)
+      for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * kAccTile, ti, tj, out.c);
+  }
+  free(scratch);
+  return true;
+}
+
+#endif  // SMALLMM_BF16_DOT
+
 // ---------------------------------------------------------------- the family
 template <DType D>
 bool CanPacked(const GemmPlan&) {
@@ -116,6 +218,11 @@ bool CanPacked(const GemmPlan&) {
 template <DType D>
 bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
                int64_t end) {
+#if SMALLMM_BF16_DOT
+  if constexpr (D == DType::kBFloat16) {
+    if (Bf16Dot()) return RunPackedPairs(p, a, b, c, begin, end);
+  }
+#endif
   using T = Traits<D>;
   using R = typename T::R;
   constexpr bool kC = T::kComplex;

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cc/engine/gemm/bf16dot.h"
 #include "cc/engine/gemm/common.h"
 #include "cc/engine/gemm/streaming.h"
 
@@ -175,28 +176,6 @@ struct Side {
 // with 21 rounds: level within the noise).
 template <DType D, int W>
 constexpr bool kShuffleStrip = !Traits<D>::kComplex && (W == 8 || W == 16);
-
-template <typename H, int... I>
-__attribute__((always_inline)) inline auto Concat(const H& lo, const H& hi,
-                                                  std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(lo, hi, I...);
-}
-
-// One stage: lane L of the new low vector of each pair (bit kBit of its index clear) and
-// of the new high one.
-template <int kBit, typename V, typename I, int... L>
-__attribute__((always_inline)) inline void ShuffleStage(V* x, std::integer_sequence<int, L...>) {
-  constexpr int W = sizeof...(L);
-  constexpr I to_lo = {(L & kBit ? W + (L & ~kBit) : L)...};
-  constexpr I to_hi = {(L & kBit ? W + L : L | kBit)...};
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) {
-    if (j & kBit) continue;
-    const V lo = __builtin_shuffle(x[j], x[j | kBit], to_lo);
-    x[j | kBit] = __builtin_shuffle(x[j], x[j | kBit], to_hi);
-    x[j] = lo;
-  }
-}
 
 template <DType D, int W, int K>
 __attribute__((always_inline)) inline void ShuffleStrip(const StorageOf<D>* p, int64_t vs, int rows,
@@ -625,6 +604,9 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   // Products t0 .. t0+n-1 into out, the first at offset oo.
   const bool one_strip = OneStripFits<D, K>(p, col, stream);
   const bool block = BlockFits<D>(p, col);
+#if SMALLMM_BF16_DOT
+  const bool pair_dot = D == DType::kBFloat16 && PairDotFits(p, col);
+#endif
   constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
   const bool ahead_on =
       RunPrefetch() && uint64_t(p.output_elements) * kElementBytes >= kRunAheadMinOutputBytes;
@@ -633,6 +615,14 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     // (not streamed, not staged).
     RunAhead<D> ahead(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, c, co + t0 * sc, sc,
                       count - t0, ahead_on, !stream && out == c);
+#if SMALLMM_BF16_DOT
+    if constexpr (D == DType::kBFloat16) {
+      if (pair_dot) {
+        auto* fn = p.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
+        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
+      }
+    }
+#endif
     if constexpr (kOneStrip<D, K>) {
       if (one_strip) {
         auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
