@@ -583,16 +583,16 @@ def test_complex_stationary_kernels_conjugate(flags):
 
 # bfloat16 on the CPU's dot product (AVX512-BF16): every product of the row kernel whose
 # layout it reads (B row-major or transposed, A with any K stride, C row-major): N across
-# the 16-column strips and the 64-column blocks, odd and even K up to the stationary
-# limit, M across the 8, 4, 2 and 1 row blocks, against float64 with the dot product on
-# and off.
+# the half-width strip (up to 8 columns), the 16-column strips and the 64-column blocks,
+# odd and even K up to the stationary limit, M across the 8, 4, 2 and 1 row blocks, against
+# float64 with the dot product on and off.
 def test_bf16_dot_every_shape(isa):
     if not (isa == "avx512" and core.set_bf16_dot(True)):
         pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
     rng = np.random.default_rng(29)
     bf = ml_dtypes.bfloat16
     cases = [(m, n, k) for m in (1, 3, 4, 7, 8, 13, 70)
-             for n in (2, 15, 16, 17, 33, 48, 63, 64, 65, 100, 130)
+             for n in (2, 5, 8, 9, 15, 16, 17, 33, 48, 63, 64, 65, 100, 130)
              for k in (1, 2, 3, 8, 15, 16, 17, 31, 32)]
     try:
         for m, n, k in cases:

@@ -52,9 +52,9 @@ using U32x16 = VecOf<uint32_t, 16>::type;
 using I32x16 = VecOf<int32_t, 16>::type;
 using F32x16 = VecOf<float, 16>::type;
 
-constexpr int kPairLanes = 16;      // output columns per strip
-constexpr int kPairMaxPairs = 16;   // K up to 32
-constexpr int kPairMaxStrips = 4;   // a block of up to 64 columns at a time
+constexpr int kPairLanes = 16;     // output columns per strip
+constexpr int kPairMaxPairs = 16;  // K up to 32
+constexpr int kPairMaxStrips = 4;  // a block of up to 64 columns at a time
 
 // The first n (0 < n <= 16) of 16 bfloat16 at p, the rest zero.
 inline U16x16 Load16(const uint16_t* p, int n) {
@@ -63,8 +63,8 @@ inline U16x16 Load16(const uint16_t* p, int n) {
 
 // The 16 pair words (lo[v], hi[v]) of two rows of 16 bfloat16.
 inline U16x32 Interleave(const U16x16& lo, const U16x16& hi) {
-  return __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  return __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8,
+                                 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
 }
 
 // The pair vectors s[0 .. (k+1)/2) of B's columns 0..n-1 from b (n <= 16, k <= 32):
@@ -100,10 +100,11 @@ SMALLMM_BF16_TARGET inline void LoadPairStrip(const uint16_t* b, int64_t rs, int
   }
 }
 
-// (A[2l], A[2l + 1]) of a row of A as one 32-bit word (the high half zero past K).
+// (X[2l], X[2l + 1]) of a row of X (element l at row[l·cs]) as one 32-bit word, the high
+// half zero past K. kUnit: cs == 1, one 32-bit load.
 template <bool kUnit>
-__attribute__((always_inline)) inline uint32_t PairWord(const uint16_t* row, int64_t cs, int l,
-                                                        int k) {
+__attribute__((always_inline)) inline uint32_t PairWord(const uint16_t* row, int64_t cs, int64_t l,
+                                                        int64_t k) {
   if (kUnit && 2 * l + 1 < k) {
     uint32_t w;
     memcpy(&w, row + 2 * l, sizeof(w));
@@ -113,43 +114,66 @@ __attribute__((always_inline)) inline uint32_t PairWord(const uint16_t* row, int
   return row[2 * l * cs] | hi << 16;
 }
 
+// acc + Σ of the pair products of v's lanes and the pair word w, in L float32 lanes.
+template <int L>
+SMALLMM_BF16_TARGET __attribute__((always_inline)) inline typename VecOf<float, L>::type Dot2(
+    const typename VecOf<float, L>::type& acc, const typename VecOf<uint16_t, 2 * L>::type& v,
+    uint32_t w) {
+  if constexpr (L == 16) {
+    return (F32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)v, (__m512bh)_mm512_set1_epi32(int(w)));
+  } else {
+    static_assert(L == 8, "a zmm or a ymm of float32");
+    return (typename VecOf<float, 8>::type)_mm256_dpbf16_ps((__m256)acc, (__m256bh)v,
+                                                            (__m256bh)_mm256_set1_epi32(int(w)));
+  }
+}
+
 // Rows i..i+R-1 of one product (A's row i at a) against S strips of pair vectors: R·S
 // float32 accumulators, each pair step loading the S strip vectors once and one word of
 // each row, each word feeding S dot products. C's row i at c; the last strip `last`
-// columns wide.
-template <int R, int S, bool kUnit>
+// columns wide. L = 8: one strip of at most 8 columns in ymm registers, its vectors the
+// low halves of the strip's (AMD Zen 4 runs a zmm instruction as two ymm halves, so 8
+// columns in a zmm would waste half its time).
+template <int R, int S, bool kUnit, int L = kPairLanes>
 SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void PairRows(
     const U16x32 (*s)[kPairMaxPairs], int k, const uint16_t* a, int64_t ars, int64_t acs,
     uint16_t* c, int64_t crs, int last) {
-  F32x16 acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
+  static_assert(L == kPairLanes || S == 1, "half-width rows have one strip");
+  using F = typename VecOf<float, L>::type;
+  using P = typename VecOf<uint16_t, 2 * L>::type;
+  F acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
   const int pairs = (k + 1) / 2;
 #pragma GCC unroll 2
   for (int l = 0; l < pairs; ++l) {
-    U16x32 v[S];
+    P v[S];
 #pragma GCC unroll 4
-    for (int q = 0; q < S; ++q) v[q] = s[q][l];
+    for (int q = 0; q < S; ++q) {
+      if constexpr (L == kPairLanes) {
+        v[q] = s[q][l];
+      } else {
+        v[q] = __builtin_shufflevector(s[q][l], s[q][l], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                       13, 14, 15);
+      }
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512i w = _mm512_set1_epi32(int(PairWord<kUnit>(a + r * ars, acs, l, k)));
+      const uint32_t w = PairWord<kUnit>(a + r * ars, acs, l, k);
 #pragma GCC unroll 4
-      for (int q = 0; q < S; ++q) {
-        acc[r][q] = (F32x16)_mm512_dpbf16_ps((__m512)acc[r][q], (__m512bh)v[q], (__m512bh)w);
-      }
+      for (int q = 0; q < S; ++q) acc[r][q] = Dot2<L>(acc[r][q], v[q], w);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int q = 0; q < S; ++q) {
-      StoreLanes<DType::kBFloat16, kPairLanes>(c + r * crs + q * kPairLanes, acc[r][q],
-                                               q + 1 < S ? kPairLanes : last);
+      StoreLanes<DType::kBFloat16, L>(c + r * crs + q * L, acc[r][q], q + 1 < S ? L : last);
     }
   }
 }
 
-// Columns 0..n-1 of one product (16·(S-1) < n <= 16·S) for all its m rows: B's columns
-// from b, A's rows from a, C's from c.
-template <int S, bool kUnit>
+// Columns 0..n-1 of one product (16·(S-1) < n <= 16·S; n <= L) for all its m rows: B's
+// columns from b, A's rows from a, C's from c.
+template <int S, bool kUnit, int L = kPairLanes>
 SMALLMM_BF16_TARGET void PairColumns(const GemmPlan& p, const uint16_t* a, const uint16_t* b,
                                      uint16_t* c, int n, RunAhead<DType::kBFloat16>& ahead) {
   constexpr int R = S <= 2 ? 8 : 4;  // rows per block: 8-16 accumulators
@@ -165,19 +189,19 @@ SMALLMM_BF16_TARGET void PairColumns(const GemmPlan& p, const uint16_t* a, const
   int64_t i = 0;
   for (; i + R <= m; i += R) {
     ahead.Upto(i + R, m);
-    PairRows<R, S, kUnit>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
+    PairRows<R, S, kUnit, L>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
   }
   if constexpr (R > 4) {
     if (i + 4 <= m) {
-      PairRows<4, S, kUnit>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
+      PairRows<4, S, kUnit, L>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
       i += 4;
     }
   }
   if (i + 2 <= m) {
-    PairRows<2, S, kUnit>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
+    PairRows<2, S, kUnit, L>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
     i += 2;
   }
-  if (i < m) PairRows<1, S, kUnit>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
+  if (i < m) PairRows<1, S, kUnit, L>(s, k, a + i * ars, ars, acs, c + i * crs, crs, last);
 }
 
 // `count` products of the plan, the t-th with operands at element offsets ao + t·sa and
@@ -197,10 +221,22 @@ SMALLMM_BF16_TARGET void PairRun(const GemmPlan& p, const void* a, int64_t ao, i
       const int n = int(p.n - j < kBlock ? p.n - j : kBlock);
       const uint16_t* bj = bp + j * p.b_cs;
       switch ((n + kPairLanes - 1) / kPairLanes) {
-        case 1: PairColumns<1, kUnit>(p, ap, bj, cp + j, n, ahead); break;
-        case 2: PairColumns<2, kUnit>(p, ap, bj, cp + j, n, ahead); break;
-        case 3: PairColumns<3, kUnit>(p, ap, bj, cp + j, n, ahead); break;
-        default: PairColumns<4, kUnit>(p, ap, bj, cp + j, n, ahead); break;
+        case 1:
+          if (n <= kPairLanes / 2) {
+            PairColumns<1, kUnit, kPairLanes / 2>(p, ap, bj, cp + j, n, ahead);
+          } else {
+            PairColumns<1, kUnit>(p, ap, bj, cp + j, n, ahead);
+          }
+          break;
+        case 2:
+          PairColumns<2, kUnit>(p, ap, bj, cp + j, n, ahead);
+          break;
+        case 3:
+          PairColumns<3, kUnit>(p, ap, bj, cp + j, n, ahead);
+          break;
+        default:
+          PairColumns<4, kUnit>(p, ap, bj, cp + j, n, ahead);
+          break;
       }
     }
     ahead.Flush();
@@ -249,13 +285,7 @@ inline void PackPairs(const uint16_t* x, int64_t off, int64_t rows, int64_t k, i
   for (int i = valid; i < w; ++i)
     for (int64_t l = 0; l < pairs; ++l) dst[l * w + i] = 0;
   auto word = [&](const uint16_t* row, int64_t l) {
-    if (ls == 1 && 2 * l + 1 < k) {
-      uint32_t v;
-      memcpy(&v, row + 2 * l, sizeof(v));
-      return v;
-    }
-    const uint32_t hi = 2 * l + 1 < k ? row[(2 * l + 1) * ls] : 0u;
-    return row[2 * l * ls] | hi << 16;
+    return ls == 1 ? PairWord<true>(row, 1, l, k) : PairWord<false>(row, ls, l, k);
   };
   if (k_inner) {
     for (int i = 0; i < valid; ++i)
@@ -300,9 +330,10 @@ SMALLMM_BF16_TARGET void PairMicro(int64_t pairs, const uint32_t* a, const uint3
 
 using PairMicroFn = void (*)(int64_t, const uint32_t*, const uint32_t*, float*, bool);
 // [rows 1, 2, 4, 8][16 or 32 columns]
-constexpr PairMicroFn kPairMicros[4][2] = {
-    {&PairMicro<1, 1>, &PairMicro<1, 2>}, {&PairMicro<2, 1>, &PairMicro<2, 2>},
-    {&PairMicro<4, 1>, &PairMicro<4, 2>}, {&PairMicro<8, 1>, &PairMicro<8, 2>}};
+constexpr PairMicroFn kPairMicros[4][2] = {{&PairMicro<1, 1>, &PairMicro<1, 2>},
+                                           {&PairMicro<2, 1>, &PairMicro<2, 2>},
+                                           {&PairMicro<4, 1>, &PairMicro<4, 2>},
+                                           {&PairMicro<8, 1>, &PairMicro<8, 2>}};
 // The row class (index into kPairMicros) and width of a tile holding n <= 8 rows.
 inline int PairRowClass(int64_t n) { return n <= 1 ? 0 : n <= 2 ? 1 : n <= 4 ? 2 : 3; }
 

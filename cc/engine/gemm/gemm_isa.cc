@@ -13,9 +13,9 @@
 //   matvec      matrix-vector products with a short K, across rows          (matvec.h)
 //   dot         matrix-vector products as dot products along K              (dot.h)
 //   stationary  short K: one operand in registers, the other streamed past  (stationary.h)
-//               (bfloat16 on the CPU's bfloat16 dot product where it has one: bf16dot.h)
 //   packed      everything: packed tiles and micro-kernels                  (packed.h, micro.h)
-// with what they share in common.h and streaming.h; and, outside the table because it runs
+// with what they share in common.h and streaming.h (and, for bfloat16 on the CPU's
+// bfloat16 dot product where it has one, in bf16dot.h); and, outside the table because it runs
 // two products at once, the fused gradient pair (pair.h).
 #include <cstdint>
 

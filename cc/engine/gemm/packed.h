@@ -111,8 +111,8 @@ void StoreTile(const typename Traits<D>::R* t, int mt, int nt, bool col, int64_t
 // Output matrices [begin, end) of a bfloat16 plan (RunBatchMatMul's contract) on the CPU's
 // bfloat16 dot product (bf16dot.h): as RunPacked below, with pair-word tiles of 8 rows by
 // 16 or 32 columns, always packed, and float32 accumulator tiles rounded into C.
-inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void* c,
-                           int64_t begin, int64_t end) {
+inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
+                           int64_t end) {
   const int64_t pairs = (p.k + 1) / 2;
   const int64_t mtiles = (p.m + kPairTileRows - 1) / kPairTileRows;
   const int64_t ntiles = (p.n + kPairTileCols - 1) / kPairTileCols;
@@ -135,7 +135,8 @@ inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void
   }
   void* scratch = malloc(4 * size_t(words) + 64);  // 4-byte words, 64-aligned
   if (scratch == nullptr) return false;
-  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  float* acc =
+      reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
   uint32_t* ap = reinterpret_cast<uint32_t*>(acc + acc_elems);
   uint32_t* bp = ap + a_words;
   const uint16_t* a16 = static_cast<const uint16_t*>(a);
@@ -164,10 +165,10 @@ inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void
                         tile, accumulate);
   };
   auto store = [&](const float* tile, int64_t ti, int64_t tj, int64_t c_off) {
-    const int64_t rows = p.m - ti * kPairTileRows < kPairTileRows ? p.m - ti * kPairTileRows
-                                                                   : kPairTileRows;
-    const int64_t cols = p.n - tj * kPairTileCols < kPairTileCols ? p.n - tj * kPairTileCols
-                                                                   : kPairTileCols;
+    const int64_t rows =
+        p.m - ti * kPairTileRows < kPairTileRows ? p.m - ti * kPairTileRows : kPairTileRows;
+    const int64_t cols =
+        p.n - tj * kPairTileCols < kPairTileCols ? p.n - tj * kPairTileCols : kPairTileCols;
     StoreTile<DType::kBFloat16>(tile, mw(ti), nw(tj), false, rows, cols, c,
                                 c_off + ti * kPairTileRows * p.c_rs + tj * kPairTileCols * p.c_cs,
                                 p.c_rs, p.c_cs);
@@ -199,7 +200,8 @@ inline bool RunPackedPairs(const GemmPlan& p, const void* a, const void* b, void
           micro(ti, tj, acc + (ti * ntiles + tj) * kAccTile, r > 0);
     }
     for (int64_t ti = 0; ti < mtiles; ++ti)
-      for (int64_t tj = 0; tj < ntiles; ++tj) store(acc + (ti * ntiles + tj) * kAccTile, ti, tj, out.c);
+      for (int64_t tj = 0; tj < ntiles; ++tj)
+        store(acc + (ti * ntiles + tj) * kAccTile, ti, tj, out.c);
   }
   free(scratch);
   return true;
