@@ -509,10 +509,10 @@ def test_strips_transposed_in_registers(dtype, isa):
         check_exact(core.matmul(x, y, transpose_y=True), ref(x, y, False, False, True, False))
 
 
-def check_straight_runs(rng, cases, dtype, on_stationary):
-    """Each (m, n, k) of `cases` against float64 with the straight-through row runs on and
-    off: B and Bᵀ, A transposed and with K stride 2. on_stationary(m, n, k): whether the
-    product must be on the stationary family."""
+def check_straight_runs(rng, cases, dtype, on_stationary, switch=core.set_one_strip_runs):
+    """Each (m, n, k) of `cases` against float64 with a kernel path on and off (`switch`,
+    by default the straight-through row runs): B and Bᵀ, A transposed and with K stride 2.
+    on_stationary(m, n, k): whether the product must be on the stationary family."""
     for m, n, k in cases:
         x, y = ints(rng, (3, m, k), dtype), ints(rng, (3, k, n), dtype)
         xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
@@ -523,13 +523,13 @@ def check_straight_runs(rng, cases, dtype, on_stationary):
             assert core.kernel_for(x, y) == "stationary", (m, n, k)
         try:
             for on in (True, False):
-                core.set_one_strip_runs(on)
+                switch(on)
                 check_exact(core.matmul(x, y), want)
                 check_exact(core.matmul(x, yt, transpose_y=True), want)
                 check_exact(core.matmul(xt, y, transpose_x=True), want)
                 check_exact(core.matmul(xs, y), want_s)
         finally:
-            core.set_one_strip_runs(True)
+            switch(True)
 
 
 # Products whose output rows fit one strip run straight through on the row kernel (real,
@@ -589,26 +589,11 @@ def test_complex_stationary_kernels_conjugate(flags):
 def test_bf16_dot_every_shape(isa):
     if not (isa == "avx512" and core.set_bf16_dot(True)):
         pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
-    rng = np.random.default_rng(29)
-    bf = ml_dtypes.bfloat16
     cases = [(m, n, k) for m in (1, 3, 4, 7, 8, 13, 70)
              for n in (2, 5, 8, 9, 15, 16, 17, 33, 48, 63, 64, 65, 100, 130)
              for k in (1, 2, 3, 8, 15, 16, 17, 31, 32)]
-    try:
-        for m, n, k in cases:
-            x, y = ints(rng, (2, m, k), bf), ints(rng, (2, k, n), bf)
-            xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
-            yt = np.ascontiguousarray(np.swapaxes(y, -1, -2))
-            xs = ints(rng, (2, m, 2 * k), bf)[..., ::2]  # A's K stride 2
-            want, want_s = ref(x, y), ref(xs, y)
-            for on in (True, False):
-                core.set_bf16_dot(on)
-                check_exact(core.matmul(x, y), want)
-                check_exact(core.matmul(x, yt, transpose_y=True), want)
-                check_exact(core.matmul(xt, y, transpose_x=True), want)
-                check_exact(core.matmul(xs, y), want_s)
-    finally:
-        core.set_bf16_dot(True)
+    check_straight_runs(np.random.default_rng(29), cases, ml_dtypes.bfloat16,
+                        lambda m, n, k: False, switch=core.set_bf16_dot)
 
 
 # The packed family's bfloat16 plans on the dot product: K past the stationary kernels
