@@ -533,14 +533,15 @@ def check_straight_runs(rng, cases, dtype, on_stationary, switch=core.set_one_st
 
 
 # Products whose output rows fit one strip run straight through on the row kernel (real,
-# K <= 16, M <= 64): every M across its groups of 4 rows and past its limit, every N up to
-# one past a strip, B and Bᵀ, A transposed or strided, with that path on and off.
+# K <= 16, M <= 64): every M across its groups of 8 and 4 rows and past its limit, N across
+# the half-width strips (up to half a vector) and the full ones and one past a strip, B and
+# Bᵀ, A transposed or strided, with that path on and off.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_one_strip_runs_every_shape(dtype, isa):
     lanes = 64 // max(np.dtype(dtype).itemsize, 4)
     cases = [(m, n, k) for m in (1, 2, 3, 4, 5, 7, 8, 9, 23, 64, 65)
-             for n in (2, 3, 5, lanes - 1, lanes, lanes + 1)
+             for n in (2, 3, 5, lanes // 2, lanes // 2 + 1, lanes - 1, lanes, lanes + 1)
              for k in (1, 3, 5, 8, 9, 12, 16, 17)]
     check_straight_runs(
         np.random.default_rng(27), cases, dtype,
@@ -549,14 +550,16 @@ def test_one_strip_runs_every_shape(dtype, isa):
 
 # Products whose output rows span two to four strips run in blocks of rows on the row kernel
 # (real, AVX-512, M >= 4): every M across its blocks (8 or 4, then 2 and 1 rows), N across
-# the strips' widths and one past the fourth, K up to one past the stationary limit, B and Bᵀ,
+# the strips' widths (the last strip half-width up to half a vector) and one past the
+# fourth, K up to one past the stationary limit, B and Bᵀ,
 # A transposed or strided, with that path on and off.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_strip_blocks_every_shape(dtype, isa):
     lanes = 64 // max(np.dtype(dtype).itemsize, 4)
     cases = [(m, n, k) for m in (3, 4, 5, 8, 11, 12, 13, 16, 23)
-             for n in (lanes + 1, lanes + 3, 2 * lanes, 2 * lanes + 1, 3 * lanes,
+             for n in (lanes + 1, lanes + 3, lanes + lanes // 2, lanes + lanes // 2 + 1,
+                       2 * lanes, 2 * lanes + 1, 3 * lanes, 3 * lanes + lanes // 2,
                        4 * lanes - 1, 4 * lanes, 4 * lanes + 1)
              for k in (1, 5, 16, 17, 32, 33)]
     check_straight_runs(

@@ -360,6 +360,27 @@ constexpr int kRowKernelMaxFewRows = kVecBytes == 64 ? 3 : 0;
 // Elements per strip.
 template <DType D>
 constexpr int kStripLanes = kVecBytes / sizeof(typename Traits<D>::R) / kScalars<D>;
+// A strip of at most half a vector's lanes (OneStripRun's N <= 8 floats, BlockRun's last
+// strip) is held in half-width registers on AVX-512: Zen 4 executes a 512-bit FMA as two
+// 256-bit halves on its two FMA pipes, so a zmm whose upper half is masked off costs as
+// much as a full one and a ymm half of that; where the 512-bit units are full width (Intel
+// server cores) ymm FMAs issue at the same rate as zmm ones. B transposed needs the
+// half-width register transpose (float32; float64 keeps full strips there). Not for
+// float16 / bfloat16, whose widening conversions bound them: float16 20³ level (0.98×).
+// Against full strips (2026-12-05, AMD EPYC Zen 4, one thread, _smallmm_core.matmul, ~2M
+// elements per operand, ns per product): float32 20³ 288 -> 215, 24³ 409 -> 301, with Bᵀ
+// 433 -> 334, 32×16·16×24 356 -> 270, 8³ 26 -> 23, 32×8·8×8 77 -> 61, 7³ 21 -> 18;
+// float64 12³ 126 -> 106. The TF op (2 threads, 8M elements per operand, 11 rounds against
+// the bandwidth floor): n = 20 1.81 -> 1.61-1.68× the floor, 24 1.90 -> 1.54-1.61×, 8
+// 1.64 -> 1.40-1.46×, 7 1.67 -> 1.49-1.55×.
+template <DType D, int W>
+constexpr bool kHalfStrip =
+    kVecBytes == 64 && kStoredAsAcc<D> && W * sizeof(typename Traits<D>::R) == 32;
+template <DType D>
+inline bool HalfStripFits(const GemmPlan& p, int64_t lanes) {
+  constexpr int kHalf = kStripLanes<D> / 2;
+  return kHalfStrip<D, kHalf> && lanes <= kHalf && (p.b_cs == 1 || kShuffleStrip<D, kHalf>);
+}
 // BlockRun's products: N of two to four strips (17-64 floats or 16-bit elements, 9-32
 // doubles), at least 4 rows (fewer wait on their few FMA chains, where the general path
 // splits each column's sum in four), real types, AVX-512 (where it was measured).
@@ -403,10 +424,10 @@ __attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
   AccVec<D, W> acc[R] = {};  // from +0 like every GEMM (-0 · 1 = +0)
 #pragma GCC unroll 32
   for (int l = 0; l < K; ++l) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] += s[l] * Traits<D>::Load(a + r * ars, l * ls);
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) StoreLanes<D, W>(c + r * crs, acc[r], n);
 }
 
@@ -415,7 +436,8 @@ __attribute__((always_inline)) inline void OneStripRows(const AccVec<D, W>* s,
 // is loaded and A's rows stream past it, one product straight after another. The general
 // path (StationaryRows -> StationaryStrips -> StationaryStrip -> StationaryStream) spends
 // more on its layers than on a 5×5×5 product's 25 FMAs. Paired in one process against it
-// (see kOneStripMaxK).
+// (see kOneStripMaxK). Half-width strips (kHalfStrip) take 8 rows at a time: ymm FMAs
+// issue two per cycle, so 8 chains cover their latency where 4 covered a zmm's.
 template <DType D, int W, int K, bool kUnit>
 void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b,
                  int64_t bo, int64_t sb, void* c, int64_t co, int64_t sc, int64_t count,
@@ -429,6 +451,13 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
     AccVec<D, W> s[K];
     LoadStrip<D, W, K, true>(Side{b, bo + t * sb, p.b_cs, p.b_rs, false}, s, n);
     int64_t i = 0;
+    if constexpr (kHalfStrip<D, W>) {
+      for (; i + 8 <= m; i += 8) {
+        ahead.Step();
+        ahead.Step();
+        OneStripRows<8, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
+      }
+    }
     for (; i + 4 <= m; i += 4) {
       ahead.Step();
       OneStripRows<4, kUnit, D, W, K>(s, ap + i * ars, ars, acs, cp + i * crs, crs, n);
@@ -440,37 +469,42 @@ void OneStripRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const
   }
 }
 
-// Rows i..i+R-1 of one product against S strips held in memory (s[q][l]: strip q's
-// vector for k step l; the last strip `last` lanes wide): R·S accumulators, and each k step
-// loads the S strip vectors and one element of each row, each element feeding S FMAs.
-template <int R, int S, bool kUnit, DType D, int W, int K>
+// Rows i..i+R-1 of one product against S strips held in memory (s[q][l]: full strip q's
+// vector for k step l, q < S - 1; e[l]: the last strip's, `last` of its WL lanes used):
+// R·S accumulators, and each k step loads the S strip vectors and one element of each
+// row, each element feeding S FMAs.
+template <int R, int S, bool kUnit, DType D, int W, int WL, int K>
 __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
-                                                     const StorageOf<D>* a, int64_t ars,
-                                                     int64_t acs, void* c, int64_t co,
+                                                     const AccVec<D, WL>* e, const StorageOf<D>* a,
+                                                     int64_t ars, int64_t acs, void* c, int64_t co,
                                                      int64_t crs, int last, bool stream) {
   using V = AccVec<D, W>;
+  using E = AccVec<D, WL>;
   const int64_t ls = kUnit ? 1 : acs;
-  V acc[R][S] = {};  // from +0 like every GEMM (-0 · 1 = +0)
+  V acc[R][S - 1] = {};  // from +0 like every GEMM (-0 · 1 = +0)
+  E acc_e[R] = {};
 #pragma GCC unroll 2
   for (int l = 0; l < K; ++l) {
-    V v[S];
+    V v[S - 1];
 #pragma GCC unroll 4
-    for (int q = 0; q < S; ++q) v[q] = s[q][l];
+    for (int q = 0; q + 1 < S; ++q) v[q] = s[q][l];
+    const E u = e[l];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const auto x = Traits<D>::Load(a + r * ars, l * ls);
 #pragma GCC unroll 4
-      for (int q = 0; q < S; ++q) acc[r][q] += v[q] * x;
+      for (int q = 0; q + 1 < S; ++q) acc[r][q] += v[q] * x;
+      acc_e[r] += u * x;
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int q = 0; q + 1 < S; ++q) PutLanes<D, W, false>(c, co + r * crs + q * W, acc[r][q], stream, W);
-    if (last == W) {
-      PutLanes<D, W, false>(c, co + r * crs + (S - 1) * W, acc[r][S - 1], stream, W);
+    if (last == WL) {
+      PutLanes<D, WL, false>(c, co + r * crs + (S - 1) * W, acc_e[r], stream, WL);
     } else {
-      PutLanes<D, W, true>(c, co + r * crs + (S - 1) * W, acc[r][S - 1], stream, last);
+      PutLanes<D, WL, true>(c, co + r * crs + (S - 1) * W, acc_e[r], stream, last);
     }
   }
 }
@@ -491,7 +525,7 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against them (same
 // timing): float32 5×32·32×32 1.7-2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 5×16·16×40 2.0×,
 // 4×32·32×32 1.05×; float16 3.3-6.6×.
-template <DType D, int W, int S, int K, bool kUnit>
+template <DType D, int W, int S, int K, bool kUnit, int WL = W>
 void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
               int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream,
               RunAhead<D>& ahead) {
@@ -501,39 +535,49 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
   const StorageOf<D>* ap = static_cast<const StorageOf<D>*>(a) + ao;
   for (int64_t t = 0; t < count; ++t, ap += sa, co += sc) {
     ahead.Product(t);
-    AccVec<D, W> s[S][K];
+    AccVec<D, W> s[S - 1][K];
+    AccVec<D, WL> e[K];
 #pragma GCC unroll 4
     for (int q = 0; q + 1 < S; ++q) {
       LoadStrip<D, W, K, false>(Side{b, bo + t * sb + q * W * p.b_cs, p.b_cs, p.b_rs, false}, s[q],
                                 W);
     }
-    LoadStrip<D, W, K, true>(Side{b, bo + t * sb + (S - 1) * W * p.b_cs, p.b_cs, p.b_rs, false},
-                             s[S - 1], last);
+    LoadStrip<D, WL, K, true>(Side{b, bo + t * sb + (S - 1) * W * p.b_cs, p.b_cs, p.b_rs, false}, e,
+                              last);
     int64_t i = 0;
     for (; i + R <= m; i += R) {
       ahead.Upto(i + R, m);
-      BlockRows<R, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream);
+      BlockRows<R, S, kUnit, D, W, WL, K>(s, e, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                          stream);
     }
     if constexpr (R > 4) {
       if (i + 4 <= m) {
         ahead.Upto(i + 4, m);
-        BlockRows<4, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                        stream);
+        BlockRows<4, S, kUnit, D, W, WL, K>(s, e, ap + i * ars, ars, acs, c, co + i * crs, crs,
+                                            last, stream);
         i += 4;
       }
     }
     if (i + 2 <= m) {
-      BlockRows<2, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream);
+      BlockRows<2, S, kUnit, D, W, WL, K>(s, e, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                          stream);
       i += 2;
     }
     if (i < m) {
-      BlockRows<1, S, kUnit, D, W, K>(s, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
-                                      stream);
+      BlockRows<1, S, kUnit, D, W, WL, K>(s, e, ap + i * ars, ars, acs, c, co + i * crs, crs, last,
+                                          stream);
     }
     ahead.Flush();
   }
+}
+
+// BlockRun with the last strip full or (half) in half-width registers (kHalfStrip).
+template <DType D, int VL, int S, int K, bool kUnit>
+auto BlockRunFn(bool half) {
+  if constexpr (kHalfStrip<D, VL / 2>) {
+    if (half) return &BlockRun<D, VL, S, K, kUnit, VL / 2>;
+  }
+  return &BlockRun<D, VL, S, K, kUnit>;
 }
 
 // The largest K and M of OneStripRun. Paired in one process against the general path
@@ -604,6 +648,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   // Products t0 .. t0+n-1 into out, the first at offset oo.
   const bool one_strip = OneStripFits<D, K>(p, col, stream);
   const bool block = BlockFits<D>(p, col);
+  const bool half = HalfStripFits<D>(p, p.n - (p.n - 1) / VL * VL);  // the last strip's lanes
 #if SMALLMM_BF16_DOT
   const bool pair_dot = D == DType::kBFloat16 && PairDotFits(p, col);
 #endif
@@ -626,18 +671,23 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     if constexpr (kOneStrip<D, K>) {
       if (one_strip) {
         auto* fn = p.a_cs == 1 ? &OneStripRun<D, VL, K, true> : &OneStripRun<D, VL, K, false>;
+        if constexpr (kHalfStrip<D, VL / 2>) {
+          if (half)
+            fn = p.a_cs == 1 ? &OneStripRun<D, VL / 2, K, true> : &OneStripRun<D, VL / 2, K, false>;
+        }
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
       }
     }
     if constexpr (kBlockRun<D>) {
       if (block) {
         const int strips = int((p.n + VL - 1) / VL);
-        auto* fn = strips == 2   ? (p.a_cs == 1 ? &BlockRun<D, VL, 2, K, true>
-                                                : &BlockRun<D, VL, 2, K, false>)
-                   : strips == 3 ? (p.a_cs == 1 ? &BlockRun<D, VL, 3, K, true>
-                                                : &BlockRun<D, VL, 3, K, false>)
-                                 : (p.a_cs == 1 ? &BlockRun<D, VL, 4, K, true>
-                                                : &BlockRun<D, VL, 4, K, false>);
+        auto pick = [&](auto unit) {
+          constexpr bool kUnit = decltype(unit)::value;
+          return strips == 2   ? BlockRunFn<D, VL, 2, K, kUnit>(half)
+                 : strips == 3 ? BlockRunFn<D, VL, 3, K, kUnit>(half)
+                               : BlockRunFn<D, VL, 4, K, kUnit>(half);
+        };
+        auto* fn = p.a_cs == 1 ? pick(std::true_type()) : pick(std::false_type());
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream, ahead);
       }
     }
