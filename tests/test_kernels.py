@@ -447,6 +447,31 @@ def test_bf16_dot_product_flushes_subnormals(isa):
                                        atol=2 * np.finfo(np.float32).tiny)
 
 
+def test_bf16_dot_rounds_ties_to_even_and_overflows_to_inf(isa):
+    # The dot product kernel rounds its float32 sums with the CPU's own conversion
+    # (vcvtneps2bf16): sums exactly halfway between two bfloat16 go to the even one, a sum
+    # past the largest bfloat16 (halfway or more) to Inf, Inf - Inf is NaN. K = 2,
+    # rows (1, s) · (1, 1)ᵀ: each sum exact in float32, so the want is it rounded once.
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    bf = ml_dtypes.bfloat16
+    big = float(ml_dtypes.finfo(bf).max)
+    rows = [(1, 2.0**-8), (1 + 2.0**-7, 2.0**-8), (-1, -(2.0**-8)), (-1 - 2.0**-7, -(2.0**-8)),
+            (1, 2.0**-9), (1 + 2.0**-7, 2.0**-9), (big, 2.0**119), (-big, -(2.0**119)),
+            (big, 2.0**118), (np.inf, 0), (np.inf, -np.inf), (3, -3), (0.1, 0.2)]
+    x = np.array(rows, np.float32).astype(bf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = x.astype(np.float32).sum(axis=1)  # exact in float32
+    for n in (5, 20):  # the half-width strip and two strips
+        y = np.ones((2, n), bf)
+        assert core.kernel_for(x, y) == "stationary"
+        got = core.matmul(x, y).astype(np.float32)
+        want = np.repeat(sums.astype(bf).astype(np.float32)[:, None], n, axis=1)
+        np.testing.assert_array_equal(got, want)
+    assert np.isposinf(want[6]).all() and np.isneginf(want[7]).all() and np.isnan(want[10]).all()
+    assert want[0, 0] == 1 and want[1, 0] == 1 + 2.0**-6 and want[8, 0] == big
+
+
 # Streamed columns at least 1024 elements apart (the capsule prediction's u[b, i, :]) are
 # copied to a contiguous 16 KiB buffer, a block of columns at a time, where more than one
 # strip reads them: one block, several blocks and a partial last one, K read in place and

@@ -128,6 +128,31 @@ SMALLMM_BF16_TARGET __attribute__((always_inline)) inline typename VecOf<float, 
   }
 }
 
+// The first n of L float32 accumulators rounded to bfloat16 at c, by the CPU's own
+// conversion (vcvtneps2bf16): to nearest even, NaN kept quiet, as Rounded() (common.h)
+// computes it with integer operations, a dozen instructions per vector against one. The
+// instruction also reads subnormal inputs as zero, which these accumulators never hold:
+// vdpbf16ps flushes its results to zero. With Rounded(), products of few pairs were bound
+// by their stores: [65536, 2] · [2, 32] took longer than float32, which writes twice the
+// bytes (239 against 165 µs). Against it (2026-12-05, AMD EPYC, one thread,
+// _smallmm_core.matmul [65536, K] · [K, 32], old and new builds in alternate processes):
+// K = 2 239 -> 85-91 µs, 3 279-282 -> 116-121, 4 269-271 -> 100-116, 8 342 -> 167-256;
+// the TF op (2 threads) against tf.matmul, [2048, 32, 3] · [3, 32] 0.80 -> 1.06×,
+// [3640, 24, 24] · [24, 24] 0.90 -> 1.06×.
+template <int L>
+SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void StorePairLanes(
+    uint16_t* c, const typename VecOf<float, L>::type& acc, int n) {
+  using U16 = typename VecOf<uint16_t, L>::type;
+  U16 v;
+  if constexpr (L == 16) {
+    v = (U16)_mm512_cvtneps_pbh((__m512)acc);
+  } else {
+    v = (U16)_mm256_cvtneps_pbh((__m256)acc);
+  }
+  if (n == L) return StoreVec(c, v);
+  StorePartial(c, v, n);
+}
+
 // Rows i..i+R-1 of one product (A's row i at a) against S strips of pair vectors: R·S
 // float32 accumulators, each pair step loading the S strip vectors once and one word of
 // each row, each word feeding S dot products. C's row i at c; the last strip `last`
@@ -166,7 +191,7 @@ SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void PairRows(
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int q = 0; q < S; ++q) {
-      StoreLanes<DType::kBFloat16, L>(c + r * crs + q * L, acc[r][q], q + 1 < S ? L : last);
+      StorePairLanes<L>(c + r * crs + q * L, acc[r][q], q + 1 < S ? L : last);
     }
   }
 }
