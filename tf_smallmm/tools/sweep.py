@@ -540,9 +540,10 @@ def roofline(rounds, quick):
         a, b = _tensor((count, n, n), tf.float32, 1), _tensor((count, n, n), tf.float32, 2)
         # Two-argument functions on both sides, like the floor's probe: tf.function binds
         # each call's arguments to the wrapped signature in Python, and matmul's ten
-        # parameters cost ~0.4 ms a call more than a lambda's two (1×2×2 operands, 300
-        # calls: tf.function(tf.linalg.matmul) 0.80 ms, of lambda a, b: tf.linalg.matmul(a,
-        # b) 0.39 ms; AMD EPYC, TF 2.21, 2026-12-05), time the op itself does not take.
+        # parameters cost ~0.3 ms a call more than a lambda's two (1×2×2 operands, 300
+        # interleaved calls, two runs: tf.function(tf.linalg.matmul) 0.56-0.59 ms, of
+        # lambda a, b: tf.linalg.matmul(a, b) 0.25-0.26 ms, ours alike; AMD EPYC, TF 2.21,
+        # 2026-12-05), time the op itself does not take.
         ours = tf.function(lambda a, b: smm.matmul(a, b))
         base = tf.function(lambda a, b: tf.linalg.matmul(a, b))
         moved = 3 * count * n * n * 4  # read A and B, write C
