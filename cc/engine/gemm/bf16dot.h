@@ -143,14 +143,11 @@ template <int L>
 SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void StorePairLanes(
     uint16_t* c, const typename VecOf<float, L>::type& acc, int n) {
   using U16 = typename VecOf<uint16_t, L>::type;
-  U16 v;
   if constexpr (L == 16) {
-    v = (U16)_mm512_cvtneps_pbh((__m512)acc);
+    StoreFirst(c, (U16)_mm512_cvtneps_pbh((__m512)acc), n);
   } else {
-    v = (U16)_mm256_cvtneps_pbh((__m256)acc);
+    StoreFirst(c, (U16)_mm256_cvtneps_pbh((__m256)acc), n);
   }
-  if (n == L) return StoreVec(c, v);
-  StorePartial(c, v, n);
 }
 
 // Rows i..i+R-1 of one product (A's row i at a) against S strips of pair vectors: R·S

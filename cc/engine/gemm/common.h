@@ -164,6 +164,12 @@ inline void StorePartial(R* p, const V& v, int n) {
   memcpy(lanes, &v, sizeof(V));
   for (int i = 0; i < n; ++i) p[i] = lanes[i];
 }
+// The first n lanes of v at p: the whole vector in one store where n is all of them.
+template <typename V, typename R>
+inline void StoreFirst(R* p, const V& v, int n) {
+  if (n == int(sizeof(V) / sizeof(R))) return StoreVec(p, v);
+  StorePartial(p, v, n);
+}
 
 // float16 / bfloat16 elements p[0..n) widened to a vector of W floats, and a vector of W
 // floats rounded into p[0..n) (0 <= n <= W; the other lanes read as zero and are never
@@ -220,9 +226,7 @@ inline typename VecOf<float, W>::type LoadWidened(const uint16_t* p, int n) {
 }
 template <DType D, int W>
 inline void StoreRounded(uint16_t* p, const typename VecOf<float, W>::type& f, int n) {
-  const typename VecOf<uint16_t, W>::type v = Rounded<D, W>(f);
-  if (n == W) return StoreVec(p, v);
-  StorePartial(p, v, n);
+  StoreFirst(p, Rounded<D, W>(f), n);
 }
 
 // n <= L storage scalars of dtype D at p as a vector of its accumulation type (the other
@@ -245,8 +249,7 @@ inline AccVec<D, L> LoadLanes(const StorageOf<D>* p, int n) {
 template <DType D, int L>
 inline void StoreLanes(StorageOf<D>* p, const AccVec<D, L>& v, int n) {
   if constexpr (kStoredAsAcc<D>) {
-    if (n == L) return StoreVec(p, v);
-    StorePartial(p, v, n);
+    StoreFirst(p, v, n);
   } else {
     StoreRounded<D, L>(p, v, n);
   }
