@@ -639,8 +639,8 @@ def markdown(rows, controls, roof, args, seconds, image):
                   (f"Forward, ~8M elements per operand, float32: A and B read, C written. "
                    f"Each figure is the median over rounds that time ours, tf.matmul and "
                    f"the floor back to back, each a tf.function of two arguments; "
-                   f"{FLOOR_METHOD}. 'floor GB/s' is the bandwidth "
-                   f"that floor stands for."), "",
+                   f"{FLOOR_METHOD}. 'floor GB/s' is the bandwidth that floor stands for."),
+                  "",
                   ("| n | batch | ours ms | floor ms | floor GB/s | ours ×floor | "
                    "tf.matmul / ours |"),
                   "|---:|---:|---:|---:|---:|---:|---:|"]
