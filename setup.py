@@ -47,6 +47,9 @@ ISA_FLAGS = {
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
 ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
+# gemm_isa.cc once more for an ISA, with extra flags: AVX-512's bfloat16 kernels alone on
+# the CPU's bfloat16 instructions (AVX512-BF16), chosen at run time (cc/engine/gemm.cc).
+ISA_VARIANTS = {"avx512": ("bf16", ["-mavx512bf16", "-DSMALLMM_BF16_ONLY"])}
 KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/execute.cc", "cc/engine/gemm.cc",
                   "cc/engine/isa.cc", "cc/engine/plan.cc", "cc/engine/routing.cc"]
 TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
@@ -268,6 +271,12 @@ class BuildSmallMM(build_ext):
             for isa in isas:
                 o = obj(f"{stem}_{isa}")
                 jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
+                core_objs.append(o)
+        for isa, (suffix, flags) in ISA_VARIANTS.items():
+            if isa in isas:
+                o = obj(f"gemm_{isa}_{suffix}")
+                jobs.append(base + ISA_FLAGS[isa] + flags +
+                            [f"-DSMALLMM_ISA={isa}", "-c", ISA_SOURCES[0], "-o", o])
                 core_objs.append(o)
         for src in KERNEL_SOURCES:
             jobs.append(base + ["-c", src, "-o", obj(src)])

@@ -394,23 +394,41 @@ def test_matvec_kernels_read_views_in_place():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
-def test_16bit_vector_conversions_round_like_numpy(dtype, isa):
+@pytest.mark.parametrize("bf16_instructions", [False, True], ids=["integer", "cpu"])
+def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa):
     # The matvec and stationary kernels widen and round float16 / bfloat16 a vector at a
     # time. A product of one term (K = 1) is exact in float32, so each output is that float32
     # rounded once: to nearest even, to Inf past the largest finite value, NaN kept, and
     # subnormals both ways. x holds every kind of 16-bit value (random bit patterns).
-    # (bfloat16 with the CPU's dot product flushes subnormals: see the test below.)
+    # bfloat16 rounds with integer operations, or with the CPU's conversion (AVX512-BF16)
+    # and the integer path for vectors holding a subnormal, which that instruction reads as
+    # zero; the row kernel is then the dot product, which flushes subnormals (see the test
+    # below), so there the stationary kernel is the column one (C contiguous along M: the
+    # capsule prediction's layout, the batch folded into N).
+    if bf16_instructions and not (dtype is ml_dtypes.bfloat16 and isa == "avx512"
+                                  and core.set_bf16_dot(True)):
+        pytest.skip("the CPU's bfloat16 conversion needs AVX512-BF16 and bfloat16")
     rng = np.random.default_rng(27)
-    x = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16).view(dtype)
+    # Random bit patterns, and bfloat16's special ones (few random bfloat16 patterns are):
+    # ±0, subnormals, the smallest normals (times |y| < 1: subnormal sums), the largest
+    # finite (times |y| > 1: Inf), ±Inf, quiet and signalling NaN.
+    special = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x0040, 0x007F, 0x0080, 0x8081, 0x00FF,
+                        0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFC1], np.uint16)
+    bits = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16)
+    x = np.concatenate([bits, np.broadcast_to(special[None, :, None], (3, 16, 1))], axis=1)
+    x = x.view(dtype)
+    cases = [(x, rng.standard_normal((3, 1, 1)).astype(dtype), "matvec"),
+             (x[None], rng.standard_normal((20, 3, 1, 1)).astype(dtype), "stationary")]
+    if not bf16_instructions:
+        cases.append((x, rng.standard_normal((3, 1, 20)).astype(dtype), "stationary"))
     dot = core.bf16_dot()
     try:
-        core.set_bf16_dot(False)
-        for n, family in ((1, "matvec"), (20, "stationary")):
-            y = rng.standard_normal((3, 1, n)).astype(dtype)
-            assert core.kernel_for(x, y) == family
+        core.set_bf16_dot(bf16_instructions)
+        for x_, y, family in cases:
+            assert core.kernel_for(x_, y) == family
             with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are wanted here
-                want = (x.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
-            np.testing.assert_array_equal(core.matmul(x, y).astype(np.float32),
+                want = (x_.astype(np.float32) @ y.astype(np.float32)).astype(dtype)
+            np.testing.assert_array_equal(core.matmul(x_, y).astype(np.float32),
                                           want.astype(np.float32))
     finally:
         core.set_bf16_dot(dot)

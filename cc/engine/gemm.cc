@@ -4,25 +4,36 @@
 #include "cc/engine/smallmm.h"
 
 namespace smallmm {
+namespace {
+
+// The active ISA's kernels for dtype d: bfloat16 on the ISA's build for the CPU's bfloat16
+// instructions where it has one and Bf16Dot() is on.
+const GemmKernels& Kernels(int d) {
+  const IsaKernels& isa = ActiveIsaKernels();
+  if (d == int(DType::kBFloat16) && isa.gemm_bf16 != nullptr && Bf16Dot()) return *isa.gemm_bf16;
+  return *isa.gemm;
+}
+
+}  // namespace
 
 bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void* b, void* c,
                     int64_t begin, int64_t end) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return false;
-  return ActiveIsaKernels().gemm->run[d](plan, a, b, c, begin, end);
+  return Kernels(d).run[d](plan, a, b, c, begin, end);
 }
 
 bool RunFusedPair(DType dtype, const FusedPair& pair, void* const c[2], int64_t begin,
                   int64_t end) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return false;
-  return ActiveIsaKernels().gemm->pair[d](pair, c, begin, end);
+  return Kernels(d).pair[d](pair, c, begin, end);
 }
 
 const char* KernelFor(DType dtype, const GemmPlan& plan) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return "invalid";
-  return ActiveIsaKernels().gemm->kernel_for[d](plan);
+  return Kernels(d).kernel_for[d](plan);
 }
 
 const char* const* KernelFamilies(int* count) {

@@ -12,12 +12,14 @@
 
 namespace smallmm {
 
-// Each ISA's tables, defined by its build of gemm/gemm_isa.cc and routing_isa.cc. Weak:
+// Each ISA's tables, defined by its builds of gemm/gemm_isa.cc (AVX-512's twice: the
+// second has the bfloat16 kernels for AVX512-BF16) and routing_isa.cc. Weak:
 // an ISA whose objects are not linked leaves its address null (hidden: resolved when the
 // library is linked, never by the dynamic loader).
-#define SMALLMM_ISA_DECLARE(name, check)                                                    \
-  extern const GemmKernels kGemmKernels_##name __attribute__((weak, visibility("hidden"))); \
-  extern const RoutingKernels kRoutingKernels_##name __attribute__((weak, visibility("hidden")));
+#define SMALLMM_ISA_DECLARE(name, check)                                                          \
+  extern const GemmKernels kGemmKernels_##name __attribute__((weak, visibility("hidden")));       \
+  extern const RoutingKernels kRoutingKernels_##name __attribute__((weak, visibility("hidden"))); \
+  extern const GemmKernels kGemmKernelsBf16_##name __attribute__((weak, visibility("hidden")));
 SMALLMM_ISAS(SMALLMM_ISA_DECLARE)
 #undef SMALLMM_ISA_DECLARE
 
@@ -48,7 +50,7 @@ bool CpuHasAvx512() {
 // Best first, as SMALLMM_ISAS lists them.
 const IsaKernels kIsas[kNumIsas] = {
 #define SMALLMM_ISA_ENTRY(name, check) \
-  {#name, &check, &kGemmKernels_##name, &kRoutingKernels_##name},
+  {#name, &check, &kGemmKernels_##name, &kRoutingKernels_##name, &kGemmKernelsBf16_##name},
     SMALLMM_ISAS(SMALLMM_ISA_ENTRY)
 #undef SMALLMM_ISA_ENTRY
 };

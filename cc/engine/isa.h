@@ -28,11 +28,15 @@ struct GemmKernels;     // gemm/gemm_kernels.h
 struct RoutingKernels;  // routing.h
 
 // What one ISA provides. `gemm` and `routing` are null for an ISA this build lacks.
+// `gemm_bf16`: the ISA's bfloat16 kernels built once more for CPUs with AVX512-BF16
+// (gemm/gemm_isa.cc SMALLMM_BF16_ONLY; AVX-512 only, null elsewhere), which ../gemm.cc runs
+// bfloat16 on where Bf16Dot() (smallmm.h) is on.
 struct IsaKernels {
   const char* name;
   bool (*cpu_has)();
   const GemmKernels* gemm;
   const RoutingKernels* routing;
+  const GemmKernels* gemm_bf16;
 };
 
 // The kernels of the active ISA (never null: the baseline is always compiled).

@@ -221,10 +221,11 @@ bool OneStripRuns();
 void SetRunPrefetch(bool on);
 bool RunPrefetch();
 
-// Whether bfloat16 products of the stationary row kernel and the packed family run on the
-// CPU's bfloat16 dot product instruction (AVX512-BF16, gemm/bf16dot.h) with the AVX-512
-// kernels. On by default where the CPU has it; SetBf16Dot(true) elsewhere leaves it off.
-// Returns the setting now in force.
+// Whether bfloat16 products run on the CPU's bfloat16 instructions (AVX512-BF16) with the
+// AVX-512 kernels: the dot product in the stationary row kernel and the packed family
+// (gemm/bf16dot.h), the conversion to bfloat16 in every kernel (gemm/common.h Rounded).
+// On by default where the CPU has them; SetBf16Dot(true) elsewhere leaves it off. Returns
+// the setting now in force.
 bool SetBf16Dot(bool on);
 bool Bf16Dot();
 

@@ -241,13 +241,14 @@ PYBIND11_MODULE(_smallmm_core, m) {
   m.def("set_run_prefetch", &smallmm::SetRunPrefetch, py::arg("on"),
         "Prefetch along runs of products by software (the default) or not: for A/B timing.");
   m.def("set_bf16_dot", &smallmm::SetBf16Dot, py::arg("on"),
-        "Run bfloat16 products of the stationary row kernel and the packed family on the "
-        "CPU's bfloat16 dot product (AVX512-BF16; the default where the CPU has it) or "
-        "widened to float32: for A/B timing and tests. Returns the setting now in force "
-        "(False without the extension).");
+        "Run bfloat16 products on the CPU's bfloat16 instructions (AVX512-BF16; the "
+        "default where the CPU has them): the dot product in the stationary row kernel and "
+        "the packed family, the conversion to bfloat16 everywhere; or widened to float32 and "
+        "rounded with integer operations: for A/B timing and tests. Returns the setting now "
+        "in force (False without the extension).");
   m.def("bf16_dot", &smallmm::Bf16Dot,
-        "Whether bfloat16 products of the stationary row kernel and the packed family use "
-        "the CPU's bfloat16 dot product (with the AVX-512 kernels).");
+        "Whether bfloat16 products run on the CPU's bfloat16 instructions (with the AVX-512 "
+        "kernels).");
   py::tuple dtype_names(smallmm::kNumDTypes);
   for (int i = 0; i < smallmm::kNumDTypes; ++i) {
     dtype_names[i] = smallmm::DTypeName(smallmm::DType(i));

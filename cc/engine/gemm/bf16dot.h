@@ -19,10 +19,10 @@
 // The packed family's bfloat16 plans take the same instruction (packed.h RunPackedPairs,
 // with the tiles and micro-kernel here).
 //
-// Compiled into the AVX-512 build only, each function with target("avx512bf16") (GCC's
-// intrinsics need it) and run only where the CPU reports the extension: the rest of that
-// build must still run on AVX-512 CPUs without it. Included only by stationary.h and
-// packed.h.
+// Compiled only into the AVX-512 build's bfloat16 kernels (gemm_isa.cc built once more with
+// -mavx512bf16 and SMALLMM_BF16_ONLY), which run bfloat16 where the CPU reports the
+// extension and Bf16Dot() is on (../gemm.cc); the AVX-512 build itself must still run on
+// CPUs without it. Included only by stationary.h and packed.h.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_BF16DOT_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_BF16DOT_H_
 
@@ -33,7 +33,7 @@
 #include "cc/engine/gemm/common.h"
 #include "cc/engine/gemm/streaming.h"
 
-#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__GNUC__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define SMALLMM_BF16_DOT 1
 #else
 #define SMALLMM_BF16_DOT 0
@@ -43,7 +43,6 @@ namespace smallmm {
 namespace {
 
 #if SMALLMM_BF16_DOT
-#define SMALLMM_BF16_TARGET __attribute__((target("avx512bf16")))
 
 using U16x16 = VecOf<uint16_t, 16>::type;
 using U16x32 = VecOf<uint16_t, 32>::type;
@@ -70,8 +69,7 @@ inline U16x32 Interleave(const U16x16& lo, const U16x16& hi) {
 // The pair vectors s[0 .. (k+1)/2) of B's columns 0..n-1 from b (n <= 16, k <= 32):
 // column v of B at b + v·cs, its element l at + l·rs; B row-major (cs == 1) or transposed
 // (rs == 1). Lanes past n are zero.
-SMALLMM_BF16_TARGET inline void LoadPairStrip(const uint16_t* b, int64_t rs, int64_t cs, int k,
-                                              int n, U16x32* s) {
+inline void LoadPairStrip(const uint16_t* b, int64_t rs, int64_t cs, int k, int n, U16x32* s) {
   if (cs == 1) {  // rows of B contiguous: interleave rows 2l and 2l + 1
     for (int l = 0; 2 * l < k; ++l) {
       const U16x16 lo = Load16(b + 2 * l * rs, n);
@@ -116,7 +114,7 @@ __attribute__((always_inline)) inline uint32_t PairWord(const uint16_t* row, int
 
 // acc + Σ of the pair products of v's lanes and the pair word w, in L float32 lanes.
 template <int L>
-SMALLMM_BF16_TARGET __attribute__((always_inline)) inline typename VecOf<float, L>::type Dot2(
+__attribute__((always_inline)) inline typename VecOf<float, L>::type Dot2(
     const typename VecOf<float, L>::type& acc, const typename VecOf<uint16_t, 2 * L>::type& v,
     uint32_t w) {
   if constexpr (L == 16) {
@@ -129,19 +127,19 @@ SMALLMM_BF16_TARGET __attribute__((always_inline)) inline typename VecOf<float, 
 }
 
 // The first n of L float32 accumulators rounded to bfloat16 at c, by the CPU's own
-// conversion (vcvtneps2bf16): to nearest even, NaN kept quiet, as Rounded() (common.h)
-// computes it with integer operations, a dozen instructions per vector against one. The
-// instruction also reads subnormal inputs as zero, which these accumulators never hold:
-// vdpbf16ps flushes its results to zero. With Rounded(), products of few pairs were bound
-// by their stores: [65536, 2] · [2, 32] took longer than float32, which writes twice the
-// bytes (239 against 165 µs). Against it (2026-12-05, AMD EPYC, one thread,
-// _smallmm_core.matmul [65536, K] · [K, 32], old and new builds in alternate processes):
-// K = 2 239 -> 85-91 µs, 3 279-282 -> 116-121, 4 269-271 -> 100-116, 8 342 -> 167-256;
-// the TF op (2 threads) against tf.matmul, [2048, 32, 3] · [3, 32] 0.80 -> 1.06×,
+// conversion (vcvtneps2bf16), as Rounded() (common.h) does in this build but without its
+// check for subnormal lanes, which these accumulators never hold: vdpbf16ps flushes its
+// results to zero. With the integer rounding (a dozen instructions per vector), products
+// of few pairs were bound by their stores: [65536, 2] · [2, 32] took longer than float32,
+// which writes twice the bytes (239 against 165 µs). Against it (2026-12-05, AMD EPYC,
+// one thread, _smallmm_core.matmul [65536, K] · [K, 32], old and new builds in alternate
+// processes): K = 2 239 -> 85-91 µs, 3 279-282 -> 116-121, 4 269-271 -> 100-116, 8 342 ->
+// 167-256; the TF op (2 threads) against tf.matmul, [2048, 32, 3] · [3, 32] 0.80 -> 1.06×,
 // [3640, 24, 24] · [24, 24] 0.90 -> 1.06×.
 template <int L>
-SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void StorePairLanes(
-    uint16_t* c, const typename VecOf<float, L>::type& acc, int n) {
+__attribute__((always_inline)) inline void StorePairLanes(uint16_t* c,
+                                                          const typename VecOf<float, L>::type& acc,
+                                                          int n) {
   using U16 = typename VecOf<uint16_t, L>::type;
   if constexpr (L == 16) {
     StoreFirst(c, (U16)_mm512_cvtneps_pbh((__m512)acc), n);
@@ -157,9 +155,9 @@ SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void StorePairLanes(
 // low halves of the strip's (AMD Zen 4 runs a zmm instruction as two ymm halves, so 8
 // columns in a zmm would waste half its time).
 template <int R, int S, bool kUnit, int L = kPairLanes>
-SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void PairRows(
-    const U16x32 (*s)[kPairMaxPairs], int k, const uint16_t* a, int64_t ars, int64_t acs,
-    uint16_t* c, int64_t crs, int last) {
+__attribute__((always_inline)) inline void PairRows(const U16x32 (*s)[kPairMaxPairs], int k,
+                                                    const uint16_t* a, int64_t ars, int64_t acs,
+                                                    uint16_t* c, int64_t crs, int last) {
   static_assert(L == kPairLanes || S == 1, "half-width rows have one strip");
   using F = typename VecOf<float, L>::type;
   using P = typename VecOf<uint16_t, 2 * L>::type;
@@ -196,8 +194,8 @@ SMALLMM_BF16_TARGET __attribute__((always_inline)) inline void PairRows(
 // Columns 0..n-1 of one product (16·(S-1) < n <= 16·S; n <= L) for all its m rows: B's
 // columns from b, A's rows from a, C's from c.
 template <int S, bool kUnit, int L = kPairLanes>
-SMALLMM_BF16_TARGET void PairColumns(const GemmPlan& p, const uint16_t* a, const uint16_t* b,
-                                     uint16_t* c, int n, RunAhead<DType::kBFloat16>& ahead) {
+void PairColumns(const GemmPlan& p, const uint16_t* a, const uint16_t* b, uint16_t* c, int n,
+                 RunAhead<DType::kBFloat16>& ahead) {
   constexpr int R = S <= 2 ? 8 : 4;  // rows per block: 8-16 accumulators
   const int k = int(p.k);
   const int64_t m = p.m, ars = p.a_rs, acs = p.a_cs, crs = p.c_rs;
@@ -230,9 +228,9 @@ SMALLMM_BF16_TARGET void PairColumns(const GemmPlan& p, const uint16_t* a, const
 // bo + t·sb and its output at co + t·sc (a DirectFn run): each product's columns in
 // blocks of up to 64, each block's strips loaded once and A's rows streamed past them.
 template <bool kUnit>
-SMALLMM_BF16_TARGET void PairRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa,
-                                 const void* b, int64_t bo, int64_t sb, void* c, int64_t co,
-                                 int64_t sc, int64_t count, RunAhead<DType::kBFloat16>& ahead) {
+void PairRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
+             int64_t sb, void* c, int64_t co, int64_t sc, int64_t count,
+             RunAhead<DType::kBFloat16>& ahead) {
   constexpr int64_t kBlock = kPairMaxStrips * kPairLanes;
   const uint16_t* ap = static_cast<const uint16_t*>(a) + ao;
   const uint16_t* bp = static_cast<const uint16_t*>(b) + bo;
@@ -320,8 +318,7 @@ inline void PackPairs(const uint16_t* x, int64_t off, int64_t rows, int64_t k, i
 
 // One MT × 16·S tile: acc[i][16q + v] (+)= Σ_pairs a[pair][i] · b[pair][16q + v].
 template <int MT, int S>
-SMALLMM_BF16_TARGET void PairMicro(int64_t pairs, const uint32_t* a, const uint32_t* b, float* acc,
-                                   bool accumulate) {
+void PairMicro(int64_t pairs, const uint32_t* a, const uint32_t* b, float* acc, bool accumulate) {
   F32x16 c[MT][S];
 #pragma GCC unroll 8
   for (int i = 0; i < MT; ++i) {
@@ -359,12 +356,11 @@ constexpr PairMicroFn kPairMicros[4][2] = {{&PairMicro<1, 1>, &PairMicro<1, 2>},
 // The row class (index into kPairMicros) and width of a tile holding n <= 8 rows.
 inline int PairRowClass(int64_t n) { return n <= 1 ? 0 : n <= 2 ? 1 : n <= 4 ? 2 : 3; }
 
-// Whether PairRun computes a plan of the row kernel: bfloat16 where the CPU has the
-// instruction (and Bf16Dot() is on), K within the strips, C's rows contiguous, A's rows
-// near each other (far ones take the general path, which copies or prefetches them), and
-// B read along rows or columns.
+// Whether PairRun computes a plan of the row kernel: K within the strips, C's rows contiguous, A's
+// rows near each other (far ones take the general path, which copies or prefetches them), and B
+// read along rows or columns.
 inline bool PairDotFits(const GemmPlan& p, bool col) {
-  return Bf16Dot() && !col && p.k <= 2 * kPairMaxPairs && p.c_cs == 1 && NearStride(p.a_rs) &&
+  return !col && p.k <= 2 * kPairMaxPairs && p.c_cs == 1 && NearStride(p.a_rs) &&
          (p.b_cs == 1 || p.b_rs == 1);
 }
 #endif  // SMALLMM_BF16_DOT

@@ -56,7 +56,7 @@ constexpr KernelFamily<D> kFamilies[] = {
     {"packed", &CanPacked<D>, &RunPacked<D>},
 };
 constexpr int kNumFamilies =
-    int(sizeof(kFamilies<DType::kFloat>) / sizeof(KernelFamily<DType::kFloat>));
+    int(sizeof(kFamilies<DType::kBFloat16>) / sizeof(KernelFamily<DType::kBFloat16>));
 
 template <DType D>
 const KernelFamily<D>& FamilyFor(const GemmPlan& p) {
@@ -83,36 +83,70 @@ const char* KernelFor(const GemmPlan& p) {
   return FamilyFor<D>(p).name;
 }
 
-// The families' names, in order (every dtype's table has the same rows).
+// The families' names, in order (every dtype's table has the same rows; bfloat16's, the
+// one dtype every build of this file instantiates).
 struct FamilyNames {
   const char* names[kNumFamilies];
 };
 constexpr FamilyNames MakeFamilyNames() {
   FamilyNames n{};
-  for (int i = 0; i < kNumFamilies; ++i) n.names[i] = kFamilies<DType::kFloat>[i].name;
+  for (int i = 0; i < kNumFamilies; ++i) n.names[i] = kFamilies<DType::kBFloat16>[i].name;
   return n;
 }
 constexpr FamilyNames kFamilyNames = MakeFamilyNames();
+
+// Built once more for the AVX-512 ISA with -mavx512bf16 and SMALLMM_BF16_ONLY (setup.py
+// ISA_VARIANTS): the bfloat16 kernels alone, on the CPU's bfloat16 dot product (bf16dot.h)
+// and conversion (common.h Rounded), as a second table that ../gemm.cc runs bfloat16 on
+// where the CPU has the extension and Bf16Dot() is on. That build instantiates no other
+// dtype: its other entries are null.
+#if defined(SMALLMM_BF16_ONLY)
+template <DType D>
+constexpr bool kBuilt = D == DType::kBFloat16;
+#else
+template <DType D>
+constexpr bool kBuilt = true;
+#endif
+template <DType D>
+constexpr GemmRunFn RunEntry() {
+  if constexpr (kBuilt<D>) return &Run<D>;
+  return nullptr;
+}
+template <DType D>
+constexpr GemmKernelForFn KernelForEntry() {
+  if constexpr (kBuilt<D>) return &KernelFor<D>;
+  return nullptr;
+}
+template <DType D>
+constexpr GemmPairRunFn PairEntry() {
+  if constexpr (kBuilt<D>) return &RunPair<D>;
+  return nullptr;
+}
 
 }  // namespace
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
+#if defined(SMALLMM_BF16_ONLY)
+#define SMALLMM_TABLE SMALLMM_CAT(kGemmKernelsBf16_, SMALLMM_ISA)
+#else
+#define SMALLMM_TABLE SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA)
+#endif
 // This ISA's entry of the dispatcher's table (../isa.cc).
-extern const GemmKernels SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA);
-const GemmKernels SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA) = {
+extern const GemmKernels SMALLMM_TABLE;
+const GemmKernels SMALLMM_TABLE = {
     {
-#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) &Run<DType::e>,
+#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) RunEntry<DType::e>(),
         SMALLMM_DTYPES(SMALLMM_RUN_ENTRY)
 #undef SMALLMM_RUN_ENTRY
     },
     {
-#define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) &KernelFor<DType::e>,
+#define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) KernelForEntry<DType::e>(),
         SMALLMM_DTYPES(SMALLMM_KERNEL_FOR_ENTRY)
 #undef SMALLMM_KERNEL_FOR_ENTRY
     },
     {
-#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) &RunPair<DType::e>,
+#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) PairEntry<DType::e>(),
         SMALLMM_DTYPES(SMALLMM_PAIR_ENTRY)
 #undef SMALLMM_PAIR_ENTRY
     },

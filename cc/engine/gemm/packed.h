@@ -221,9 +221,7 @@ template <DType D>
 bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t begin,
                int64_t end) {
 #if SMALLMM_BF16_DOT
-  if constexpr (D == DType::kBFloat16) {
-    if (Bf16Dot()) return RunPackedPairs(p, a, b, c, begin, end);
-  }
+  if constexpr (D == DType::kBFloat16) return RunPackedPairs(p, a, b, c, begin, end);
 #endif
   using T = Traits<D>;
   using R = typename T::R;
