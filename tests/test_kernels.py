@@ -405,7 +405,7 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa
     # zero; the row kernel is then the dot product, which flushes subnormals (see the test
     # below), so there the stationary kernel is the column one (C contiguous along M: the
     # capsule prediction's layout, the batch folded into N).
-    if bf16_instructions and not (dtype is ml_dtypes.bfloat16 and isa == "avx512"
+    if bf16_instructions and not (np.dtype(dtype) == ml_dtypes.bfloat16 and isa == "avx512"
                                   and core.set_bf16_dot(True)):
         pytest.skip("the CPU's bfloat16 conversion needs AVX512-BF16 and bfloat16")
     rng = np.random.default_rng(27)
@@ -493,19 +493,28 @@ def test_bf16_dot_rounds_ties_to_even_and_overflows_to_inf(isa):
 # Streamed columns at least 1024 elements apart (the capsule prediction's u[b, i, :]) are
 # copied to a contiguous 16 KiB buffer, a block of columns at a time, where more than one
 # strip reads them: one block, several blocks and a partial last one, K read in place and
-# through a strided view.
+# through a strided view. float16 / bfloat16 columns are widened into it wherever they
+# lie (near ones too: the last case); bfloat16 with the CPU's instructions on and off.
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_far_streamed_columns_copied_in_blocks(dtype, isa):
     rng = np.random.default_rng(27)
     longest = {"avx512": 32, "avx2": 11}.get(isa, 8) // (2 if np.dtype(dtype).kind == "c" else 1)
-    for m, k, b in [(17, 8, 9), (33, 32, 150), (20, 16, 300), (40, 5, 40)]:
-        caps = 1024 // k + 1  # u[b] is caps·k >= 1024 elements long
-        x = ints(rng, (caps, m, k), dtype)
-        y = ints(rng, (b, caps, 2 * k, 1), dtype)[:, :, ::2]  # K stride 2
-        for yy in (np.ascontiguousarray(y), y):
-            if k <= longest:
-                assert core.kernel_for(x, yy) == "stationary", (dtype, m, k, b)
-            check_exact(core.matmul(x, yy), ref(x, yy))
+    before = core.bf16_dot()
+    settings = [True, False] if np.dtype(dtype) == ml_dtypes.bfloat16 and before else [before]
+    try:
+        for on, (m, k, b, far) in itertools.product(
+                settings, [(17, 8, 9, 1), (33, 32, 150, 1), (20, 16, 300, 1), (40, 5, 40, 1),
+                           (40, 7, 30, 0)]):
+            core.set_bf16_dot(on)
+            caps = 1024 // k + 1 if far else 2  # u[b] is caps·k >= 1024 elements long
+            x = ints(rng, (caps, m, k), dtype)
+            y = ints(rng, (b, caps, 2 * k, 1), dtype)[:, :, ::2]  # K stride 2
+            for yy in (np.ascontiguousarray(y), y):
+                if k <= longest:
+                    assert core.kernel_for(x, yy) == "stationary", (dtype, m, k, b)
+                check_exact(core.matmul(x, yy), ref(x, yy))
+    finally:
+        core.set_bf16_dot(before)
 
 
 # ---------------------------------------------------------------- stationary kernels

@@ -74,14 +74,17 @@ struct StripRegs {
   using V = typename VecOf<R, W>::type;
   V s[K];
   V is[T::kComplex ? K : 1];
-  // c += x · s[l] for the streamed element x at index e (conjugated when x_sign is -1).
+  // c += x · s[l] for the streamed element x at index e (conjugated when x_sign is -1),
+  // x of dtype DX (StationaryRows' float copy of 16-bit columns, or D).
+  template <DType DX>
   __attribute__((always_inline)) void Fma(V& c, int l, const void* x, int64_t e, R x_sign) const {
+    using TX = Traits<DX>;
     if constexpr (T::kComplex) {
       // One sum of two products, rounded like the packed micro-kernel and the GPU block
       // program (re += ar·br - ai·bi): the same bits on every family at the baseline ISA.
-      c += s[l] * T::Load(x, 2 * e) + is[l] * (x_sign * T::Load(x, 2 * e + 1));
+      c += s[l] * TX::Load(x, 2 * e) + is[l] * (x_sign * TX::Load(x, 2 * e + 1));
     } else {
-      c += s[l] * T::Load(x, e);
+      c += s[l] * TX::Load(x, e);
     }
   }
 };
@@ -102,8 +105,8 @@ template <int C, int K>
 constexpr int kSplitChains = kVecBytes == 64 && C == 1 && K >= 8 ? 4 : 1;
 
 // C streamed columns j..j+C-1 of a strip, C independent FMA chains (or one split in
-// kSplitChains).
-template <int C, DType D, int W, int K, bool kPartial>
+// kSplitChains). The streamed side holds dtype DX (StripRegs::Fma).
+template <int C, DType D, int W, int K, bool kPartial, DType DX>
 __attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& sr, const void* x,
                                                       int64_t xj, int64_t ls, int64_t x_js,
                                                       typename Traits<D>::R x_sign, void* out,
@@ -117,7 +120,8 @@ __attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& 
 #pragma GCC unroll 32
   for (int l = 0; l < K; ++l) {
 #pragma GCC unroll 8
-    for (int q = 0; q < C; ++q) sr.Fma(c[q * S + l % S], l, x, xj + q * x_js + l * ls, x_sign);
+    for (int q = 0; q < C; ++q)
+      sr.template Fma<DX>(c[q * S + l % S], l, x, xj + q * x_js + l * ls, x_sign);
   }
   if constexpr (S == 4) c[0] = (c[0] + c[1]) + (c[2] + c[3]);
 #pragma GCC unroll 8
@@ -127,7 +131,7 @@ __attribute__((always_inline)) inline void StreamStep(const StripRegs<D, W, K>& 
 // The streamed side of a strip: out(:, j) = Σ_l s(:, l) · x(l, j), x(l, j) = x[xo + l *
 // x_ls + j * x_js]. kUnit: x_ls == 1, so every load is a constant offset from one index per
 // column.
-template <DType D, int W, int K, bool kUnit, bool kPartial>
+template <DType D, int W, int K, bool kUnit, bool kPartial, DType DX>
 __attribute__((always_inline)) inline void StationaryStream(const StripRegs<D, W, K>& sr,
                                                             const void* x, int64_t xo, int64_t x_ls,
                                                             int64_t x_js,
@@ -138,19 +142,19 @@ __attribute__((always_inline)) inline void StationaryStream(const StripRegs<D, W
   const int64_t ls = kUnit ? 1 : x_ls;
   int64_t j = 0;
   for (; j + C <= count; j += C) {
-    StreamStep<C, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
-                                     o_js, stream, lanes);
+    StreamStep<C, D, W, K, kPartial, DX>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
+                                         o_js, stream, lanes);
   }
   if constexpr (C > 4) {
     if (j + 4 <= count) {
-      StreamStep<4, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
-                                       o_js, stream, lanes);
+      StreamStep<4, D, W, K, kPartial, DX>(sr, x, xo + j * x_js, ls, x_js, x_sign, out,
+                                           oo + j * o_js, o_js, stream, lanes);
       j += 4;
     }
   }
   for (; j < count; ++j) {
-    StreamStep<1, D, W, K, kPartial>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
-                                     o_js, stream, lanes);
+    StreamStep<1, D, W, K, kPartial, DX>(sr, x, xo + j * x_js, ls, x_js, x_sign, out, oo + j * o_js,
+                                         o_js, stream, lanes);
   }
 }
 
@@ -241,8 +245,8 @@ __attribute__((always_inline)) inline void LoadStrip(const Side& s, AccVec<D, W>
 
 // One strip: s(v, l) for v < W / kScalars lanes (fewer when kPartial: `lanes` storage
 // scalars, the rest zero and never stored), l < K; the streamed side x(l, j) = x(j, l) of
-// its Side; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
-template <DType D, int W, int K, bool kPartial>
+// its Side, of dtype DX; out(v, j) = out[oo + v + j * o_js]; j < count. Offsets in elements.
+template <DType D, int W, int K, bool kPartial, DType DX = D>
 void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js,
                      int64_t count, bool stream, int lanes) {
   using T = Traits<D>;
@@ -266,17 +270,17 @@ void StationaryStrip(const Side& s, const Side& x, void* out, int64_t oo, int64_
   }
   const R x_sign = x.conj ? R(-1) : R(1);
   if (x.ls == 1) {  // the usual case: each streamed column is contiguous along K
-    StationaryStream<D, W, K, true, kPartial>(sr, x.p, x.off, 1, x.vs, x_sign, out, oo, o_js, count,
-                                              stream, lanes);
+    StationaryStream<D, W, K, true, kPartial, DX>(sr, x.p, x.off, 1, x.vs, x_sign, out, oo, o_js,
+                                                  count, stream, lanes);
   } else {
-    StationaryStream<D, W, K, false, kPartial>(sr, x.p, x.off, x.ls, x.vs, x_sign, out, oo, o_js,
-                                               count, stream, lanes);
+    StationaryStream<D, W, K, false, kPartial, DX>(sr, x.p, x.off, x.ls, x.vs, x_sign, out, oo,
+                                                   o_js, count, stream, lanes);
   }
 }
 
 // All `rows` strips of one product: whole vector strips, then one partial strip for the
-// rest (20 rows of floats with AVX-512: 16 + 4 lanes of 16).
-template <DType D, int W, int K>
+// rest (20 rows of floats with AVX-512: 16 + 4 lanes of 16). The streamed side holds DX.
+template <DType D, int W, int K, DType DX = D>
 void StationaryStrips(Side s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
                       int64_t count, bool stream) {
   constexpr int kLanes = W / kScalars<D>;  // elements per strip (W storage scalars)
@@ -284,12 +288,12 @@ void StationaryStrips(Side s, const Side& x, void* out, int64_t oo, int64_t o_js
   int64_t v = 0;
   for (; v + kLanes <= rows; v += kLanes) {
     s.off = first + v * s.vs;
-    StationaryStrip<D, W, K, false>(s, x, out, oo + v, o_js, count, stream, W);
+    StationaryStrip<D, W, K, false, DX>(s, x, out, oo + v, o_js, count, stream, W);
   }
   if (v < rows) {
     s.off = first + v * s.vs;
-    StationaryStrip<D, W, K, true>(s, x, out, oo + v, o_js, count, stream,
-                                   int(kScalars<D> * (rows - v)));
+    StationaryStrip<D, W, K, true, DX>(s, x, out, oo + v, o_js, count, stream,
+                                       int(kScalars<D> * (rows - v)));
   }
 }
 
@@ -300,20 +304,31 @@ void StationaryStrips(Side s, const Side& x, void* out, int64_t oo, int64_t o_js
 // Paired in one process against reading in place (2026-12-02, Zen 5, 2 threads, in
 // tf.function, 15 rounds): capsule_predict with W[1152, 10, 16, 8] float32 1.21× faster at
 // batch 50 and 1.05× at batch 10, float64 1.30× and 1.10×.
+// The copy holds the accumulation type: float16 / bfloat16 columns are widened once there
+// instead of at every multiply-add of every strip (a scalar load, shift or conversion and
+// broadcast each, where a float column feeds the multiply-add straight from memory), so
+// 16-bit products of several strips take the copy wherever their columns lie.
 constexpr int64_t kStreamBufferBytes = 16 << 10;
 
+// Columns j0 .. j0 + count - 1 of x (K elements each) one after another at buf, in the
+// accumulation type.
 template <DType D, int K>
-void CopyColumns(const Side& x, int64_t j0, int64_t count, StorageOf<D>* buf) {
-  constexpr int kS = kScalars<D>;
-  const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x.p);
+void CopyColumns(const Side& x, int64_t j0, int64_t count, typename Traits<D>::R* buf) {
+  constexpr int kS = kScalars<D>, kL = 8;  // storage scalars per column, per vector
   for (int64_t j = 0; j < count; ++j) {
-    const StorageOf<D>* col = src + kS * (x.off + (j0 + j) * x.vs);
-    StorageOf<D>* dst = buf + j * K * kS;
+    const int64_t col = kS * (x.off + (j0 + j) * x.vs);
+    typename Traits<D>::R* dst = buf + j * K * kS;
     if (x.ls == 1) {
-      memcpy(dst, col, sizeof(StorageOf<D>) * K * kS);
+      const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x.p) + col;
+#pragma GCC unroll 8
+      for (int l = 0; l < K * kS; l += kL) {
+        const int n = K * kS - l < kL ? K * kS - l : kL;
+        StoreFirst(dst + l, LoadLanes<D, kL>(src + l, n), n);
+      }
     } else {
       for (int l = 0; l < K; ++l)
-        for (int q = 0; q < kS; ++q) dst[l * kS + q] = col[kS * l * x.ls + q];
+        for (int q = 0; q < kS; ++q)
+          dst[l * kS + q] = Traits<D>::Load(x.p, col + kS * l * x.ls + q);
     }
   }
 }
@@ -321,18 +336,20 @@ void CopyColumns(const Side& x, int64_t j0, int64_t count, StorageOf<D>* buf) {
 template <DType D, int W, int K>
 void StationaryRows(const Side& s, const Side& x, void* out, int64_t oo, int64_t o_js, int64_t rows,
                     int64_t count, bool stream) {
-  if (rows <= W / kScalars<D> || NearStride(x.vs)) {
+  if (rows <= W / kScalars<D> || (kStoredAsAcc<D> && NearStride(x.vs))) {
     return StationaryStrips<D, W, K>(s, x, out, oo, o_js, rows, count, stream);
   }
-  using S = StorageOf<D>;
-  constexpr int64_t kBlock = kStreamBufferBytes / (int64_t(sizeof(S)) * K * kScalars<D>);
+  using R = typename Traits<D>::R;
+  constexpr DType DX = kStoredAsAcc<D> ? D : DType::kFloat;  // the copy's dtype
+  static_assert(std::is_same<typename Traits<DX>::R, R>::value, "the copy is read as R");
+  constexpr int64_t kBlock = kStreamBufferBytes / (int64_t(sizeof(R)) * K * kScalars<D>);
   static_assert(kBlock >= 8, "a block holds at least one step of streamed columns");
-  alignas(64) S buf[kStreamBufferBytes / sizeof(S)];
+  alignas(64) R buf[kStreamBufferBytes / sizeof(R)];
   for (int64_t j0 = 0; j0 < count; j0 += kBlock) {
     const int64_t n = count - j0 < kBlock ? count - j0 : kBlock;
     CopyColumns<D, K>(x, j0, n, buf);
-    StationaryStrips<D, W, K>(s, Side{buf, 0, K, 1, x.conj}, out, oo + j0 * o_js, o_js, rows, n,
-                              stream);
+    StationaryStrips<D, W, K, DX>(s, Side{buf, 0, K, 1, x.conj}, out, oo + j0 * o_js, o_js, rows, n,
+                                  stream);
   }
 }
 
