@@ -107,20 +107,16 @@ constexpr bool kBuilt = D == DType::kBFloat16;
 template <DType D>
 constexpr bool kBuilt = true;
 #endif
+// One dtype's entries of the table: null where this build does not instantiate it.
+struct Entries {
+  GemmRunFn run = nullptr;
+  GemmKernelForFn kernel_for = nullptr;
+  GemmPairRunFn pair = nullptr;
+};
 template <DType D>
-constexpr GemmRunFn RunEntry() {
-  if constexpr (kBuilt<D>) return &Run<D>;
-  return nullptr;
-}
-template <DType D>
-constexpr GemmKernelForFn KernelForEntry() {
-  if constexpr (kBuilt<D>) return &KernelFor<D>;
-  return nullptr;
-}
-template <DType D>
-constexpr GemmPairRunFn PairEntry() {
-  if constexpr (kBuilt<D>) return &RunPair<D>;
-  return nullptr;
+constexpr Entries EntriesOf() {
+  if constexpr (kBuilt<D>) return {&Run<D>, &KernelFor<D>, &RunPair<D>};
+  return {};
 }
 
 }  // namespace
@@ -136,17 +132,17 @@ constexpr GemmPairRunFn PairEntry() {
 extern const GemmKernels SMALLMM_TABLE;
 const GemmKernels SMALLMM_TABLE = {
     {
-#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) RunEntry<DType::e>(),
+#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().run,
         SMALLMM_DTYPES(SMALLMM_RUN_ENTRY)
 #undef SMALLMM_RUN_ENTRY
     },
     {
-#define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) KernelForEntry<DType::e>(),
+#define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().kernel_for,
         SMALLMM_DTYPES(SMALLMM_KERNEL_FOR_ENTRY)
 #undef SMALLMM_KERNEL_FOR_ENTRY
     },
     {
-#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) PairEntry<DType::e>(),
+#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().pair,
         SMALLMM_DTYPES(SMALLMM_PAIR_ENTRY)
 #undef SMALLMM_PAIR_ENTRY
     },
