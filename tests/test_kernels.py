@@ -815,6 +815,44 @@ def test_fused_pair_through_the_tf_op():
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
 
 
+
+@pytest.mark.slow
+def test_pair_kernel_benchmark_builds_and_matches():
+    # benchmarks/pair_kernel.cc times the fused pair without TF and checks dW and du
+    # against a double loop (exit status 1 if they differ): built with the flags setup.py
+    # gives the ISA this CPU runs, on shapes through every path of Run (rows below and above
+    # the prefetch threshold, several passes of X, N of 4, 8 and 16, hot and cold, threads).
+    import ast
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    isa_flags = next(ast.literal_eval(node.value) for node in tree.body
+                     if isinstance(node, ast.Assign) and node.targets[0].id == "ISA_FLAGS")
+    isa = core.active_isa()
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = pathlib.Path(tmp) / "pair_kernel"
+        subprocess.run([compiler, "-O2", "-std=c++17", "-pthread", f"-I{root}",
+                        *isa_flags[isa], f"-DSMALLMM_ISA={isa}",
+                        str(root / "benchmarks" / "pair_kernel.cc"), "-o", str(exe)],
+                       check=True, capture_output=True, timeout=300)
+        # threads, hot, B, I, S, N, dtype (then 2 timed runs)
+        for args in [("1", "0", "50", "7", "160", "8", "float32"),
+                     ("2", "0", "9", "13", "37", "5", "float32"),
+                     ("1", "1", "4", "6", "20", "16", "float32"),
+                     ("2", "0", "64", "5", "300", "3", "float32"),
+                     ("1", "0", "7", "9", "33", "16", "float64")]:
+            run = subprocess.run([str(exe), *args, "2"], check=False, capture_output=True,
+                                 text=True, timeout=120)
+            assert run.returncode == 0, (args, run.stderr)
+            assert "us per output" in run.stdout
+
+
 # ---------------------------------------------------------------- planner folds
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])

@@ -11,9 +11,9 @@
 // cache, one and two processes): rows of 8 floats paired lane-interleaved into full 16-lane
 // vectors, a 2×2 tile of X per four FMAs from a row-interleaved second copy of X (half the
 // FMAs, but 1.2-1.25× slower: the second copy doubled the staging, and its blocks ran at
-// ~55% of the FMA peak on passes of 12 row pairs); the next output's X lines spread over
-// this output's blocks instead of issued while staging; the next output's rows of Y and Q
-// prefetched too. The last two came out level.
+// ~55% of the FMA peak on passes of 12 row pairs). The next output's rows, prefetched a
+// few before each block (One), came out level there with issuing them while staging, and
+// win on AMD EPYC (see One). benchmarks/pair_kernel.cc times Run on its own.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_PAIR_H_
 
@@ -97,6 +97,9 @@ struct PairKernel {
     }
   }
 
+  // Rows of X from which One prefetches the next output's rows.
+  static constexpr int64_t kPrefetchMinRows = 6;
+
   static int64_t StageRows(const FusedPair& f) {
     return f.s >= kStageElems ? 1 : kStageElems / f.s;
   }
@@ -111,10 +114,16 @@ struct PairKernel {
            uint64_t(*elems) <= SIZE_MAX / sizeof(R);
   }
 
-  // One output: X at x, Y at y, Z at z, P to p, Q to q; `next` (or null) is the next
-  // output's X, whose rows are prefetched while this one's are staged: they are more
-  // streams, a batch row apart, than the hardware prefetcher follows.
-  static void One(const FusedPair& f, const S* x, const S* next, const S* y, const S* z, S* p,
+  // The next output's rows of X, Y and Q, which One prefetches: they are more streams, a
+  // batch row apart, than the hardware prefetcher follows (x null: no next output).
+  struct Next {
+    const S* x;
+    const S* y;
+    const S* q;
+  };
+
+  // One output: X at x, Y at y, Z at z, P to p, Q to q.
+  static void One(const FusedPair& f, const S* x, const Next& next, const S* y, const S* z, S* p,
                   S* q, R* scratch) {
     R* ys = scratch;
     R* qacc = ys + f.r * W;
@@ -130,6 +139,33 @@ struct PairKernel {
       StoreVec(pacc + s * W, V{});
     }
     const int64_t pass = StageRows(f);
+    // The next output's rows are prefetched a few at a time before each block, so that
+    // their misses overlap this output's multiply-adds. Issued all at once while staging
+    // (the capsule's 50 rows of X: 500 lines, and 100 of Y and Q), they filled the miss
+    // buffers and stalled the staging copy. benchmarks/pair_kernel.cc, the capsule's pair
+    // (B = 50, W[1152, 160, 8], float32; 2026-12-05, AMD EPYC Zen 4; builds before and
+    // after run alternately, medians of 31): 7.3-7.9 -> 5.7-6.5 µs per output on one
+    // thread, 4.1-4.2 -> 3.2-3.3 ms for all on two; in cache 4.6 -> 4.7 µs. With fewer
+    // than kPrefetchMinRows rows the hardware prefetcher follows them on its own: B = 4,
+    // S = 20 took 0.13 µs per output without prefetches and 0.14 with them; B = 6 and 8
+    // (S = 24) 0.30 -> 0.28-0.30 and 0.41 -> 0.35 with them.
+    const int64_t blocks = (f.r + pass - 1) / pass * ((f.s + kSb - 1) / kSb);
+    const int64_t per_block = (f.r + blocks - 1) / blocks;
+    const int64_t row_bytes = f.s * int64_t(sizeof(S));
+    int64_t ahead = 0;  // the next output's rows prefetched so far
+    auto prefetch_next = [&] {
+      if (next.x == nullptr || f.r < kPrefetchMinRows) return;
+      const int64_t end = ahead + per_block < f.r ? ahead + per_block : f.r;
+      for (; ahead < end; ++ahead) {
+        // Every line the row touches, from the one its first element lies in.
+        const uintptr_t row = reinterpret_cast<uintptr_t>(next.x + ahead * f.x_r);
+        for (uintptr_t l = row & ~uintptr_t(63); l < row + row_bytes; l += 64) {
+          __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+        }
+        __builtin_prefetch(next.y + ahead * f.y_r, 0, 3);
+        __builtin_prefetch(next.q + ahead * f.q_r, 1, 3);
+      }
+    };
     for (int64_t r0 = 0; r0 < f.r; r0 += pass) {
       const int64_t rows = f.r - r0 < pass ? f.r - r0 : pass;
       // Stage X[:, r0 .. r0 + rows) as rows of S (a row's last vector spills zeros into the
@@ -137,15 +173,16 @@ struct PairKernel {
       for (int64_t r = 0; r < rows; ++r) {
         const S* row = x + (r0 + r) * f.x_r;
         for (int64_t s = 0; s < f.s; s += kL) {
-          if (next != nullptr) __builtin_prefetch(next + (r0 + r) * f.x_r + s, 0, 3);
           const int n = f.s - s < kL ? int(f.s - s) : kL;
           StoreVec(xs + r * f.s + s, LoadLanes<D, kL>(row + s, n));
         }
       }
       int64_t s0 = 0;
       for (; s0 + kSb <= f.s; s0 += kSb) {
+        prefetch_next();
         Block<kSb>(rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W, pacc + s0 * W);
       }
+      prefetch_next();
       Tail<kSb - 1>(f.s - s0, rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W,
                     pacc + s0 * W);
     }
@@ -186,8 +223,8 @@ struct PairKernel {
     for (int64_t o = begin; o < end; ++o) {
       const bool more = o + 1 < end;
       if (more) offsets(o + 1, nxt);
-      One(f, x + cur[0], more ? x + nxt[0] : nullptr, y + cur[1], z + cur[2], p + cur[3],
-          q + cur[4], scratch);
+      const Next ahead{more ? x + nxt[0] : nullptr, y + nxt[1], q + nxt[4]};
+      One(f, x + cur[0], ahead, y + cur[1], z + cur[2], p + cur[3], q + cur[4], scratch);
       for (int k = 0; k < 5; ++k) cur[k] = nxt[k];
     }
     free(scratch);
