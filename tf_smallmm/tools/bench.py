@@ -52,10 +52,21 @@ def _fetch(x):
         sync()
 
 
+# Warm-up before each timing, after the first call (which traces): calls for at least this
+# long, two at least. After tracing, the first ~40 calls of the capsule step took 2.7-2.9
+# ms and the rest 1.7 (float32 forward, the first case of a run; 2026-12-05, AMD EPYC, no
+# page faults in either phase): with two warm-up calls RESULTS.md's first row, tf_smallmm's,
+# took its median from them.
+WARMUP_S = 0.25
+
+
 def median_ms(fn, args, repeats, min_seconds=0.0):
-    """Median wall time of fn(*args) in ms after two warm-up calls (devices synced)."""
-    for _ in range(2):
+    """Median wall time of fn(*args) in ms after warm-up (WARMUP_S; devices synced)."""
+    _fetch(fn(*args))
+    calls, t_warm = 1, time.perf_counter() + WARMUP_S
+    while calls < 2 or time.perf_counter() < t_warm:
         _fetch(fn(*args))
+        calls += 1
     times = []
     t_end = time.perf_counter() + min_seconds
     while len(times) < repeats or time.perf_counter() < t_end:
