@@ -34,33 +34,28 @@ bool Matches(const smallmm::FusedPair& f, const std::vector<T>& g, const std::ve
              const std::vector<T>& w, const std::vector<T>& dw, const std::vector<T>& du) {
   const smallmm::PairLoop& l = f.out[0];
   const double ulps = 64 * double(std::numeric_limits<T>::epsilon());
-  auto near = [&](T got, double want, double size) {
-    return std::fabs(double(got) - want) <= ulps * size;
+  // Whether got is Σ_j a[j·as]·b[j·bs] over j < count.
+  auto near = [&](T got, const T* a, int64_t as, const T* b, int64_t bs, int64_t count) {
+    double sum = 0, size = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const double t = double(a[j * as]) * double(b[j * bs]);
+      sum += t;
+      size += std::fabs(t);
+    }
+    return std::fabs(double(got) - sum) <= ulps * size;
   };
   for (int64_t o = 0; o < f.num_outputs; ++o) {
-    const T* x = g.data() + o * l.x;  // X[s, r] = x[s + r·x_r]
-    const T* y = u.data() + o * l.y;  // Y[r, n] = y[r·y_r + n]
-    const T* z = w.data() + o * l.z;  // Z[s, n] = z[s·z_s + n]
-    for (int64_t a = 0; a < f.s; ++a) {
-      for (int64_t k = 0; k < f.n_p; ++k) {  // P = X·Y
-        double sum = 0, size = 0;
-        for (int64_t r = 0; r < f.r; ++r) {
-          const double t = double(x[a + r * f.x_r]) * y[r * f.y_r + k];
-          sum += t;
-          size += std::fabs(t);
-        }
-        if (!near(dw[o * l.p + a * f.p_s + k], sum, size)) return false;
+    const T* x = g.data() + o * l.x;     // X[s, r] = x[s + r·x_r]
+    const T* y = u.data() + o * l.y;     // Y[r, n] = y[r·y_r + n]
+    const T* z = w.data() + o * l.z;     // Z[s, n] = z[s·z_s + n]
+    for (int64_t a = 0; a < f.s; ++a) {  // P = X·Y
+      for (int64_t k = 0; k < f.n_p; ++k) {
+        if (!near(dw[o * l.p + a * f.p_s + k], x + a, f.x_r, y + k, f.y_r, f.r)) return false;
       }
     }
-    for (int64_t r = 0; r < f.r; ++r) {
-      for (int64_t k = 0; k < f.n_q; ++k) {  // Q = Xᵀ·Z
-        double sum = 0, size = 0;
-        for (int64_t a = 0; a < f.s; ++a) {
-          const double t = double(x[a + r * f.x_r]) * z[a * f.z_s + k];
-          sum += t;
-          size += std::fabs(t);
-        }
-        if (!near(du[o * l.q + r * f.q_r + k], sum, size)) return false;
+    for (int64_t r = 0; r < f.r; ++r) {  // Q = Xᵀ·Z
+      for (int64_t k = 0; k < f.n_q; ++k) {
+        if (!near(du[o * l.q + r * f.q_r + k], x + r * f.x_r, 1, z + k, f.z_s, f.s)) return false;
       }
     }
   }
