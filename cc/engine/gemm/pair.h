@@ -4,9 +4,13 @@
 // Q; kSb rows of P (with their rows of Z) stay in registers while the rows of Q (with their
 // rows of Y) stream past. X (16 KiB at a time), Y and Z are staged as rows of the
 // accumulation type (Y and Z padded to a vector) once per output, so the inner loop does no
-// conversions and no partial loads. Included only by gemm_isa.cc (compiled once per ISA).
+// conversions and no partial loads. Included by gemm_isa.cc (compiled once per ISA) and by
+// benchmarks/pair_kernel.cc, a program of its own built for one ISA.
 // The capsule's pair (X = g[:, i]: 50 rows of 160, n = 8) takes ~3.7 µs per output in cache
-// (AVX-512 float32, one thread), a third of it staging X, and ~1.2-1.7× that out of cache.
+// (AVX-512 float32, one thread, Xeon), a third of it staging X, and ~1.2-1.7× that out of
+// cache. On an AMD EPYC (Zen 4) 4.7 µs in cache: the multiply-adds ~2.95 (1.5 ymm FMAs a
+// cycle of 2), staging X 0.65, the rows of W and dW ~0.7 (2026-12-05, pair_kernel.cc with
+// parts switched off).
 // Timed against it and not kept (2026-12-04, Xeon, a C++ harness of RunPair, in and out of
 // cache, one and two processes): rows of 8 floats paired lane-interleaved into full 16-lane
 // vectors, a 2×2 tile of X per four FMAs from a row-interleaved second copy of X (half the
