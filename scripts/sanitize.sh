@@ -33,10 +33,12 @@ START=$(date +%s)
 echo "== sanitize: scratch dir $WORK"
 rm -rf "$SRC" "$LOGS"
 mkdir -p "$SRC" "$LOGS" "$WORK/bin"
-# Sources only: no build outputs, caches or compiled libraries from the worktree.
+# Sources only: no build outputs, caches or compiled libraries from the worktree
+# (benchmarks/: tests/test_kernels.py builds benchmarks/pair_kernel.cc).
 (cd "$ROOT" && tar --exclude=build --exclude='*.so' --exclude='*.o' --exclude=__pycache__ \
    --exclude=.hypothesis --exclude=.pytest_cache --exclude='_build_info.json' \
-   -cf - setup.py pyproject.toml cc tf_smallmm tests scripts examples $( [[ -d cuda ]] && echo cuda )) \
+   -cf - setup.py pyproject.toml cc tf_smallmm tests scripts examples benchmarks \
+   $( [[ -d cuda ]] && echo cuda )) \
   | tar -C "$SRC" -xf -
 
 # g++ wrapper: setup.py passes -O3 -g0 first; flags given later win.
