@@ -62,11 +62,11 @@ WARMUP_S = 0.25
 
 def median_ms(fn, args, repeats, min_seconds=0.0):
     """Median wall time of fn(*args) in ms after warm-up (WARMUP_S; devices synced)."""
+    _fetch(fn(*args))  # traces
+    t_warm = time.perf_counter() + WARMUP_S
     _fetch(fn(*args))
-    calls, t_warm = 1, time.perf_counter() + WARMUP_S
-    while calls < 2 or time.perf_counter() < t_warm:
+    while time.perf_counter() < t_warm:
         _fetch(fn(*args))
-        calls += 1
     times = []
     t_end = time.perf_counter() + min_seconds
     while len(times) < repeats or time.perf_counter() < t_end:
