@@ -651,6 +651,33 @@ def test_bf16_dot_every_shape(isa):
                         lambda m, n, k: False, switch=core.set_bf16_dot)
 
 
+# The column kernel's bfloat16 products (C contiguous along M: capsule-style x [I, M, K]
+# shared by a batch of vectors y [B, I, K, 1]) on the dot product, run as Cᵀ = Bᵀ·Aᵀ: M
+# across the half-width strip, the 16-row strips and the 64-row blocks, B (the streamed
+# vectors, pages apart) across the 8, 4, 2 and 1 row blocks, odd and even K, A row-major
+# or transposed and y with K stride 2, against float64 with the dot product on and off.
+def test_bf16_dot_column_kernel_every_shape(isa):
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    rng = np.random.default_rng(31)
+    bf = ml_dtypes.bfloat16
+    try:
+        for m, b, k in itertools.product((4, 5, 8, 9, 16, 17, 33, 64, 65, 130),
+                                         (8, 9, 13, 50), (1, 2, 3, 8, 15, 16, 31, 32)):
+            x, y = ints(rng, (3, m, k), bf), ints(rng, (b, 3, k, 1), bf)
+            xt = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+            ys = ints(rng, (b, 3, 2 * k, 1), bf)[:, :, ::2]  # K stride 2
+            assert core.kernel_for(x, y) == "stationary", (m, b, k)
+            want, want_s = ref(x, y), ref(x, ys)
+            for on in (True, False):
+                core.set_bf16_dot(on)
+                check_exact(core.matmul(x, y), want)
+                check_exact(core.matmul(xt, y, transpose_x=True), want)
+                check_exact(core.matmul(x, ys), want_s)
+    finally:
+        core.set_bf16_dot(True)
+
+
 # The packed family's bfloat16 plans on the dot product: K past the stationary kernels
 # (odd and even), C written along columns (the column kernel's layout), reductions over
 # batch axes (a weight gradient) and a broadcast operand packed once; every edge tile of

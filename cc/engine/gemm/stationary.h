@@ -685,6 +685,11 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
                       count - t0, ahead_on, !stream && out == c);
 #if SMALLMM_BF16_DOT
     if constexpr (D == DType::kBFloat16) {
+      if (pair_dot && col) {  // as Cᵀ = Bᵀ·Aᵀ
+        const GemmPlan t = Transposed(p);
+        auto* fn = t.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
+        return fn(t, b, bo + t0 * sb, sb, a, ao + t0 * sa, sa, out, oo, so, n, ahead);
+      }
       if (pair_dot) {
         auto* fn = p.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
