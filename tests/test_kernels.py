@@ -402,9 +402,8 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa
     # subnormals both ways. x holds every kind of 16-bit value (random bit patterns).
     # bfloat16 rounds with integer operations, or with the CPU's conversion (AVX512-BF16)
     # and the integer path for vectors holding a subnormal, which that instruction reads as
-    # zero; the row kernel is then the dot product, which flushes subnormals (see the test
-    # below), so there the stationary kernel is the column one (C contiguous along M: the
-    # capsule prediction's layout, the batch folded into N).
+    # zero; the row and column kernels are then the dot product, which flushes subnormals
+    # (see the test below), so there the matvec kernel alone rounds this way.
     if bf16_instructions and not (np.dtype(dtype) == ml_dtypes.bfloat16 and isa == "avx512"
                                   and core.set_bf16_dot(True)):
         pytest.skip("the CPU's bfloat16 conversion needs AVX512-BF16 and bfloat16")
@@ -417,10 +416,10 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa
     bits = rng.integers(0, 1 << 16, size=(3, 37, 1)).astype(np.uint16)
     x = np.concatenate([bits, np.broadcast_to(special[None, :, None], (3, 16, 1))], axis=1)
     x = x.view(dtype)
-    cases = [(x, rng.standard_normal((3, 1, 1)).astype(dtype), "matvec"),
-             (x[None], rng.standard_normal((20, 3, 1, 1)).astype(dtype), "stationary")]
-    if not bf16_instructions:
+    cases = [(x, rng.standard_normal((3, 1, 1)).astype(dtype), "matvec")]
+    if not bf16_instructions:  # the row kernel, and the column one (C contiguous along M)
         cases.append((x, rng.standard_normal((3, 1, 20)).astype(dtype), "stationary"))
+        cases.append((x[None], rng.standard_normal((20, 3, 1, 1)).astype(dtype), "stationary"))
     dot = core.bf16_dot()
     try:
         core.set_bf16_dot(bf16_instructions)
@@ -453,16 +452,21 @@ def test_bf16_dot_product_flushes_subnormals(isa):
     bf = ml_dtypes.bfloat16
     for k in (1, 2):
         x = rng.integers(0, 1 << 16, size=(3, 37, k)).astype(np.uint16).view(bf)
-        y = rng.standard_normal((3, k, 20)).astype(bf)
-        with np.errstate(invalid="ignore", over="ignore"):
-            prod = flush_subnormals(x.astype(np.float32))[..., None] * y.astype(np.float32)[:, None]
-            want = flush_subnormals(prod.sum(axis=2, dtype=np.float32)).astype(bf)
-        got = core.matmul(x, y).astype(np.float32)
-        if k == 1:
-            np.testing.assert_array_equal(got, want.astype(np.float32))
-        else:
-            np.testing.assert_allclose(got, want.astype(np.float32), rtol=2.0 ** -7,
-                                       atol=2 * np.finfo(np.float32).tiny)
+        # The row kernel, and the column kernel (C contiguous along M: x shared by a batch
+        # of vectors), which runs the same dot product as Cᵀ = Bᵀ·Aᵀ.
+        for xs, y in ((x, rng.standard_normal((3, k, 20)).astype(bf)),
+                      (x[None], rng.standard_normal((20, 3, k, 1)).astype(bf))):
+            assert core.kernel_for(xs, y) == "stationary"
+            with np.errstate(invalid="ignore", over="ignore"):
+                prod = flush_subnormals(xs.astype(np.float32))[..., None] * \
+                    y.astype(np.float32)[..., None, :, :]
+                want = flush_subnormals(prod.sum(axis=-2, dtype=np.float32)).astype(bf)
+            got = core.matmul(xs, y).astype(np.float32)
+            if k == 1:
+                np.testing.assert_array_equal(got, want.astype(np.float32))
+            else:
+                np.testing.assert_allclose(got, want.astype(np.float32), rtol=2.0 ** -7,
+                                           atol=2 * np.finfo(np.float32).tiny)
 
 
 def test_bf16_dot_rounds_ties_to_even_and_overflows_to_inf(isa):
@@ -559,6 +563,24 @@ def test_strips_transposed_in_registers(dtype, isa):
         if isa == "avx512":
             assert core.kernel_for(x, y, transpose_y=True) == "stationary", (dtype, n, k)
         check_exact(core.matmul(x, y, transpose_y=True), ref(x, y, False, False, True, False))
+
+
+# The packed kernels' tiles of operands whose K is contiguous (A row-major along the
+# vectors in column mode, Bᵀ in row mode) are transposed in registers, 8 K steps at a time,
+# with AVX-512: every K remainder of those groups, tiles of 8 and 16 rows with the edge tile
+# of every width, reduced over the batch (a shared weight's gradient g·Bᵀ) or not.
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_packed_tiles_transposed_in_registers(dtype, isa):
+    rng = np.random.default_rng(32)
+    for m, n, k in itertools.product((8, 9, 16, 20, 24, 33), (2, 3, 17, 40),
+                                     (2, 3, 8, 9, 17, 33, 40)):
+        x, y = ints(rng, (5, m, k), dtype), ints(rng, (5, n, k), dtype)
+        assert core.kernel_for(x, y, transpose_y=True, batch_shape=[]) == "packed", (m, n, k)
+        want = ref(x, y, False, False, True, False)
+        check_exact(core.matmul(x, y, transpose_y=True, batch_shape=[]), np_reduce_to(want, []))
+        if k > 32:  # past the stationary kernels
+            check_exact(core.matmul(x, y, transpose_y=True), want)
 
 
 def check_straight_runs(rng, cases, dtype, on_stationary, switch=core.set_one_strip_runs):

@@ -779,7 +779,8 @@ def main(args):
         path = dispatch._MODEL_PATH
         write_model(forced, forced_controls, path,
                     "python -m tf_smallmm.bench --sweep --write-model"
-                    + (" --quick" if args.quick else ""))
+                    + (" --quick" if args.quick else "")
+                    + (f" --family {args.family}" if args.family else ""))
         dispatch.model.cache_clear()
         dispatch._table.cache_clear()
         dispatch._model_choice.cache_clear()

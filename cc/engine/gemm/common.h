@@ -296,6 +296,34 @@ __attribute__((always_inline)) inline void ShuffleStage(V* x, std::integer_seque
   }
 }
 
+// Elements c0 .. c0 + n - 1 (n <= 8) of `rows` (<= W) rows of contiguous elements, row v at
+// p + v·vs, transposed in registers: x[c] lane v = row v's element c0 + c (lanes past
+// `rows` zero). Each x[j] is loaded with row j of every 8-row block in its 8-lane group
+// (rows j and 8 + j for W = 16), then three ShuffleStages move column c of every block into
+// x[c]: 8 or 16 loads and 24 shuffles per 8 columns instead of 64-128 scalar moves.
+template <DType D, int W>
+__attribute__((always_inline)) inline void TransposeRows(const StorageOf<D>* p, int64_t vs,
+                                                         int rows, int64_t c0, int n,
+                                                         AccVec<D, W>* x) {
+  static_assert(W == 8 || W == 16, "one or two 8-row blocks");
+  using H = AccVec<D, 8>;
+  using I = typename VecOf<typename SameSizeInt<typename Traits<D>::R>::type, W>::type;
+  constexpr auto seq = std::make_integer_sequence<int, W>();
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const H lo = j < rows ? LoadLanes<D, 8>(p + j * vs + c0, n) : H{};
+    if constexpr (W == 8) {
+      x[j] = lo;
+    } else {
+      const H hi = 8 + j < rows ? LoadLanes<D, 8>(p + (8 + j) * vs + c0, n) : H{};
+      x[j] = Concat(lo, hi, seq);
+    }
+  }
+  ShuffleStage<1, AccVec<D, W>, I>(x, seq);
+  ShuffleStage<2, AccVec<D, W>, I>(x, seq);
+  ShuffleStage<4, AccVec<D, W>, I>(x, seq);
+}
+
 // ---------------------------------------------------------------- loop nests
 // Walks a loop nest: offsets of the current multi-index, advanced in row-major order.
 struct NestCursor {

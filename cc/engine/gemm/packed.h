@@ -66,6 +66,30 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
       dst[l * w + i] = T::Load(x, idx);
       if constexpr (T::kComplex) dst[k * w + l * w + i] = sign * T::Load(x, idx + 1);
     };
+    if constexpr (!T::kComplex) {
+      // K contiguous: a tile of 8 or 16 rows is transposed in registers (TransposeRows),
+      // one vector store per K step instead of a scalar store per element, each a line
+      // apart (AVX-512: a tile is one vector). The gradient g·Bᵀ of a batch of [M, 32] ·
+      // [32, N] products reduced over the batch packs every g[b] this way (col mode, M
+      // along the vectors).
+      if (kVecBytes == 64 && !rows_inner && k_stride == 1 &&
+          (w == 8 || (w == 16 && sizeof(R) == 4))) {
+        const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0 * row_stride;
+        for (int64_t c0 = 0; c0 < k; c0 += 8) {
+          const int n = k - c0 < 8 ? int(k - c0) : 8;
+          if (w == 16) {
+            AccVec<D, 16> v[8];
+            TransposeRows<D, 16>(src, row_stride, int(valid), c0, n, v);
+            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * 16, v[c]);
+          } else {
+            AccVec<D, 8> v[8];
+            TransposeRows<D, 8>(src, row_stride, int(valid), c0, n, v);
+            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * 8, v[c]);
+          }
+        }
+        continue;
+      }
+    }
     if (rows_inner) {
       for (int64_t l = 0; l < k; ++l)
         for (int64_t i = 0; i < valid; ++i) put(i, l);

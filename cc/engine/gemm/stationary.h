@@ -190,27 +190,11 @@ constexpr bool kShuffleStrip = !Traits<D>::kComplex && (W == 8 || W == 16);
 template <DType D, int W, int K>
 __attribute__((always_inline)) inline void ShuffleStrip(const StorageOf<D>* p, int64_t vs, int rows,
                                                         AccVec<D, W>* s) {
-  using V = AccVec<D, W>;
-  using H = AccVec<D, 8>;
-  using I = typename VecOf<typename SameSizeInt<typename Traits<D>::R>::type, W>::type;
-  constexpr auto seq = std::make_integer_sequence<int, W>();
 #pragma GCC unroll 4
   for (int c0 = 0; c0 < K; c0 += 8) {
     const int n = K - c0 < 8 ? K - c0 : 8;
-    V x[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const H lo = j < rows ? LoadLanes<D, 8>(p + j * vs + c0, n) : H{};
-      if constexpr (W == 8) {
-        x[j] = lo;
-      } else {
-        const H hi = 8 + j < rows ? LoadLanes<D, 8>(p + (8 + j) * vs + c0, n) : H{};
-        x[j] = Concat(lo, hi, seq);
-      }
-    }
-    ShuffleStage<1, V, I>(x, seq);
-    ShuffleStage<2, V, I>(x, seq);
-    ShuffleStage<4, V, I>(x, seq);
+    AccVec<D, W> x[8];
+    TransposeRows<D, W>(p, vs, rows, c0, n, x);
 #pragma GCC unroll 8
     for (int c = 0; c < n; ++c) s[c0 + c] = x[c];
   }
