@@ -433,6 +433,13 @@ def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa
         core.set_bf16_dot(dot)
 
 
+def require_bf16_dot(isa):
+    """Skips the test unless the AVX-512 kernels can run bfloat16 on the CPU's dot product
+    (AVX512-BF16), which this turns on."""
+    if not (isa == "avx512" and core.set_bf16_dot(True)):
+        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+
+
 def flush_subnormals(x):
     """x (float32) with its subnormal values replaced by zeros of the same sign."""
     tiny = np.finfo(np.float32).tiny
@@ -446,8 +453,7 @@ def test_bf16_dot_product_flushes_subnormals(isa):
     # widen. The same random bit patterns as above. K = 1: each output one product, exact
     # before its rounding. K = 2: one instruction, which may also flush a subnormal partial
     # sum, so within one bfloat16 step (or the smallest normal) of the exact sum flushed.
-    if not (isa == "avx512" and core.set_bf16_dot(True)):
-        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    require_bf16_dot(isa)
     rng = np.random.default_rng(27)
     bf = ml_dtypes.bfloat16
     for k in (1, 2):
@@ -474,8 +480,7 @@ def test_bf16_dot_rounds_ties_to_even_and_overflows_to_inf(isa):
     # (vcvtneps2bf16): sums exactly halfway between two bfloat16 go to the even one, a sum
     # past the largest bfloat16 (halfway or more) to Inf, Inf - Inf is NaN. K = 2,
     # rows (1, s) · (1, 1)ᵀ: each sum exact in float32, so the want is it rounded once.
-    if not (isa == "avx512" and core.set_bf16_dot(True)):
-        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    require_bf16_dot(isa)
     bf = ml_dtypes.bfloat16
     big = float(ml_dtypes.finfo(bf).max)
     rows = [(1, 2.0**-8), (1 + 2.0**-7, 2.0**-8), (-1, -(2.0**-8)), (-1 - 2.0**-7, -(2.0**-8)),
@@ -664,8 +669,7 @@ def test_complex_stationary_kernels_conjugate(flags):
 # odd and even K up to the stationary limit, M across the 8, 4, 2 and 1 row blocks, against
 # float64 with the dot product on and off.
 def test_bf16_dot_every_shape(isa):
-    if not (isa == "avx512" and core.set_bf16_dot(True)):
-        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    require_bf16_dot(isa)
     cases = [(m, n, k) for m in (1, 3, 4, 7, 8, 13, 70)
              for n in (2, 5, 8, 9, 15, 16, 17, 33, 48, 63, 64, 65, 100, 130)
              for k in (1, 2, 3, 8, 15, 16, 17, 31, 32)]
@@ -679,8 +683,7 @@ def test_bf16_dot_every_shape(isa):
 # vectors, pages apart) across the 8, 4, 2 and 1 row blocks, odd and even K, A row-major
 # or transposed and y with K stride 2, against float64 with the dot product on and off.
 def test_bf16_dot_column_kernel_every_shape(isa):
-    if not (isa == "avx512" and core.set_bf16_dot(True)):
-        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    require_bf16_dot(isa)
     rng = np.random.default_rng(31)
     bf = ml_dtypes.bfloat16
     try:
@@ -705,8 +708,7 @@ def test_bf16_dot_column_kernel_every_shape(isa):
 # batch axes (a weight gradient) and a broadcast operand packed once; every edge tile of
 # 1, 2, 4 and 8 rows and 16 or 32 columns.
 def test_bf16_dot_packed_every_shape(isa):
-    if not (isa == "avx512" and core.set_bf16_dot(True)):
-        pytest.skip("bfloat16 dot product needs the AVX-512 kernels and AVX512-BF16")
+    require_bf16_dot(isa)
     rng = np.random.default_rng(30)
     bf = ml_dtypes.bfloat16
     try:
