@@ -387,14 +387,13 @@ inline GemmPlan Transposed(const GemmPlan& p) {
   return t;
 }
 
-// Whether PairRun computes a plan of the row kernel (or, `col`, of the column kernel, run as
-// Transposed(p)): K within the strips, C's rows contiguous, B read along rows or columns,
-// and A's rows near each other. Far rows of the row kernel take the general path, which
-// copies or prefetches them; the column kernel's streamed columns are often far (the
-// capsule prediction's u[b, i, :], 18 KB apart), and PairRun prefetches them a product
+// Whether PairRun computes t, the plan as it would run it: the row kernel's plan, or (`col`)
+// the column kernel's Transposed(p). K within the strips, C's rows contiguous, B read along
+// rows or columns, and A's rows near each other. Far rows of the row kernel take the general
+// path, which copies or prefetches them; the column kernel's streamed columns are often far
+// (the capsule prediction's u[b, i, :], 18 KB apart), and PairRun prefetches them a product
 // ahead: each is read once per 64 rows of A.
-inline bool PairDotFits(const GemmPlan& p, bool col) {
-  const GemmPlan t = col ? Transposed(p) : p;
+inline bool PairDotFits(const GemmPlan& t, bool col) {
   return t.k <= 2 * kPairMaxPairs && t.c_cs == 1 && (col || NearStride(t.a_rs)) &&
          (t.b_cs == 1 || t.b_rs == 1);
 }

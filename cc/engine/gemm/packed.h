@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "cc/engine/gemm/bf16dot.h"
 #include "cc/engine/gemm/common.h"
@@ -75,17 +76,19 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
       if (kVecBytes == 64 && !rows_inner && k_stride == 1 &&
           (w == 8 || (w == 16 && sizeof(R) == 4))) {
         const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0 * row_stride;
-        for (int64_t c0 = 0; c0 < k; c0 += 8) {
-          const int n = k - c0 < 8 ? int(k - c0) : 8;
-          if (w == 16) {
-            AccVec<D, 16> v[8];
-            TransposeRows<D, 16>(src, row_stride, int(valid), c0, n, v);
-            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * 16, v[c]);
-          } else {
-            AccVec<D, 8> v[8];
-            TransposeRows<D, 8>(src, row_stride, int(valid), c0, n, v);
-            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * 8, v[c]);
+        auto transpose = [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          for (int64_t c0 = 0; c0 < k; c0 += 8) {
+            const int n = k - c0 < 8 ? int(k - c0) : 8;
+            AccVec<D, W> v[8];
+            TransposeRows<D, W>(src, row_stride, int(valid), c0, n, v);
+            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * W, v[c]);
           }
+        };
+        if (w == 16) {
+          transpose(std::integral_constant<int, 16>());
+        } else {
+          transpose(std::integral_constant<int, 8>());
         }
         continue;
       }

@@ -657,7 +657,10 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const bool block = BlockFits<D>(p, col);
   const bool half = HalfStripFits<D>(p, p.n - (p.n - 1) / VL * VL);  // the last strip's lanes
 #if SMALLMM_BF16_DOT
-  const bool pair_dot = D == DType::kBFloat16 && PairDotFits(p, col);
+  // bfloat16 on the dot product (bf16dot.h PairRun): the row kernel's plan, or the column
+  // kernel's as Cᵀ = Bᵀ·Aᵀ, whose A and B swap roles.
+  const GemmPlan pair_plan = col ? Transposed(p) : p;
+  const bool pair_dot = D == DType::kBFloat16 && PairDotFits(pair_plan, col);
 #endif
   constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
   const bool ahead_on =
@@ -669,14 +672,11 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
                       count - t0, ahead_on, !stream && out == c);
 #if SMALLMM_BF16_DOT
     if constexpr (D == DType::kBFloat16) {
-      if (pair_dot && col) {  // as Cᵀ = Bᵀ·Aᵀ
-        const GemmPlan t = Transposed(p);
-        auto* fn = t.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
-        return fn(t, b, bo + t0 * sb, sb, a, ao + t0 * sa, sa, out, oo, so, n, ahead);
-      }
       if (pair_dot) {
-        auto* fn = p.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
-        return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
+        auto* fn = pair_plan.a_cs == 1 ? &PairRun<true> : &PairRun<false>;
+        if (col)
+          return fn(pair_plan, b, bo + t0 * sb, sb, a, ao + t0 * sa, sa, out, oo, so, n, ahead);
+        return fn(pair_plan, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, ahead);
       }
     }
 #endif
