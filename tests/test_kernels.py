@@ -909,6 +909,51 @@ def test_pair_kernel_benchmark_builds_and_matches():
             assert "us per output" in run.stdout
 
 
+@pytest.mark.slow
+def test_nn_kernel_benchmark_builds_and_matches():
+    # benchmarks/nn_kernel.cc times batched n×n through StationaryRun without TF and checks
+    # three products against a double loop (exit status 1 if they differ): built like the
+    # pair benchmark above, on runs through OneStripRun (n = 5, staged), the strip layers
+    # (16) and BlockRun (20, 32), with one and two threads (exit status 3: a size this
+    # ISA runs on another family).
+    import ast
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    isa_flags = next(ast.literal_eval(node.value) for node in tree.body
+                     if isinstance(node, ast.Assign) and node.targets[0].id == "ISA_FLAGS")
+    isa = core.active_isa()
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = pathlib.Path(tmp) / "nn_kernel"
+        built = subprocess.run([compiler, "-O1", "-std=c++17", "-pthread", f"-I{root}",
+                                *isa_flags[isa], f"-DSMALLMM_ISA={isa}",
+                                str(root / "benchmarks" / "nn_kernel.cc"), "-o", str(exe)],
+                               check=False, capture_output=True, text=True, timeout=600, env=env)
+        assert built.returncode == 0, built.stderr
+        # n, threads, rounds, elements per operand
+        for args in [("5", "1", "1", "30000"), ("5", "2", "1", "5000000"),
+                     ("16", "2", "1", "300000"), ("20", "2", "1", "5000000"),
+                     ("32", "1", "1", "300000"), ("32", "2", "1", "5000000")]:
+            run = subprocess.run([str(exe), *args], check=False, capture_output=True,
+                                 text=True, timeout=120, env=env)
+            if run.returncode == 3 and isa != "avx512":
+                continue
+            assert run.returncode == 0, (args, run.stderr)
+            assert "x floor" in run.stdout
+        for args in [("9",), ("3",), ("5", "0")]:
+            bad = subprocess.run([str(exe), *args], check=False, capture_output=True, text=True,
+                                 timeout=60, env=env)
+            assert bad.returncode == 2, args
+
+
 # ---------------------------------------------------------------- planner folds
 @pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("m,n,k", [(2, 2, 2), (5, 12, 7), (32, 1, 3), (16, 4, 16), (7, 3, 32)])

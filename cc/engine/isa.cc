@@ -142,6 +142,17 @@ void SetFusedPairs(bool on) { Fused().store(on, std::memory_order_relaxed); }
 bool FusedPairs() { return Fused().load(std::memory_order_relaxed); }
 void SetRunPrefetch(bool on) { Ahead().store(on, std::memory_order_relaxed); }
 bool RunPrefetch() { return Ahead().load(std::memory_order_relaxed); }
+bool HardwareFollowsRuns() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
 bool SetBf16Dot(bool on) {
   const bool now = on && CpuHasAvx512Bf16();
   Bf16().store(now, std::memory_order_relaxed);

@@ -220,6 +220,10 @@ bool OneStripRuns();
 // (gemm/streaming.h RunAhead). On by default; switched off for A/B timing.
 void SetRunPrefetch(bool on);
 bool RunPrefetch();
+// Whether the CPU's own prefetchers keep up with a run of products laid out back to back
+// (AMD's do): there RunAhead runs only where the output streams store by store
+// (gemm/stationary.h StationaryRun).
+bool HardwareFollowsRuns();
 
 // Whether bfloat16 products run on the CPU's bfloat16 instructions (AVX512-BF16) with the
 // AVX-512 kernels: the dot product in the stationary row kernel and the packed family
