@@ -153,6 +153,12 @@ struct PairKernel {
     // than kPrefetchMinRows rows the hardware prefetcher follows them on its own: B = 4,
     // S = 20 took 0.13 µs per output without prefetches and 0.14 with them; B = 6 and 8
     // (S = 24) 0.30 -> 0.28-0.30 and 0.41 -> 0.35 with them.
+    // The rows of X go to L2 (prefetcht1), not L1: the next output's X is as large as L1
+    // (the capsule's 50 rows of 160 floats, 32 KiB) and evicted this output's staged rows
+    // and accumulators from it; the staging copy reads them from L2. pair_kernel.cc as
+    // above (2026-12-06, builds before and after run alternately): 4.0-4.25 -> 3.46-3.59 ms
+    // on two threads, 7.14-7.41 -> 6.46-6.52 µs per output on one. Paired in one process
+    // against it, prefetcht2 came out the same, and Y's and Q's rows to L2 too 1-3% slower.
     const int64_t blocks = (f.r + pass - 1) / pass * ((f.s + kSb - 1) / kSb);
     const int64_t per_block = (f.r + blocks - 1) / blocks;
     const int64_t row_bytes = f.s * int64_t(sizeof(S));
@@ -164,7 +170,7 @@ struct PairKernel {
         // Every line the row touches, from the one its first element lies in.
         const uintptr_t row = reinterpret_cast<uintptr_t>(next.x + ahead * f.x_r);
         for (uintptr_t l = row & ~uintptr_t(63); l < row + row_bytes; l += 64) {
-          __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+          __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 2);
         }
         __builtin_prefetch(next.y + ahead * f.y_r, 0, 3);
         __builtin_prefetch(next.q + ahead * f.q_r, 1, 3);
