@@ -867,17 +867,13 @@ def test_fused_pair_through_the_tf_op():
 
 
 
-@pytest.mark.slow
-def test_pair_kernel_benchmark_builds_and_matches():
-    # benchmarks/pair_kernel.cc times the fused pair without TF and checks dW and du
-    # against a double loop (exit status 1 if they differ): built with the flags setup.py
-    # gives the ISA this CPU runs, on shapes through every path of Run (rows below and above
-    # the prefetch threshold, several passes of X, N of 4, 8 and 16, hot and cold, threads).
+def run_benchmark_program(tmp, name, opt, runs):
+    """Builds benchmarks/<name>.cc with the flags setup.py gives the ISA this CPU runs and
+    runs it once per argument tuple of `runs`: the finished processes, in that order."""
     import ast
     import os
     import shutil
     import subprocess
-    import tempfile
 
     compiler = shutil.which("g++")
     if compiler is None:
@@ -890,68 +886,53 @@ def test_pair_kernel_benchmark_builds_and_matches():
     # The compiler and the harness are not ours to sanitize (scripts/sanitize.sh preloads
     # the ASan runtime into this process).
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = pathlib.Path(tmp) / "pair_kernel"
-        built = subprocess.run([compiler, "-O2", "-std=c++17", "-pthread", f"-I{root}",
-                                *isa_flags[isa], f"-DSMALLMM_ISA={isa}",
-                                str(root / "benchmarks" / "pair_kernel.cc"), "-o", str(exe)],
-                               check=False, capture_output=True, text=True, timeout=300, env=env)
-        assert built.returncode == 0, built.stderr
-        # threads, hot, B, I, S, N, dtype (then 2 timed runs)
-        for args in [("1", "0", "50", "7", "160", "8", "float32"),
-                     ("2", "0", "9", "13", "37", "5", "float32"),
-                     ("1", "1", "4", "6", "20", "16", "float32"),
-                     ("2", "0", "64", "5", "300", "3", "float32"),
-                     ("1", "0", "7", "9", "33", "16", "float64")]:
-            run = subprocess.run([str(exe), *args, "2"], check=False, capture_output=True,
-                                 text=True, timeout=120, env=env)
-            assert run.returncode == 0, (args, run.stderr)
-            assert "us per output" in run.stdout
+    exe = pathlib.Path(tmp) / name
+    built = subprocess.run([compiler, opt, "-std=c++17", "-pthread", f"-I{root}",
+                            *isa_flags[isa], f"-DSMALLMM_ISA={isa}",
+                            str(root / "benchmarks" / f"{name}.cc"), "-o", str(exe)],
+                           check=False, capture_output=True, text=True, timeout=600, env=env)
+    assert built.returncode == 0, built.stderr
+    return [subprocess.run([str(exe), *args], check=False, capture_output=True, text=True,
+                           timeout=120, env=env) for args in runs]
 
 
 @pytest.mark.slow
-def test_nn_kernel_benchmark_builds_and_matches():
-    # benchmarks/nn_kernel.cc times batched n×n through StationaryRun without TF and checks
-    # three products against a double loop (exit status 1 if they differ): built like the
-    # pair benchmark above, on runs through OneStripRun (n = 5, staged), the strip layers
-    # (16) and BlockRun (20, 32), with one and two threads (exit status 3: a size this
-    # ISA runs on another family).
-    import ast
-    import os
-    import shutil
-    import subprocess
-    import tempfile
+def test_pair_kernel_benchmark_builds_and_matches(tmp_path):
+    # benchmarks/pair_kernel.cc times the fused pair without TF and checks dW and du
+    # against a double loop (exit status 1 if they differ), on shapes through every path of
+    # Run (rows below and above the prefetch threshold, several passes of X, N of 4, 8 and
+    # 16, hot and cold, threads).
+    # threads, hot, B, I, S, N, dtype, timed runs
+    runs = [("1", "0", "50", "7", "160", "8", "float32", "2"),
+            ("2", "0", "9", "13", "37", "5", "float32", "2"),
+            ("1", "1", "4", "6", "20", "16", "float32", "2"),
+            ("2", "0", "64", "5", "300", "3", "float32", "2"),
+            ("1", "0", "7", "9", "33", "16", "float64", "2")]
+    for args, run in zip(runs, run_benchmark_program(tmp_path, "pair_kernel", "-O2", runs)):
+        assert run.returncode == 0, (args, run.stderr)
+        assert "us per output" in run.stdout
 
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no g++")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    tree = ast.parse((root / "setup.py").read_text())
-    isa_flags = next(ast.literal_eval(node.value) for node in tree.body
-                     if isinstance(node, ast.Assign) and node.targets[0].id == "ISA_FLAGS")
-    isa = core.active_isa()
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = pathlib.Path(tmp) / "nn_kernel"
-        built = subprocess.run([compiler, "-O1", "-std=c++17", "-pthread", f"-I{root}",
-                                *isa_flags[isa], f"-DSMALLMM_ISA={isa}",
-                                str(root / "benchmarks" / "nn_kernel.cc"), "-o", str(exe)],
-                               check=False, capture_output=True, text=True, timeout=600, env=env)
-        assert built.returncode == 0, built.stderr
-        # n, threads, rounds, elements per operand
-        for args in [("5", "1", "1", "30000"), ("5", "2", "1", "5000000"),
-                     ("16", "2", "1", "300000"), ("20", "2", "1", "5000000"),
-                     ("32", "1", "1", "300000"), ("32", "2", "1", "5000000")]:
-            run = subprocess.run([str(exe), *args], check=False, capture_output=True,
-                                 text=True, timeout=120, env=env)
-            if run.returncode == 3 and isa != "avx512":
-                continue
-            assert run.returncode == 0, (args, run.stderr)
-            assert "x floor" in run.stdout
-        for args in [("9",), ("3",), ("5", "0")]:
-            bad = subprocess.run([str(exe), *args], check=False, capture_output=True, text=True,
-                                 timeout=60, env=env)
-            assert bad.returncode == 2, args
+
+@pytest.mark.slow
+def test_nn_kernel_benchmark_builds_and_matches(tmp_path):
+    # benchmarks/nn_kernel.cc times batched n×n through StationaryRun without TF and checks
+    # three products against a double loop (exit status 1 if they differ), on runs through
+    # OneStripRun (n = 5, staged), the strip layers (16) and BlockRun (20, 32), with one and
+    # two threads; exit status 2 for arguments out of range, 3 for a size that this ISA runs
+    # on another kernel family.
+    # n, threads, rounds, elements per operand
+    runs = [("5", "1", "1", "30000"), ("5", "2", "1", "5000000"), ("16", "2", "1", "300000"),
+            ("20", "2", "1", "5000000"), ("32", "1", "1", "300000"),
+            ("32", "2", "1", "5000000")]
+    bad = [("9",), ("3",), ("5", "0")]
+    done = run_benchmark_program(tmp_path, "nn_kernel", "-O1", runs + bad)
+    for args, run in zip(runs, done):
+        if run.returncode == 3 and core.active_isa() != "avx512":
+            continue
+        assert run.returncode == 0, (args, run.stderr)
+        assert "x floor" in run.stdout
+    for args, run in zip(bad, done[len(runs):]):
+        assert run.returncode == 2, args
 
 
 # ---------------------------------------------------------------- planner folds
