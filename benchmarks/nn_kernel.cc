@@ -26,9 +26,6 @@
 #include <vector>
 
 #include "cc/engine/gemm/stationary.h"
-#if defined(__SSE__)
-#include <immintrin.h>
-#endif
 
 namespace smallmm {
 namespace {
@@ -40,8 +37,11 @@ bool OneStripRuns() { return true; }
 bool FusedPairs() { return true; }
 bool RunPrefetch() { return prefetch_mode != 2; }
 bool HardwareFollowsRuns() {
-  __builtin_cpu_init();
-  return prefetch_mode == 0 && __builtin_cpu_is("amd");
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return prefetch_mode == 0 && amd;
 }
 bool Bf16Dot() { return false; }
 }  // namespace smallmm
@@ -120,27 +120,21 @@ int main(int argc, char** argv) {
     RunN(n, p, a.get(), b.get(), c.get(), count * t / threads, count * (t + 1) / threads,
          std::make_integer_sequence<int, kNumSizes>());
   };
-  // The floor: the same bytes read and written, C streamed past the cache.
+  // The floor: the same bytes read and written, C streamed past the cache a line at a time
+  // (streaming.h StreamVec, as the kernels stream theirs).
   auto floor = [&](int t) {
+    typedef float Line __attribute__((vector_size(64)));
     constexpr int kLanes = 16;  // whole lines, each thread's range starting on one
     const int64_t lo = total * t / threads / kLanes * kLanes;
     const int64_t hi = t + 1 == threads ? total : total * (t + 1) / threads / kLanes * kLanes;
     const float *x = a.get(), *y = b.get();
     float* out = floor_c.get();
     int64_t i = lo;
-#if defined(__AVX512F__)
     for (; i + kLanes <= hi; i += kLanes) {
-      _mm512_stream_ps(out + i, _mm512_add_ps(_mm512_load_ps(x + i), _mm512_load_ps(y + i)));
+      smallmm::StreamVec(out + i, smallmm::LoadVec<Line>(x + i) + smallmm::LoadVec<Line>(y + i));
     }
-#elif defined(__SSE__)
-    for (; i + 4 <= hi; i += 4) {
-      _mm_stream_ps(out + i, _mm_add_ps(_mm_load_ps(x + i), _mm_load_ps(y + i)));
-    }
-#endif
     for (; i < hi; ++i) out[i] = x[i] + y[i];
-#if defined(__SSE__)
-    _mm_sfence();
-#endif
+    smallmm::StreamFence();
   };
 
   parallel(ours);

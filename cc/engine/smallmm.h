@@ -222,7 +222,7 @@ void SetRunPrefetch(bool on);
 bool RunPrefetch();
 // Whether the CPU's own prefetchers keep up with a run of products laid out back to back
 // (AMD's do): there RunAhead runs only where the output streams store by store
-// (gemm/stationary.h StationaryRun).
+// (gemm/streaming.h RunAheadPays).
 bool HardwareFollowsRuns();
 
 // Whether bfloat16 products run on the CPU's bfloat16 instructions (AVX512-BF16) with the

@@ -663,11 +663,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
   const bool pair_dot = D == DType::kBFloat16 && PairDotFits(pair_plan, col);
 #endif
   constexpr int64_t kElementBytes = int64_t(sizeof(StorageOf<D>)) * kScalars<D>;
-  // RunAhead (streaming.h) for large outputs; on CPUs whose own prefetchers follow the
-  // runs, only where the output streams store by store.
-  const bool ahead_on = RunPrefetch() &&
-                        uint64_t(p.output_elements) * kElementBytes >= kRunAheadMinOutputBytes &&
-                        (stream || !HardwareFollowsRuns());
+  const bool ahead_on = RunAheadPays(uint64_t(p.output_elements) * kElementBytes, stream);
   auto run = [&](int64_t t0, int64_t n, void* out, int64_t oo, int64_t so) {
     // Prefetch along the range's products, their output lines too where stored in place
     // (not streamed, not staged).

@@ -211,13 +211,21 @@ void PrefetchPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t 
 // 1.36, 24 1.46 -> 1.31 and 1.47 -> 1.32, 20 1.45 -> 1.33 and 1.41 -> 1.39; with the output
 // streamed store by store, n = 32 lost 1.53 -> 1.60, 1.67 -> 1.83 and 1.83 -> 1.93 (and
 // was level twice), n = 16 was level. So on AMD RunAhead runs only with streamed outputs
-// (stationary.h StationaryRun, HardwareFollowsRuns).
+// (RunAheadPays below).
 constexpr int64_t kRunAheadBytes = 4 << 10;
 // Only outputs this large: smaller runs are mostly in cache, where the prefetches cost
 // time and win none. Paired the same way, one thread (_smallmm_core.matmul with
 // set_run_prefetch): [200000/n², n, n] operands (2.4 MB in all) 0.89-0.99× for n = 5-16,
 // 1.04× for n = 20, 32; [4M/n², n, n] (16 MiB outputs) 0.98× at n = 5, 1.04-1.10× n = 8-32.
 constexpr uint64_t kRunAheadMinOutputBytes = kStreamBytes;
+
+// Whether a run writing `output_bytes` (stored non-temporally: `streamed`) prefetches by
+// software: large outputs only, and on CPUs whose own prefetchers follow the runs (AMD,
+// above) only streamed ones.
+inline bool RunAheadPays(uint64_t output_bytes, bool streamed) {
+  return RunPrefetch() && output_bytes >= kRunAheadMinOutputBytes &&
+         (streamed || !HardwareFollowsRuns());
+}
 
 template <DType D>
 class RunAhead {
