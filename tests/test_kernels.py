@@ -352,6 +352,28 @@ def test_pool_parallel_for_runs_every_unit_once():
             assert counts == [1] * units, (units, threads, late)
 
 
+
+def test_stream_fill_writes_every_element_and_rejects_bad_arrays():
+    # The benchmarks' write probe (tools/sweep.py timed_with_floor): a scalar head up to the
+    # vectors' alignment, streamed vectors, a scalar tail, split over threads.
+    for size in [0, 1, 3, 17, 64, 1000]:
+        for offset in range(0, 17, 5):
+            for threads in (1, 2, 5):
+                buf = np.zeros(size + 40, np.float32)
+                view = buf[offset:offset + size]
+                core.stream_fill(view, 2.5, threads)
+                assert (view == 2.5).all() and buf.sum() == 2.5 * size, (size, offset, threads)
+    with pytest.raises(TypeError, match="C-contiguous float32"):
+        core.stream_fill(np.zeros(8), 1.0, 1)  # float64
+    with pytest.raises(TypeError, match="C-contiguous float32"):
+        core.stream_fill(np.zeros(8, np.float32)[::2], 1.0, 1)
+    read_only = np.zeros(8, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(TypeError, match="writeable"):
+        core.stream_fill(read_only, 1.0, 1)
+    with pytest.raises(ValueError, match="threads"):
+        core.stream_fill(np.zeros(8, np.float32), 1.0, 0)
+
 # ---------------------------------------------------------------- matrix-vector kernels
 # N = 1 runs on the matvec kernels (short K, vectorised across rows of A: plain row-major A,
 # whose row blocks are picked apart with shuffles, or a transposed A, whose columns are

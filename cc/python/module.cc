@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -16,6 +18,10 @@
 #include "cc/engine/execute.h"
 #include "cc/engine/smallmm.h"
 #include "cc/python/numpy_plan.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -167,6 +173,56 @@ std::vector<int> PoolParallelForCounts(int64_t units, int64_t cost_per_unit, int
   return out;
 }
 
+#if defined(__x86_64__)
+// Streaming stores of `value` from data + begin (aligned to the vectors) on while a whole
+// vector fits before end, in vectors of 16 floats (AVX-512) or 4 (SSE); returns where they
+// stopped.
+__attribute__((target("avx512f"))) int64_t Stream16(float* data, int64_t begin, int64_t end,
+                                                    float value) {
+  const __m512 v = _mm512_set1_ps(value);
+  for (; begin + 16 <= end; begin += 16) _mm512_stream_ps(data + begin, v);
+  return begin;
+}
+int64_t Stream4(float* data, int64_t begin, int64_t end, float value) {
+  const __m128 v = _mm_set1_ps(value);
+  for (; begin + 4 <= end; begin += 4) _mm_stream_ps(data + begin, v);
+  return begin;
+}
+#endif
+
+// Writes `value` over all of `out` with non-temporal stores, its elements split over
+// `threads` threads: the benchmarks' write probe (tools/sweep.py timed_with_floor), the
+// fastest way this machine writes memory it does not read. Normal stores would read every
+// line for ownership first; full lines of streaming stores go to memory without that read.
+// The widest stores the CPU has: a slower probe would flatter the figures it bounds.
+void StreamFill(py::array out, float value, int threads) {
+  if (threads < 1) throw py::value_error("threads must be at least 1");
+  if (!out.dtype().is(py::dtype::of<float>()) || !out.writeable() ||
+      !(out.flags() & py::array::c_style)) {
+    throw py::type_error("out must be a writeable C-contiguous float32 array");
+  }
+  float* data = static_cast<float*>(out.mutable_data());
+  const int64_t n = out.size();
+  py::gil_scoped_release release;
+  auto fill = [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    const bool wide = __builtin_cpu_supports("avx512f");
+    // Scalar stores up to the vectors' alignment, vectors, scalar stores for the tail.
+    while (begin < end && reinterpret_cast<uintptr_t>(data + begin) % (wide ? 64 : 16) != 0) {
+      data[begin++] = value;
+    }
+    begin = wide ? Stream16(data, begin, end, value) : Stream4(data, begin, end, value);
+    _mm_sfence();
+#endif
+    std::fill(data + begin, data + end, value);
+  };
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads; ++t)
+    helpers.emplace_back(fill, n * t / threads, n * (t + 1) / threads);
+  fill(0, n / threads);
+  for (auto& t : helpers) t.join();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_smallmm_core, m) {
@@ -228,6 +284,9 @@ PYBIND11_MODULE(_smallmm_core, m) {
         py::arg("threads"), py::arg("late") = false,
         "How often each unit ran under the engine's parallel-for over a task pool (the XLA "
         "custom calls' threading); late: the pool starts its tasks only after the call.");
+  m.def("stream_fill", &StreamFill, py::arg("out"), py::arg("value"), py::arg("threads"),
+        "Write value over all of out (a C-contiguous float32 array) with non-temporal "
+        "stores on that many threads: the benchmarks' probe of write bandwidth.");
   m.def("active_isa", &smallmm::ActiveIsa);
   m.def("compiled_isas", &smallmm::CompiledIsas);
   m.def("set_isa", &smallmm::SetIsa, py::arg("name"));
