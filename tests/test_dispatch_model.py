@@ -563,3 +563,35 @@ def test_floor_timed_in_the_same_rounds():
     # Each: two warm-up calls, one to size the timings, then `reps` calls in each round.
     reps = (calls.count("a") - 3) // 5
     assert reps >= 1 and calls.count("a") == calls.count("b") == 3 + 5 * reps
+
+
+def test_in_one_call_runs_the_step_on_copies_one_after_another():
+    # ×floor timings run IN_ONE_CALL steps per tf.function call, each on its own copy of
+    # the inputs: no step may be merged with another or read another's buffers.
+    from tf_smallmm.tools import sweep
+    a, b = tf.random.normal([3, 4, 5], seed=1), tf.random.normal([3, 5, 2], seed=2)
+    step = tf.function(lambda a, b: tf.linalg.matmul(a, b))
+    run = sweep.in_one_call(step, (a, b))
+    outs = run()
+    assert len(outs) == sweep.IN_ONE_CALL
+    for out in outs:
+        np.testing.assert_allclose(out, step(a, b), rtol=1e-6)
+    copies = run.args  # (a, b) copied once per step
+    assert len(copies) == 2 * sweep.IN_ONE_CALL
+    assert not any(c is a or c is b for c in copies)
+    for i, c in enumerate(copies):
+        np.testing.assert_array_equal(c, (a, b)[i % 2])
+    graph = run.func.get_concrete_function(*copies).graph
+    calls = [op for op in graph.get_operations() if "Call" in op.type]
+    assert len(calls) == sweep.IN_ONE_CALL
+    for before, after in zip(calls, calls[1:]):  # each waits for the one before
+        assert before in after.control_inputs
+
+
+def test_floor_never_below_writing_the_written_bytes():
+    # A case that writes most of what it moves is bounded by the write probe too: 64 MiB
+    # written take far longer than the 1 MiB the mixed probes move.
+    from tf_smallmm.tools import sweep
+    _, mixed = sweep.timed_with_floor([lambda: None], 1 << 20, rounds=3)
+    _, writes = sweep.timed_with_floor([lambda: None], 1 << 20, rounds=3, written=64 << 20)
+    assert np.median(writes) > 5 * np.median(mixed)

@@ -108,6 +108,9 @@ class Case:
         self.g = tf.ones_like(y)  # the fixed upstream gradient of the forward+backward step
         self.fwd_bytes = _nbytes(a, b, y)
         self.bwd_bytes = self.fwd_bytes + _nbytes(y, a, b, a, b)
+        # Of them written: y; y and both gradients.
+        self.fwd_written = _nbytes(y)
+        self.bwd_written = _nbytes(y, a, b)
 
 
 def _keras_backend():
@@ -253,9 +256,11 @@ def run_case(case, repeats, ours_only=False):
     floor_ms = {"fwd": float("nan"), "fwd_bwd": float("nan")}
     ours = next(r for r in rows if r["impl"] == case.ours)
     if not ours_only:
-        for step, moved, key in zip(ours_steps, (case.fwd_bytes, case.bwd_bytes), floor_ms):
+        for step, moved, written, key in zip(ours_steps, (case.fwd_bytes, case.bwd_bytes),
+                                              (case.fwd_written, case.bwd_written), floor_ms):
+            run = sweep.in_one_call(step, (case.a, case.b))
             (t,), floor = sweep.timed_with_floor(
-                [lambda step=step: _fetch(step(case.a, case.b))], moved, repeats)
+                [lambda run=run: _fetch(run())], moved, repeats, written)
             ours[f"x_floor_{key}"] = float(np.median(t / floor))
             floor_ms[key] = 1e3 * float(np.median(floor))
     ours_xla = next((r for r in rows if r["impl"] == f"XLA: {case.ours}"), None)
@@ -295,9 +300,11 @@ def markdown(results, args):
          f"{datetime.date.today().isoformat()}: {sweep.machine()}, "
          f"TensorFlow {tf.__version__}, SmallMM ISA {info['active_isa']}. "
          f"Times are medians in ms "
-         f"after warm-up; ×floor = time / the floor time of the minimum bytes the case moves, "
-         f"1.0 is the roofline: {sweep.FLOOR_METHOD}; for tf_smallmm's rows the median of "
-         f"per-round ratios, for the others their time over the median floor. "
+         f"after warm-up, one step per tf.function call; ×floor = time / the floor time of "
+         f"the minimum bytes the case moves, 1.0 is the roofline: {sweep.FLOOR_METHOD}; for "
+         f"tf_smallmm's rows the median of per-round ratios of those timings, for the others "
+         f"their time of one step per call (with the call's own overhead) over the median "
+         f"floor. "
          f"'ours ×' = this row's time / tf_smallmm's (above 1: we are faster); "
          f"peak = extra allocator memory of the forward+backward step, which returns y and "
          f"both gradients for a fixed upstream gradient (no loss op)."),

@@ -512,23 +512,78 @@ def interleaved(fns, rounds, seconds=None):
     return [np.array(t) for t in times]
 
 
-FLOOR_METHOD = ("the floor is the time the hardware takes to move the same bytes, measured "
-                "in the same rounds as ours: the faster of a NumPy copy of half of them "
-                "(glibc's memcpy writes copies this large with non-temporal stores: read the "
-                "source, write the destination) and TF's x * 1.5 on a third of them (read "
-                "the source, read the destination for ownership, write it)")
+# Steps each tf.function call of a ×floor timing runs (in_one_call). A tf.function call
+# has a cost of its own, which a training step pays once however many ops it holds: for a
+# ×floor figure that bounds one op, it is spread over several. Here it is large and grows
+# with the output (2026-12-06, AMD EPYC, 2 cores, interleaved): a call of x * 1.5 on 10
+# floats 0.26 ms; on 32 MB 2.64-2.95 ms a call, 1.87-2.07 ms each four to a call; batched
+# 16×16 matmul (32 MB out) 3.12 against 2.13 ms, the capsule forward (37 MB) 2.19-2.53
+# against 1.76-1.97 ms. Counted once per call, it made the x * 1.5 probe slower and pulled
+# every ×floor figure towards 1.
+IN_ONE_CALL = 4
+
+FLOOR_METHOD = (f"each timing runs the step {IN_ONE_CALL} times in one tf.function call, one "
+                f"after another on copies of its inputs, and counts 1/{IN_ONE_CALL} of it (a "
+                f"call's own overhead is paid once per training step, however many ops the "
+                f"step holds); the "
+                "floor is the time the hardware takes to move the same bytes, measured in "
+                "the same rounds: the faster of a NumPy copy of half of them (glibc's memcpy "
+                "writes copies this large with non-temporal stores: read the source, write "
+                "the destination) and TF's x * 1.5 on a third of them (read the source, read "
+                "the destination for ownership, write it; run like the steps), and never "
+                "less than the time the bytes the step writes take to write alone "
+                "(non-temporal stores from every core, _smallmm_core.stream_fill): on some "
+                "machines writing alone is slower than reading and writing as many bytes")
 
 
-def timed_with_floor(fns, moved, rounds):
-    """interleaved() of `fns` and of two probes that each move `moved` bytes: (the times
-    of each fn, the floor time of each round: the faster probe, see FLOOR_METHOD)."""
+def in_one_call(step, args, k=IN_ONE_CALL):
+    """An argument-less function that runs step k times in one tf.function call, each after
+    the one before (control dependencies), returning every result. Each step reads its own
+    copy of `args` (as separate calls would find the last call's inputs evicted by what ran
+    between them, not in the cache) through its own placeholders (so that no graph pass
+    merges the steps)."""
+    per_step = [tuple(tf.constant(t.numpy()) for t in args) for _ in range(k)]
+
+    @tf.function
+    def run(*flat):
+        outs = []
+        for i in range(k):
+            with tf.control_dependencies(tf.nest.flatten(outs[-1:])):
+                outs.append(step(*flat[i * len(args):(i + 1) * len(args)]))
+        return outs
+
+    return functools.partial(run, *[t for step_args in per_step for t in step_args])
+
+
+def _probe_threads():
+    """Threads of the write probe: as many as TensorFlow's ops run on."""
+    return tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+
+
+def timed_with_floor(steps, moved, rounds, written=0):
+    """interleaved() of `steps` (argument-less functions, each made by in_one_call: their
+    times are divided by IN_ONE_CALL) and of the probes that bound a step moving `moved`
+    bytes, of which it writes `written`: (the times of each step, the floor time of each
+    round: the faster of the two probes that move `moved` bytes, or the write probe of
+    `written` bytes where that is slower; see FLOOR_METHOD)."""
+    from tf_smallmm import _smallmm_core as core
+
     src = np.ones(moved // 8, np.float32)  # a memcpy moves twice its size
     dst = np.empty_like(src)
     x = tf.ones([moved // 12])  # x * 1.5 moves three times its size
-    scale = tf.function(lambda x: x * 1.5)  # not x + 0: grappler folds that to an identity
-    *times, t_copy, t_scale = interleaved(
-        [*fns, lambda: np.copyto(dst, src), lambda: scale(x)], rounds)
-    return times, np.minimum(t_copy, t_scale)
+    # not x + 0: grappler folds that to an identity
+    scale = in_one_call(tf.function(lambda x: x * 1.5), (x,))
+    probes = [lambda: np.copyto(dst, src), scale]
+    if written:
+        out = np.empty(written // 4, np.float32)
+        threads = _probe_threads()
+        probes.append(lambda: core.stream_fill(out, 1.0, threads))
+    timed = interleaved([*steps, *probes], rounds)
+    n = len(steps)
+    floor = np.minimum(timed[n], timed[n + 1] / IN_ONE_CALL)
+    if written:
+        floor = np.maximum(floor, timed[n + 2])
+    return [t / IN_ONE_CALL for t in timed[:n]], floor
 
 
 def roofline(rounds, quick):
@@ -548,7 +603,8 @@ def roofline(rounds, quick):
         base = tf.function(lambda a, b: tf.linalg.matmul(a, b))
         moved = 3 * count * n * n * 4  # read A and B, write C
         (t_ours, t_base), t_floor = timed_with_floor(
-            [functools.partial(ours, a, b), functools.partial(base, a, b)], moved, rounds)
+            [in_one_call(ours, (a, b)), in_one_call(base, (a, b))], moved, rounds,
+            written=moved // 3)
         out.append({"n": n, "count": count, "ours_ms": 1e3 * np.median(t_ours),
                     "floor_ms": 1e3 * np.median(t_floor),
                     "floor_gbs": moved / np.median(t_floor) / 1e9,
