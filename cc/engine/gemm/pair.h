@@ -4,7 +4,8 @@
 // Q; kSb rows of P (with their rows of Z) stay in registers while the rows of Q (with their
 // rows of Y) stream past. X (16 KiB at a time), Y and Z are staged as rows of the
 // accumulation type (Y and Z padded to a vector) once per output, so the inner loop does no
-// conversions and no partial loads. Included by gemm_isa.cc (compiled once per ISA) and by
+// conversions and no partial loads; Z and P stay where they lie when their rows already are
+// whole vectors of it (One). Included by gemm_isa.cc (compiled once per ISA) and by
 // benchmarks/pair_kernel.cc, a program of its own built for one ISA.
 // The capsule's pair (X = g[:, i]: 50 rows of 160, n = 8) takes ~3.7 µs per output in cache
 // (AVX-512 float32, one thread, Xeon), a third of it staging X, and ~1.2-1.7× that out of
@@ -23,6 +24,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "cc/engine/gemm/common.h"
 #include "cc/engine/smallmm.h"
@@ -77,13 +79,14 @@ struct PairKernel {
   }
 
   // Rows s0 .. s0 + SB of P (accumulated in pacc) against `rows` rows of Q.
+  // first: the first pass over X, which sets P's rows instead of adding to them.
   template <int SB>
   static void Block(int64_t rows, const R* xs, int64_t xs_r, const R* ys, const R* zs, R* qacc,
-                    R* pacc) {
+                    R* pacc, bool first) {
     V zr[SB], pa[SB];
     for (int j = 0; j < SB; ++j) {
       zr[j] = LoadVec<V>(zs + j * W);
-      pa[j] = LoadVec<V>(pacc + j * W);
+      pa[j] = first ? V{} : LoadVec<V>(pacc + j * W);
     }
     int64_t r = 0;
     for (; r + kRb <= rows; r += kRb) Rows<SB, kRb>(xs, xs_r, ys, qacc, r, zr, pa);
@@ -93,11 +96,11 @@ struct PairKernel {
 
   // The last rows of P, fewer than kSb: one block of exactly that many.
   template <int SB>
-  static void Tail(int64_t left, int64_t rows, const R* xs, int64_t xs_r, const R* ys,
-                   const R* zs, R* qacc, R* pacc) {
+  static void Tail(int64_t left, int64_t rows, const R* xs, int64_t xs_r, const R* ys, const R* zs,
+                   R* qacc, R* pacc, bool first) {
     if constexpr (SB > 0) {
-      if (left == SB) return Block<SB>(rows, xs, xs_r, ys, zs, qacc, pacc);
-      Tail<SB - 1>(left, rows, xs, xs_r, ys, zs, qacc, pacc);
+      if (left == SB) return Block<SB>(rows, xs, xs_r, ys, zs, qacc, pacc, first);
+      Tail<SB - 1>(left, rows, xs, xs_r, ys, zs, qacc, pacc, first);
     }
   }
 
@@ -131,16 +134,27 @@ struct PairKernel {
                   S* q, R* scratch) {
     R* ys = scratch;
     R* qacc = ys + f.r * W;
-    R* zs = qacc + f.r * W;
-    R* pacc = zs + f.s * W;
-    R* xs = pacc + f.s * W;
+    R* z_staged = qacc + f.r * W;
+    R* p_staged = z_staged + f.s * W;
+    R* xs = p_staged + f.s * W;
+    // Z and P are used where they lie when their rows already are whole vectors of R one
+    // after another (float32 / float64, n = W, as the capsule's W[i] and dW[i]), and P's
+    // first pass sets its rows: staging Z, zeroing P and copying it out took 14-18% of each
+    // output. pair_kernel.cc, the capsule's pair (2026-12-06, AMD EPYC; builds before and
+    // after in a shuffled order, 10-12 rounds, two runs): 0.86-0.89× on two threads out of
+    // cache (9-11 of 12 faster), 0.82-0.83× on one in cache (all faster).
+    constexpr bool kInPlace = std::is_same_v<S, R>;
+    const bool z_in_place = kInPlace && f.n_q == W && f.z_s == W;
+    const bool p_in_place = kInPlace && f.n_p == W && f.p_s == W;
+    const R* zs = z_in_place ? reinterpret_cast<const R*>(z) : z_staged;
+    R* pacc = p_in_place ? reinterpret_cast<R*>(p) : p_staged;
     for (int64_t r = 0; r < f.r; ++r) {
       StoreVec(ys + r * W, LoadLanes<D, W>(y + r * f.y_r, int(f.n_p)));
       StoreVec(qacc + r * W, V{});
     }
     for (int64_t s = 0; s < f.s; ++s) {
-      StoreVec(zs + s * W, LoadLanes<D, W>(z + s * f.z_s, int(f.n_q)));
-      StoreVec(pacc + s * W, V{});
+      if (!z_in_place) StoreVec(z_staged + s * W, LoadLanes<D, W>(z + s * f.z_s, int(f.n_q)));
+      if (f.r == 0) StoreVec(pacc + s * W, V{});  // no pass sets P (PlanFusedPair has r >= 1)
     }
     const int64_t pass = StageRows(f);
     // The next output's rows are prefetched a few at a time before each block, so that
@@ -190,13 +204,14 @@ struct PairKernel {
       int64_t s0 = 0;
       for (; s0 + kSb <= f.s; s0 += kSb) {
         prefetch_next();
-        Block<kSb>(rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W, pacc + s0 * W);
+        Block<kSb>(rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W, pacc + s0 * W,
+                   r0 == 0);
       }
       prefetch_next();
       Tail<kSb - 1>(f.s - s0, rows, xs + s0, f.s, ys + r0 * W, zs + s0 * W, qacc + r0 * W,
-                    pacc + s0 * W);
+                    pacc + s0 * W, r0 == 0);
     }
-    for (int64_t s = 0; s < f.s; ++s) {
+    for (int64_t s = 0; !p_in_place && s < f.s; ++s) {
       StoreLanes<D, W>(p + s * f.p_s, LoadVec<V>(pacc + s * W), int(f.n_p));
     }
     for (int64_t r = 0; r < f.r; ++r) {
