@@ -798,9 +798,10 @@ def capsule_backward_pair(rng, dtype, b, i, s, n, **kw):
 
 # Both gradients of a broadcast weight in one pass over the upstream gradient: every
 # remainder of the register blocks (S rows of 6 / 3, R rows of 4 / 2), every vector width
-# (n = 1..16, one past it), batches that the planner folds only in part (B > 64), outputs
-# split into ranges as threads split them, on every ISA and real dtype, exact against
-# float64; the same with the fused path off.
+# (n = 1..16, one past it; float32 / float64 rows of n = 4, 8 and 16 are read and summed in
+# place, the others staged), X in one pass or several (B = 50, S = 160), batches that the
+# planner folds only in part (B > 64), outputs split into ranges as threads split them, on
+# every ISA and real dtype, exact against float64; the same with the fused path off.
 @pytest.mark.parametrize("dtype", REAL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_fused_pair_every_shape(dtype, isa):
     rng = np.random.default_rng(31)
