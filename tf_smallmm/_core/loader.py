@@ -217,6 +217,16 @@ def xla_platforms():
     return tuple(p for p in ("Host", "CUDA") if probe(_XLA_PROBE_TARGET, p.encode()))
 
 
+def core_module():
+    """The kernel core on numpy arrays without TensorFlow (_smallmm_core: the kernels one by
+    one, the benchmarks' probes), or None where this build has none."""
+    try:
+        from tf_smallmm import _smallmm_core as core
+    except ImportError:
+        return None
+    return core
+
+
 def build_info():
     """What was compiled and what is running: TF versions, ISAs, devices with kernels,
     the XLA kernels ("xla", or why not: "xla_missing") and the platforms XLA runs them on
@@ -229,11 +239,8 @@ def build_info():
     info["devices"] = list(registered_devices("SmallMMBatchMatMul")) if lib is not None else []
     info["cuda_driver"] = _State.driver
     info["xla_platforms"] = list(xla_platforms())
-    try:
-        from tf_smallmm import _smallmm_core as core
-
-        info["active_isa"] = core.active_isa()
+    core = core_module()
+    info["active_isa"] = core.active_isa() if core is not None else None
+    if core is not None:
         info["tile_sizes"] = list(core.tile_sizes)
-    except ImportError:
-        info["active_isa"] = None
     return info

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_smallmm as smm
-from tf_smallmm._core import dispatch
+from tf_smallmm._core import dispatch, loader
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128]
 SIZES = [1, 2, 3, 4, 5, 7, 8, 12, 16, 20, 24, 32]
@@ -566,8 +566,6 @@ def timed_with_floor(steps, moved, rounds, written=0):
     bytes, of which it writes `written`: (the times of each step, the floor time of each
     round: the faster of the two probes that move `moved` bytes, or the write probe of
     `written` bytes where that is slower; see FLOOR_METHOD)."""
-    from tf_smallmm import _smallmm_core as core
-
     src = np.ones(moved // 8, np.float32)  # a memcpy moves twice its size
     dst = np.empty_like(src)
     x = tf.ones([moved // 12])  # x * 1.5 moves three times its size
@@ -575,6 +573,10 @@ def timed_with_floor(steps, moved, rounds, written=0):
     scale = in_one_call(tf.function(lambda x: x * 1.5), (x,))
     probes = [lambda: np.copyto(dst, src), scale]
     if written:
+        core = loader.core_module()
+        if core is None:
+            raise RuntimeError("the write probe needs tf_smallmm._smallmm_core, which this "
+                               "build lacks")
         out = np.empty(written // 4, np.float32)
         threads = _probe_threads()
         probes.append(lambda: core.stream_fill(out, 1.0, threads))
