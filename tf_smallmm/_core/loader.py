@@ -240,7 +240,8 @@ def build_info():
     info["cuda_driver"] = _State.driver
     info["xla_platforms"] = list(xla_platforms())
     core = core_module()
-    info["active_isa"] = core.active_isa() if core is not None else None
+    info["active_isa"] = None
     if core is not None:
+        info["active_isa"] = core.active_isa()
         info["tile_sizes"] = list(core.tile_sizes)
     return info
