@@ -5,7 +5,9 @@
 // RunAhead's software prefetch as this CPU gets it (streaming.h, HardwareFollowsRuns), on
 // and off, and the floor, in an order shuffled each round; the figures are medians over the
 // rounds of each time over the floor of its round. The batch is split over the threads in
-// contiguous halves, as the op's shards do.
+// contiguous halves, as the op's shards do. At n = 32 with AVX-512 a fourth run takes
+// BlockRun with B's strips copied before each product (kInPlace off, as before B's rows were
+// read where they lie), prefetching as the CPU gets it.
 //
 //   g++ -O3 -std=c++17 -pthread -I. -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma
 //       -mf16c -DSMALLMM_ISA=avx512 benchmarks/nn_kernel.cc -o /tmp/nn_kernel
@@ -29,7 +31,7 @@
 
 namespace smallmm {
 namespace {
-int prefetch_mode = 0;  // 0: as the CPU gets it, 1: on everywhere, 2: off
+int prefetch_mode = 0;  // 0: as the CPU gets it, 1: on everywhere, 2: off (3: as 0)
 }  // namespace
 // The engine's switches (cc/engine/isa.cc, which this program does not link).
 bool OutputStaging() { return true; }
@@ -41,7 +43,7 @@ bool HardwareFollowsRuns() {
     __builtin_cpu_init();
     return __builtin_cpu_is("amd") != 0;
   }();
-  return prefetch_mode == 0 && amd;
+  return (prefetch_mode == 0 || prefetch_mode == 3) && amd;
 }
 bool Bf16Dot() { return false; }
 }  // namespace smallmm
@@ -59,6 +61,26 @@ void Run(const GemmPlan& p, const float* a, const float* b, float* c, int64_t t0
   if constexpr (N <= smallmm::kStationaryMaxKOf<DType::kFloat>) {
     constexpr int64_t s = int64_t(N) * N;
     smallmm::StationaryRun<DType::kFloat, N>(p, a, b, c, t1 - t0, t0 * s, s, t0 * s, s, t0 * s, s);
+  }
+}
+
+// BlockRun with B's strips copied: n = 32 float32, two AVX-512 strips, as StationaryRun
+// runs it but for the copies.
+constexpr bool kCopiedRuns =
+    smallmm::kBlockRun<DType::kFloat> && smallmm::kStripLanes<DType::kFloat> == 16;
+template <bool kOn = kCopiedRuns>  // a template, so that other ISAs never instantiate it
+void RunCopied(const GemmPlan& p, const float* a, const float* b, float* c, int64_t t0,
+               int64_t t1) {
+  if constexpr (kOn) {
+    constexpr int64_t s = 32 * 32;
+    const bool stream = smallmm::StreamOutput(uint64_t(p.output_elements) * sizeof(float),
+                                              32 * int64_t(sizeof(float)));
+    smallmm::RunAhead<DType::kFloat> ahead(
+        p, a, t0 * s, s, b, t0 * s, s, c, t0 * s, s, p.num_outputs - t0,
+        smallmm::RunAheadPays(uint64_t(p.output_elements) * sizeof(float), stream), !stream);
+    smallmm::BlockRun<DType::kFloat, 16, 2, 32, true, false>(p, a, t0 * s, s, b, t0 * s, s, c,
+                                                             t0 * s, s, t1 - t0, stream, ahead);
+    if (stream) smallmm::StreamFence();
   }
 }
 
@@ -117,9 +139,14 @@ int main(int argc, char** argv) {
     for (auto& t : pool) t.join();
   };
   auto ours = [&](int t) {
-    RunN(n, p, a.get(), b.get(), c.get(), count * t / threads, count * (t + 1) / threads,
-         std::make_integer_sequence<int, kNumSizes>());
+    const int64_t t0 = count * t / threads, t1 = count * (t + 1) / threads;
+    if (smallmm::prefetch_mode == 3) {
+      RunCopied(p, a.get(), b.get(), c.get(), t0, t1);
+    } else {
+      RunN(n, p, a.get(), b.get(), c.get(), t0, t1, std::make_integer_sequence<int, kNumSizes>());
+    }
   };
+  const bool copied = n == 32 && kCopiedRuns;
   // The floor: the same bytes read and written, C streamed past the cache a line at a time
   // (streaming.h StreamVec, as the kernels stream theirs).
   auto floor = [&](int t) {
@@ -137,35 +164,45 @@ int main(int argc, char** argv) {
     smallmm::StreamFence();
   };
 
-  parallel(ours);
-  for (int64_t t : {int64_t(0), count / 2, count - 1}) {
-    for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < n; ++j) {
-        double want = 0, size = 0;
-        for (int l = 0; l < n; ++l) {
-          const double term = double(a.get()[(t * n + i) * n + l]) * b.get()[(t * n + l) * n + j];
-          want += term;
-          size += std::fabs(term);
-        }
-        const float got = c.get()[(t * n + i) * n + j];
-        if (std::fabs(got - want) > 1e-5 * size + 1e-30) {
-          std::fprintf(stderr, "product %ld C[%d, %d] = %g, want %g\n", long(t), i, j, got, want);
-          return 1;
+  auto wrong = [&] {
+    for (int64_t t : {int64_t(0), count / 2, count - 1}) {
+      for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < n; ++j) {
+          double want = 0, size = 0;
+          for (int l = 0; l < n; ++l) {
+            const double term = double(a.get()[(t * n + i) * n + l]) * b.get()[(t * n + l) * n + j];
+            want += term;
+            size += std::fabs(term);
+          }
+          const float got = c.get()[(t * n + i) * n + j];
+          if (std::fabs(got - want) > 1e-5 * size + 1e-30) {
+            std::fprintf(stderr, "product %ld C[%d, %d] = %g, want %g\n", long(t), i, j, got, want);
+            return true;
+          }
         }
       }
     }
+    return false;
+  };
+  for (int mode : {0, 3}) {
+    if (mode == 3 && !copied) continue;
+    smallmm::prefetch_mode = mode;
+    parallel(ours);
+    if (wrong()) return 1;
   }
 
-  constexpr int kRuns = 4;  // prefetch modes 0, 1, 2 and the floor
-  std::vector<double> ratio[kRuns - 1], time[kRuns];
+  // Prefetch modes 0, 1, 2, the copied strips (3) where they run, and the floor (last).
+  const int runs = copied ? 5 : 4;
+  std::vector<std::vector<double>> ratio(runs - 1), time(runs);
   std::mt19937 order_rng(1);
-  int order[kRuns] = {0, 1, 2, 3};
+  std::vector<int> order(runs);
+  for (int v = 0; v < runs; ++v) order[v] = v;
   for (int r = 0; r < rounds + 1; ++r) {
-    std::shuffle(order, order + kRuns, order_rng);
-    double t[kRuns];
+    std::shuffle(order.begin(), order.end(), order_rng);
+    std::vector<double> t(runs);
     for (int v : order) {
       const double start = Seconds();
-      if (v == kRuns - 1) {
+      if (v == runs - 1) {
         parallel(floor);
       } else {
         smallmm::prefetch_mode = v;
@@ -174,18 +211,18 @@ int main(int argc, char** argv) {
       t[v] = Seconds() - start;
     }
     if (r == 0) continue;  // warm-up
-    for (int v = 0; v < kRuns; ++v) time[v].push_back(t[v]);
-    for (int v = 0; v + 1 < kRuns; ++v) ratio[v].push_back(t[v] / t[kRuns - 1]);
+    for (int v = 0; v < runs; ++v) time[v].push_back(t[v]);
+    for (int v = 0; v + 1 < runs; ++v) ratio[v].push_back(t[v] / t[runs - 1]);
   }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  const double floor_s = median(time[kRuns - 1]);
+  const double floor_s = median(time[runs - 1]);
   std::printf("n=%d count=%ld threads=%d floor %.3f ms (%.1f GB/s)", n, long(count), threads,
               floor_s * 1e3, 3.0 * double(total) * sizeof(float) / floor_s / 1e9);
-  const char* names[] = {"default", "prefetch", "no prefetch"};
-  for (int v = 0; v + 1 < kRuns; ++v) {
+  const char* names[] = {"default", "prefetch", "no prefetch", "B copied"};
+  for (int v = 0; v + 1 < runs; ++v) {
     std::printf(" | %s %.3f ms %.2fx floor", names[v], median(time[v]) * 1e3, median(ratio[v]));
   }
   std::printf("\n");
