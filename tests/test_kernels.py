@@ -651,9 +651,9 @@ def test_one_strip_runs_every_shape(dtype, isa):
 
 # Products whose output rows span two to four strips run in blocks of rows on the row kernel
 # (real, AVX-512, M >= 4): every M across its blocks (8 or 4, then 2 and 1 rows), N across
-# the strips' widths (the last strip half-width up to half a vector; whole strips, which
-# float32 / float64 read in B's rows in place) and one past the fourth, K up to one past the stationary limit, B and Bᵀ, A transposed or strided, with
-# that path on and off.
+# the strips' widths (the last strip half-width up to half a vector; two whole strips,
+# which float32 / float64 read in B's rows in place) and one past the fourth, K up to one
+# past the stationary limit, B and Bᵀ, A transposed or strided, with that path on and off.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
 def test_strip_blocks_every_shape(dtype, isa):

@@ -541,9 +541,9 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against them (same
 // timing): float32 5×32·32×32 1.7-2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 5×16·16×40 2.0×,
 // 4×32·32×32 1.05×; float16 3.3-6.6×.
-// kInPlace (float / double, B's rows contiguous, N a whole number of strips): the strips are
-// read where B's rows lie, not loaded into copies first; a copy is K·N loads and stores per
-// product, and the in-place loads hit the same L1 lines. Paired in one process against the
+// kInPlace (float / double, B's rows contiguous, N two whole strips; BlockRunFn): the
+// strips are read where B's rows lie, not loaded into copies first; a copy is K·N loads and
+// stores per product, and the in-place loads hit the same L1 lines. Paired in one process against the
 // copies (2026-12-06, AMD EPYC Zen 4, 2 threads, a C++ harness of BlockRun, 7812 float32
 // 32×32 products, 40 shuffled rounds, time over a floor of the same traffic): with RunAhead
 // on, as it is there for streamed outputs, 1.69-1.87× the floor against 1.72-1.96×
@@ -598,13 +598,16 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
 }
 
 // BlockRun with the last strip full or (half) in half-width registers (kHalfStrip), and
-// with B's rows read in place (in_place: float / double rows of whole strips).
+// with B's rows read in place (in_place: float / double rows of whole strips). In place for
+// two strips and A's rows contiguous only: where it was measured (n = 32 float32), and
+// every other instance is compile time, which the sanitizer build of this table pays
+// several times over (all S and A layouts: 30+ minutes for its AVX-512 object).
 template <DType D, int VL, int S, int K, bool kUnit>
 auto BlockRunFn(bool half, bool in_place) {
   if constexpr (kHalfStrip<D, VL / 2>) {
     if (half) return &BlockRun<D, VL, S, K, kUnit, false, VL / 2>;
   }
-  if constexpr (kPlainReal<D>) {
+  if constexpr (kPlainReal<D> && S == 2 && kUnit) {
     if (in_place) return &BlockRun<D, VL, S, K, kUnit, true>;
   }
   return &BlockRun<D, VL, S, K, kUnit, false>;
