@@ -543,11 +543,11 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // 4×32·32×32 1.05×; float16 3.3-6.6×.
 // kInPlace (float / double, B's rows contiguous, N two whole strips; BlockRunFn): the
 // strips are read where B's rows lie, not loaded into copies first; a copy is K·N loads and
-// stores per product, and the in-place loads hit the same L1 lines. Paired in one process against the
-// copies (2026-12-06, AMD EPYC Zen 4, 2 threads, a C++ harness of BlockRun, 7812 float32
-// 32×32 products, 40 shuffled rounds, time over a floor of the same traffic): with RunAhead
-// on, as it is there for streamed outputs, 1.69-1.87× the floor against 1.72-1.96×
-// (1.02-1.08× faster); without it 1.18-1.28× faster.
+// stores per product, and the in-place loads hit the same L1 lines. Paired in one process
+// against the copies (2026-12-06, AMD EPYC Zen 4, 2 threads, 7812 float32 32×32 products,
+// 40 shuffled rounds, time over a floor of the same traffic; the "B copied" run of
+// benchmarks/nn_kernel.cc): with RunAhead on, as it is there for streamed outputs,
+// 1.55-1.87× the floor against 1.66-1.96× (1.02-1.08× faster); without it 1.18-1.28×.
 template <DType D, int W, int S, int K, bool kUnit, bool kInPlace, int WL = W>
 void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const void* b, int64_t bo,
               int64_t sb, void* c, int64_t co, int64_t sc, int64_t count, bool stream,
@@ -598,8 +598,8 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
 }
 
 // BlockRun with the last strip full or (half) in half-width registers (kHalfStrip), and
-// with B's rows read in place (in_place: float / double rows of whole strips). In place for
-// two strips and A's rows contiguous only: where it was measured (n = 32 float32), and
+// with B's rows read in place where they are two whole strips of float / double and A's
+// rows are contiguous. In place only there: where it was measured (n = 32 float32), and
 // every other instance is compile time, which the sanitizer build of this table pays
 // several times over (all S and A layouts: 30+ minutes for its AVX-512 object).
 template <DType D, int VL, int S, int K, bool kUnit>
@@ -718,7 +718,7 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     if constexpr (kBlockRun<D>) {
       if (block) {
         const int strips = int((p.n + VL - 1) / VL);
-        const bool in_place = p.b_cs == 1 && p.n % VL == 0;
+        const bool in_place = p.b_cs == 1 && p.n % VL == 0;  // whole strips (BlockRunFn)
         auto pick = [&](auto unit) {
           constexpr bool kUnit = decltype(unit)::value;
           return strips == 2   ? BlockRunFn<D, VL, 2, K, kUnit>(half, in_place)
