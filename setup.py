@@ -46,10 +46,18 @@ ISA_FLAGS = {
     "baseline": [],
 }
 # Compiled once per entry of ISA_FLAGS (anonymous-namespace kernels, no std:: templates).
-ISA_SOURCES = ["cc/engine/gemm/gemm_isa.cc", "cc/engine/routing_isa.cc"]
-# gemm_isa.cc once more for an ISA, with extra flags: AVX-512's bfloat16 kernels alone on
-# the CPU's bfloat16 instructions (AVX512-BF16), chosen at run time (cc/engine/gemm.cc).
-ISA_VARIANTS = {"avx512": ("bf16", ["-mavx512bf16", "-DSMALLMM_BF16_ONLY"])}
+ISA_SOURCES = ["cc/engine/gemm/gemm_table.cc", "cc/engine/routing_isa.cc"]
+# The GEMM kernels, compiled once per ISA and dtype (-DSMALLMM_DTYPE=<enumerator>, every
+# entry of SMALLMM_DTYPES; the ISA's gemm_table.cc gathers them, and one missing fails the
+# link). Apart, they compile in parallel: each real dtype's take 3-5 minutes (and AVX-512's
+# together half an hour under the sanitizers, one job, when they were one file).
+GEMM_SOURCE = "cc/engine/gemm/gemm_isa.cc"
+with open(os.path.join(HERE, "cc", "engine", "dtypes.h")) as f:
+    GEMM_DTYPES = re.findall(r"^\s*X\((k\w+),", f.read(), re.MULTILINE)
+# gemm_isa.cc once more for an ISA, with extra flags: AVX-512's bfloat16 kernels on the
+# CPU's bfloat16 instructions (AVX512-BF16), chosen at run time (cc/engine/gemm.cc).
+ISA_VARIANTS = {"avx512": ("bf16", ["-mavx512bf16", "-DSMALLMM_BF16_ONLY",
+                                     "-DSMALLMM_DTYPE=kBFloat16"])}
 KERNEL_SOURCES = ["cc/engine/dtypes.cc", "cc/engine/execute.cc", "cc/engine/gemm.cc",
                   "cc/engine/isa.cc", "cc/engine/plan.cc", "cc/engine/routing.cc"]
 TF_SOURCES = ["cc/tf/smallmm_ops.cc", "cc/tf/routing_ops.cc"]
@@ -266,17 +274,25 @@ class BuildSmallMM(build_ext):
             return os.path.join(obj_dir, name.replace("/", "_") + ".o")
 
         core_objs = []
-        for src in ISA_SOURCES:
-            stem = os.path.basename(src).replace("_isa.cc", "")
-            for isa in isas:
-                o = obj(f"{stem}_{isa}")
-                jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
+        # The GEMM kernels first: the longest jobs, so the pool does not end on one of them.
+        for isa in isas:
+            for dtype in GEMM_DTYPES:
+                o = obj(f"gemm_{isa}_{dtype}")
+                jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}",
+                                                     f"-DSMALLMM_DTYPE={dtype}", "-c",
+                                                     GEMM_SOURCE, "-o", o])
                 core_objs.append(o)
         for isa, (suffix, flags) in ISA_VARIANTS.items():
             if isa in isas:
                 o = obj(f"gemm_{isa}_{suffix}")
                 jobs.append(base + ISA_FLAGS[isa] + flags +
-                            [f"-DSMALLMM_ISA={isa}", "-c", ISA_SOURCES[0], "-o", o])
+                            [f"-DSMALLMM_ISA={isa}", "-c", GEMM_SOURCE, "-o", o])
+                core_objs.append(o)
+        for src in ISA_SOURCES:
+            stem = os.path.splitext(os.path.basename(src))[0].replace("_isa", "")
+            for isa in isas:
+                o = obj(f"{stem}_{isa}")
+                jobs.append(base + ISA_FLAGS[isa] + [f"-DSMALLMM_ISA={isa}", "-c", src, "-o", o])
                 core_objs.append(o)
         for src in KERNEL_SOURCES:
             jobs.append(base + ["-c", src, "-o", obj(src)])

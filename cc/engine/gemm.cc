@@ -8,10 +8,10 @@ namespace {
 
 // The active ISA's kernels for dtype d: bfloat16 on the ISA's build for the CPU's bfloat16
 // instructions where it has one and Bf16Dot() is on.
-const GemmKernels& Kernels(int d) {
+const GemmDTypeKernels& Kernels(int d) {
   const IsaKernels& isa = ActiveIsaKernels();
   if (d == int(DType::kBFloat16) && isa.gemm_bf16 != nullptr && Bf16Dot()) return *isa.gemm_bf16;
-  return *isa.gemm;
+  return *isa.gemm->dtype[d];
 }
 
 }  // namespace
@@ -20,24 +20,25 @@ bool RunBatchMatMul(DType dtype, const GemmPlan& plan, const void* a, const void
                     int64_t begin, int64_t end) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return false;
-  return Kernels(d).run[d](plan, a, b, c, begin, end);
+  return Kernels(d).run(plan, a, b, c, begin, end);
 }
 
 bool RunFusedPair(DType dtype, const FusedPair& pair, void* const c[2], int64_t begin,
                   int64_t end) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return false;
-  return Kernels(d).pair[d](pair, c, begin, end);
+  return Kernels(d).pair(pair, c, begin, end);
 }
 
 const char* KernelFor(DType dtype, const GemmPlan& plan) {
   const int d = int(dtype);
   if (d < 0 || d >= kNumDTypes) return "invalid";
-  return Kernels(d).kernel_for[d](plan);
+  return Kernels(d).kernel_for(plan);
 }
 
 const char* const* KernelFamilies(int* count) {
-  const GemmKernels& k = *ActiveIsaKernels().gemm;
+  // (Every dtype's build has the same families; float32's.)
+  const GemmDTypeKernels& k = *ActiveIsaKernels().gemm->dtype[int(DType::kFloat)];
   *count = k.num_families;
   return k.families;
 }

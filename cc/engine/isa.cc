@@ -12,14 +12,16 @@
 
 namespace smallmm {
 
-// Each ISA's tables, defined by its builds of gemm/gemm_isa.cc (AVX-512's twice: the
-// second has the bfloat16 kernels for AVX512-BF16) and routing_isa.cc. Weak:
+// Each ISA's tables, defined by its gemm/gemm_table.cc (gathering its builds of
+// gemm/gemm_isa.cc, one per dtype) and routing_isa.cc, and AVX-512's bfloat16 kernels for
+// AVX512-BF16 (gemm_isa.cc built once more). Weak:
 // an ISA whose objects are not linked leaves its address null (hidden: resolved when the
 // library is linked, never by the dynamic loader).
 #define SMALLMM_ISA_DECLARE(name, check)                                                          \
   extern const GemmKernels kGemmKernels_##name __attribute__((weak, visibility("hidden")));       \
   extern const RoutingKernels kRoutingKernels_##name __attribute__((weak, visibility("hidden"))); \
-  extern const GemmKernels kGemmKernelsBf16_##name __attribute__((weak, visibility("hidden")));
+  extern const GemmDTypeKernels kGemmKernelsBf16_##name __attribute__((weak, visibility("hidde"   \
+                                                                                        "n")));
 SMALLMM_ISAS(SMALLMM_ISA_DECLARE)
 #undef SMALLMM_ISA_DECLARE
 

@@ -1,9 +1,10 @@
 // isa.h — the instruction sets the kernels are compiled for, and the one run-time
 // dispatcher that picks among them for the GEMM and the routing engines alike.
 //
-// Each per-ISA source (gemm/gemm_isa.cc, routing_isa.cc) is compiled once per ISA with
+// Each per-ISA source (gemm/gemm_table.cc, routing_isa.cc) is compiled once per ISA with
 // -DSMALLMM_ISA=<name> and that ISA's -m flags (setup.py ISA_FLAGS, BUILD _ISA_COPTS) and
-// defines that ISA's table, kGemmKernels_<name> / kRoutingKernels_<name>. The dispatcher
+// defines that ISA's table, kGemmKernels_<name> / kRoutingKernels_<name> (the GEMM table
+// gathers the ISA's builds of gemm/gemm_isa.cc, one per dtype). The dispatcher
 // (isa.cc) holds them in arrays indexed like SMALLMM_ISAS and hands out the active ISA's
 // entry. An ISA whose tables are not linked into the library (off x86 only the baseline is
 // built) is not compiled as far as the dispatcher is concerned, and never selected.
@@ -24,7 +25,8 @@ namespace smallmm {
 constexpr int kNumIsas = 0 SMALLMM_ISAS(SMALLMM_ISA_COUNT);
 #undef SMALLMM_ISA_COUNT
 
-struct GemmKernels;     // gemm/gemm_kernels.h
+struct GemmKernels;       // gemm/gemm_kernels.h
+struct GemmDTypeKernels;  // gemm/gemm_kernels.h
 struct RoutingKernels;  // routing.h
 
 // What one ISA provides. `gemm` and `routing` are null for an ISA this build lacks.
@@ -36,7 +38,7 @@ struct IsaKernels {
   bool (*cpu_has)();
   const GemmKernels* gemm;
   const RoutingKernels* routing;
-  const GemmKernels* gemm_bf16;
+  const GemmDTypeKernels* gemm_bf16;
 };
 
 // The kernels of the active ISA (never null: the baseline is always compiled).

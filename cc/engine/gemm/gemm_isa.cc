@@ -1,7 +1,11 @@
-// The batched small-GEMM kernels of one instruction set. This file is compiled once per ISA
-// (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the matching -m flags) and the
-// dispatcher (../isa.cc) picks one ISA's table at run time, so the shipped library runs on
-// any x86-64.
+// The batched small-GEMM kernels of one instruction set and one dtype. This file is
+// compiled once per ISA and dtype (setup.py: -DSMALLMM_ISA=avx512 / avx2 / baseline with the
+// matching -m flags, -DSMALLMM_DTYPE=kFloat / ...) and defines that dtype's entry of the
+// ISA's table (gemm_kernels.h; gemm_table.cc gathers them). The dispatcher (../isa.cc) picks
+// one ISA's table at run time, so the shipped library runs on any x86-64. One build per
+// dtype, not one per ISA: the kernels of the four real dtypes take minutes each to compile
+// (half an hour for all of AVX-512's under the sanitizers), and apart they compile in
+// parallel.
 //
 // Everything here and in the family headers lives in an anonymous namespace and uses no
 // std:: function templates: an inline function compiled with -mavx512f must never be
@@ -29,8 +33,8 @@
 #include "cc/engine/gemm/tiny.h"
 #include "cc/engine/smallmm.h"
 
-#ifndef SMALLMM_ISA
-#error "compile with -DSMALLMM_ISA=<name>"
+#if !defined(SMALLMM_ISA) || !defined(SMALLMM_DTYPE)
+#error "compile with -DSMALLMM_ISA=<name> -DSMALLMM_DTYPE=<DType enumerator>"
 #endif
 
 namespace smallmm {
@@ -55,15 +59,15 @@ constexpr KernelFamily<D> kFamilies[] = {
     {"dot", &CanDot<D>, &RunDot<D>},          {"stationary", &CanStationary<D>, &RunStationary<D>},
     {"packed", &CanPacked<D>, &RunPacked<D>},
 };
-constexpr int kNumFamilies =
-    int(sizeof(kFamilies<DType::kBFloat16>) / sizeof(KernelFamily<DType::kBFloat16>));
+template <DType D>
+constexpr int kNumFamilies = int(sizeof(kFamilies<D>) / sizeof(KernelFamily<D>));
 
 template <DType D>
 const KernelFamily<D>& FamilyFor(const GemmPlan& p) {
   for (const KernelFamily<D>& family : kFamilies<D>) {
     if (family.can_implement(p)) return family;
   }
-  return kFamilies<D>[kNumFamilies - 1];
+  return kFamilies<D>[kNumFamilies<D> - 1];
 }
 
 template <DType D>
@@ -83,71 +87,43 @@ const char* KernelFor(const GemmPlan& p) {
   return FamilyFor<D>(p).name;
 }
 
-// The families' names, in order (every dtype's table has the same rows; bfloat16's, the
-// one dtype every build of this file instantiates).
+// This build's dtype.
+constexpr DType kDType = DType::SMALLMM_DTYPE;
+
+// The families' names, in order.
 struct FamilyNames {
-  const char* names[kNumFamilies];
+  const char* names[kNumFamilies<kDType>];
 };
 constexpr FamilyNames MakeFamilyNames() {
   FamilyNames n{};
-  for (int i = 0; i < kNumFamilies; ++i) n.names[i] = kFamilies<DType::kBFloat16>[i].name;
+  for (int i = 0; i < kNumFamilies<kDType>; ++i) n.names[i] = kFamilies<kDType>[i].name;
   return n;
 }
 constexpr FamilyNames kFamilyNames = MakeFamilyNames();
 
-// Built once more for the AVX-512 ISA with -mavx512bf16 and SMALLMM_BF16_ONLY (setup.py
-// ISA_VARIANTS): the bfloat16 kernels alone, on the CPU's bfloat16 dot product (bf16dot.h)
-// and conversion (common.h Rounded), as a second table that ../gemm.cc runs bfloat16 on
-// where the CPU has the extension and Bf16Dot() is on. That build instantiates no other
-// dtype: its other entries are null.
+// Built once more for the AVX-512 ISA with -mavx512bf16, SMALLMM_BF16_ONLY and
+// SMALLMM_DTYPE=kBFloat16 (setup.py ISA_VARIANTS): the bfloat16 kernels on the CPU's
+// bfloat16 dot product (bf16dot.h) and conversion (common.h Rounded), as a second entry,
+// kGemmKernelsBf16_<isa>, that ../gemm.cc runs bfloat16 on where the CPU has the extension
+// and Bf16Dot() is on.
 #if defined(SMALLMM_BF16_ONLY)
-template <DType D>
-constexpr bool kBuilt = D == DType::kBFloat16;
-#else
-template <DType D>
-constexpr bool kBuilt = true;
+static_assert(kDType == DType::kBFloat16, "the AVX512-BF16 build is bfloat16's");
 #endif
-// One dtype's entries of the table: null where this build does not instantiate it.
-struct Entries {
-  GemmRunFn run = nullptr;
-  GemmKernelForFn kernel_for = nullptr;
-  GemmPairRunFn pair = nullptr;
-};
-template <DType D>
-constexpr Entries EntriesOf() {
-  if constexpr (kBuilt<D>) return {&Run<D>, &KernelFor<D>, &RunPair<D>};
-  return {};
-}
 
 }  // namespace
 
 #define SMALLMM_CAT2(a, b) a##b
 #define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
 #if defined(SMALLMM_BF16_ONLY)
-#define SMALLMM_TABLE SMALLMM_CAT(kGemmKernelsBf16_, SMALLMM_ISA)
+#define SMALLMM_ENTRY SMALLMM_CAT(kGemmKernelsBf16_, SMALLMM_ISA)
 #else
-#define SMALLMM_TABLE SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA)
+#define SMALLMM_ENTRY \
+  SMALLMM_CAT(SMALLMM_CAT(SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA), _), SMALLMM_DTYPE)
 #endif
-// This ISA's entry of the dispatcher's table (../isa.cc).
-extern const GemmKernels SMALLMM_TABLE;
-const GemmKernels SMALLMM_TABLE = {
-    {
-#define SMALLMM_RUN_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().run,
-        SMALLMM_DTYPES(SMALLMM_RUN_ENTRY)
-#undef SMALLMM_RUN_ENTRY
-    },
-    {
-#define SMALLMM_KERNEL_FOR_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().kernel_for,
-        SMALLMM_DTYPES(SMALLMM_KERNEL_FOR_ENTRY)
-#undef SMALLMM_KERNEL_FOR_ENTRY
-    },
-    {
-#define SMALLMM_PAIR_ENTRY(e, name, bytes, S, A) EntriesOf<DType::e>().pair,
-        SMALLMM_DTYPES(SMALLMM_PAIR_ENTRY)
-#undef SMALLMM_PAIR_ENTRY
-    },
-    kFamilyNames.names,
-    kNumFamilies,
+// This ISA's entry for this dtype (gemm_table.cc, ../isa.cc).
+extern const GemmDTypeKernels SMALLMM_ENTRY;
+const GemmDTypeKernels SMALLMM_ENTRY = {
+    &Run<kDType>, &KernelFor<kDType>, &RunPair<kDType>, kFamilyNames.names, kNumFamilies<kDType>,
 };
 
 }  // namespace smallmm

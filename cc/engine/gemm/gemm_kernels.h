@@ -1,6 +1,8 @@
-// gemm_kernels.h — what each ISA's build of gemm_isa.cc gives the engine: its GEMM
-// kernels, one entry per dtype, and the names of its kernel families. The dispatcher
-// (../isa.cc) holds one table per ISA; ../gemm.cc calls the active ISA's.
+// gemm_kernels.h — what the builds of gemm_isa.cc give the engine. gemm_isa.cc is compiled
+// once per ISA and dtype, and each build defines that dtype's kernels of that ISA
+// (GemmDTypeKernels); gemm_table.cc, compiled once per ISA, gathers an ISA's dtypes into
+// its table (GemmKernels). The dispatcher (../isa.cc) holds one table per ISA; ../gemm.cc
+// calls the active ISA's.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_GEMM_KERNELS_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_GEMM_KERNELS_H_
 
@@ -17,12 +19,18 @@ using GemmKernelForFn = const char* (*)(const GemmPlan&);
 // RunFusedPair for one dtype (smallmm.h has the contract).
 using GemmPairRunFn = bool (*)(const FusedPair&, void* const[2], int64_t, int64_t);
 
-struct GemmKernels {
-  GemmRunFn run[kNumDTypes];               // indexed by DType
-  GemmKernelForFn kernel_for[kNumDTypes];  // indexed by DType
-  GemmPairRunFn pair[kNumDTypes];          // indexed by DType
-  const char* const* families;             // the kernel families, in the order tried
+// One dtype's kernels in one ISA's build: kGemmKernels_<isa>_<dtype enumerator>.
+struct GemmDTypeKernels {
+  GemmRunFn run;
+  GemmKernelForFn kernel_for;
+  GemmPairRunFn pair;
+  const char* const* families;  // the kernel families, in the order tried
   int num_families;
+};
+
+// One ISA's table: kGemmKernels_<isa>, every dtype's entry.
+struct GemmKernels {
+  const GemmDTypeKernels* dtype[kNumDTypes];  // indexed by DType
 };
 
 }  // namespace smallmm
