@@ -274,7 +274,8 @@ class BuildSmallMM(build_ext):
             return os.path.join(obj_dir, name.replace("/", "_") + ".o")
 
         core_objs = []
-        # The GEMM kernels first: the longest jobs, so the pool does not end on one of them.
+        # The GEMM kernels first, the longest jobs (AVX-512's, its variant among them) at the
+        # front, so that the pool does not end on one of them with its other workers idle.
         for isa in isas:
             for dtype in GEMM_DTYPES:
                 o = obj(f"gemm_{isa}_{dtype}")
@@ -282,8 +283,8 @@ class BuildSmallMM(build_ext):
                                                      f"-DSMALLMM_DTYPE={dtype}", "-c",
                                                      GEMM_SOURCE, "-o", o])
                 core_objs.append(o)
-        for isa, (suffix, flags) in ISA_VARIANTS.items():
-            if isa in isas:
+            if isa in ISA_VARIANTS:
+                suffix, flags = ISA_VARIANTS[isa]
                 o = obj(f"gemm_{isa}_{suffix}")
                 jobs.append(base + ISA_FLAGS[isa] + flags +
                             [f"-DSMALLMM_ISA={isa}", "-c", GEMM_SOURCE, "-o", o])
