@@ -541,7 +541,7 @@ __attribute__((always_inline)) inline void BlockRows(const AccVec<D, W> (*s)[K],
 // packed kernels before (0.67-0.85× tf.matmul forward in SWEEP.md); against them (same
 // timing): float32 5×32·32×32 1.7-2.0×, 7×24·24×24 2.3×, 6×8·8×20 3.6×, 5×16·16×40 2.0×,
 // 4×32·32×32 1.05×; float16 3.3-6.6×.
-// kInPlace (float / double, B's rows contiguous, N two whole strips; BlockRunFn): the
+// kInPlace (float / double, B's rows contiguous, N two whole strips; BlockRunFn decides): the
 // strips are read where B's rows lie, not loaded into copies first; a copy is K·N loads and
 // stores per product, and the in-place loads hit the same L1 lines. Paired in one process
 // against the copies (2026-12-06, AMD EPYC Zen 4, 2 threads, 7812 float32 32×32 products,
@@ -597,18 +597,19 @@ void BlockRun(const GemmPlan& p, const void* a, int64_t ao, int64_t sa, const vo
   }
 }
 
-// BlockRun with the last strip full or (half) in half-width registers (kHalfStrip), and
-// with B's rows read in place where they are two whole strips of float / double and A's
-// rows are contiguous. In place only there: where it was measured (n = 32 float32), and
-// every other instance is compile time, which the sanitizer build of this table pays
-// several times over (all S and A layouts: 30+ minutes for its AVX-512 object).
+// BlockRun for plan p with the last strip full or (half) in half-width registers
+// (kHalfStrip), and with B's rows read in place where they are two whole strips of float /
+// double and A's rows are contiguous (kUnit). In place only there: where it was measured
+// (n = 32 float32), and every other instance is compile time, which the sanitizer build
+// pays several times over (all S and A layouts took AVX-512's kernels, then one object,
+// past 36 minutes).
 template <DType D, int VL, int S, int K, bool kUnit>
-auto BlockRunFn(bool half, bool in_place) {
+auto BlockRunFn(const GemmPlan& p, bool half) {
   if constexpr (kHalfStrip<D, VL / 2>) {
     if (half) return &BlockRun<D, VL, S, K, kUnit, false, VL / 2>;
   }
   if constexpr (kPlainReal<D> && S == 2 && kUnit) {
-    if (in_place) return &BlockRun<D, VL, S, K, kUnit, true>;
+    if (p.b_cs == 1 && p.n % VL == 0) return &BlockRun<D, VL, S, K, kUnit, true>;
   }
   return &BlockRun<D, VL, S, K, kUnit, false>;
 }
@@ -718,12 +719,11 @@ void StationaryRun(const GemmPlan& p, const void* a, const void* b, void* c, int
     if constexpr (kBlockRun<D>) {
       if (block) {
         const int strips = int((p.n + VL - 1) / VL);
-        const bool in_place = p.b_cs == 1 && p.n % VL == 0;  // whole strips (BlockRunFn)
         auto pick = [&](auto unit) {
           constexpr bool kUnit = decltype(unit)::value;
-          return strips == 2   ? BlockRunFn<D, VL, 2, K, kUnit>(half, in_place)
-                 : strips == 3 ? BlockRunFn<D, VL, 3, K, kUnit>(half, in_place)
-                               : BlockRunFn<D, VL, 4, K, kUnit>(half, in_place);
+          return strips == 2   ? BlockRunFn<D, VL, 2, K, kUnit>(p, half)
+                 : strips == 3 ? BlockRunFn<D, VL, 3, K, kUnit>(p, half)
+                               : BlockRunFn<D, VL, 4, K, kUnit>(p, half);
         };
         auto* fn = p.a_cs == 1 ? pick(std::true_type()) : pick(std::false_type());
         return fn(p, a, ao + t0 * sa, sa, b, bo + t0 * sb, sb, out, oo, so, n, stream, ahead);
