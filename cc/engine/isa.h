@@ -12,6 +12,15 @@
 #ifndef TF_SMALLMM_CC_ENGINE_ISA_H_
 #define TF_SMALLMM_CC_ENGINE_ISA_H_
 
+// The names the per-ISA objects define their tables under, with the ISA (and dtype) macros
+// expanded first: SMALLMM_CAT(kRoutingKernels_, SMALLMM_ISA) is kRoutingKernels_avx512, and
+// SMALLMM_GEMM_ENTRY(SMALLMM_ISA, SMALLMM_DTYPE) is kGemmKernels_avx512_kFloat, one dtype's
+// build of gemm/gemm_isa.cc that gemm/gemm_table.cc gathers.
+#define SMALLMM_CAT2(a, b) a##b
+#define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
+#define SMALLMM_GEMM_ENTRY(isa, dtype) \
+  SMALLMM_CAT(SMALLMM_CAT(SMALLMM_CAT(kGemmKernels_, isa), _), dtype)
+
 namespace smallmm {
 
 // X(name, the CPU check), best first. The name is the one setup.py passes as SMALLMM_ISA

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cc/engine/isa.h"
 #include "cc/engine/routing.h"
 
 #ifndef SMALLMM_ISA
@@ -514,8 +515,6 @@ bool BackwardAnyK(const RoutingShape& sh, const void* u, const void* gv, void* g
 
 }  // namespace
 
-#define SMALLMM_CAT2(a, b) a##b
-#define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
 namespace {
 constexpr RoutingKernels MakeRoutingKernels() {
   RoutingKernels t{};

@@ -1,6 +1,6 @@
 // common.h — what every GEMM kernel family shares: element traits, GCC vector types, the
 // loop-nest cursor, and the walk that feeds direct kernels runs of the innermost output
-// loop. Included only by gemm_isa.cc (compiled once per ISA): everything has internal
+// loop. Included only by gemm_isa.cc (compiled once per ISA and dtype): everything has internal
 // linkage, see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_COMMON_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_COMMON_H_

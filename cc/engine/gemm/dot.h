@@ -2,7 +2,7 @@
 // A and a contiguous vector (real types, no reduction; float16 / bfloat16 widen to float32
 // a vector at a time). Each output element is a dot product along K, vectorised along K,
 // so A is streamed once in its own layout instead of being transposed into a packed panel.
-// Included only by gemm_isa.cc (compiled once per ISA): everything has internal linkage,
+// Included only by gemm_isa.cc (compiled once per ISA and dtype): everything has internal linkage,
 // see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_DOT_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_DOT_H_

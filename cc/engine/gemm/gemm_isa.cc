@@ -31,6 +31,7 @@
 #include "cc/engine/gemm/pair.h"
 #include "cc/engine/gemm/stationary.h"
 #include "cc/engine/gemm/tiny.h"
+#include "cc/engine/isa.h"
 #include "cc/engine/smallmm.h"
 
 #if !defined(SMALLMM_ISA) || !defined(SMALLMM_DTYPE)
@@ -112,13 +113,10 @@ static_assert(kDType == DType::kBFloat16, "the AVX512-BF16 build is bfloat16's")
 
 }  // namespace
 
-#define SMALLMM_CAT2(a, b) a##b
-#define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
 #if defined(SMALLMM_BF16_ONLY)
 #define SMALLMM_ENTRY SMALLMM_CAT(kGemmKernelsBf16_, SMALLMM_ISA)
 #else
-#define SMALLMM_ENTRY \
-  SMALLMM_CAT(SMALLMM_CAT(SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA), _), SMALLMM_DTYPE)
+#define SMALLMM_ENTRY SMALLMM_GEMM_ENTRY(SMALLMM_ISA, SMALLMM_DTYPE)
 #endif
 // This ISA's entry for this dtype (gemm_table.cc, ../isa.cc).
 extern const GemmDTypeKernels SMALLMM_ENTRY;

@@ -2,15 +2,14 @@
 // for the dispatcher (../isa.cc). Compiled once per ISA (setup.py: -DSMALLMM_ISA=<name>);
 // it holds addresses only, no code, so it needs none of the ISA's -m flags.
 #include "cc/engine/gemm/gemm_kernels.h"
+#include "cc/engine/isa.h"
 #include "cc/engine/smallmm.h"
 
 #ifndef SMALLMM_ISA
 #error "compile with -DSMALLMM_ISA=<name>"
 #endif
 
-#define SMALLMM_CAT2(a, b) a##b
-#define SMALLMM_CAT(a, b) SMALLMM_CAT2(a, b)
-#define SMALLMM_ENTRY(e) SMALLMM_CAT(SMALLMM_CAT(SMALLMM_CAT(kGemmKernels_, SMALLMM_ISA), _), e)
+#define SMALLMM_ENTRY(e) SMALLMM_GEMM_ENTRY(SMALLMM_ISA, e)
 
 namespace smallmm {
 

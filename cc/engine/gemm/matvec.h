@@ -9,7 +9,7 @@
 //  - columns contiguous (a transposed A, A[i, l] at i + l·a_cs): column l of the block is
 //    one vector load.
 // The dot family (dot.h) takes the longer K, where a row is a whole vector. Included only
-// by gemm_isa.cc (compiled once per ISA): everything has internal linkage, see README.md.
+// by gemm_isa.cc (compiled once per ISA and dtype): everything has internal linkage, see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_MATVEC_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_MATVEC_H_
 

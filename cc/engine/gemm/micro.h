@@ -1,7 +1,7 @@
 // micro.h — the micro-kernels of the "packed" family (packed.h): one MT×NT output tile
 // per call, with compile-time tile sizes from kTileSizes (smallmm.h) so the compiler fully
 // unrolls them and keeps the accumulators in vector registers; K is a run-time loop.
-// Included only by gemm_isa.cc (compiled once per ISA): everything has internal linkage,
+// Included only by gemm_isa.cc (compiled once per ISA and dtype): everything has internal linkage,
 // see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_MICRO_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_MICRO_H_

@@ -1,6 +1,6 @@
 // packed.h — the "packed" kernel family, the generic one that implements every plan:
 // operands packed into tiles, micro-kernels (micro.h) over every pair of tiles, reduction
-// loops summed in the accumulators. Included only by gemm_isa.cc (compiled once per ISA):
+// loops summed in the accumulators. Included only by gemm_isa.cc (compiled once per ISA and dtype):
 // everything has internal linkage, see README.md.
 //
 // Algorithm, for each output matrix C[o] (see smallmm.h for the terminology):

@@ -5,7 +5,7 @@
 // rows of Y) stream past. X (16 KiB at a time), Y and Z are staged as rows of the
 // accumulation type (Y and Z padded to a vector) once per output, so the inner loop does no
 // conversions and no partial loads; Z and P stay where they lie when their rows already are
-// whole vectors of it (One). Included by gemm_isa.cc (compiled once per ISA) and by
+// whole vectors of it (One). Included by gemm_isa.cc (compiled once per ISA and dtype) and by
 // benchmarks/pair_kernel.cc, a program of its own built for one ISA.
 // The capsule's pair (X = g[:, i]: 50 rows of 160, n = 8) takes ~3.7 µs per output in cache
 // (AVX-512 float32, one thread, Xeon), a third of it staging X, and ~1.2-1.7× that out of

@@ -1,7 +1,7 @@
 // streaming.h — memory traffic of the GEMM kernels: non-temporal stores for outputs far
 // larger than the cache, and software prefetch of operand panels whose K steps are pages
 // apart. Used by the stationary and packed families. Included only by gemm_isa.cc
-// (compiled once per ISA): everything has internal linkage, see README.md.
+// (compiled once per ISA and dtype): everything has internal linkage, see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_STREAMING_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_STREAMING_H_
 

@@ -1,7 +1,7 @@
 // tiny.h — the "tiny" kernel family: M, N, K <= kTinyMax, real types, no reduction.
 // Packing would cost more than the product itself, so each product is computed straight
 // from memory with compile-time sizes (fully unrolled, operands in registers), walking a
-// run of the innermost batch loop. Included only by gemm_isa.cc (compiled once per ISA):
+// run of the innermost batch loop. Included only by gemm_isa.cc (compiled once per ISA and dtype):
 // everything has internal linkage, see README.md.
 #ifndef TF_SMALLMM_CC_ENGINE_GEMM_TINY_H_
 #define TF_SMALLMM_CC_ENGINE_GEMM_TINY_H_
