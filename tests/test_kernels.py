@@ -273,12 +273,13 @@ def test_stationary_large_output_staged(isa, dtype, n):
         core.set_output_staging(True)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128],
-                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64,
+                                   np.complex64, np.complex128], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("parts", [2, 3, 5, 10])
 def test_reduction_split_into_partial_sums(dtype, parts):
     # The TF op splits a long reduction into few outputs (a shared weight's gradient) into
-    # partial sums so every thread works; the sum of the parts is the whole reduction.
+    # partial sums so every thread works; the sum of the parts is the whole reduction
+    # (16-bit parts are added in float32: on these integers every part and sum is exact).
     rng = np.random.default_rng(parts)
     g, x = ints(rng, (30, 4, 8, 5), dtype), ints(rng, (30, 4, 8, 3), dtype)
     got = core.matmul(g, x, transpose_x=True, batch_shape=[4], reduction_parts=parts)
@@ -290,7 +291,8 @@ def test_reduction_split_policy():
     w, x = np.ones((8, 8), np.float32), np.ones((1000, 8, 8), np.float32)
     assert core.suggest_reduction_split(x, x, [], 2) == 4        # one output, 1000 products
     assert core.suggest_reduction_split(x, x, [1000], 2) == 1    # nothing reduced
-    assert core.suggest_reduction_split(x.astype(np.float16), x.astype(np.float16), [], 2) == 1
+    for half in (np.float16, ml_dtypes.bfloat16):  # float32 sums, rounded once per part
+        assert core.suggest_reduction_split(x.astype(half), x.astype(half), [], 2) == 4
     assert core.suggest_reduction_split(x[:7], x[:7], [], 2) == 1  # 7 products: not worth it
     del w
 

@@ -386,11 +386,11 @@ def test_version_mismatch_warns_once_and_falls_back(tmp_path):
     assert float(total) == 24.0
 
 
-@pytest.mark.parametrize("dtype", [tf.float16, tf.float32, tf.float64, tf.complex128],
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64,
+                                   tf.complex128], ids=lambda d: d.name)
 def test_shared_weight_gradient_over_a_long_batch(dtype):
     # dW is one output summed over 1000 products: the op splits it into partial sums
-    # across threads (float/complex) or keeps one float32 accumulation (fp16/bf16).
+    # across threads (fp16 / bf16 parts summed in float32, each rounded once).
     w, x = random_tensor((8, 8), dtype, 1), random_tensor((1000, 8, 8), dtype, 2)
     wx, ww = tf.cast(x, wide(dtype)), tf.cast(w, wide(dtype))
     want = _grads(tf.linalg.matmul, wx, ww)[1].numpy()

@@ -6,6 +6,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cc/engine/float16_bits.h"
 #include "cc/engine/smallmm.h"
 
 namespace smallmm {
@@ -382,22 +383,8 @@ int64_t CostPerOutput(const GemmPlan& p) {
 }
 
 // ---------------------------------------------------------------- parallel reductions
-namespace {
-// Whether a dtype accumulates in its own storage type (not float16 / bfloat16, which
-// accumulate in float32): only those are split into partial sums.
-bool SumsInStorage(DType dtype) {
-  static const bool kSums[] = {
-#define SMALLMM_SUMS_IN_STORAGE(e, name, bytes, S, A) std::is_same<S, A>::value,
-      SMALLMM_DTYPES(SMALLMM_SUMS_IN_STORAGE)
-#undef SMALLMM_SUMS_IN_STORAGE
-  };
-  const int d = int(dtype);
-  return d >= 0 && d < kNumDTypes && kSums[d];
-}
-}  // namespace
-
 int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
-  if (!SumsInStorage(dtype)) return 1;
+  if (int(dtype) < 0 || int(dtype) >= kNumDTypes) return 1;
   if (threads < 2 || p.num_red == 0 || p.num_outputs >= 2 * threads || p.num_out >= kMaxBatchDims) {
     return 1;
   }
@@ -429,23 +416,36 @@ GemmPlan SplitReduction(const GemmPlan& p, int parts) {
 }
 
 namespace {
-template <typename R>
-void Sum(const R* partials, int parts, int64_t n, R* out, int64_t begin, int64_t end) {
+// Sums in R of the partials' scalars, each read with `in` and the sum written with `out`.
+template <typename R, typename S, typename In, typename Out>
+void Sum(const S* partials, int parts, int64_t n, S* out, int64_t begin, int64_t end, In in,
+         Out put) {
   for (int64_t i = begin; i < end; ++i) {
-    R s = partials[i];
-    for (int q = 1; q < parts; ++q) s += partials[q * n + i];
-    out[i] = s;
+    R s = in(partials[i]);
+    for (int q = 1; q < parts; ++q) s += in(partials[q * n + i]);
+    out[i] = put(s);
   }
 }
 
 // One dtype's partial sums, as sums of its storage scalars (a complex element is its
-// (re, im) pair); dtypes that never split (SumsInStorage) have none.
+// (re, im) pair). float16 / bfloat16 partials are their types' values (the kernels round
+// their float32 sums on output), added in float32 and rounded once more: with at most a
+// few parts (SuggestReductionSplit) that is a few roundings where the built-in rounds
+// every product of the batch before its sum.
 template <DType D>
 void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin, int64_t end) {
   using S = typename DTypeInfo<D>::Storage;
   constexpr int kC = DTypeInfo<D>::kComponents;
-  if constexpr (std::is_same<S, typename DTypeInfo<D>::Acc>::value) {
-    Sum(static_cast<const S*>(partials), parts, kC * n, static_cast<S*>(out), kC * begin, kC * end);
+  const S* in = static_cast<const S*>(partials);
+  S* to = static_cast<S*>(out);
+  if constexpr (D == DType::kHalf) {
+    Sum<float>(in, parts, n, to, begin, end, f16::HalfToFloat, f16::FloatToHalf);
+  } else if constexpr (D == DType::kBFloat16) {
+    Sum<float>(in, parts, n, to, begin, end, f16::BF16ToFloat, f16::FloatToBF16);
+  } else {
+    static_assert(std::is_same<S, typename DTypeInfo<D>::Acc>::value, "summed in storage");
+    auto same = [](S x) { return x; };
+    Sum<S>(in, parts, kC * n, to, kC * begin, kC * end, same, same);
   }
 }
 }  // namespace

@@ -124,11 +124,12 @@ int64_t CostPerOutput(const GemmPlan& plan);
 // Parallel reductions. A plan with few outputs and a long reduction (the gradient of a
 // weight shared by a whole batch is one output summed over the batch) would run on one
 // thread. SuggestReductionSplit returns how many independent partial sums to form for
-// `threads` threads (1 = none; only float, double and complex types are split, so fp16
-// and bf16 keep a single float32 accumulation). SplitReduction turns the plan into one that
-// writes `parts` partial outputs into a scratch buffer of parts × plan.output_elements
-// elements (a new outermost output loop over the outermost reduction loop's chunks);
-// SumPartials adds them into the real output, elements [begin, end).
+// `threads` threads (1 = none), for every dtype: a float16 / bfloat16 part is summed in
+// float32 and rounded to its type like any output, and SumPartials adds the parts in
+// float32. SplitReduction turns the plan into one that writes `parts` partial outputs into
+// a scratch buffer of parts × plan.output_elements elements (a new outermost output loop
+// over the outermost reduction loop's chunks); SumPartials adds them into the real output,
+// elements [begin, end).
 int SuggestReductionSplit(DType dtype, const GemmPlan& plan, int threads);
 GemmPlan SplitReduction(const GemmPlan& plan, int parts);
 void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
