@@ -416,7 +416,7 @@ GemmPlan SplitReduction(const GemmPlan& p, int parts) {
 }
 
 namespace {
-// Sums in R of the partials' scalars, each read with `in` and the sum written with `out`.
+// Sums in R of the partials' scalars, each read through `in` and the sum stored through `put`.
 template <typename R, typename S, typename In, typename Out>
 void Sum(const S* partials, int parts, int64_t n, S* out, int64_t begin, int64_t end, In in,
          Out put) {
@@ -429,9 +429,9 @@ void Sum(const S* partials, int parts, int64_t n, S* out, int64_t begin, int64_t
 
 // One dtype's partial sums, as sums of its storage scalars (a complex element is its
 // (re, im) pair). float16 / bfloat16 partials are their types' values (the kernels round
-// their float32 sums on output), added in float32 and rounded once more: with at most a
-// few parts (SuggestReductionSplit) that is a few roundings where the built-in rounds
-// every product of the batch before its sum.
+// their float32 sums on output), added in float32 and rounded once more: one rounding per
+// part (SuggestReductionSplit: about two parts a thread), where the built-in rounds every
+// product of the batch before its sum.
 template <DType D>
 void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin, int64_t end) {
   using S = typename DTypeInfo<D>::Storage;
