@@ -417,6 +417,58 @@ def test_matvec_kernels_read_views_in_place():
         check_exact(core.matmul(ab, vb), ref(ab, vb))
 
 
+# The dot kernels with N = 1..4 columns, each contiguous along K: a batch of vectors against a
+# shared matrix (x [I, M, K] · y [N, I, K, 1], folded into I products of N columns whose output
+# is column-major, so no stationary kernel takes it) and a transposed B past the stationary
+# kernels' K. M sweeps the blocks of four, two and one rows, K every remainder of a vector
+# (16 floats with AVX-512, 8 doubles; complex types run as their (re, im) scalars, so a
+# complex K is two), every dtype, with conjugates for the complex ones.
+DOT_M = list(range(1, 10)) + [13, 16, 17, 64]
+DOT_K = list(range(4, 18)) + [24, 31, 32, 33, 34, 63, 64, 65]
+
+
+def dot_takes(isa, dtype, m, n, k):
+    """Whether the dot kernels take N = 2..4 columns where no stationary kernel does
+    (cc/engine/gemm/dot.h DotPays); the packed kernels take them otherwise."""
+    d = np.dtype(dtype)
+    scalars = 2 if d.kind == "c" else 1
+    acc = d.itemsize // scalars if d.itemsize >= 4 else 4  # float16 / bfloat16 sum in float32
+    lanes = {"avx512": 64, "avx2": 32}.get(isa, 16) // acc
+    if isa != "avx512":
+        return scalars * k % lanes == 0  # a whole number of vectors
+    if d.kind == "c" or acc == 8:
+        return True
+    if n == 2:
+        return m < 64 or k >= 12
+    return m < 16 or k >= (16 if m < 64 else 24)
+
+
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_dot_kernels_with_up_to_four_columns(dtype, isa):
+    rng = np.random.default_rng(33)
+    real = not np.issubdtype(dtype, np.complexfloating)
+    conj = [(False, False)] if real else [(False, False), (True, False), (False, True),
+                                          (True, True)]
+    seen = set()
+    for n, m, k in itertools.product(range(1, 5), DOT_M, DOT_K):
+        cx, cy = conj[(n + m + k) % len(conj)]
+        x, y = ints(rng, (3, m, k), dtype), ints(rng, (n, 3, k, 1), dtype)
+        want = ("tiny" if real and max(m, n, k) <= 4 else  # the families before it
+                "matvec" if real and n == 1 and k <= 7 else
+                "dot" if n == 1 or dot_takes(isa, dtype, m, n, k) else "packed")
+        assert core.kernel_for(x, y) == want, (m, n, k)
+        seen.add(want)
+        got = core.matmul(x, y, conjugate_x=cx, conjugate_y=cy)
+        check_exact(got, ref(x, y, False, cx, False, cy))
+        if k > 32 and n > 1:  # past every stationary kernel's K
+            xb, yt = ints(rng, (2, m, k), dtype), ints(rng, (2, n, k), dtype)
+            want = "dot" if dot_takes(isa, dtype, m, n, k) else "packed"
+            assert core.kernel_for(xb, yt, transpose_y=True) == want, (m, n, k)
+            got = core.matmul(xb, yt, transpose_y=True, conjugate_x=cx, conjugate_y=cy)
+            check_exact(got, ref(xb, yt, False, cx, True, cy))
+    assert "dot" in seen
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("bf16_instructions", [False, True], ids=["integer", "cpu"])
 def test_16bit_vector_conversions_round_like_numpy(dtype, bf16_instructions, isa):
@@ -677,7 +729,7 @@ def test_complex_stationary_kernels_conjugate(flags):
     tx, cx, ty, cy = flags
     rng = np.random.default_rng(24)
     for dtype, (m, n, k) in itertools.product(
-            [np.complex64, np.complex128], [(3, 5, 4), (9, 17, 8), (20, 2, 16), (5, 1, 3)]):
+            [np.complex64, np.complex128], [(3, 5, 4), (9, 17, 8), (20, 5, 16), (5, 1, 3)]):
         x = ints(rng, (3, k, m) if tx else (3, m, k), dtype)
         y = ints(rng, (n, k) if ty else (k, n), dtype)
         kw = {"transpose_x": tx, "conjugate_x": cx, "transpose_y": ty, "conjugate_y": cy}

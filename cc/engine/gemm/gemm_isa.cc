@@ -15,7 +15,7 @@
 // The kernel families, one header each, tried in the order of kFamilies below:
 //   tiny        M, N, K <= 4: unrolled products straight from memory        (tiny.h)
 //   matvec      matrix-vector products with a short K, across rows          (matvec.h)
-//   dot         matrix-vector products as dot products along K              (dot.h)
+//   dot         1-4 columns of B contiguous along K, as dot products along K (dot.h)
 //   stationary  short K: one operand in registers, the other streamed past  (stationary.h)
 //   packed      everything: packed tiles and micro-kernels                  (packed.h, micro.h)
 // with what they share in common.h and streaming.h (and, for bfloat16 on the CPU's

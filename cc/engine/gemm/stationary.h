@@ -355,7 +355,8 @@ void StationaryRows(const Side& s, const Side& x, void* out, int64_t oo, int64_t
 // kernel; kernel_grid.py, 2026-12-01, Zen 5 AVX-512), also where the strip is gathered
 // (B transposed, as in every gradient g·Bᵀ): keeping those on the packed kernels for M < 8
 // took forward+backward of 6×8·8×16, 32×12·12×3 and 12×16·(3×16)ᵀ from 1.28-1.71× down to
-// 0.69-0.83× tf.matmul (same tool and day). Complex products take the row kernel at any N.
+// 0.69-0.83× tf.matmul (same tool and day). Complex products take the row kernel at any N
+// (but for the few columns that the dot kernels take first, dot.h CanDot).
 constexpr int kStationaryMinStreamed = 8;
 constexpr int kStationaryMinStrip = 4;
 constexpr int kRowKernelMinN = 2;
