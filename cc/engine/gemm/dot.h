@@ -73,14 +73,14 @@ constexpr int kDotScalars = Traits<D>::kComplex ? 2 : 1;
 // and column, two for complex types) fit in half the vector registers (32 with AVX-512, 16
 // otherwise), so that the columns' and rows' loads keep the other half.
 template <DType D, int N>
-constexpr int kDotRows = (kVecBytes == 64 ? 16 : 8) / (N * kDotScalars<D>) >= 4
-                             ? 4
-                             : ((kVecBytes == 64 ? 16 : 8) / (N * kDotScalars<D>) >= 2 ? 2 : 1);
+constexpr int kDotRowsFit = (kVecBytes == 64 ? 16 : 8) / (N * kDotScalars<D>);
+template <DType D, int N>
+constexpr int kDotRows = kDotRowsFit<D, N> >= 4 ? 4 : (kDotRowsFit<D, N> >= 2 ? 2 : 1);
 
 // What every block of one product shares: the N columns (x, column j at x + j·xcs), A's row
-// stride and K in storage scalars (kk = kv + tail: whole vectors, then one partial one), C's
-// strides in elements, and for complex types the signs that turn the two accumulators'
-// lane sums into the real and imaginary parts (DotBlock).
+// stride and K in storage scalars (kv of them in whole vectors, then `tail` in one partial
+// vector), C's strides in elements, and for complex types the signs that turn the two
+// accumulators' lane sums into the real and imaginary parts (DotBlock).
 template <DType D>
 struct DotArgs {
   using V = AccVec<D, kVecBytes / sizeof(typename Traits<D>::R)>;
