@@ -1,8 +1,9 @@
 """A/B of two builds of the kernel core in one process on one thread: this checkout's
 `_smallmm_core` against another build's (a copy of `tf_smallmm/_smallmm_core*.so` from an
 earlier commit), over a grid of products whose kernel family the two builds choose
-differently. Each round times both back to back, order alternating; a row prints both
-families, the median of per-round ratios time(before) / time(after) (above 1: this build is
+differently, timed as the sweep times (`sweep.paired`: each round times both back to back,
+in a shuffled order, each for a few ms of repeated calls). A row prints both families, the
+median of per-round ratios time(before) / time(after) (above 1: this build is
 faster) and the largest difference between the two results, relative to the largest output.
 
     cp tf_smallmm/_smallmm_core*.so /tmp/before.so  # on the earlier commit, built
@@ -20,7 +21,6 @@ import importlib.util
 import itertools
 import os
 import sys
-import time
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +30,7 @@ try:
 except ImportError:  # run from a source checkout with an in-place build
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tf_smallmm import _smallmm_core as core
+from tf_smallmm.tools import sweep
 
 DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 NAMED = [  # label, x shape, y shape, transpose_y
@@ -58,21 +59,6 @@ def array(rng, shape, dtype):
     if dtype.kind == "c":
         x = x + 1j * rng.standard_normal(shape)
     return x.astype(dtype)
-
-
-def paired(after, before, rounds):
-    after(), before()  # warm up both
-    ratios = []
-    for r in range(rounds):
-        first, second = (after, before) if r % 2 else (before, after)
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        t_first, t_second = t1 - t0, t2 - t1
-        ratios.append(t_second / t_first if r % 2 else t_first / t_second)
-    return float(np.median(ratios))
 
 
 def cases(grid):
@@ -108,8 +94,9 @@ def main(argv=None):
         got = core.matmul(x, y, transpose_y=tb).astype(np.complex128)
         want = before.matmul(x, y, transpose_y=tb).astype(np.complex128)
         diff = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
-        ratio = paired(functools.partial(core.matmul, x, y, transpose_y=tb),
-                       functools.partial(before.matmul, x, y, transpose_y=tb), args.rounds)
+        ratio, _, _ = sweep.paired(functools.partial(core.matmul, transpose_y=tb),
+                                   functools.partial(before.matmul, transpose_y=tb), (x, y),
+                                   args.rounds)
         print(f"{label:40s} {name:10s} {fam_before:>10s} -> {fam_after:10s} {ratio:6.2f}x  "
               f"diff {diff:.1e}", flush=True)
 
