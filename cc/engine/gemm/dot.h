@@ -65,15 +65,11 @@ inline void Sum4(const V& a0, const V& a1, const V& a2, const V& a3, R* s) {
 // as rows of Bᵀ: matvecs, transpose_b products, and batches folded into N columns).
 constexpr int64_t kDotMaxN = 4;
 
-// Storage scalars per element (2 for complex: (re, im) pairs, vectorised along K as scalars).
-template <DType D>
-constexpr int kDotScalars = Traits<D>::kComplex ? 2 : 1;
-
 // Rows a block takes against N columns: four where their accumulators (one vector per row
-// and column, two for complex types) fit in half the vector registers (32 with AVX-512, 16
-// otherwise), so that the columns' and rows' loads keep the other half.
+// and column, kScalars = two for complex types) fit in half the vector registers (32 with
+// AVX-512, 16 otherwise), so that the columns' and rows' loads keep the other half.
 template <DType D, int N>
-constexpr int kDotRowsFit = (kVecBytes == 64 ? 16 : 8) / (N * kDotScalars<D>);
+constexpr int kDotRowsFit = (kVecBytes == 64 ? 16 : 8) / (N * kScalars<D>);
 template <DType D, int N>
 constexpr int kDotRows = kDotRowsFit<D, N> >= 4 ? 4 : (kDotRowsFit<D, N> >= 2 ? 2 : 1);
 
@@ -103,7 +99,7 @@ __attribute__((always_inline)) inline void DotBlock(const DotArgs<D>& g, const S
                                                     int64_t co) {
   using R = typename Traits<D>::R;
   constexpr int L = kVecBytes / sizeof(R);
-  constexpr int E = kDotScalars<D>;
+  constexpr int E = kScalars<D>;
   using V = AccVec<D, L>;
   using I = typename VecOf<typename SameSizeInt<R>::type, L>::type;
   V acc[RB * N * E] = {};
@@ -167,7 +163,7 @@ __attribute__((noinline)) void DotRun(const GemmPlan& p, const void* a, const vo
   using R = typename Traits<D>::R;
   using S = StorageOf<D>;
   constexpr int L = kVecBytes / sizeof(R);
-  constexpr int E = kDotScalars<D>;
+  constexpr int E = kScalars<D>;
   constexpr int RB = kDotRows<D, N>;
   const S* A = static_cast<const S*>(a);
   DotArgs<D> g;
@@ -178,10 +174,12 @@ __attribute__((noinline)) void DotRun(const GemmPlan& p, const void* a, const vo
   g.c = c;
   g.crs = p.c_rs;
   g.ccs = p.c_cs;
-  const R sa_ = p.conj_a ? R(-1) : R(1), sb_ = p.conj_b ? R(-1) : R(1);
-  for (int q = 0; q < L; ++q) {
-    g.re_sign[q] = q % 2 ? -sa_ * sb_ : R(1);
-    g.im_sign[q] = q % 2 ? sb_ : sa_;
+  if constexpr (E == 2) {
+    const R sa_ = p.conj_a ? R(-1) : R(1), sb_ = p.conj_b ? R(-1) : R(1);
+    for (int q = 0; q < L; ++q) {
+      g.re_sign[q] = q % 2 ? -sa_ * sb_ : R(1);
+      g.im_sign[q] = q % 2 ? sb_ : sa_;
+    }
   }
   const int64_t m = p.m;
   for (int64_t t = 0; t < count; ++t, ao += sa, bo += sb, co += sc) {
@@ -209,7 +207,7 @@ inline bool DotPays(const GemmPlan& p) {
   using R = typename Traits<D>::R;
   constexpr int L = kVecBytes / sizeof(R);
   if constexpr (kVecBytes < 64) {
-    return kDotScalars<D> * p.k % L == 0;
+    return kScalars<D> * p.k % L == 0;
   } else if constexpr (!Traits<D>::kComplex && sizeof(R) == 4) {
     if (p.n == 2) return p.m < 64 || p.k >= 12;
     return p.m < 16 || p.k >= (p.m < 64 ? 16 : 24);
