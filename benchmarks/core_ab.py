@@ -7,12 +7,13 @@ median of per-round ratios time(before) / time(after) (above 1: this build is
 faster) and the largest difference between the two results, relative to the largest output.
 
     cp tf_smallmm/_smallmm_core*.so /tmp/before.so  # on the earlier commit, built
-    python benchmarks/core_ab.py /tmp/before.so [--grid folded|named] [--dtypes float32,...]
+    python benchmarks/core_ab.py /tmp/before.so [--grid folded|named|reduce] [--dtypes ...]
                                  [--isa avx2] [--rounds 15] [--all]
 
 `--grid folded`: x [I, M, K] · y [N, I, K, 1] (a matrix shared by N vectors, folded into N
 columns) for N = 2 and 4, M in 4..64, K in 4..24, ~2M elements; `named`: a few shapes from
-the sweep's slow rows (capsule-like folds, matvecs, transposed B). `--all` prints the rows
+the sweep's slow rows (capsule-like folds, matvecs, transposed B); `reduce`: the gradient
+of a weight shared by a batch, g[B, M, N] · y[B, K, N]ᵀ summed over B (and over 4 per group). `--all` prints the rows
 whose family did not change too (the same kernel on both sides: a control of the noise).
 """
 import argparse
@@ -33,7 +34,7 @@ except ImportError:  # run from a source checkout with an in-place build
 from tf_smallmm.tools import sweep
 
 DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
-NAMED = [  # label, x shape, y shape, transpose_y
+NAMED = [  # label, x shape, y shape, transpose_y (and the batch_shape summed to)
     ("A-shared (409,160,32) @ (4,409,32,1)", (409, 160, 32), (4, 409, 32, 1), False),
     ("A-shared (2048,32,32) @ (4,2048,32,1)", (2048, 32, 32), (4, 2048, 32, 1), False),
     ("A-shared (1152,16,8) @ (4,1152,8,1)", (1152, 16, 8), (4, 1152, 8, 1), False),
@@ -65,6 +66,16 @@ def cases(grid):
     if grid == "named":
         yield from NAMED
         return
+    if grid == "reduce":
+        # The gradient of a weight shared by a batch: g[B, M, N] · y[B, K, N]ᵀ summed
+        # over B, and over the 4 of g[4, G, M, N] · y[4, G, K, N]ᵀ per group G.
+        for m, n, k in itertools.product((1, 3, 8, 16, 32, 160), (8, 32), (3, 8, 16, 32)):
+            b = max(2, 2_000_000 // (m * n + k * n))
+            yield (f"sum_B ({b},{m},{n}) @ ({b},{k},{n})^T", (b, m, n), (b, k, n), True, [])
+            g = max(1, b // 4)
+            yield (f"sum_4 (4,{g},{m},{n}) @ (4,{g},{k},{n})^T", (4, g, m, n), (4, g, k, n),
+                   True, [g])
+        return
     for n, m, k in itertools.product((2, 4), (4, 8, 12, 16, 24, 64), (4, 5, 8, 12, 16, 24)):
         i = max(1, 2_000_000 // (m * k + n * k))
         yield f"A-shared ({i},{m},{k}) @ ({n},{i},{k},1)", (i, m, k), (n, i, k, 1), False
@@ -73,7 +84,7 @@ def cases(grid):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("before", help="the other build's _smallmm_core shared object")
-    ap.add_argument("--grid", choices=("folded", "named"), default="named")
+    ap.add_argument("--grid", choices=("folded", "named", "reduce"), default="named")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--isa", help="run both builds on this ISA's kernels (set_isa)")
     ap.add_argument("--rounds", type=int, default=15)
@@ -84,18 +95,19 @@ def main(argv=None):
         sys.exit(f"this CPU lacks {args.isa}")
     print(f"ISA {core.active_isa()}; ratio = time(before) / time(after), one thread")
     rng = np.random.default_rng(0)
-    for (label, xs, ys, tb), name in itertools.product(cases(args.grid), args.dtypes.split(",")):
+    for (label, xs, ys, tb, *batch), name in itertools.product(cases(args.grid),
+                                                               args.dtypes.split(",")):
         dtype = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
         x, y = array(rng, xs, dtype), array(rng, ys, dtype)
-        fam_after, fam_before = core.kernel_for(x, y, transpose_y=tb), before.kernel_for(
-            x, y, transpose_y=tb)
+        kw = {"transpose_y": tb, "batch_shape": batch[0] if batch else None}
+        fam_after, fam_before = core.kernel_for(x, y, **kw), before.kernel_for(x, y, **kw)
         if fam_after == fam_before and not args.all:
             continue
-        got = core.matmul(x, y, transpose_y=tb).astype(np.complex128)
-        want = before.matmul(x, y, transpose_y=tb).astype(np.complex128)
+        got = core.matmul(x, y, **kw).astype(np.complex128)
+        want = before.matmul(x, y, **kw).astype(np.complex128)
         diff = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
-        ratio, _, _ = sweep.paired(functools.partial(core.matmul, transpose_y=tb),
-                                   functools.partial(before.matmul, transpose_y=tb), (x, y),
+        ratio, _, _ = sweep.paired(functools.partial(core.matmul, **kw),
+                                   functools.partial(before.matmul, **kw), (x, y),
                                    args.rounds)
         print(f"{label:40s} {name:10s} {fam_before:>10s} -> {fam_after:10s} {ratio:6.2f}x  "
               f"diff {diff:.1e}", flush=True)

@@ -275,16 +275,23 @@ def test_stationary_large_output_staged(isa, dtype, n):
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64,
                                    np.complex64, np.complex128], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("parts", [2, 3, 5, 10])
+@pytest.mark.parametrize("parts", [2, 3, 4, 5, 7, 10, 29, 30])
 def test_reduction_split_into_partial_sums(dtype, parts):
     # The TF op splits a long reduction into few outputs (a shared weight's gradient) into
     # partial sums so every thread works; the sum of the parts is the whole reduction
     # (16-bit parts are added in float32: on these integers every part and sum is exact).
+    # Parts that do not divide the 30 products leave a tail of the rest, one more partial.
     rng = np.random.default_rng(parts)
     g, x = ints(rng, (30, 4, 8, 5), dtype), ints(rng, (30, 4, 8, 3), dtype)
     got = core.matmul(g, x, transpose_x=True, batch_shape=[4], reduction_parts=parts)
     want = ref(g, x, transpose_x=True).sum(axis=0)
     check_exact(got, want)
+    # The same with the items of each part run apart (8×5 · 5×3 outputs of one sum).
+    y = ints(rng, (30, 3, 5), dtype)
+    got = core.matmul(g[:, 0], y, transpose_y=True, batch_shape=[], reduction_parts=parts)
+    check_exact(got, ref(g[:, 0], y, transpose_y=True).sum(axis=0))
+    with pytest.raises(ValueError, match="at most"):
+        core.matmul(g, x, transpose_x=True, batch_shape=[4], reduction_parts=31)
 
 
 def test_reduction_split_policy():
@@ -294,6 +301,8 @@ def test_reduction_split_policy():
     for half in (np.float16, ml_dtypes.bfloat16):  # float32 sums, rounded once per part
         assert core.suggest_reduction_split(x.astype(half), x.astype(half), [], 2) == 4
     assert core.suggest_reduction_split(x[:7], x[:7], [], 2) == 1  # 7 products: not worth it
+    assert core.suggest_reduction_split(x[:409], x[:409], [], 2) == 4  # prime: 4 and a tail
+    assert core.suggest_reduction_split(x[:15], x[:15], [], 2) == 3  # a divisor near 4
     del w
 
 
@@ -652,7 +661,7 @@ def test_strips_transposed_in_registers(dtype, isa):
 # of every width, reduced over the batch (a shared weight's gradient g·Bᵀ) or not.
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
-def test_packed_tiles_transposed_in_registers(dtype, isa):
+def test_packed_tiles_transposed_in_registers(dtype, isa, packed_sums):
     rng = np.random.default_rng(32)
     for m, n, k in itertools.product((8, 9, 16, 20, 24, 33), (2, 3, 17, 40),
                                      (2, 3, 8, 9, 17, 33, 40)):
@@ -662,6 +671,51 @@ def test_packed_tiles_transposed_in_registers(dtype, isa):
         check_exact(core.matmul(x, y, transpose_y=True, batch_shape=[]), np_reduce_to(want, []))
         if k > 32:  # past the stationary kernels
             check_exact(core.matmul(x, y, transpose_y=True), want)
+
+
+@pytest.fixture
+def packed_sums():
+    """Reductions summed on the packed kernels (not run as items) for the test."""
+    core.set_reduction_items(False)
+    yield
+    core.set_reduction_items(True)
+
+
+# A sum over one reduction loop whose items another family takes runs as those items, a
+# window of them at a time summed in the accumulation type (cc/engine/gemm.cc RunItems):
+# exact against numpy and equal to the packed kernels' running sum, every dtype and ISA.
+# One output summed over a long batch; many outputs of a few items each, in windows that
+# end inside an output's items and span several outputs; items larger than a window;
+# scratch in both orientations (column-major: fewer columns than a vector, more rows);
+# adjoints; a sum over one axis of two.
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_reductions_run_as_items(dtype, isa):
+    rng = np.random.default_rng(33)
+    cases = [  # x, yᵀ shapes, batch_shape summed to
+        ((300, 1, 8), (300, 3, 8), []),
+        ((37, 16, 5), (37, 3, 5), []),
+        ((37, 3, 5), (37, 16, 5), []),
+        ((4, 9, 2, 6), (4, 9, 12, 6), [9]),
+        ((3, 700, 5, 4), (3, 700, 6, 4), [700]),
+        ((3, 2, 24, 7), (3, 2, 24, 7), [1, 2]),
+        ((3, 200, 8), (3, 120, 8), []),
+    ]
+    items = 0
+    for xs, ys, batch in cases:
+        x, y = ints(rng, xs, dtype), ints(rng, ys, dtype)
+        for conj in (False, True) if np.iscomplexobj(x) else (False,):
+            kw = {"transpose_y": True, "conjugate_y": conj, "batch_shape": batch}
+            want = np_reduce_to(ref(x, y, False, False, True, conj), batch)
+            got = core.matmul(x, y, **kw)
+            check_exact(got, want)
+            core.set_reduction_items(False)
+            try:
+                assert core.kernel_for(x, y, **kw) == "packed", (xs, ys)
+                np.testing.assert_array_equal(core.matmul(x, y, **kw), got)
+            finally:
+                core.set_reduction_items(True)
+            items += core.kernel_for(x, y, **kw) != "packed"
+    assert items >= 3  # (the others stay packed on some ISAs)
 
 
 def check_straight_runs(rng, cases, dtype, on_stationary, switch=core.set_one_strip_runs):

@@ -52,8 +52,12 @@ ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, cons
   }
   // Whether each product's kernel could allocate its scratch, reported per product.
   std::atomic<bool> ran[2] = {{true}, {true}};
-  auto run = [&](int i, const GemmPlan& p, void* dst, int64_t begin, int64_t end) {
-    if (!RunBatchMatMul(dtype, p, products[i].a, products[i].b, dst, begin, end)) {
+  // Product i's plan p (or a part of it: its operands `skip` elements on) into dst.
+  auto run = [&](int i, const GemmPlan& p, void* dst, int64_t begin, int64_t end,
+                 int64_t skip_a = 0, int64_t skip_b = 0) {
+    const int64_t e = DTypeSize(dtype);
+    if (!RunBatchMatMul(dtype, p, static_cast<const char*>(products[i].a) + e * skip_a,
+                        static_cast<const char*>(products[i].b) + e * skip_b, dst, begin, end)) {
       ran[i].store(false, std::memory_order_relaxed);
     }
   };
@@ -118,20 +122,29 @@ ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, cons
     const GemmPlan& plan = products[i].plan;
     void* c = products[i].c;
     // A long reduction into few outputs is split into partial sums so every thread works.
+    // The work units are the split's outputs, then the tail's (if any).
     if (parts[i] > 1) {
-      const GemmPlan split = SplitReduction(plan, parts[i]);
-      void* pc = ex.scratch(split.output_elements * DTypeSize(dtype));
+      const ReductionParts sp = SplitReduction(plan, parts[i]);
+      const int64_t bytes = plan.output_elements * DTypeSize(dtype);
+      char* pc = static_cast<char*>(ex.scratch(sp.partials * bytes));
       if (pc == nullptr) {
         ExecuteStatus s;
         s.error = ExecuteStatus::kPartialsScratch;
         s.product = i;
         return s;
       }
-      shard(split.num_outputs, CostPerOutput(split), TotalCost(split),
-            [&](int64_t begin, int64_t end) { run(i, split, pc, begin, end); });
+      const int64_t head = sp.split.num_outputs;
+      const int64_t units = head + (sp.partials > parts[i] ? plan.num_outputs : 0);
+      shard(units, CostPerOutput(sp.split), TotalCost(plan), [&](int64_t begin, int64_t end) {
+        if (begin < head) run(i, sp.split, pc, begin, std::min(end, head));
+        if (end > head) {
+          run(i, sp.tail, pc + parts[i] * bytes, std::max(begin, head) - head, end - head,
+              sp.tail_a, sp.tail_b);
+        }
+      });
       if (!ran[i].load()) return failed(i);
-      const int n = parts[i];
-      shard(plan.output_elements, n + 1, TotalCost(split), [&](int64_t begin, int64_t end) {
+      const int n = sp.partials;
+      shard(plan.output_elements, n + 1, TotalCost(plan), [&](int64_t begin, int64_t end) {
         SumPartials(dtype, pc, n, plan.output_elements, c, begin, end);
       });
       continue;

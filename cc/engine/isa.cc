@@ -118,6 +118,10 @@ std::atomic<bool>& Fused() {
   static std::atomic<bool> on{true};
   return on;
 }
+std::atomic<bool>& Items() {
+  static std::atomic<bool> on{true};
+  return on;
+}
 std::atomic<bool>& Ahead() {
   static std::atomic<bool> on{true};
   return on;
@@ -142,6 +146,8 @@ void SetOneStripRuns(bool on) { OneStrip().store(on, std::memory_order_relaxed);
 bool OneStripRuns() { return OneStrip().load(std::memory_order_relaxed); }
 void SetFusedPairs(bool on) { Fused().store(on, std::memory_order_relaxed); }
 bool FusedPairs() { return Fused().load(std::memory_order_relaxed); }
+void SetReductionItems(bool on) { Items().store(on, std::memory_order_relaxed); }
+bool ReductionItems() { return Items().load(std::memory_order_relaxed); }
 void SetRunPrefetch(bool on) { Ahead().store(on, std::memory_order_relaxed); }
 bool RunPrefetch() { return Ahead().load(std::memory_order_relaxed); }
 bool HardwareFollowsRuns() {

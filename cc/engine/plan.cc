@@ -6,7 +6,7 @@
 #include <string>
 #include <type_traits>
 
-#include "cc/engine/float16_bits.h"
+#include "cc/engine/scalars.h"
 #include "cc/engine/smallmm.h"
 
 namespace smallmm {
@@ -389,7 +389,9 @@ int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
     return 1;
   }
   const int64_t s = p.red[0].size;
-  // Enough parts for two work items per thread, each still summing >= 4 products.
+  // Enough parts for two work items per thread, each still summing >= 4 products: a
+  // divisor of the loop if one is near, else that many parts and a shorter tail (a batch
+  // of 409 would otherwise run on one thread).
   const int64_t want = (2 * threads + p.num_outputs - 1) / std::max<int64_t>(p.num_outputs, 1);
   for (int64_t d = want; d >= 2; --d) {
     if (s % d == 0 && s / d >= 4) return int(d);
@@ -397,22 +399,32 @@ int SuggestReductionSplit(DType dtype, const GemmPlan& p, int threads) {
   for (int64_t d = want + 1; d <= 4 * want && d <= s / 4; ++d) {
     if (s % d == 0) return int(d);
   }
-  return 1;
+  return want >= 2 && s / want >= 4 ? int(want) : 1;
 }
 
-GemmPlan SplitReduction(const GemmPlan& p, int parts) {
-  // Callers pass a divisor of red[0].size from SuggestReductionSplit (or check it).
-  GemmPlan q = p;
-  const Loop r = p.red[0];
-  const int64_t chunk = r.size / parts;
+ReductionParts SplitReduction(const GemmPlan& p, int parts) {
+  ReductionParts r;
+  const Loop red = p.red[0];
+  const int64_t chunk = red.size / parts, rest = red.size - chunk * parts;
+  GemmPlan& q = r.split;
+  q = p;
   q.red[0].size = chunk;
   for (int i = q.num_out; i > 0; --i) q.out[i] = q.out[i - 1];
-  q.out[0] = {parts, r.a * chunk, r.b * chunk, p.output_elements};
+  q.out[0] = {parts, red.a * chunk, red.b * chunk, p.output_elements};
   ++q.num_out;
   q.num_outputs = p.num_outputs * parts;
-  q.num_reduced = p.num_reduced / parts;
+  q.num_reduced = p.num_reduced / red.size * chunk;
   q.output_elements = p.output_elements * parts;
-  return q;
+  r.partials = parts;
+  if (rest > 0) {
+    r.tail = p;
+    r.tail.red[0].size = rest;
+    r.tail.num_reduced = p.num_reduced / red.size * rest;
+    r.tail_a = red.a * chunk * parts;
+    r.tail_b = red.b * chunk * parts;
+    ++r.partials;
+  }
+  return r;
 }
 
 namespace {
@@ -436,17 +448,8 @@ template <DType D>
 void SumAs(const void* partials, int parts, int64_t n, void* out, int64_t begin, int64_t end) {
   using S = typename DTypeInfo<D>::Storage;
   constexpr int kC = DTypeInfo<D>::kComponents;
-  const S* in = static_cast<const S*>(partials);
-  S* to = static_cast<S*>(out);
-  if constexpr (D == DType::kHalf) {
-    Sum<float>(in, parts, n, to, begin, end, f16::HalfToFloat, f16::FloatToHalf);
-  } else if constexpr (D == DType::kBFloat16) {
-    Sum<float>(in, parts, n, to, begin, end, f16::BF16ToFloat, f16::FloatToBF16);
-  } else {
-    static_assert(std::is_same<S, typename DTypeInfo<D>::Acc>::value, "summed in storage");
-    auto same = [](S x) { return x; };
-    Sum<S>(in, parts, kC * n, to, kC * begin, kC * end, same, same);
-  }
+  Sum<typename DTypeInfo<D>::Acc>(static_cast<const S*>(partials), parts, kC * n,
+                                  static_cast<S*>(out), kC * begin, kC * end, Widen<D>, Narrow<D>);
 }
 }  // namespace
 

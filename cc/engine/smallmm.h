@@ -126,12 +126,20 @@ int64_t CostPerOutput(const GemmPlan& plan);
 // thread. SuggestReductionSplit returns how many independent partial sums to form for
 // `threads` threads (1 = none), for every dtype: a float16 / bfloat16 part is summed in
 // float32 and rounded to its type like any output, and SumPartials adds the parts in
-// float32. SplitReduction turns the plan into one that writes `parts` partial outputs into
-// a scratch buffer of parts × plan.output_elements elements (a new outermost output loop
-// over the outermost reduction loop's chunks); SumPartials adds them into the real output,
-// elements [begin, end).
+// float32. SplitReduction (parts >= 2, at most the outermost reduction loop's size S)
+// gives `split`, a plan that writes `parts` partial outputs of ⌊S / parts⌋ items each
+// into a scratch buffer of partials × plan.output_elements elements (a new outermost
+// output loop over the loop's chunks), and where parts does not divide S, `tail`, which
+// sums the S mod parts items left into one more partial, its operands read from tail_a /
+// tail_b elements past A and B, its output one plan.output_elements past the others.
+// SumPartials adds the partials into the real output, elements [begin, end).
+struct ReductionParts {
+  GemmPlan split, tail;
+  int64_t tail_a = 0, tail_b = 0;
+  int partials = 0;  // parts, or parts + 1 with a tail
+};
 int SuggestReductionSplit(DType dtype, const GemmPlan& plan, int threads);
-GemmPlan SplitReduction(const GemmPlan& plan, int parts);
+ReductionParts SplitReduction(const GemmPlan& plan, int parts);
 void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
                  int64_t end);
 
@@ -189,6 +197,13 @@ int64_t FusedPairCostPerOutput(const FusedPair& pair);
 // timing and tests).
 void SetFusedPairs(bool on);
 bool FusedPairs();
+
+// Whether a sum over one reduction loop runs as its items, each block of them summed in
+// cache (gemm.cc), where another family than the packed one takes the items (on by
+// default; switched off for A/B timing and for tests that need the packed kernels'
+// running sum, such as the GPU block program's bit-for-bit reference).
+void SetReductionItems(bool on);
+bool ReductionItems();
 
 // The kernel family RunBatchMatMul runs this plan with on the active ISA (a name from
 // KernelFamilies), "none" when the plan has no output elements, "invalid" for a bad dtype.

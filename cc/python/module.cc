@@ -30,14 +30,13 @@ namespace {
 using smallmm_py::PlanFor;
 using smallmm_py::Planned;
 
-// The plan matmul runs: the product's own, or with reduction_parts > 1 the one whose
-// outermost reduction loop is split into that many partial sums (the TF op's
-// parallel-reduction path, made testable).
-smallmm::GemmPlan PlanToRun(const smallmm::GemmPlan& plan, int reduction_parts) {
-  if (reduction_parts <= 1) return plan;
+// With reduction_parts > 1, the plans whose partial sums matmul adds: the product's
+// outermost reduction loop split into that many parts, and a tail where they do not
+// divide it (the TF op's parallel-reduction path, made testable).
+smallmm::ReductionParts PartsToRun(const smallmm::GemmPlan& plan, int reduction_parts) {
   if (plan.num_red == 0 || plan.num_out >= smallmm::kMaxBatchDims ||
-      plan.red[0].size % reduction_parts != 0) {
-    throw py::value_error("reduction_parts must divide the outermost reduction loop");
+      reduction_parts > plan.red[0].size) {
+    throw py::value_error("reduction_parts must be at most the outermost reduction loop's size");
   }
   return smallmm::SplitReduction(plan, reduction_parts);
 }
@@ -50,7 +49,8 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   const Planned p = PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
   const smallmm::DType dtype = p.dtype;
   const smallmm::GemmPlan& plan = p.plan;
-  const smallmm::GemmPlan run = PlanToRun(plan, reduction_parts);
+  const smallmm::ReductionParts parts =
+      reduction_parts > 1 ? PartsToRun(plan, reduction_parts) : smallmm::ReductionParts();
   py::array out(x.dtype(), p.shape);
   const void* pa = x.data();
   const void* pb = y.data();
@@ -59,10 +59,18 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   {
     py::gil_scoped_release release;
     if (reduction_parts > 1) {
-      std::vector<char> partials(size_t(run.output_elements) * smallmm::DTypeSize(dtype));
-      ran = smallmm::RunBatchMatMul(dtype, run, pa, pb, partials.data(), 0, run.num_outputs);
+      const int64_t e = smallmm::DTypeSize(dtype), bytes = plan.output_elements * e;
+      std::vector<char> partials(size_t(parts.partials * bytes));
+      ran = smallmm::RunBatchMatMul(dtype, parts.split, pa, pb, partials.data(), 0,
+                                    parts.split.num_outputs);
+      if (ran && parts.partials > reduction_parts) {
+        ran = smallmm::RunBatchMatMul(
+            dtype, parts.tail, static_cast<const char*>(pa) + e * parts.tail_a,
+            static_cast<const char*>(pb) + e * parts.tail_b,
+            partials.data() + reduction_parts * bytes, 0, plan.num_outputs);
+      }
       if (ran) {
-        smallmm::SumPartials(dtype, partials.data(), reduction_parts, plan.output_elements, pc, 0,
+        smallmm::SumPartials(dtype, partials.data(), parts.partials, plan.output_elements, pc, 0,
                              plan.output_elements);
       }
     } else {
@@ -241,7 +249,8 @@ PYBIND11_MODULE(_smallmm_core, m) {
          int reduction_parts) {
         const Planned p =
             PlanFor(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, batch_shape);
-        return std::string(smallmm::KernelFor(p.dtype, PlanToRun(p.plan, reduction_parts)));
+        return std::string(smallmm::KernelFor(
+            p.dtype, reduction_parts > 1 ? PartsToRun(p.plan, reduction_parts).split : p.plan));
       },
       py::arg("x"), py::arg("y"), py::arg("transpose_x") = false, py::arg("conjugate_x") = false,
       py::arg("transpose_y") = false, py::arg("conjugate_y") = false,
@@ -294,6 +303,10 @@ PYBIND11_MODULE(_smallmm_core, m) {
         "Stage large outputs to stream them (the default) or not: for A/B timing and tests.");
   m.def("set_fused_pairs", &smallmm::SetFusedPairs, py::arg("on"),
         "Whether gradient pairs of the fused form run fused (on by default): for A/B timing.");
+  m.def("set_reduction_items", &smallmm::SetReductionItems, py::arg("on"),
+        "Whether a sum over one reduction loop runs as its items, summed block by block in "
+        "cache, where a faster family than the packed kernels takes them (on by default): "
+        "for A/B timing, and for references that need the packed kernels' running sum.");
   m.def("set_one_strip_runs", &smallmm::SetOneStripRuns, py::arg("on"),
         "Run products whose output rows fit one to four strips straight through (the "
         "default) or through the strip layers: for A/B timing and tests.");
