@@ -6,6 +6,9 @@ branch tests run graphs whose sizes only the run time knows and check which side
 the executor's step stats.
 """
 
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -441,9 +444,12 @@ def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
         ((8, 16, 8), 1.5, 1.5),    # (3, 5, 3)
         ((8, 32, 8), 0.8, 0.9),    # (3, 7, 3): the built-in
     ]]
+    # (3, 4, 3): fast with both gradients, slow with the weight's alone: the built-in
+    rows.append({"dtype": "float32", "point": (8, 12, 8), "fwd": 1.5, "fwd_bwd": 1.5,
+                 "fwd_da": 1.4, "fwd_db": 0.6})
     cells = dispatch.decode_cells(sweep.fit_model(rows, BOUNDS, floor)["float32"])
     assert (3, 0, 3) not in cells and (3, 1, 3) not in cells and (3, 2, 3) in cells
-    assert (3, 7, 3) in cells
+    assert (3, 7, 3) in cells and (3, 4, 3) in cells
     # Unmeasured: N 5-8 (3, 3, 3) is next to (3, 2, 3) only -> the built-in; N 17-24
     # (3, 6, 3) is between 1.5 and 0.8 -> sqrt(1.2) -> ours; N 33-64 next to 0.8.
     assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
@@ -549,6 +555,27 @@ def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
     text = sweep.markdown(rows, [], [], args, 60.0, "x.png")
     assert "1 cases below 0.95 were measured again" in text
     assert "| 0.50 |" in text  # the first pass's worst ratio
+
+
+def test_the_sweep_times_each_gradient_alone_where_an_operand_is_a_weight():
+    """A one_sided case's row has forward with dA alone and with dB alone besides forward
+    and forward+backward; those steps return the gradient of that operand only."""
+    from tf_smallmm.tools import sweep
+
+    case = sweep.Case("broadcast", "matmul A shared (3, 4) @ (5, 4, 2)", tf.float32,
+                      smm.matmul, tf.linalg.matmul, ((3, 4), (5, 4, 2)), one_sided=True)
+    row = sweep.measure(case, rounds=1)
+    assert {"fwd", "fwd_bwd", "fwd_da", "fwd_db"} <= set(row)
+    assert "fwd_da" not in sweep.measure(dataclasses.replace(case, one_sided=False), 1)
+    a, b = tf.ones((3, 4)), tf.ones((5, 4, 2))
+    g = tf.ones((5, 3, 2))
+    _, steps = sweep._steps(tf.linalg.matmul, None, None, tf.float32)
+    _, da = steps["fwd_da"](a, b, g)
+    assert da.shape == a.shape and len(steps["fwd_db"](a, b, g)) == 2
+    np.testing.assert_allclose(steps["fwd_db"](a, b, g)[1], steps["fwd_bwd"](a, b, g)[2])
+    text = sweep.markdown([row], [], [], types.SimpleNamespace(quick=True, repeats=None),
+                          1.0, "x.png")
+    assert "dA only" in text and "dB only" in text
 
 
 def test_floor_timed_in_the_same_rounds():

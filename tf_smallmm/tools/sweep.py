@@ -6,7 +6,10 @@ every round times both back to back (in an order shuffled each round), and the c
 figure is the median over rounds of the built-in's time / ours (above 1: ours is faster).
 Both sides run in tf.function, forward (y = f(a, b)) and forward+backward (y and the
 gradients for a and b, from tf.GradientTape.gradient with a fixed upstream gradient: no
-loss ops); eager cases call both sides directly. Controls time the built-in against itself
+loss ops); where one operand is a weight (shared or broadcast across the batch, capsule
+prediction, a Dense-like einsum) also y with the gradient of a alone and of b alone (a
+model's first layer, whose input needs none, or a frozen weight); eager cases call both
+sides directly. Controls time the built-in against itself
 (two separate tf.functions): their spread is the noise of this run.
 
     python -m tf_smallmm.bench --sweep                # full grid -> benchmarks/SWEEP.md, .png
@@ -40,6 +43,9 @@ ELEMENTS = 1 << 21
 # One timing of one side lasts about this long (calls repeated to fill it).
 TIMING_S = 2e-3
 FLOOR_TARGET = 0.95  # the issue's target: no case below this ratio
+# What a row times: forward, forward+backward (both gradients), forward with the gradient
+# of a alone / b alone (one_sided cases), eager calls.
+MODES = ("fwd", "fwd_bwd", "fwd_da", "fwd_db", "eager")
 
 
 # --------------------------------------------------------------------------- cases
@@ -59,6 +65,7 @@ class Case:
     family: str = dispatch.DENSE  # the model's product family of a grid point
     eager: bool = False
     grads: bool = True
+    one_sided: bool = False  # also time the gradient of each operand alone
 
 
 def _tensor(shape, dtype, seed):
@@ -126,13 +133,13 @@ def shared_case(m, n, k, dtype, folded, one=False):
         bt = _batch(k * n, m * n)
         return Case("shared grid", f"matmul A-shared ({m}, {k}) @ ({bt}, {k}, {n})", dtype,
                     smm.matmul, tf.linalg.matmul, ((m, k), (bt, k, n)), point=(m, n, k),
-                    family=dispatch.SHARED)
+                    family=dispatch.SHARED, one_sided=True)
     bt, cols = (n, 1) if folded else (4, n)
     groups = _batch(m * k, bt * k * cols, bt * m * cols)
     a_shape, b_shape = (groups, m, k), (bt, groups, k, cols)
     return Case("shared grid", f"matmul A-shared {a_shape} @ {b_shape}", dtype, smm.matmul,
                 tf.linalg.matmul, (a_shape, b_shape), point=(m, n, k),
-                family=dispatch.FOLDED if folded else dispatch.SHARED)
+                family=dispatch.FOLDED if folded else dispatch.SHARED, one_sided=True)
 
 
 def shared_grid(quick):
@@ -169,7 +176,8 @@ def variants(quick):
                     ("B shared", (batch, m, k), (k, n)),
                     ("rank-4 A[B,1] B[1,C]", (batch // 64 or 1, 1, m, k), (1, 64, k, n))):
                 out.append(Case("broadcast", f"matmul {name} {a_shape} @ {b_shape}", dtype,
-                                smm.matmul, tf.linalg.matmul, (a_shape, b_shape)))
+                                smm.matmul, tf.linalg.matmul, (a_shape, b_shape),
+                                one_sided=True))
     for batch in (1, 4, 16, 64):
         for n in (2, 8, 32):
             out.append(Case("small batch", f"matmul {batch}×({n}×{n} @ {n}×{n})", tf.float32,
@@ -177,10 +185,12 @@ def variants(quick):
     return out
 
 
-def _einsum(equation, a_shape, b_shape, dtype=tf.float32, group="einsum", spec=None):
+def _einsum(equation, a_shape, b_shape, dtype=tf.float32, group="einsum", spec=None,
+            one_sided=False):
     return Case(group, f"einsum {equation} {a_shape} {b_shape}", dtype,
                 lambda a, b: smm.einsum(equation, a, b),
-                lambda a, b: tf.einsum(equation, a, b), (a_shape, b_shape), spec=spec)
+                lambda a, b: tf.einsum(equation, a, b), (a_shape, b_shape), spec=spec,
+                one_sided=one_sided)
 
 
 def _keras_backend():
@@ -199,11 +209,11 @@ def equations(quick):
         _einsum("bij,bjk->bik", (8192, 16, 8), (8192, 8, 16)),
         _einsum("bhqd,bhkd->bhqk", (64, 8, 32, 16), (64, 8, 32, 16)),  # attention scores
         _einsum("bhqk,bhkd->bhqd", (64, 8, 32, 32), (64, 8, 32, 16)),  # attention values
-        _einsum("abc,cd->abd", (512, 32, 8), (8, 8)),
-        _einsum("abc,cd->abd", (64, 128, 64), (64, 64)),
+        _einsum("abc,cd->abd", (512, 32, 8), (8, 8), one_sided=True),
+        _einsum("abc,cd->abd", (64, 128, 64), (64, 64), one_sided=True),
         _einsum("bij,bj->bi", (65536, 20, 20), (65536, 20)),
-        _einsum("ijkl,bil->bijk", (1152, 10, 16, 8), (50, 1152, 8)),  # CapsNet digit caps
-        _einsum("ijkl,bil->bijk", (32, 10, 16, 8), (64, 32, 8)),
+        _einsum("ijkl,bil->bijk", (1152, 10, 16, 8), (50, 1152, 8), one_sided=True),  # CapsNet
+        _einsum("ijkl,bil->bijk", (32, 10, 16, 8), (64, 32, 8), one_sided=True),
     ]
     kb = _keras_backend()
     if kb is not None:
@@ -215,10 +225,10 @@ def equations(quick):
                             lambda a, b, axes=axes: smm.batch_dot(a, b, axes),
                             lambda a, b, axes=axes: kb.batch_dot(a, b, axes), (x, y)))
         out.append(Case("batch_dot", "dot (4096,8,16) (32,16,4)", tf.float32, smm.dot, kb.dot,
-                        ((4096, 8, 16), (32, 16, 4))))
+                        ((4096, 8, 16), (32, 16, 4)), one_sided=True))
     out.append(Case("capsule", "capsule_predict W[1152,10,16,8] u[50,1152,8]", tf.float32,
                     smm.capsule_predict, lambda w, u: tf.einsum("ijkl,bil->bijk", w, u),
-                    ((1152, 10, 16, 8), (50, 1152, 8))))
+                    ((1152, 10, 16, 8), (50, 1152, 8)), one_sided=True))
     return out[:4] + out[-1:] if quick else out
 
 
@@ -294,18 +304,25 @@ def paired(ours, builtin, args, rounds, seconds=None):
 
 
 def _steps(fn, spec, y_shape, dtype):
-    """tf.functions of the forward and the forward+backward step of fn(a, b)."""
+    """tf.functions of the forward step of fn(a, b) and {mode: its step with gradients} for
+    the modes fwd_bwd (both gradients), fwd_da and fwd_db (only that operand watched, as a
+    model's input or a frozen weight is not: the other gradient is never formed)."""
     fwd = tf.function(fn, input_signature=spec)
     g_spec = None if spec is None else spec + (tf.TensorSpec(y_shape, dtype),)
 
-    @tf.function(input_signature=g_spec)
-    def fwd_bwd(a, b, g):
-        with tf.GradientTape() as tape:
-            tape.watch([a, b])
-            y = fn(a, b)
-        return (y, *tape.gradient(y, [a, b], output_gradients=g))
+    def with_grads(which):
+        @tf.function(input_signature=g_spec)
+        def step(a, b, g):
+            with tf.GradientTape() as tape:
+                sources = [(a, b)[i] for i in which]
+                tape.watch(sources)
+                y = fn(a, b)
+            return (y, *tape.gradient(y, sources, output_gradients=g))
 
-    return fwd, fwd_bwd
+        return step
+
+    return fwd, {"fwd_bwd": with_grads((0, 1)), "fwd_da": with_grads((0,)),
+                 "fwd_db": with_grads((1,))}
 
 
 def _uses_kernel(fwd, args):
@@ -328,15 +345,18 @@ def measure(case, rounds):
         return row
     y = case.builtin(a, b)
     g = _tensor(y.shape, y.dtype, 3)
-    ours_f, ours_fb = _steps(case.ours, case.spec, [None] + y.shape[1:]
-                             if case.spec else None, case.dtype)
-    base_f, base_fb = _steps(case.builtin, case.spec, [None] + y.shape[1:]
-                             if case.spec else None, case.dtype)
+    ours_f, ours_g = _steps(case.ours, case.spec, [None] + y.shape[1:]
+                            if case.spec else None, case.dtype)
+    base_f, base_g = _steps(case.builtin, case.spec, [None] + y.shape[1:]
+                            if case.spec else None, case.dtype)
     row["kernel"], row["branch"] = _uses_kernel(ours_f, (a, b))
     row["fwd"], row["ours_s"], row["builtin_s"] = paired(ours_f, base_f, (a, b), rounds)
     if case.grads:
         row["fwd_bwd"], row["ours_fb_s"], row["builtin_fb_s"] = paired(
-            ours_fb, base_fb, (a, b, g), rounds)
+            ours_g["fwd_bwd"], base_g["fwd_bwd"], (a, b, g), rounds)
+    if case.grads and case.one_sided:
+        for mode in ("fwd_da", "fwd_db"):
+            row[mode], _, _ = paired(ours_g[mode], base_g[mode], (a, b, g), rounds)
     return row
 
 
@@ -371,7 +391,7 @@ MODEL_BOUNDS = (1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096)
 
 
 def noise_floor(controls):
-    ratios = [r[k] for r in controls for k in ("fwd", "fwd_bwd") if k in r]
+    ratios = [r[k] for r in controls for k in MODES if k in r]
     return min(NEAR, float(np.percentile(ratios, 10))) if ratios else NEAR
 
 
@@ -389,7 +409,7 @@ def fit_model(rows, bounds, floor):
         for r in rows:
             if r.get("point") and r["dtype"] == dtype:
                 cell = tuple(dispatch.size_class(s, bounds) for s in r["point"])
-                scores[cell] = min(scores.get(cell, np.inf), r["fwd"], r["fwd_bwd"])
+                scores[cell] = min(scores.get(cell, np.inf), _worst(r))
         builtin = set()
         for cell in itertools.product(range(len(bounds) + 1), repeat=3):
             score = scores.get(cell)
@@ -416,7 +436,7 @@ def write_model(rows, controls, path, command, stamp=None):
     kept = {f: cells for f, cells in old.get("builtin", {}).items() if f not in families}
     bounds = tuple(old.get("size_bounds", data["size_bounds"])) if kept else MODEL_BOUNDS
     floor = noise_floor(controls)
-    ratios = [r[k] for r in controls for k in ("fwd", "fwd_bwd") if k in r] or [np.nan]
+    ratios = [r[k] for r in controls for k in MODES if k in r] or [np.nan]
     measured = dict(stamp or {"date": datetime.date.today().isoformat(), "command": command,
                               "machine": machine(), "tensorflow": tf.__version__})
     if stamp:
@@ -628,13 +648,16 @@ def _path(r):
 
 
 def _worst(r):
-    return min(r.get(k, np.inf) for k in ("fwd", "fwd_bwd", "eager"))
+    return min(r.get(k, np.inf) for k in MODES)
+
+
+TABLE_HEAD = ("| group | case | dtype | path | fwd × | fwd+bwd × | dA only × | dB only × "
+              "| eager × | first × |")
 
 
 def markdown(rows, controls, roof, args, seconds, image):
     cases = [r for r in rows if r["group"] != "control"]
-    spread = sorted(min(r.get("fwd", 1), r.get("fwd_bwd", 1)) for r in controls) + \
-        sorted(max(r.get("fwd", 1), r.get("fwd_bwd", 1)) for r in controls)
+    spread = [r[k] for r in controls for k in MODES if k in r]
     lo, hi = (min(spread), max(spread)) if spread else (float("nan"), float("nan"))
     below = [r for r in cases if _worst(r) < FLOOR_TARGET]
     rechecked = [r for r in cases if "first" in r]
@@ -656,7 +679,9 @@ def markdown(rows, controls, roof, args, seconds, image):
          "over rounds of paired, interleaved timings in one process (each round times both "
          "sides back to back, in an order shuffled each round), both sides in tf.function; "
          "forward = y, forward+backward = y and the gradients for both inputs from "
-         "GradientTape.gradient with a fixed upstream gradient. Eager cases call both sides "
+         "GradientTape.gradient with a fixed upstream gradient; 'dA only' / 'dB only' = y "
+         "and the gradient of that input alone (the other not watched: a model's input, a "
+         "frozen weight), for cases with a weight. Eager cases call both sides "
          "directly. 'path' is what our side ran: SmallMM, the built-in (the dispatch model's "
          "choice), or a run-time branch between them (sizes unknown at trace time)."),
         "",
@@ -675,12 +700,13 @@ def markdown(rows, controls, roof, args, seconds, image):
         "",
         "## Worst cases",
         "",
-        "| group | case | dtype | path | fwd × | fwd+bwd × | eager × | first × |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        TABLE_HEAD,
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     def row(r):
         return (f"| {r['group']} | {r['case']} | {r['dtype']} | {_path(r)} | "
                 f"{_ratio(r.get('fwd'))} | {_ratio(r.get('fwd_bwd'))} | "
+                f"{_ratio(r.get('fwd_da'))} | {_ratio(r.get('fwd_db'))} | "
                 f"{_ratio(r.get('eager'))} | "
                 f"{_ratio(_worst(r['first'])) if 'first' in r else ''} |")
 
@@ -706,12 +732,12 @@ def markdown(rows, controls, roof, args, seconds, image):
                   f"{r['floor_gbs']:.1f} | {r['x_floor']:.2f} | {r['vs_builtin']:.2f} |"
                   for r in roof]
     lines += ["", "## Every case", "",
-              "| group | case | dtype | path | fwd × | fwd+bwd × | eager × | first × |",
-              "|---|---|---|---|---:|---:|---:|---:|"]
+              TABLE_HEAD, "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [row(r) for r in cases]
-    lines += ["", "Controls:", "", "| case | fwd × | fwd+bwd × |", "|---|---:|---:|"]
-    lines += [f"| {r['case']} | {_ratio(r.get('fwd'))} | {_ratio(r.get('fwd_bwd'))} |"
-              for r in controls]
+    lines += ["", "Controls:", "", "| case | fwd × | fwd+bwd × | dA only × | dB only × |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {_ratio(r.get('fwd'))} | {_ratio(r.get('fwd_bwd'))} | "
+              f"{_ratio(r.get('fwd_da'))} | {_ratio(r.get('fwd_db'))} |" for r in controls]
     return "\n".join(lines) + "\n"
 
 
@@ -759,8 +785,7 @@ def heatmap(rows, path):
             ks = sorted({r["point"][2] for r in sel})
             z = np.full((len(ms), len(ks)), np.nan)
             for r in sel:
-                z[ms.index(r["point"][0]), ks.index(r["point"][2])] = min(r["fwd"],
-                                                                         r["fwd_bwd"])
+                z[ms.index(r["point"][0]), ks.index(r["point"][2])] = _worst(r)
             image = ax.imshow(z, cmap="RdYlGn", norm=norm, origin="lower", aspect="auto")
             ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=6)
             ax.set_yticks(range(len(ms)), [str(m) for m in ms], fontsize=6)
@@ -792,8 +817,7 @@ def run_cases(cases, rounds, controls_every=0, reuse=None):
             continue
         rows.append(r)
         print(f"  {r['group']:<14} {r['case']:<58} {r['dtype']:<10} {_path(r):<16} "
-              + " ".join(f"{k} {r[k]:.2f}" for k in ("fwd", "fwd_bwd", "eager") if k in r),
-              flush=True)
+              + " ".join(f"{k} {r[k]:.2f}" for k in MODES if k in r), flush=True)
         if controls_every and i % controls_every == 0 and not case.eager:
             controls.append(control(case, rounds))
     return rows, controls
@@ -810,7 +834,7 @@ def recheck(cases, rows, rounds):
         case = by_label.get((r["case"], r["dtype"]))
         if case is not None and _worst(r) < FLOOR_TARGET:
             again = measure(case, rounds)
-            again["first"] = {k: r[k] for k in ("fwd", "fwd_bwd", "eager") if k in r}
+            again["first"] = {k: r[k] for k in MODES if k in r}
             print(f"  recheck {r['case']} ({r['dtype']}): "
                   + " ".join(f"{k} {r[k]:.2f} -> {again[k]:.2f}" for k in again["first"]),
                   flush=True)
