@@ -174,12 +174,16 @@ bool RunItems(const GemmDTypeKernels& k, const GemmPlan& p, const GemmPlan& item
     narrow = &NarrowAvx2<D>;
   }
 #endif
+  // The kernels see the window as their whole output: it stays in cache, so they must
+  // not stream it past the cache or prefetch for a large output (streaming.h).
+  GemmPlan run = items;
+  run.output_elements = std::min(items.output_elements, window * mn);
   for (int64_t u0 = begin * r; u0 < end * r; u0 += window) {
     const int64_t u1 = std::min(end * r, u0 + window);
     // The kernel writes item u at u·M·N past its C: the scratch, moved back by u0 items
     // (an address computed as an integer: it lies before the scratch and is never read).
     const uintptr_t shift = uintptr_t(u0) * uintptr_t(mn) * kBytes;
-    if (!k.run(items, a, b, reinterpret_cast<void*>(uintptr_t(outs.get()) - shift), u0, u1)) {
+    if (!k.run(run, a, b, reinterpret_cast<void*>(uintptr_t(outs.get()) - shift), u0, u1)) {
       return false;
     }
     for (int64_t u = u0; u < u1; ++u) {
