@@ -30,13 +30,14 @@ const GemmDTypeKernels& Kernels(int d) {
 // batch) goes to the packed kernels, the only family that sums products, and they pack
 // both operands afresh for every item. Where another family takes the items themselves
 // (the stationary and dot kernels read them in place), the plan runs as those items
-// instead: a block of items at a time into a scratch that stays in cache, added into a
-// sum in the accumulation type, which goes to C once. Measured on the items written out
-// whole against the packed sum (2026-12-07, AMD EPYC Zen 4, one thread,
-// _smallmm_core.matmul of g[B, M, N] · y[B, K, N]ᵀ summed over B): float64 1.4-4.8× as
-// fast, float32 1.0-1.7×, bfloat16 2.5-4.5×, complex64 3.9-4.9× where its items leave
-// the packed kernels; summed in cache, the items gain more. A float16 / bfloat16 item is
-// rounded to its type before the sum, as the built-in rounds each product of the batch.
+// instead: a window of items at a time into a scratch that stays in cache, added into a
+// sum in the accumulation type, which goes to C once. Timed against the packed sum
+// (benchmarks/core_ab.py --grid reduce: g[B, M, N] · y[B, K, N]ᵀ summed over B, and over
+// 4 per group, M 1-160, N 8 and 32, K 3-32; 2026-12-07, AMD EPYC Zen 4, one thread),
+// median / min by dtype: float16 1.47 / 0.88, bfloat16 2.64 / 1.24, float32 1.56 / 1.01,
+// float64 2.08 / 1.03, complex64 2.02 / 1.18, complex128 1.67 / 0.96; with AVX2 2.5-4.7×
+// medians. A float16 / bfloat16 item is rounded to its type before the sum, as the
+// built-in rounds each product of the batch.
 constexpr int64_t kItemBlockBytes = 64 << 10;  // item outputs summed at a time (L2)
 
 // The items of p's reduction as a plan of their own: the reduction loop becomes the
@@ -87,13 +88,16 @@ int ItemLanes(DType dtype) {
   }
 }
 
-// Whether p of dtype d runs as its items (*items) on kernels k. float32 outputs 8 columns
-// wide (half a vector) stay on the packed sum from 8 rows up, where their items ran at
-// 0.89-0.92× of it with K = 8 and 4 items a sum, 0.90× for 8×8 with K = 32 (both the
-// row and the column kernel run half vectors there; 2026-12-07, AMD EPYC Zen 4).
+// Whether p of dtype d runs as its items (*items) on kernels k. With AVX-512, float32
+// outputs 8 columns wide (half a vector) stay on the packed sum from 8 rows up, where
+// their items ran at 0.89-0.92× of it with K = 8 and 4 items a sum, 0.90× for 8×8 with
+// K = 32 (both the row and the column kernel run half vectors there; 2026-12-07, AMD EPYC
+// Zen 4); with AVX2, a whole vector, they ran at 1.4× and more.
 bool RunsAsItems(const GemmDTypeKernels& k, DType d, const GemmPlan& p, GemmPlan* items) {
   const char* packed = k.families[k.num_families - 1];  // the family that sums
-  if (!ReductionItems() || (d == DType::kFloat && p.n == 8 && p.m >= 8)) return false;
+  const bool half_vector =
+      d == DType::kFloat && p.n == 8 && p.m >= 8 && std::strcmp(ActiveIsa(), "avx512") == 0;
+  if (!ReductionItems() || half_vector) return false;
   return ItemsPlan(p, ItemLanes(d), items) && std::strcmp(k.kernel_for(p), packed) == 0 &&
          std::strcmp(k.kernel_for(*items), packed) != 0;
 }
