@@ -52,12 +52,8 @@ ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, cons
   }
   // Whether each product's kernel could allocate its scratch, reported per product.
   std::atomic<bool> ran[2] = {{true}, {true}};
-  // Product i's plan p (or a part of it: its operands `skip` elements on) into dst.
-  auto run = [&](int i, const GemmPlan& p, void* dst, int64_t begin, int64_t end,
-                 int64_t skip_a = 0, int64_t skip_b = 0) {
-    const int64_t e = DTypeSize(dtype);
-    if (!RunBatchMatMul(dtype, p, static_cast<const char*>(products[i].a) + e * skip_a,
-                        static_cast<const char*>(products[i].b) + e * skip_b, dst, begin, end)) {
+  auto run = [&](int i, const GemmPlan& p, void* dst, int64_t begin, int64_t end) {
+    if (!RunBatchMatMul(dtype, p, products[i].a, products[i].b, dst, begin, end)) {
       ran[i].store(false, std::memory_order_relaxed);
     }
   };
@@ -122,24 +118,18 @@ ExecuteStatus ExecuteBatchMatMul(DType dtype, const Product* in, int count, cons
     const GemmPlan& plan = products[i].plan;
     void* c = products[i].c;
     // A long reduction into few outputs is split into partial sums so every thread works.
-    // The work units are the split's outputs, then the tail's (if any).
     if (parts[i] > 1) {
       const ReductionParts sp = SplitReduction(plan, parts[i]);
-      const int64_t bytes = plan.output_elements * DTypeSize(dtype);
-      char* pc = static_cast<char*>(ex.scratch(sp.partials * bytes));
+      void* pc = ex.scratch(sp.partials * plan.output_elements * DTypeSize(dtype));
       if (pc == nullptr) {
         ExecuteStatus s;
         s.error = ExecuteStatus::kPartialsScratch;
         s.product = i;
         return s;
       }
-      const int64_t head = sp.split.num_outputs;
-      const int64_t units = head + (sp.partials > parts[i] ? plan.num_outputs : 0);
-      shard(units, CostPerOutput(sp.split), TotalCost(plan), [&](int64_t begin, int64_t end) {
-        if (begin < head) run(i, sp.split, pc, begin, std::min(end, head));
-        if (end > head) {
-          run(i, sp.tail, pc + parts[i] * bytes, std::max(begin, head) - head, end - head,
-              sp.tail_a, sp.tail_b);
+      shard(sp.units, CostPerOutput(sp.split), TotalCost(plan), [&](int64_t begin, int64_t end) {
+        if (!RunReductionParts(dtype, sp, products[i].a, products[i].b, pc, begin, end)) {
+          ran[i].store(false, std::memory_order_relaxed);
         }
       });
       if (!ran[i].load()) return failed(i);

@@ -106,7 +106,7 @@ bool RunsAsItems(const GemmDTypeKernels& k, DType d, const GemmPlan& p, GemmPlan
 // running sum. This file is compiled for the baseline ISA, whose loop adds 4 float lanes
 // at a time and converts float16 bit by bit; that took longer than the float16 and
 // float32 kernels themselves on large outputs (AMD EPYC Zen 4: 0.2-0.6× the packed sum
-// for M >= 32). The AVX2 build (8 lanes, F16C conversion) runs where the CPU has it.
+// for M >= 32). The AVX2 build (8 lanes, F16C conversion) runs on the AVX2 and AVX-512 ISAs.
 // Either adds each element in item order, so both give the same sums.
 template <DType D>
 void AddItem(typename DTypeInfo<D>::Acc* sum, const typename DTypeInfo<D>::Storage* x, int64_t n) {
@@ -142,11 +142,6 @@ __attribute__((target("avx2,fma,f16c"))) void NarrowAvx2(const typename DTypeInf
   for (; e < n; ++e) x[e] = Narrow<D>(sum[e]);
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
 #endif
 
 template <DType D>
@@ -173,7 +168,9 @@ bool RunItems(const GemmDTypeKernels& k, const GemmPlan& p, const GemmPlan& item
   void (*add)(A*, const S*, int64_t) = &AddItem<D>;
   void (*narrow)(const A*, S*, int64_t) = &NarrowAll<D>;
 #if defined(__x86_64__)
-  if (HasAvx2()) {
+  // The AVX2 and AVX-512 ISAs are chosen only where the CPU has AVX2 and FMA, and their
+  // kernels are built with F16C too (setup.py ISA_FLAGS).
+  if (std::strcmp(ActiveIsa(), "baseline") != 0) {
     add = &AddItemAvx2<D>;
     narrow = &NarrowAvx2<D>;
   }

@@ -416,6 +416,7 @@ ReductionParts SplitReduction(const GemmPlan& p, int parts) {
   q.num_reduced = p.num_reduced / red.size * chunk;
   q.output_elements = p.output_elements * parts;
   r.partials = parts;
+  r.units = q.num_outputs;
   if (rest > 0) {
     r.tail = p;
     r.tail.red[0].size = rest;
@@ -423,8 +424,24 @@ ReductionParts SplitReduction(const GemmPlan& p, int parts) {
     r.tail_a = red.a * chunk * parts;
     r.tail_b = red.b * chunk * parts;
     ++r.partials;
+    r.units += p.num_outputs;
   }
   return r;
+}
+
+bool RunReductionParts(DType dtype, const ReductionParts& r, const void* a, const void* b,
+                       void* partials, int64_t begin, int64_t end) {
+  const int64_t head = r.split.num_outputs, e = DTypeSize(dtype);
+  bool ok =
+      begin >= head || RunBatchMatMul(dtype, r.split, a, b, partials, begin, std::min(end, head));
+  if (ok && end > head) {
+    // The tail's partial follows the split's (split.output_elements of them).
+    ok = RunBatchMatMul(dtype, r.tail, static_cast<const char*>(a) + e * r.tail_a,
+                        static_cast<const char*>(b) + e * r.tail_b,
+                        static_cast<char*>(partials) + e * r.split.output_elements,
+                        std::max(begin, head) - head, end - head);
+  }
+  return ok;
 }
 
 namespace {

@@ -133,13 +133,18 @@ int64_t CostPerOutput(const GemmPlan& plan);
 // sums the S mod parts items left into one more partial, its operands read from tail_a /
 // tail_b elements past A and B, its output one plan.output_elements past the others.
 // SumPartials adds the partials into the real output, elements [begin, end).
+// RunReductionParts computes work units [begin, end) of the partials (units: the split's
+// outputs, then the tail's) into `partials`; false as RunBatchMatMul.
 struct ReductionParts {
   GemmPlan split, tail;
   int64_t tail_a = 0, tail_b = 0;
-  int partials = 0;  // parts, or parts + 1 with a tail
+  int partials = 0;   // parts, or parts + 1 with a tail
+  int64_t units = 0;  // split.num_outputs, plus the tail's outputs
 };
 int SuggestReductionSplit(DType dtype, const GemmPlan& plan, int threads);
 ReductionParts SplitReduction(const GemmPlan& plan, int parts);
+bool RunReductionParts(DType dtype, const ReductionParts& parts, const void* a, const void* b,
+                       void* partials, int64_t begin, int64_t end);
 void SumPartials(DType dtype, const void* partials, int parts, int64_t n, void* out, int64_t begin,
                  int64_t end);
 

@@ -59,16 +59,9 @@ py::array MatMul(const py::array& x, const py::array& y, bool transpose_x, bool 
   {
     py::gil_scoped_release release;
     if (reduction_parts > 1) {
-      const int64_t e = smallmm::DTypeSize(dtype), bytes = plan.output_elements * e;
-      std::vector<char> partials(size_t(parts.partials * bytes));
-      ran = smallmm::RunBatchMatMul(dtype, parts.split, pa, pb, partials.data(), 0,
-                                    parts.split.num_outputs);
-      if (ran && parts.partials > reduction_parts) {
-        ran = smallmm::RunBatchMatMul(
-            dtype, parts.tail, static_cast<const char*>(pa) + e * parts.tail_a,
-            static_cast<const char*>(pb) + e * parts.tail_b,
-            partials.data() + reduction_parts * bytes, 0, plan.num_outputs);
-      }
+      std::vector<char> partials(size_t(parts.partials * plan.output_elements) *
+                                 smallmm::DTypeSize(dtype));
+      ran = smallmm::RunReductionParts(dtype, parts, pa, pb, partials.data(), 0, parts.units);
       if (ran) {
         smallmm::SumPartials(dtype, partials.data(), parts.partials, plan.output_elements, pc, 0,
                              plan.output_elements);
