@@ -429,21 +429,6 @@ ReductionParts SplitReduction(const GemmPlan& p, int parts) {
   return r;
 }
 
-bool RunReductionParts(DType dtype, const ReductionParts& r, const void* a, const void* b,
-                       void* partials, int64_t begin, int64_t end) {
-  const int64_t head = r.split.num_outputs, e = DTypeSize(dtype);
-  bool ok =
-      begin >= head || RunBatchMatMul(dtype, r.split, a, b, partials, begin, std::min(end, head));
-  if (ok && end > head) {
-    // The tail's partial follows the split's (split.output_elements of them).
-    ok = RunBatchMatMul(dtype, r.tail, static_cast<const char*>(a) + e * r.tail_a,
-                        static_cast<const char*>(b) + e * r.tail_b,
-                        static_cast<char*>(partials) + e * r.split.output_elements,
-                        std::max(begin, head) - head, end - head);
-  }
-  return ok;
-}
-
 namespace {
 // Sums in R of the partials' scalars, each read through `in` and the sum stored through `put`.
 template <typename R, typename S, typename In, typename Out>
