@@ -7,14 +7,18 @@ median of per-round ratios time(before) / time(after) (above 1: this build is
 faster) and the largest difference between the two results, relative to the largest output.
 
     cp tf_smallmm/_smallmm_core*.so /tmp/before.so  # on the earlier commit, built
-    python benchmarks/core_ab.py /tmp/before.so [--grid folded|named|reduce] [--dtypes ...]
+    python benchmarks/core_ab.py /tmp/before.so [--grid folded|named|reduce|adjoint] [--dtypes ...]
                                  [--isa avx2] [--rounds 15] [--all]
 
 `--grid folded`: x [I, M, K] · y [N, I, K, 1] (a matrix shared by N vectors, folded into N
 columns) for N = 2 and 4, M in 4..64, K in 4..24, ~2M elements; `named`: a few shapes from
 the sweep's slow rows (capsule-like folds, matvecs, transposed B); `reduce`: the gradient
-of a weight shared by a batch, g[B, M, N] · y[B, K, N]ᵀ summed over B (and over 4 per group). `--all` prints the rows
-whose family did not change too (the same kernel on both sides: a control of the noise).
+of a weight shared by a batch, g[B, M, N] · y[B, K, N]ᵀ summed over B (and over 4 per
+group); `adjoint`: the input gradient of a weight shared by a batch, W[G, M, K]ᴴ · g[Bt, G,
+M, N] (the sweep's shared grid: N = 1 with Bt = 1, 4, 16 columns folded, Bt = 4 with N = 8,
+and one W[M, K] against g[B, M, 8 or 32]). `--all` prints the rows whose family did not
+change too (the same kernel on both sides: a control of the noise, or a kernel changed
+within its family).
 """
 import argparse
 import functools
@@ -34,7 +38,8 @@ except ImportError:  # run from a source checkout with an in-place build
 from tf_smallmm.tools import sweep
 
 DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
-NAMED = [  # label, x shape, y shape, transpose_y (and the batch_shape summed to)
+NAMED = [  # label, x shape, y shape, transpose_y (and the batch_shape summed to, or the
+    # keywords of the call)
     ("A-shared (409,160,32) @ (4,409,32,1)", (409, 160, 32), (4, 409, 32, 1), False),
     ("A-shared (2048,32,32) @ (4,2048,32,1)", (2048, 32, 32), (4, 2048, 32, 1), False),
     ("A-shared (1152,16,8) @ (4,1152,8,1)", (1152, 16, 8), (4, 1152, 8, 1), False),
@@ -76,6 +81,16 @@ def cases(grid):
             yield (f"sum_4 (4,{g},{m},{n}) @ (4,{g},{k},{n})^T", (4, g, m, n), (4, g, k, n),
                    True, [g])
         return
+    if grid == "adjoint":
+        adj = {"transpose_x": True, "conjugate_x": True}  # conjugate_x: ignored for reals
+        for m, k in itertools.product((3, 8, 16, 32, 160), (3, 8, 16, 32)):
+            for bt, n in ((1, 1), (4, 1), (16, 1), (4, 8)):
+                g = max(1, 2_000_000 // (m * k + bt * m * n + bt * k * n))
+                yield (f"W ({g},{m},{k})^H @ ({bt},{g},{m},{n})", (g, m, k), (bt, g, m, n), adj)
+            for n in (8, 32):
+                b = max(1, 2_000_000 // (m * n + k * n))
+                yield f"W ({m},{k})^H @ ({b},{m},{n})", (m, k), (b, m, n), adj
+        return
     for n, m, k in itertools.product((2, 4), (4, 8, 12, 16, 24, 64), (4, 5, 8, 12, 16, 24)):
         i = max(1, 2_000_000 // (m * k + n * k))
         yield f"A-shared ({i},{m},{k}) @ ({n},{i},{k},1)", (i, m, k), (n, i, k, 1), False
@@ -84,7 +99,7 @@ def cases(grid):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("before", help="the other build's _smallmm_core shared object")
-    ap.add_argument("--grid", choices=("folded", "named", "reduce"), default="named")
+    ap.add_argument("--grid", choices=("folded", "named", "reduce", "adjoint"), default="named")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--isa", help="run both builds on this ISA's kernels (set_isa)")
     ap.add_argument("--rounds", type=int, default=15)
@@ -95,11 +110,14 @@ def main(argv=None):
         sys.exit(f"this CPU lacks {args.isa}")
     print(f"ISA {core.active_isa()}; ratio = time(before) / time(after), one thread")
     rng = np.random.default_rng(0)
-    for (label, xs, ys, tb, *batch), name in itertools.product(cases(args.grid),
-                                                               args.dtypes.split(",")):
+    for (label, xs, ys, how, *batch), name in itertools.product(cases(args.grid),
+                                                                args.dtypes.split(",")):
         dtype = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
         x, y = array(rng, xs, dtype), array(rng, ys, dtype)
-        kw = {"transpose_y": tb, "batch_shape": batch[0] if batch else None}
+        if isinstance(how, dict):
+            kw = dict(how)
+        else:
+            kw = {"transpose_y": how, "batch_shape": batch[0] if batch else None}
         fam_after, fam_before = core.kernel_for(x, y, **kw), before.kernel_for(x, y, **kw)
         if fam_after == fam_before and not args.all:
             continue
