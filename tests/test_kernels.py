@@ -673,6 +673,30 @@ def test_packed_tiles_transposed_in_registers(dtype, isa, packed_sums):
             check_exact(core.matmul(x, y, transpose_y=True), want)
 
 
+# The packed kernels with A transposed (rows contiguous: a shared weight's input gradient
+# Wᴴ·g), whose 8- and 16-row tiles pack a K step as one vector load with zero lanes past
+# the rows, and complex tiles vectorised along M (C column-major: N columns folded from a
+# batch) or along N: every M remainder, every dtype and ISA, with conjugates, summed over a
+# batch or not.
+@pytest.mark.parametrize("dtype", NP_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_packed_tiles_of_a_transposed_a_and_complex_tiles_both_ways(dtype, isa, packed_sums):
+    rng = np.random.default_rng(34)
+    conjs = (False, True) if np.issubdtype(dtype, np.complexfloating) else (False,)
+    for m, n in itertools.product((1, 2, 3, 5, 8, 9, 12, 16, 17, 20, 24, 31, 33), (1, 3, 4, 9)):
+        k = 40  # past the stationary kernels: packed
+        w, g = ints(rng, (3, k, m), dtype), ints(rng, (2, 3, k, n), dtype)
+        for conj in conjs:
+            kw = {"transpose_x": True, "conjugate_x": conj}
+            if m > 1:  # (one row of Wᵀ is contiguous along K: the dot kernel)
+                assert core.kernel_for(w, g, **kw) == "packed", (m, n)
+            check_exact(core.matmul(w, g, **kw), ref(w, g, True, conj))
+            check_exact(core.matmul(w, g, batch_shape=[], **kw),
+                        np_reduce_to(ref(w, g, True, conj), []))
+            # Row-major C, N columns contiguous: the tiles vectorise along N.
+            x, y = ints(rng, (2, m, k), dtype), ints(rng, (2, k, n + 4), dtype)
+            check_exact(core.matmul(x, y, conjugate_x=conj), ref(x, y, False, conj))
+
+
 @pytest.fixture
 def packed_sums():
     """Reductions summed on the packed kernels (not run as items) for the test."""

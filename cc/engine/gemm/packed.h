@@ -68,6 +68,24 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
       if constexpr (T::kComplex) dst[k * w + l * w + i] = sign * T::Load(x, idx + 1);
     };
     if constexpr (!T::kComplex) {
+      // Rows contiguous (a transposed A: the input gradient Wᴴ·g of a shared weight): each K
+      // step's rows are one vector load, widened for the 16-bit types, with zero lanes past
+      // the valid rows (AVX-512 masks; AVX2 moves a partial vector through the stack, which
+      // lost to the scalar loop). Element by element, float16 took 5× float32's time here.
+      if (kVecBytes == 64 && row_stride == 1 && (w == 8 || (w == 16 && sizeof(R) == 4))) {
+        const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0;
+        auto copy = [&](auto width) {
+          constexpr int W = decltype(width)::value;
+          for (int64_t l = 0; l < k; ++l)
+            StoreVec(dst + l * W, LoadLanes<D, W>(src + l * k_stride, int(valid)));
+        };
+        if (w == 16) {
+          copy(std::integral_constant<int, 16>());
+        } else {
+          copy(std::integral_constant<int, 8>());
+        }
+        continue;
+      }
       // K contiguous: a tile of 8 or 16 rows is transposed in registers (TransposeRows),
       // one vector store per K step instead of a scalar store per element, each a line
       // apart (AVX-512: a tile is one vector). The gradient g·Bᵀ of a batch of [M, 32] ·
@@ -258,15 +276,34 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   // tile size that holds the rest (M = 20 is a 16-tile and a 4-tile, not two 16-tiles).
   constexpr bool kInPlace = kPlainReal<D>;
   int mi = TileClass(p.m), ni = TileClass(p.n);
+  // The direction, chosen once: the caps below may leave the sides' lengths in the other
+  // order.
+  const bool col = ColumnMode(kTileSizes[mi], kTileSizes[ni], p.c_rs, p.c_cs);
+  {
+    // A tile's vector side is one register and its other side at most 16 lines of
+    // accumulators (8 in AVX2's and SSE's 16 registers), complex half that (two planes a
+    // line). GCC lowers wider vector types (16 doubles with AVX-512, more than 8 floats
+    // with AVX2) through the stack: broadcasts and accumulators stored and reloaded at
+    // every K step.
+    int& vec_side = col ? mi : ni;
+    int& line_side = col ? ni : mi;
+    const int lines = TileClass((kVecBytes == 64 ? 16 : 8) / kPlanes);
+    if (line_side > lines) line_side = lines;
+    // Complex tiles of up to 4 lines (3 without AVX-512) take two registers a line
+    // (MicroComplex splits them): complex128 W[1838, 32, 32]ᴴ · g[1, 1838, 32, 1] (one
+    // line) 1.3× faster than one register a line.
+    const int regs = kC && kTileSizes[line_side] <= (kVecBytes == 64 ? 4 : 3) ? 2 : 1;
+    const int lanes = TileClass(regs * kVecBytes / int(sizeof(R)));
+    if (vec_side > lanes) vec_side = lanes;
+  }
   if (kInPlace && !kC) {
     // A broadcast (scalar) side read in place takes one pointer per accumulator; when
     // its lines are pages apart (a batch folded into N or M: the capsule's du = Wᵀ·dû
     // reads 50 columns of dû 737 KB apart) 16 pointers do not fit in registers and the
     // kernel spills every step. Four (kFarScalarTile) do.
     const int cap = TileClass(kFarScalarTile);
-    const bool col0 = ColumnMode(kTileSizes[mi], kTileSizes[ni], kC, p.c_rs, p.c_cs);
-    if (col0 && !NearStride(p.b_cs) && NearStride(p.b_rs) && ni > cap) ni = cap;
-    if (!col0 && !NearStride(p.a_rs) && NearStride(p.a_cs) && mi > cap) mi = cap;
+    if (col && !NearStride(p.b_cs) && NearStride(p.b_rs) && ni > cap) ni = cap;
+    if (!col && !NearStride(p.a_rs) && NearStride(p.a_cs) && mi > cap) mi = cap;
   }
   const int mt = kTileSizes[mi], nt = kTileSizes[ni];
   const int64_t mtiles = (p.m + mt - 1) / mt, ntiles = (p.n + nt - 1) / nt;
@@ -275,7 +312,6 @@ bool RunPacked(const GemmPlan& p, const void* a, const void* b, void* c, int64_t
   const int nte = p.n % nt ? kTileSizes[TileClass(p.n % nt)] : nt;
   auto mw = [&](int64_t ti) { return ti < mfull ? mt : mte; };
   auto nw = [&](int64_t tj) { return tj < nfull ? nt : nte; };
-  const bool col = ColumnMode(mt, nt, kC, p.c_rs, p.c_cs);
   // Pack-free paths (float/double): an operand that fills its tiles exactly is read in
   // place when the micro-kernel can (vector side: contiguous lanes); a full output tile is
   // written straight to C when there is nothing to accumulate across.
