@@ -41,6 +41,22 @@ inline bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
 }
 
 // ---------------------------------------------------------------- packing
+// Runs f(std::integral_constant<int, W>()) where a tile of w rows is one AVX-512 vector of
+// accumulation scalars R (8 of them, or 16 floats), and returns whether it did: the
+// panel's vector paths below.
+template <typename R, typename F>
+bool OnOneVectorTile(int64_t w, F&& f) {
+  if (kVecBytes != 64) return false;
+  if (w == 16 && sizeof(R) == 4) {
+    f(std::integral_constant<int, 16>());
+  } else if (w == 8) {
+    f(std::integral_constant<int, 8>());
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // Packs op(X) restricted to a [rows × k] panel (rows = M for A, N for B; for B the
 // roles of the strides are swapped by the caller) into tiles [tile][l][width] (+ imag
 // plane per tile). Every tile is `tile` wide except the last, which is `edge` wide (the
@@ -72,18 +88,12 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
       // step's rows are one vector load, widened for the 16-bit types, with zero lanes past
       // the valid rows (AVX-512 masks; AVX2 moves a partial vector through the stack, which
       // lost to the scalar loop). Element by element, float16 took 5× float32's time here.
-      if (kVecBytes == 64 && row_stride == 1 && (w == 8 || (w == 16 && sizeof(R) == 4))) {
-        const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0;
-        auto copy = [&](auto width) {
-          constexpr int W = decltype(width)::value;
-          for (int64_t l = 0; l < k; ++l)
-            StoreVec(dst + l * W, LoadLanes<D, W>(src + l * k_stride, int(valid)));
-        };
-        if (w == 16) {
-          copy(std::integral_constant<int, 16>());
-        } else {
-          copy(std::integral_constant<int, 8>());
-        }
+      if (row_stride == 1 && OnOneVectorTile<R>(w, [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0;
+            for (int64_t l = 0; l < k; ++l)
+              StoreVec(dst + l * W, LoadLanes<D, W>(src + l * k_stride, int(valid)));
+          })) {
         continue;
       }
       // K contiguous: a tile of 8 or 16 rows is transposed in registers (TransposeRows),
@@ -91,23 +101,16 @@ void PackPanel(const void* x, int64_t off, int64_t rows, int64_t k, int64_t row_
       // apart (AVX-512: a tile is one vector). The gradient g·Bᵀ of a batch of [M, 32] ·
       // [32, N] products reduced over the batch packs every g[b] this way (col mode, M
       // along the vectors).
-      if (kVecBytes == 64 && !rows_inner && k_stride == 1 &&
-          (w == 8 || (w == 16 && sizeof(R) == 4))) {
-        const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0 * row_stride;
-        auto transpose = [&](auto width) {
-          constexpr int W = decltype(width)::value;
-          for (int64_t c0 = 0; c0 < k; c0 += 8) {
-            const int n = k - c0 < 8 ? int(k - c0) : 8;
-            AccVec<D, W> v[8];
-            TransposeRows<D, W>(src, row_stride, int(valid), c0, n, v);
-            for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * W, v[c]);
-          }
-        };
-        if (w == 16) {
-          transpose(std::integral_constant<int, 16>());
-        } else {
-          transpose(std::integral_constant<int, 8>());
-        }
+      if (!rows_inner && k_stride == 1 && OnOneVectorTile<R>(w, [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            const StorageOf<D>* src = static_cast<const StorageOf<D>*>(x) + off + r0 * row_stride;
+            for (int64_t c0 = 0; c0 < k; c0 += 8) {
+              const int n = k - c0 < 8 ? int(k - c0) : 8;
+              AccVec<D, W> v[8];
+              TransposeRows<D, W>(src, row_stride, int(valid), c0, n, v);
+              for (int c = 0; c < n; ++c) StoreVec(dst + (c0 + c) * W, v[c]);
+            }
+          })) {
         continue;
       }
     }
