@@ -534,6 +534,35 @@ def test_a_sweep_keeps_the_model_rows_of_other_classes_and_families(monkeypatch)
     assert got["avx512+bf16+fp16+amx"] == xeon and models["avx512+bf16"] == mine
 
 
+def test_a_sweep_saves_the_model_rows_where_refit_reads_them_whatever_out_names(
+        tmp_path, monkeypatch):
+    """--out benchmarks/SWEEP-xeon.md: the run's rows go to SWEEP-xeon.json, the model rows
+    (this class's new ones, the other classes' kept) to MODEL_ROWS, whose own run stays."""
+    import json
+
+    from tf_smallmm.tools import sweep
+
+    monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16+fp16+amx")
+    rows_file = tmp_path / "SWEEP.json"
+    monkeypatch.setattr(sweep, "MODEL_ROWS", str(rows_file))
+    amd = {"rows": [{"family": dispatch.DENSE, "fwd": 1.0}], "controls": [{"fwd": 1.0}]}
+    rows_file.write_text(json.dumps({"rows": ["amd run"], "models": {"avx512+bf16": amd}}))
+    run = {"rows": ["xeon run"], "controls": [], "roofline": []}
+    new = [{"family": dispatch.DENSE, "fwd": 2.0}]
+    sweep.save_run(str(tmp_path / "SWEEP-xeon.json"), run, (new, [{"fwd": 1.1}],
+                                                              {dispatch.DENSE}))
+    assert json.loads((tmp_path / "SWEEP-xeon.json").read_text()) == run
+    kept = json.loads(rows_file.read_text())
+    assert kept["rows"] == ["amd run"] and kept["models"] == {
+        "avx512+bf16": amd, "avx512+bf16+fp16+amx": {"rows": new, "controls": [{"fwd": 1.1}]}}
+    # Without --write-model another file's run leaves MODEL_ROWS as it was; a run written to
+    # MODEL_ROWS itself carries the model rows along.
+    sweep.save_run(str(tmp_path / "SWEEP-quick.json"), run)
+    assert json.loads(rows_file.read_text()) == kept
+    sweep.save_run(str(rows_file), run)
+    assert json.loads(rows_file.read_text()) == dict(run, models=kept["models"])
+
+
 def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
     """A row below FLOOR_TARGET is measured again (here the same op on both sides, so the
     second measurement is near 1); the first pass stays in the row and the report."""

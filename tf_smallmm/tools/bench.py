@@ -506,7 +506,7 @@ def main(argv=None):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.refit_model:
-        sweep.refit_model(os.path.join("benchmarks", "SWEEP.json"), dispatch._MODEL_PATH)
+        sweep.refit_model(sweep.MODEL_ROWS, dispatch._MODEL_PATH)
         print(f"wrote {dispatch._MODEL_PATH}")
         return
     if args.sweep:

@@ -460,6 +460,10 @@ def write_model(rows, controls, path, command, stamp=None):
         f.write("\n")
 
 
+# Where a sweep keeps the rows each CPU class's model was fitted from (saved_models).
+MODEL_ROWS = os.path.join("benchmarks", "SWEEP.json")
+
+
 def saved_models(saved):
     """{CPU class: {"rows", "controls"}}: the forced-kernel rows each class's model was
     fitted from, as a sweep's JSON keeps them (one machine's sweep must not drop another
@@ -482,6 +486,28 @@ def with_new_rows(models, rows, controls, families):
     kept = [r for r in mine["rows"] if r.get("family", dispatch.DENSE) not in families]
     return dict(models, **{dispatch.isa_class(): {
         "rows": kept + list(rows), "controls": (mine["controls"] if kept else []) + list(controls)}})
+
+
+def save_run(saved, run, new_model_rows=None):
+    """Writes a sweep's rows (`run`) to `saved`, and the model rows of every CPU class to
+    MODEL_ROWS whatever --out names (a Xeon's run writes SWEEP-xeon.json): --refit-model
+    reads them there. new_model_rows: (rows, controls, families) of a --write-model run,
+    this CPU class's rows for those families; the other classes' rows are kept."""
+    kept = {}
+    if os.path.exists(MODEL_ROWS):
+        with open(MODEL_ROWS) as f:
+            kept = json.load(f)
+    models = saved_models(kept)
+    if new_model_rows is not None:
+        models = with_new_rows(models, *new_model_rows)
+    if os.path.abspath(saved) == os.path.abspath(MODEL_ROWS):
+        run = dict(run, models=models)
+    elif new_model_rows is not None:
+        os.makedirs(os.path.dirname(MODEL_ROWS) or ".", exist_ok=True)
+        with open(MODEL_ROWS, "w") as f:
+            json.dump(dict(kept, models=models), f, indent=0)
+    with open(saved, "w") as f:
+        json.dump(run, f, indent=0)
 
 
 def refit_model(sweep_json, path):
@@ -884,15 +910,8 @@ def main(args):
     with open(out, "w") as f:
         f.write(markdown(rows, controls, roof, args, time.perf_counter() - t0,
                          os.path.basename(os.path.splitext(out)[0] + ".png")))
-    saved = os.path.splitext(out)[0] + ".json"
-    models = {}
-    if os.path.exists(saved):
-        with open(saved) as f:
-            models = saved_models(json.load(f))
-    if args.write_model:
-        models = with_new_rows(models, forced, forced_controls, measured)
-    with open(saved, "w") as f:
-        json.dump({"rows": rows, "controls": controls, "roofline": roof,
-                   "models": models}, f, indent=0)
+    save_run(os.path.splitext(out)[0] + ".json",
+             {"rows": rows, "controls": controls, "roofline": roof},
+             (forced, forced_controls, measured) if args.write_model else None)
     heatmap(rows, os.path.splitext(out)[0] + ".png")
     print(f"wrote {out}")
