@@ -70,8 +70,8 @@ def test_shared_matrix_times_vectors_asks_about_the_folded_product(monkeypatch, 
         f(w, u)
         assert [a[1:] for a in asked] == [(160, columns, 8, dispatch.FOLDED, (160, 1, 8))]
     m, x = tf.ones([16, 8]), tf.ones([batch, 8])
-    # (A batch of one shares nothing: one dense product.)
-    family = dispatch.FOLDED if batch > 1 else dispatch.DENSE
+    # (A batch of one: B shared by A's one matrix, TALL.)
+    family = dispatch.FOLDED if batch > 1 else dispatch.TALL
     for f in (smm.matvec, tf.function(smm.matvec)):
         asked.clear()
         f(m, x)
@@ -108,11 +108,11 @@ def _plain(sizes):
 
 
 @pytest.mark.parametrize("sa, sb, ta, expected", [
-    # B shared by every matrix of A: asked as the folded dense product.
-    ((131072, 4, 4), (4, 4), False, (512, 4, 4, dispatch.DENSE)),
-    ((8, 16, 4, 4), (1, 1, 4, 4), False, (512, 4, 4, dispatch.DENSE)),
-    ((7, 5, 3), (3, 2), False, (35, 2, 3, dispatch.DENSE)),
-    ((1, 4, 4), (4, 4), False, (4, 4, 4, dispatch.DENSE)),
+    # B shared by every matrix of A: one tall product (TALL, M of one matrix).
+    ((131072, 4, 4), (4, 4), False, (4, 4, 4, dispatch.TALL)),
+    ((8, 16, 4, 4), (1, 1, 4, 4), False, (4, 4, 4, dispatch.TALL)),
+    ((7, 5, 3), (3, 2), False, (5, 2, 3, dispatch.TALL)),
+    ((1, 4, 4), (4, 4), False, (4, 4, 4, dispatch.TALL)),
     # No row fold: A transposed, B not shared by all.
     ((131072, 4, 4), (4, 4), True, (4, 4, 4, dispatch.SHARED)),
     ((8, 16, 4, 4), (16, 4, 4), False, (4, 4, 4, dispatch.SHARED)),
@@ -129,18 +129,32 @@ def test_product_sizes_ask_about_the_product_the_kernels_run(sa, sb, ta, expecte
     assert _plain(linalg._product_sizes(sa, sb, ta, False)) == (expected,)
 
 
+@pytest.mark.parametrize("sa, sb, pieces", [
+    ((131072, 4, 4), (4, 4), (512, 4, 4)), ((8, 16, 4, 4), (1, 1, 4, 4), (512, 4, 4)),
+    ((7, 5, 3), (3, 2), (35, 2, 3)), ((1, 4, 4), (4, 4), (4, 4, 4)),
+    ((30011, 5, 3), (3, 3), (5, 3, 3)),  # a prime batch: pieces of one matrix
+    ((None, 4, 4), (4, 4), (dispatch.AtLeast(4), 4, 4))])
+def test_a_b_shared_by_all_gives_the_pieces_the_kernels_run_as_per_product(sa, sb, pieces):
+    """Where the model has not measured TALL, it is asked about one piece as DENSE: the
+    rows of dispatch.folded_rows (at least M where the batch is unknown)."""
+    from tf_smallmm.dropins import linalg
+
+    (size,) = linalg._product_sizes(sa, sb, False, False)
+    assert size[3] == dispatch.TALL and size[4] == pieces
+
+
 @pytest.mark.parametrize("sa, sb, ta, expected", [
-    # A batch only the run time knows: the fold (at least M rows) or not.
-    ((None, 4, 4), (4, 4), False, {(4, 4, 4, dispatch.DENSE)}),
-    ((9, None, 4), (4, 4), False, {(1, 4, 4, dispatch.DENSE)}),
+    # A batch only the run time knows: B shared by all.
+    ((None, 4, 4), (4, 4), False, {(4, 4, 4, dispatch.TALL)}),
+    ((9, None, 4), (4, 4), False, {(1, 4, 4, dispatch.TALL)}),
     # Batch axes that may or may not broadcast: every family.
     ((None, 4, 4), (None, 4, 4), False,
-     {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
+     {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED), (4, 4, 4, dispatch.TALL)}),
     ((9, 4, 4), (None, 4, 4), True, {(4, 4, 4, dispatch.DENSE), (4, 4, 4, dispatch.SHARED)}),
-    (None, (4, 4), False, {(1, 4, 4, dispatch.DENSE)}),
+    (None, (4, 4), False, {(1, 4, 4, dispatch.DENSE), (1, 4, 4, dispatch.TALL)}),
     ((4, 4), None, False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.SHARED),
-                           (4, 1, 4, dispatch.FOLDED)}),
-    ((4, 4), (None, 4, 1), False, {(4, 1, 4, dispatch.DENSE), (4, 1, 4, dispatch.FOLDED)}),
+                           (4, 1, 4, dispatch.FOLDED), (4, 1, 4, dispatch.TALL)}),
+    ((4, 4), (None, 4, 1), False, {(4, 1, 4, dispatch.TALL), (4, 1, 4, dispatch.FOLDED)}),
 ])
 def test_product_sizes_with_unknown_batches_list_every_product(sa, sb, ta, expected):
     from tf_smallmm.dropins import linalg
@@ -172,15 +186,20 @@ def test_run_time_product_is_the_static_answer(transpose_a, known):
         specs = [tf.TensorSpec([None] * len(s) if known == "rank" else None) for s in (sa, sb)]
         f = tf.function(lambda a, b: linalg._run_time_product(a, b, transpose_a, False),
                         input_signature=specs)
-        m, n, k, shared, one = (int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
+        m, n, k, shared, tall, one, rows = (
+            int(v) for v in f(tf.zeros(sa), tf.zeros(sb)))
         static = _plain(linalg._product_sizes(sa, sb, transpose_a, False))
-        family = dispatch.DENSE if not shared else \
+        family = dispatch.TALL if tall else dispatch.DENSE if not shared else \
             dispatch.FOLDED if one == 1 else dispatch.SHARED
+        assert not (shared and tall)
         assert static == ((m, n, k, family),), (sa, sb)
-        # One product's N, which a folded N stands for (per_product of dispatch.choose).
+        # One product's N, which a folded N stands for, and the rows of a tall product's
+        # pieces (per_product of dispatch.choose).
         assert one == sb[-1]
         per_product = linalg._product_sizes(sa, sb, transpose_a, False)[0][4]
-        assert per_product in (None, (sa[-1 if transpose_a else -2], 1, k)), (sa, sb)
+        assert per_product == {dispatch.FOLDED: (m, 1, k), dispatch.TALL: (rows, n, k)}.get(
+            family), (sa, sb)
+        assert rows == m or tall
         traced = linalg._product_sizes(*(tuple(s.shape) if known == "rank" else None
                                          for s in specs), transpose_a, False)
         assert any(t[3] == family and (isinstance(t[0], dispatch.AtLeast) or t[0] == m)

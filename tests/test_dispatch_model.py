@@ -117,11 +117,13 @@ def test_a_contraction_without_a_common_batch_is_asked_as_one_gemm(model, monkey
     (lambda: smm.matmul(tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "dense"),
     (lambda: smm.matmul(tf.ones([2, 3]), tf.ones([5, 3, 4])), "shared"),
     (lambda: smm.matmul(tf.ones([5, 1, 2, 3]), tf.ones([1, 6, 3, 4])), "shared"),
+    (lambda: smm.matmul(tf.ones([5, 2, 3]), tf.ones([3, 4])), "tall"),
     (lambda: smm.einsum("abc,cd->abd", tf.ones([5, 2, 3]), tf.ones([3, 4])), "dense"),
     (lambda: smm.capsule_predict(tf.ones([3, 2, 4, 5]), tf.ones([2, 3, 5])), "folded"),
     (lambda: smm.matvec(tf.ones([4, 5]), tf.ones([6, 5])), "folded"),
     (lambda: smm.einsum("bij,bjk->k", tf.ones([5, 2, 3]), tf.ones([5, 3, 4])), "shared"),
-], ids=["matmul", "matmul A shared", "matmul rank-4 broadcast", "einsum folded", "capsule",
+], ids=["matmul", "matmul A shared", "matmul rank-4 broadcast", "matmul B shared",
+        "einsum folded", "capsule",
         "matvec A shared", "einsum summed batch"])
 def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
     asked = []
@@ -148,6 +150,46 @@ def test_a_folded_family_not_measured_asks_about_one_shared_product(model):
     model({"float32": []}, families={dispatch.SHARED: {"float32": [[9, 0, 3]]}})
     assert dispatch.choose(tf.float32, 160, 50, 8, dispatch.FOLDED, (160, 1, 8)) == \
         dispatch.BUILTIN
+
+
+def test_a_tall_family_not_measured_asks_about_its_pieces_as_dense(model):
+    """B shared by 131072 matrices of 4 rows runs as 512-row pieces on the kernels:
+    without TALL cells the model is asked about one piece, DENSE (here ours up to 8 rows),
+    and with them about M of one matrix."""
+    model({"float32": M_ABOVE_8})
+    assert dispatch.choose(tf.float32, 4, 4, 4, dispatch.TALL, (512, 4, 4)) == \
+        dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 4, 4, 4, dispatch.TALL, (4, 4, 4)) == dispatch.KERNEL
+    model({"float32": M_ABOVE_8}, families={dispatch.TALL: {"float32": [[2, 2, 2]]}})
+    assert dispatch.choose(tf.float32, 4, 4, 4, dispatch.TALL, (512, 4, 4)) == \
+        dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 8, 4, 4, dispatch.TALL, (512, 4, 4)) == \
+        dispatch.KERNEL
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["dense-pieces", "tall"])
+@pytest.mark.parametrize("batch", [1, 64, 131], ids=["one", "pieces", "prime"])
+def test_b_shared_with_an_unknown_batch_takes_the_side_the_model_says(model, measured,
+                                                                      batch):
+    """[None, 4, 8] · [8, 8]: without TALL cells, the graph folds the run-time batch as
+    the kernels do and asks the dense cells (ours up to 8 rows) about one piece: the
+    built-in for 64 matrices (256 rows), ours for one or a prime batch (4-row pieces).
+    With TALL cells (here ours for M of 3-4), M decides at trace time: no branch."""
+    model({"float32": M_ABOVE_8},
+          families={dispatch.TALL: {"float32": M_ABOVE_8}} if measured else None)
+    a = random_tensor((batch, 4, 8), tf.float32, 1).numpy()
+    b = random_tensor((8, 8), tf.float32, 2).numpy()
+    feeds = [(tf.TensorSpec([None, 4, 8]), a), (tf.TensorSpec([8, 8]), b)]
+    build = _product_and_grads(smm.matmul)
+    with tf.Graph().as_default():
+        build(*[tf.compat.v1.placeholder(tf.float32, spec.shape) for spec, _ in feeds])
+        types = {op.type for op in tf.compat.v1.get_default_graph().get_operations()}
+    assert ("If" in types or "StatelessIf" in types) != measured, types
+    ran, got = ran_ops(build, feeds)
+    _, want = ran_ops(_product_and_grads(tf.linalg.matmul), feeds)
+    assert any(op.startswith("SmallMM") for op in ran) == (measured or batch != 64), ran
+    for g, x in zip(got, want):
+        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
 
 
 def test_measured_folded_cells_decide(model):
@@ -510,6 +552,23 @@ def test_refit_fits_the_saved_rows_again_and_keeps_their_stamp(tmp_path, monkeyp
         "avx512+bf16+fp16+amx": {"rows": other, "controls": controls}}}))
     with pytest.raises(SystemExit, match="no model rows for CPU class avx512"):
         sweep.refit_model(str(saved), str(path))
+
+
+def test_the_model_grids_ask_about_the_products_the_wrappers_ask_about():
+    """Each point of the sweep's TALL, SHARED and FOLDED grids is what the drop-in asks the
+    model for that case's shapes, and each TALL case runs in pieces as long as the kernels
+    make them (at least 256 rows where M·G allows)."""
+    from tf_smallmm.dropins import linalg
+    from tf_smallmm.tools import sweep
+
+    for case in sweep.tall_grid(quick=False) + sweep.shared_grid(quick=False):
+        sa, sb = case.shapes
+        (size,) = linalg._product_sizes(sa, sb, False, False)
+        assert size[3] == case.family, case.label
+        assert size[:3] == (case.point if case.family != dispatch.FOLDED else
+                            (case.point[0], dispatch.folded_columns(sb[0]), case.point[2]))
+        if case.family == dispatch.TALL:
+            assert size[4][0] >= min(256, sa[0] * sa[1]), case.label
 
 
 def test_a_sweep_keeps_the_model_rows_of_other_classes_and_families(monkeypatch):

@@ -161,11 +161,19 @@ def use_kernel(dtype):
 # that product, see folded_columns). FOLDED is apart from SHARED because the two run on
 # different kernels against different built-in paths: on a Xeon with AMX (2026-12-02)
 # bfloat16 A[G,160,8] · B[16,G,8,1] ran 4.05× tf.matmul forward, and A[G,160,8] ·
-# B[4,G,8,8], whose products are as wide, 0.79×. A family the model has not measured keeps
-# the size rule below (FOLDED: SHARED's answer for one product).
+# B[4,G,8,8], whose products are as wide, 0.79×. TALL: a B shared by every matrix of A,
+# [B, M, K] · [K, N]; the kernels run it as one [B·M, K] · [K, N] GEMM in pieces of
+# folded_rows, the built-in as one GEMM of all B·M rows, which on a Xeon with AMX ran
+# bfloat16 [8192, 16, 16] · [16, 4] at 1.2× our kernels (SWEEP-xeon.md, 2026-12-07) where
+# the DENSE cells of the 512-row pieces gave it to them. Asked with M of one matrix. A
+# family the model has not measured keeps the size rule below (FOLDED: SHARED's answer for
+# one product; TALL: DENSE's for one piece, `per_product`).
 
 KERNEL, BUILTIN, RUNTIME = "kernel", "builtin", "runtime"
-DENSE, SHARED, FOLDED = "dense", "shared", "folded"
+DENSE, SHARED, FOLDED, TALL = "dense", "shared", "folded", "tall"
+# The family a product of a family the model has not measured is asked about instead, with
+# the sizes of the product the kernels run (`per_product`).
+_UNMEASURED = {FOLDED: SHARED, TALL: DENSE}
 _MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_model.json")
 
 # CPU features that change how fast the *built-in* is for some dtype (oneDNN uses them),
@@ -362,8 +370,8 @@ def _classes(size, bounds):
 
 @functools.lru_cache(maxsize=4096)
 def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
-    if family == FOLDED and not _family_measured(dtype.name, cpu_class, family):
-        (m, n, k), family = per_product, SHARED
+    if family in _UNMEASURED and not _family_measured(dtype.name, cpu_class, family):
+        (m, n, k), family = per_product, _UNMEASURED[family]
     bounds, builtin = _table(dtype.name, cpu_class, family)
     wins = {cell not in builtin
             for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
@@ -374,7 +382,7 @@ def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
 
 def choose(dtype, m, n, k, family=DENSE, per_product=None):
     """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
-    (batched or not) of a family (DENSE, SHARED or FOLDED): each of m, n, k is an int or an
+    (batched or not) of a family (DENSE, SHARED, FOLDED or TALL): each of m, n, k is an int or an
     AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes
     unknown at trace time; the caller branches on `kernel_wins(...)` in the graph. Cheap
     after the first call for a signature (eager code asks on every call).
@@ -383,7 +391,8 @@ def choose(dtype, m, n, k, family=DENSE, per_product=None):
     Where the model has not measured FOLDED, that product is asked about as SHARED: the
     fallbacks (the size rule, the dense cells) were fitted to single products, and a
     folded capsule prediction (160×8 · 8×50) is far above the size rule's bound while each
-    of its products (160×8 · 8×1) is not."""
+    of its products (160×8 · 8×1) is not. For TALL, the (rows, N, K) of the pieces the
+    kernels run (folded_rows), asked about as DENSE where TALL was not measured."""
     if not use_kernel(dtype):
         return BUILTIN
     if everywhere():
@@ -396,8 +405,8 @@ def kernel_wins(dtype, m, n, k, family=DENSE, per_product=None):
     int32 tensors (the run-time sizes of a RUNTIME choice): whether the size classes
     they fall in are cells where our kernels win. A few small graph ops. per_product as
     in choose."""
-    if family == FOLDED and not _family_measured(dtype.name, isa_class(), family):
-        (m, n, k), family = per_product, SHARED
+    if family in _UNMEASURED and not _family_measured(dtype.name, isa_class(), family):
+        (m, n, k), family = per_product, _UNMEASURED[family]
     bounds, builtin = _table(dtype.name, isa_class(), family)
     sizes = (m, n, k)
     unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]

@@ -64,9 +64,10 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
     match. tf.linalg.matmul then runs and raises its own errors.
 
     The family is SHARED where an operand is broadcast over a batch axis, except that a B
-    shared by every matrix of A runs on the CPU kernels as one [B·M, K] · [K, N] GEMM in
-    pieces of dispatch.folded_rows, a DENSE product of that many rows (bfloat16
-    [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4: SWEEP.md), and that
+    shared by every matrix of A runs as one [B·M, K] · [K, N] GEMM: TALL, asked with M of
+    one matrix, per_product the pieces of dispatch.folded_rows the CPU kernels run it in
+    (a DENSE product of that many rows where TALL was not measured: bfloat16
+    [131072, 4, 4] · [4, 4] ran 0.65× the built-in asked as 4×4·4×4, SWEEP.md), and that
     matrix-vector products (N = 1) sharing a broadcast A run as one product with the batch
     axes A lacks as columns: FOLDED, N = dispatch.folded_columns of those axes. Unknown
     batch axes or ranks leave it to the run time: `_run_time_product` decides the same
@@ -86,48 +87,50 @@ def _product_sizes(sa, sb, transpose_a, transpose_b):
         for da, db in zip(reversed(sa[:-2]), reversed(sb[:-2])):
             if da is not None and db is not None and da != db and 1 not in (da, db):
                 return None
+    # (M, N, family, per_product's M and N or None), per product the shapes may give.
+    one_column = (m, 1)  # FOLDED's per_product: one product of N = 1
     if sa is None or sb is None or None in sa[:-2] + sb[:-2]:
         # Every product the run-time shapes may give: equal batches (DENSE), a broadcast
-        # one (SHARED; FOLDED where N may be 1), or B shared by all (DENSE, folded: at
-        # least M rows).
+        # one (SHARED; FOLDED where N may be 1), or B shared by all (TALL, in pieces of
+        # at least M rows).
         families = set()
         if sa is None or sb is None or (
                 len(sa) == len(sb) and all(None in (da, db) or da == db
                                            for da, db in zip(sa[:-2], sb[:-2]))):
-            families.add((m, n, dispatch.DENSE, False))
+            families.add((m, n, dispatch.DENSE, None))
         if transpose_a or sb is None or any(d != 1 for d in sb[:-2]):
             if n != 1:
-                families.add((m, n, dispatch.SHARED, False))
+                families.add((m, n, dispatch.SHARED, None))
             if n in (1, None):
-                families.add((m, None, dispatch.FOLDED, True))
+                families.add((m, None, dispatch.FOLDED, one_column))
         if not transpose_a and (sb is None or all(d in (1, None) for d in sb[:-2])):
-            families.add((dispatch.AtLeast(m or 1), n, dispatch.DENSE, False))
+            families.add((m, n, dispatch.TALL, (dispatch.AtLeast(m or 1), n)))
     elif len(sa) == len(sb) and sa[:-2] == sb[:-2]:
-        families = {(m, n, dispatch.DENSE, False)}
+        families = {(m, n, dispatch.DENSE, None)}
     elif not transpose_a and all(d == 1 for d in sb[:-2]):
         batch = int(np.prod(sa[:-2], dtype=np.int64))
-        families = {(None if m is None else dispatch.folded_rows(m, batch), n,
-                     dispatch.DENSE, False)}
+        families = {(m, n, dispatch.TALL,
+                     (None if m is None else dispatch.folded_rows(m, batch), n))}
     else:
         lacks = int(np.prod([db for da, db in itertools.zip_longest(
             reversed(sa[:-2]), reversed(sb[:-2]), fillvalue=1) if da == 1], dtype=np.int64))
-        families = {(m, dispatch.folded_columns(lacks), dispatch.FOLDED, True) if n == 1
-                    else (m, n, dispatch.SHARED, False)}
+        families = {(m, dispatch.folded_columns(lacks), dispatch.FOLDED, one_column)
+                    if n == 1 else (m, n, dispatch.SHARED, None)}
 
     def bound(d):
         return dispatch.AtLeast(1) if d is None else d
 
-    # (folded: FOLDED's per_product, one product of N = 1.)
     return tuple(sorted(((bound(rows), bound(cols), bound(k), family,
-                          (bound(m), 1, bound(k)) if folded else None)
-                         for rows, cols, family, folded in families), key=repr))
+                          None if per is None else (bound(per[0]), bound(per[1]), bound(k)))
+                         for rows, cols, family, per in families), key=repr))
 
 
 def _run_time_product(a, b, transpose_a, transpose_b):
-    """M, N, K and whether the product is SHARED or FOLDED, as `_product_sizes` decides
-    them from static shapes, read from a and b at run time (scalar tensors where the
-    static shapes do not know them), and the N of one product (FOLDED where it is 1 and
-    the product SHARED; N is then the folded N)."""
+    """M, N, K and the product family, as `_product_sizes` decides them from static
+    shapes, read from a and b at run time (scalar tensors where the static shapes do not
+    know them): (m, n, k, shared, tall, one, rows). shared: SHARED, or FOLDED where one
+    (the N of one product) is 1, n then the folded N; tall: TALL, rows then the rows of
+    the pieces the kernels run (else m); neither: DENSE."""
     m, n, k = _run_time_sizes(a, b, transpose_a, transpose_b)
     one = n
     # Batch axes (shape[:-2] is empty below rank 2: the branch's op raises the error).
@@ -142,12 +145,11 @@ def _run_time_product(a, b, transpose_a, transpose_b):
         n = tf.where(tf.equal(n, 1), dispatch.folded_columns(
             tf.reduce_prod(tf.where(tf.equal(pa, 1), pb, 1))), n)
     if transpose_a:
-        return m, n, k, tf.logical_not(same), one
-    fold = tf.logical_and(tf.logical_not(same), tf.reduce_all(tf.equal(bb, 1)))
-    rows = tf.cast(m, tf.int64)
-    folded = dispatch.folded_rows_at_run_time(rows, tf.reduce_prod(ba))
-    rows = tf.cast(tf.where(fold, folded, rows), tf.int32)
-    return rows, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(fold)), one
+        return m, n, k, tf.logical_not(same), tf.constant(False), one, m
+    tall = tf.logical_and(tf.logical_not(same), tf.reduce_all(tf.equal(bb, 1)))
+    rows = dispatch.folded_rows_at_run_time(tf.cast(m, tf.int64), tf.reduce_prod(ba))
+    rows = tf.cast(tf.where(tall, rows, tf.cast(m, tf.int64)), tf.int32)
+    return m, n, k, tf.logical_and(tf.logical_not(same), tf.logical_not(tall)), tall, one, rows
 
 
 def _choice(dtype, sa, sb, sizes):
@@ -261,18 +263,20 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
 
     if choice == dispatch.KERNEL:
         return ours(name)
-    m, n, k, shared, one = _run_time_product(a, b, ta, tb)
-    wins = {family: dispatch.kernel_wins(dtype, m, n, k, family, (m, one, k))
+    m, n, k, shared, tall, one, rows = _run_time_product(a, b, ta, tb)
+    per_product = {dispatch.FOLDED: (m, one, k), dispatch.TALL: (rows, n, k)}
+    wins = {family: dispatch.kernel_wins(dtype, m, n, k, family, per_product.get(family))
             for family in {size[3] for size in sizes}}
     # Where several families are possible, the run-time shapes say which.
     if dispatch.SHARED in wins and dispatch.FOLDED in wins:
         wins[dispatch.SHARED] = tf.where(tf.equal(one, 1), wins.pop(dispatch.FOLDED),
                                          wins[dispatch.SHARED])
-    if len(wins) > 1:
-        broadcast = wins.get(dispatch.SHARED, wins.get(dispatch.FOLDED))
-        wins = {dispatch.DENSE: tf.where(shared, broadcast, wins[dispatch.DENSE])}
-    wins = wins.popitem()[1]
-    return tf.cond(wins, ours, fallback, name=name)
+    broadcast = wins.pop(dispatch.SHARED, wins.pop(dispatch.FOLDED, None))
+    win = wins.pop(dispatch.DENSE, None)
+    for flag, other in ((tall, wins.pop(dispatch.TALL, None)), (shared, broadcast)):
+        if other is not None:
+            win = other if win is None else tf.where(flag, other, win)
+    return tf.cond(win, ours, fallback, name=name)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,

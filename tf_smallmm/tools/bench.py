@@ -482,9 +482,9 @@ def main(argv=None):
     p.add_argument("--write-model", action="store_true",
                    help="with --sweep: first measure our kernels on the model grid and "
                    "rewrite the dispatch model for this CPU class")
-    p.add_argument("--family", choices=["dense", "shared"], default=None,
+    p.add_argument("--family", choices=["dense", "shared", "tall"], default=None,
                    help="with --write-model: measure and refit only this grid (shared: "
-                   "the SHARED and FOLDED families)")
+                   "the SHARED and FOLDED families; tall: B shared by every matrix of A)")
     p.add_argument("--refit-model", action="store_true",
                    help="fit the dispatch model for this CPU class again from the rows of "
                    "the last --write-model run (benchmarks/SWEEP.json), measuring nothing")

@@ -17,7 +17,7 @@ sides directly. Controls time the built-in against itself
     python -m tf_smallmm.bench --sweep --write-model  # first measures our kernels on the
         # model grid (forced, kernels_everywhere), rewrites tf_smallmm/_core/
         # dispatch_model.json for this CPU class, then sweeps with the new model
-        # (--family dense | shared: that product family's grid only)
+        # (--family dense | shared | tall: that product family's grid only)
 """
 
 import dataclasses
@@ -155,6 +155,32 @@ def shared_grid(quick):
         out += [shared_case(m, n, k, dtype, False, one=True) for m in ms for k in ks
                 for n in ([8] if quick else [8, 32])]
     return out
+
+
+def tall_case(m, n, k, dtype):
+    """A[G, M, K] · B[K, N], B shared by every matrix of A: a point (M, N, K) of the model's
+    TALL family (one [G·M, K] · [K, N] GEMM for the built-in, pieces of up to
+    dispatch.MAX_FOLDED_ROWS rows for the kernels). G a power of two, so that the pieces
+    are as long as the kernels make them (M times the largest divisor of G that fits)."""
+    groups = 1 << int(np.log2(_batch(m * k, m * n)))
+    a_shape, b_shape = (groups, m, k), (k, n)
+    return Case("tall grid", f"matmul B shared {a_shape} @ {b_shape}", dtype, smm.matmul,
+                tf.linalg.matmul, (a_shape, b_shape), point=(m, n, k), family=dispatch.TALL,
+                one_sided=True)
+
+
+def tall_grid(quick):
+    """The model grid of the TALL family, for every dtype."""
+    ms = [1, 4, 16] if quick else [1, 3, 4, 8, 16, 32]
+    ks = [3, 8, 32] if quick else [3, 8, 16, 32]
+    ns = [1, 8, 32] if quick else [1, 4, 16, 32]
+    # And beyond the small sizes, where the built-in's one GEMM takes over: without them the
+    # fit extended the 32s' cells to every larger size (float32 [B, 128, 512] · [512, 512]
+    # to our kernels), and without the M = 1 ones the M = 1, N = K = 32 cell to N = K = 512.
+    big = [(1, 64, 64), (1, 512, 512), (4, 64, 64), (64, 64, 64), (128, 128, 128),
+           (4096, 8, 8), (16, 256, 256), (1024, 512, 512)]
+    points = [(m, n, k) for m in ms for k in ks for n in ns] + (big[3:6] if quick else big)
+    return [tall_case(m, n, k, dtype) for dtype in DTYPES for m, n, k in points]
 
 
 def variants(quick):
@@ -874,7 +900,8 @@ def main(args):
     rounds = args.repeats or (7 if args.quick else 11)
     family = getattr(args, "family", None) or "all"
     model_grid = (grid(args.quick) if family in ("all", dispatch.DENSE) else []) + \
-        (shared_grid(args.quick) if family in ("all", dispatch.SHARED) else [])
+        (shared_grid(args.quick) if family in ("all", dispatch.SHARED) else []) + \
+        (tall_grid(args.quick) if family in ("all", dispatch.TALL) else [])
     measured = {r.family for r in model_grid}
     if args.only:
         model_grid = [c for c in model_grid if args.only in c.label]
