@@ -643,6 +643,7 @@ def test_the_sweep_measures_rows_below_the_target_again_and_reports_both():
     text = sweep.markdown(rows, [], [], args, 60.0, "x.png")
     assert "1 cases below 0.95 were measured again" in text
     assert "| 0.50 |" in text  # the first pass's worst ratio
+    assert "](x.png)" in text and "![" not in sweep.markdown(rows, [], [], args, 60.0, None)
 
 
 def test_the_sweep_times_each_gradient_alone_where_an_operand_is_a_weight():

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import time
 from typing import Callable
 
@@ -715,11 +716,12 @@ def markdown(rows, controls, roof, args, seconds, image):
     rechecked = [r for r in cases if "first" in r]
     on_ours = [r for r in cases if r.get("kernel") or r.get("branch")]
     same_ops = [r for r in cases if "kernel" in r and not (r["kernel"] or r["branch"])]
-    # The command as run: --family leaves the other family's grid out of the tables.
-    family = getattr(args, "family", None)
+    # The command as run: --family and --only leave cases out of the tables.
+    family, only, out = (getattr(args, a, None) for a in ("family", "only", "out"))
     cmd = "python -m tf_smallmm.bench --sweep" + (" --quick" if args.quick else "") + \
         (" --write-model" if getattr(args, "write_model", False) else "") + \
-        (f" --family {family}" if family else "")
+        (f" --family {family}" if family else "") + \
+        (f" --only {shlex.quote(only)}" if only else "") + (f" --out {out}" if out else "")
     lines = [
         "# Sweep: every drop-in against the built-in it replaces",
         "",
@@ -748,8 +750,7 @@ def markdown(rows, controls, roof, args, seconds, image):
          f"sides: noise), {sum('kernel' not in r and r in below for r in cases)} of the "
          f"{sum('kernel' not in r for r in cases)} eager calls."),
         "",
-        f"![speed-up heatmaps]({image})",
-        "",
+        *([f"![speed-up heatmaps]({image})", ""] if image else []),
         "## Worst cases",
         "",
         TABLE_HEAD,
@@ -803,7 +804,8 @@ def _model_stamp():
 
 def heatmap(rows, path):
     """Speed-up of the wrapper over M×K, one panel per (dtype, N): the worse of forward
-    and forward+backward, on a log colour scale centred on 1."""
+    and forward+backward, on a log colour scale centred on 1. Whether it drew one (rows
+    of the dense grid, and matplotlib)."""
     try:
         import matplotlib
 
@@ -812,13 +814,13 @@ def heatmap(rows, path):
         from matplotlib.colors import LogNorm
     except ImportError:
         print("matplotlib not installed: no heatmap")
-        return
+        return False
     grid_rows = [r for r in rows if r.get("point") and max(r["point"]) <= max(SIZES)
                  and r.get("family", dispatch.DENSE) == dispatch.DENSE]
     panels = sorted({(r["dtype"], r["point"][1]) for r in grid_rows},
                     key=lambda p: ([d.name for d in DTYPES].index(p[0]), p[1]))
     if not panels:
-        return
+        return False
     cols = max(sum(1 for p in panels if p[0] == d) for d in {p[0] for p in panels})
     dtypes = list(dict.fromkeys(p[0] for p in panels))
     fig, axes = plt.subplots(len(dtypes), cols, figsize=(3.2 * cols, 3.0 * len(dtypes)),
@@ -853,6 +855,7 @@ def heatmap(rows, path):
     fig.suptitle(f"tf_smallmm drop-ins vs TF built-ins, TF {tf.__version__}, {machine()}",
                  fontsize=9)
     fig.savefig(path, dpi=90)
+    return True
 
 
 # --------------------------------------------------------------------------- running
@@ -934,11 +937,12 @@ def main(args):
     roof = [] if args.only else roofline(rounds, args.quick)
     out = args.out or os.path.join("benchmarks", "SWEEP-quick.md" if args.quick else "SWEEP.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    image = os.path.splitext(out)[0] + ".png"
+    drawn = heatmap(rows, image)  # (a run without the dense grid has no figure)
     with open(out, "w") as f:
         f.write(markdown(rows, controls, roof, args, time.perf_counter() - t0,
-                         os.path.basename(os.path.splitext(out)[0] + ".png")))
+                         os.path.basename(image) if drawn else None))
     save_run(os.path.splitext(out)[0] + ".json",
              {"rows": rows, "controls": controls, "roofline": roof},
              (forced, forced_controls, measured) if args.write_model else None)
-    heatmap(rows, os.path.splitext(out)[0] + ".png")
     print(f"wrote {out}")
