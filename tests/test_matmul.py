@@ -247,6 +247,77 @@ def test_fallback_paths_match_builtin(case):
     np.testing.assert_allclose(f(a, b), tf.linalg.matmul(a, b, **kw), rtol=1e-6)
 
 
+# B shared by every matrix of A, on the built-in: its forward is tf.linalg.matmul's op, its
+# gradient one GEMM of A's rows stacked where TF's sums per-matrix products
+# (linalg._builtin_matmul). (A, B shapes, flags of B, whether that gradient applies.)
+TALL_BUILTIN = [((6, 1, 5), (5, 4), {}, True),  # M <= TALL_GRADIENT_MAX_M
+                ((3, 2, 7, 20), (20, 16), {}, True),  # K·N >= TALL_GRADIENT_MIN_KN
+                ((2, 6, 16), (1, 16, 16), {}, True),  # B's batch axis of 1
+                ((4, 3, 5), (1, 1, 4, 5), {"transpose_b": True}, True),  # output of B's rank
+                ((5, 2, 4), (6, 4), {"adjoint_b": True}, True),
+                ((4, 8, 16), (16, 4), {}, False)]  # M = 8, K·N = 64: TF's own gradient
+
+
+def _on_builtin(monkeypatch):
+    monkeypatch.setattr(dispatch, "choose", lambda *args, **kw: dispatch.BUILTIN)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("sa,sb,flags,folded", TALL_BUILTIN)
+def test_b_shared_builtin_gradient(monkeypatch, dtype, sa, sb, flags, folded):
+    _on_builtin(monkeypatch)
+    a, b = random_tensor(sa, dtype, 3), random_tensor(sb, dtype, 4)
+    step = tf.function(lambda a, b: _grads(smm.matmul, a, b, **flags))
+    for ours in (_grads(smm.matmul, a, b, **flags), step(a, b)):
+        theirs = _grads(tf.linalg.matmul, tf.cast(a, wide(dtype)), tf.cast(b, wide(dtype)),
+                        **flags)
+        for g, r, x in zip(ours, theirs, (a, b)):
+            assert g.shape == x.shape and g.dtype == x.dtype
+            assert_close(g, r.numpy(), dtype, np.abs(r.numpy()) * 4 + 10)
+    # The forward is the built-in's op: the same bits, eagerly and in a tf.function.
+    want = tf.linalg.matmul(a, b, **flags).numpy()
+    np.testing.assert_array_equal(smm.matmul(a, b, **flags).numpy(), want)
+    np.testing.assert_array_equal(tf.function(smm.matmul)(a, b, **flags).numpy(), want)
+    # TF's gradient sums the per-matrix products over the broadcast axes (a Sum for each
+    # operand); one GEMM does not.
+    graph = step.get_concrete_function(a, b).graph
+    sums = [op for op in graph.get_operations() if op.type == "Sum"]
+    assert len(sums) == (2 if folded else 4)  # the loss's two, and TF's
+    assert not smallmm_ops(graph)
+
+
+def test_b_shared_builtin_gradient_unknown_batch_and_second_order(monkeypatch):
+    _on_builtin(monkeypatch)
+    a, b = random_tensor((7, 2, 5), tf.float64, 1), random_tensor((5, 3), tf.float64, 2)
+    step = tf.function(lambda a, b: _grads(smm.matmul, a, b),
+                       input_signature=[tf.TensorSpec([None, 2, 5], tf.float64),
+                                        tf.TensorSpec([5, 3], tf.float64)])
+    for g, r in zip(step(a, b), _grads(tf.linalg.matmul, a, b)):
+        np.testing.assert_allclose(g, r, rtol=1e-12)
+
+    def second(fn):
+        with tf.GradientTape(persistent=True) as t2:
+            t2.watch([a, b])
+            with tf.GradientTape() as t1:
+                t1.watch([a, b])
+                y = tf.reduce_sum(fn(a, b) ** 3)
+            ga, gb = t1.gradient(y, [a, b])
+        return t2.gradient(ga, [a, b]) + t2.gradient(gb, [a, b])
+
+    for g, r in zip(second(smm.matmul), second(tf.linalg.matmul)):
+        np.testing.assert_allclose(g, r, rtol=1e-10)
+
+
+def test_b_shared_builtin_gradient_not_under_builtin_ops(monkeypatch):
+    # dispatch.builtin_ops() (and TF_SMALLMM_DISABLE) trace tf.linalg.matmul as it is.
+    _on_builtin(monkeypatch)
+    a, b = random_tensor((6, 1, 5), tf.float32, 1), random_tensor((5, 4), tf.float32, 2)
+    with dispatch.builtin_ops():
+        graph = tf.function(lambda a, b: _grads(smm.matmul, a, b)).get_concrete_function(
+            a, b).graph
+    assert len([op for op in graph.get_operations() if op.type == "Sum"]) == 4
+
+
 def test_xla_compilation_falls_back_without_the_xla_kernels(monkeypatch):
     # With them our ops compile to custom calls (tests/test_xla.py).
     monkeypatch.setattr(dispatch, "xla_compiles_kernels", lambda: False)

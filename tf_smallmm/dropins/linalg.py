@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import context
+from tensorflow.python.eager import context, record
 from tensorflow.python.framework import composite_tensor, ops
 
 from tf_smallmm._core import builtins, dispatch, engine
@@ -236,10 +236,70 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         result = None
         if output_type is None or output_type == a.dtype:
             result = on_engine(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, name=scope,
-                               fallback=lambda: builtins.matmul(a, b, **builtin_kwargs))
+                               fallback=lambda: _builtin_matmul(a, b, builtin_kwargs))
         if result is None:
-            return builtins.matmul(a, b, name=scope, **builtin_kwargs)
+            return _builtin_matmul(a, b, builtin_kwargs, name=scope)
         return result
+
+
+# Where TF's gradient of a B shared by every matrix of A is slower than one GEMM's
+# (_builtin_matmul): from K·N of TALL_GRADIENT_MIN_KN up, or M up to TALL_GRADIENT_MAX_M.
+# Below both, with long pieces of M rows, TF's own was the faster for bfloat16 and complex
+# (A[8192, 16, 16] · B[16, 4]: one GEMM 0.57-0.63× TF's sum of per-matrix products); from
+# them up one GEMM ran 1.0-245× TF's, the more the smaller M (M = 1, K = N = 256 at 44-245×)
+# — benchmarks/TALL_GRADIENT-xeon.md, python benchmarks/tall_gradient.py.
+TALL_GRADIENT_MIN_KN = 256
+TALL_GRADIENT_MAX_M = 4
+
+
+def tall_gradient_applies(m, k, n):
+    """Whether _builtin_matmul gives A[..., M, K] · B[K, N] (B shared) its one-GEMM gradient."""
+    return k * n >= TALL_GRADIENT_MIN_KN or m <= TALL_GRADIENT_MAX_M
+
+
+def _builtin_matmul(a, b, builtin_kwargs, name=None):
+    """tf.linalg.matmul(a, b, **builtin_kwargs), with one change for a B shared by every
+    matrix of A (A[..., M, K] · op(B)[K, N], B of rank 2 or batch axes of 1): its gradient.
+    TF's gradient of the broadcasting BatchMatMulV2 forms the [..., K, N] products
+    A[i]ᴴ · dC[i] of every matrix and then sums them, which for [4096, 1, 512] · [512, 512]
+    is 4 GiB of float32; this gradient is one [K, ·M] · [·M, N] GEMM of the matrices'
+    rows stacked (as TF's einsum and Keras's Dense already run such products), and dA one
+    [·M, N] · [N, K] GEMM. The forward is the built-in's own op, so results and errors stay
+    the built-in's bits; gradients agree to rounding. Where TF's own gradient was the faster
+    (tall_gradient_applies), where no tape can record (eager), and under dispatch.disabled()
+    this is tf.linalg.matmul itself."""
+    kw = builtin_kwargs
+    sa, sb = _shape(a), _shape(b)
+    if (sa is None or sb is None or len(sa) < 3 or any(d != 1 for d in sb[:-2])
+            or kw["transpose_a"] or kw["adjoint_a"] or kw["output_type"] is not None
+            or kw["grad_a"] or kw["grad_b"] or a.dtype != b.dtype
+            or not (a.dtype.is_floating or a.dtype.is_complex) or dispatch.disabled()
+            or (context.executing_eagerly() and not record.could_possibly_record())):
+        return builtins.matmul(a, b, name=name, **kw)
+    m, k = sa[-2:]
+    n = sb[-2] if kw["transpose_b"] or kw["adjoint_b"] else sb[-1]
+    if None in (m, k, n) or not tall_gradient_applies(m, k, n):
+        return builtins.matmul(a, b, name=name, **kw)
+
+    @tf.custom_gradient
+    def product(a, b):
+        def gradient(dc):
+            # The gradients of C = A · B (Bᴴ, Bᵀ) for A's rows stacked: dA = dC · Bᴴ (B, B̄)
+            # and dB = Aᴴ · dC ((Aᴴ · dC)ᴴ, its transpose).
+            a2, dc2, b2 = tf.reshape(a, [-1, k]), tf.reshape(dc, [-1, n]), tf.reshape(b, sb[-2:])
+            if kw["adjoint_b"]:
+                da, db = builtins.matmul(dc2, b2), builtins.matmul(dc2, a2, adjoint_a=True)
+            elif kw["transpose_b"]:
+                da = builtins.matmul(dc2, tf.math.conj(b2))
+                db = tf.math.conj(builtins.matmul(dc2, a2, adjoint_a=True))
+            else:
+                da, db = (builtins.matmul(dc2, b2, adjoint_b=True),
+                          builtins.matmul(a2, dc2, adjoint_a=True))
+            return tf.reshape(da, tf.shape(a)), tf.reshape(db, tf.shape(b))
+
+        return builtins.matmul(a, b, name=name, **kw), gradient
+
+    return product(a, b)
 
 
 def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoint_b=False,
