@@ -571,6 +571,41 @@ def test_the_model_grids_ask_about_the_products_the_wrappers_ask_about():
             assert size[4][0] >= min(256, sa[0] * sa[1]), case.label
 
 
+def test_tall_model_rows_are_measured_against_the_wrappers_builtin_side(monkeypatch):
+    """Where the drop-in's built-in side of a TALL product is not tf.linalg.matmul (its
+    one-GEMM gradient), the model's forced rows are measured against that side, and the
+    table's rows against tf.linalg.matmul."""
+    from tf_smallmm.dropins import linalg
+    from tf_smallmm.tools import sweep
+
+    cases = sweep.tall_grid(quick=False)
+    for case in cases:
+        m, n, k = case.point
+        assert (case.model_builtin is not None) == linalg.tall_gradient_applies(m, k, n)
+        assert case.builtin is tf.linalg.matmul
+    assert {c.model_builtin is None for c in cases} == {True, False}
+    seen = []
+    monkeypatch.setattr(sweep, "paired", lambda ours, base, args, rounds: (
+        seen.append(base.python_function) or (1.0, 1.0, 1.0)))
+    monkeypatch.setattr(sweep, "_uses_kernel", lambda fwd, args: (True, False))
+    case = sweep.tall_case(1, 4, 3, tf.float32)
+    for model, want in ((True, sweep._builtin_side), (False, tf.linalg.matmul)):
+        seen.clear()
+        sweep.measure(case, 1, model)
+        assert seen[0] is want and len(seen) == 4
+    # The built-in side is tf.linalg.matmul's forward and the one-GEMM gradient.
+    a, b = sweep._tensor((64, 1, 3), tf.float64, 1), sweep._tensor((3, 4), tf.float64, 2)
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y = sweep._builtin_side(a, b)
+    np.testing.assert_array_equal(y, tf.linalg.matmul(a, b))
+    with tf.GradientTape() as tape2:
+        tape2.watch([a, b])
+        want = tf.linalg.matmul(a, b)
+    for g, r in zip(tape.gradient(y, [a, b]), tape2.gradient(want, [a, b])):
+        np.testing.assert_allclose(g, r, rtol=1e-12)
+
+
 def test_a_sweep_keeps_the_model_rows_of_other_classes_and_families(monkeypatch):
     from tf_smallmm.tools import sweep
 

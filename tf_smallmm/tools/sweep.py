@@ -35,6 +35,7 @@ import tensorflow as tf
 
 import tf_smallmm as smm
 from tf_smallmm._core import dispatch, loader
+from tf_smallmm.dropins import linalg
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128]
 SIZES = [1, 2, 3, 4, 5, 7, 8, 12, 16, 20, 24, 32]
@@ -67,6 +68,9 @@ class Case:
     eager: bool = False
     grads: bool = True
     one_sided: bool = False  # also time the gradient of each operand alone
+    # What the model's forced-kernel row is measured against where the wrapper's built-in
+    # side is not `builtin` itself (None: it is).
+    model_builtin: Callable = None
 
 
 def _tensor(shape, dtype, seed):
@@ -103,7 +107,7 @@ def grid(quick):
     for dtype in DTYPES:
         if dtype == tf.float32:
             mk = [1, 3, 8, 16, 24, 32] if quick else [1, 2, 3, 4, 5, 7, 8, 12, 16, 20, 24, 32]
-            ns = [1, 8, 32] if quick else [1, 4, 16, 32]
+            ns = [1, 8, 32] if quick else [1, 4, 8, 16, 32]
         else:
             mk = [1, 3, 8, 32] if quick else [1, 3, 4, 8, 16, 32]
             ns = [1, 8, 32]
@@ -165,16 +169,27 @@ def tall_case(m, n, k, dtype):
     are as long as the kernels make them (M times the largest divisor of G that fits)."""
     groups = 1 << int(np.log2(_batch(m * k, m * n)))
     a_shape, b_shape = (groups, m, k), (k, n)
+    # The kernels lose to the wrapper's built-in side, whose gradient is one GEMM where
+    # TF's sums per-matrix products (linalg._builtin_matmul): the model measures them
+    # against it, the table the wrapper against tf.linalg.matmul.
+    side = _builtin_side if linalg.tall_gradient_applies(m, k, n) else None
     return Case("tall grid", f"matmul B shared {a_shape} @ {b_shape}", dtype, smm.matmul,
                 tf.linalg.matmul, (a_shape, b_shape), point=(m, n, k), family=dispatch.TALL,
-                one_sided=True)
+                one_sided=True, model_builtin=side)
+
+
+def _builtin_side(a, b):
+    """smm.matmul(a, b) where the dispatch model sends the product to the built-in."""
+    flags = ("transpose_a", "transpose_b", "adjoint_a", "adjoint_b", "a_is_sparse",
+             "b_is_sparse", "grad_a", "grad_b")
+    return linalg._builtin_matmul(a, b, dict.fromkeys(flags, False) | {"output_type": None})
 
 
 def tall_grid(quick):
     """The model grid of the TALL family, for every dtype."""
     ms = [1, 4, 16] if quick else [1, 3, 4, 8, 16, 32]
     ks = [3, 8, 32] if quick else [3, 8, 16, 32]
-    ns = [1, 8, 32] if quick else [1, 4, 16, 32]
+    ns = [1, 8, 32] if quick else [1, 4, 8, 16, 32]
     # And beyond the small sizes, where the built-in's one GEMM takes over: without them the
     # fit extended the 32s' cells to every larger size (float32 [B, 128, 512] · [512, 512]
     # to our kernels), and without the M = 1 ones the M = 1, N = K = 32 cell to N = K = 512.
@@ -361,8 +376,11 @@ def _uses_kernel(fwd, args):
     return any(n.startswith("SmallMM") for n in names), "If" in names or "StatelessIf" in names
 
 
-def measure(case, rounds):
-    """The case's row: ratios forward / forward+backward (or eager), times, kernel use."""
+def measure(case, rounds, model=False):
+    """The case's row: ratios forward / forward+backward (or eager), times, kernel use.
+    model: a forced-kernel row of the model, against case.model_builtin where it has one."""
+    if model and case.model_builtin is not None:
+        case = dataclasses.replace(case, builtin=case.model_builtin)
     a, b = _tensor(case.shapes[0], case.dtype, 1), _tensor(case.shapes[1], case.dtype, 2)
     row = {"group": case.group, "case": case.label, "dtype": case.dtype.name,
            "point": case.point, "family": case.family}
@@ -860,13 +878,13 @@ def heatmap(rows, path):
 
 # --------------------------------------------------------------------------- running
 
-def run_cases(cases, rounds, controls_every=0, reuse=None):
+def run_cases(cases, rounds, controls_every=0, reuse=None, model=False):
     """Rows and control rows of `cases`; a case in `reuse` (by label and dtype) takes that
-    row instead of being measured again."""
+    row instead of being measured again. model: the model's forced-kernel rows (measure)."""
     rows, controls = [], []
     for i, case in enumerate(cases):
         try:
-            r = (reuse or {}).get((case.label, case.dtype.name)) or measure(case, rounds)
+            r = (reuse or {}).get((case.label, case.dtype.name)) or measure(case, rounds, model)
         except (tf.errors.OpError, ValueError, TypeError) as e:
             print(f"  {case.label} ({case.dtype.name}): skipped ({type(e).__name__}: {e})")
             continue
@@ -913,7 +931,8 @@ def main(args):
         print("model grid, our kernels forced:", flush=True)
         with dispatch.kernels_everywhere():
             forced, forced_controls = run_cases(model_grid, rounds,
-                                                controls_every=25 if args.quick else 40)
+                                                controls_every=25 if args.quick else 40,
+                                                model=True)
         path = dispatch._MODEL_PATH
         write_model(forced, forced_controls, path,
                     "python -m tf_smallmm.bench --sweep --write-model"
@@ -923,10 +942,12 @@ def main(args):
         dispatch._table.cache_clear()
         dispatch._model_choice.cache_clear()
         print(f"wrote {path}", flush=True)
-        # Where the new model keeps our kernels, the wrapper runs what was just measured.
+        # Where the new model keeps our kernels, the wrapper runs what was just measured
+        # (against what the table compares with: not where that was model_builtin).
+        apart = {(c.label, c.dtype.name) for c in model_grid if c.model_builtin is not None}
         reuse = {(r["case"], r["dtype"]): r for r in forced
                  if dispatch.choose(tf.as_dtype(r["dtype"]), *r["point"], r["family"])
-                 == dispatch.KERNEL}
+                 == dispatch.KERNEL and (r["case"], r["dtype"]) not in apart}
     cases = model_grid + variants(args.quick) + equations(args.quick) + \
         unknown_batch(args.quick) + eager_cases()
     if args.only:
