@@ -1,5 +1,5 @@
 """The gradient of a B shared by every matrix of A on the built-in side: the drop-in's
-built-in path (`tf_smallmm.dropins.linalg._builtin_matmul`, what `smm.matmul` runs for
+built-in path (`tf_smallmm.dropins.linalg.builtin_matmul`, what `smm.matmul` runs for
 A[G, M, K] · B[K, N] where the dispatch model sends the product to the built-in) against
 tf.linalg.matmul, with the model forced to the built-in for every product.
 

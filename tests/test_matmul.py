@@ -249,7 +249,7 @@ def test_fallback_paths_match_builtin(case):
 
 # B shared by every matrix of A, on the built-in: its forward is tf.linalg.matmul's op, its
 # gradient one GEMM of A's rows stacked where TF's sums per-matrix products
-# (linalg._builtin_matmul). (A, B shapes, flags of B, whether that gradient applies.)
+# (linalg.builtin_matmul). (A, B shapes, flags of B, whether that gradient applies.)
 TALL_BUILTIN = [((6, 1, 5), (5, 4), {}, True),  # M <= TALL_GRADIENT_MAX_M
                 ((3, 2, 7, 20), (20, 16), {}, True),  # K·N >= TALL_GRADIENT_MIN_KN
                 ((2, 6, 16), (1, 16, 16), {}, True),  # B's batch axis of 1

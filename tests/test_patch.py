@@ -206,6 +206,34 @@ def test_the_at_operator_eagerly_and_on_variables():
                                        rtol=1e-6)
 
 
+def test_the_at_operator_of_a_shared_weight_on_the_builtin_takes_one_gemm_gradient(
+        monkeypatch):
+    # x[B, T, D] @ W[D, D] sent to the built-in: tf.matmul's forward, the one-GEMM gradient
+    # (linalg.builtin_matmul) for the weight, as smm.matmul gives it.
+    from tf_smallmm._core import dispatch
+
+    monkeypatch.setattr(dispatch, "choose", lambda *args, **kw: dispatch.BUILTIN)
+    x, w = random_tensor([6, 5, 16], tf.float64, 1), tf.Variable(random_tensor([16, 16],
+                                                                               tf.float64, 2))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = x @ w
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, w)
+
+    want = step(x)
+    with smm.patched():
+        graph_step = tf.function(step)
+        for got in (step(x), graph_step(x)):
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+        ops = graph_step.get_concrete_function(x).graph.get_operations()
+    assert [op.type for op in ops].count("Sum") == 1  # the loss's: no sum over the batch
+    assert "BatchMatMulV2" in [op.type for op in ops] and not smallmm_ops(
+        graph_step.get_concrete_function(x))
+
+
 # ------------------------------------------------------------------ stock Keras layers
 
 def _keras3_mha(seed=0):

@@ -236,28 +236,56 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
         result = None
         if output_type is None or output_type == a.dtype:
             result = on_engine(a, b, transpose_a, adjoint_a, transpose_b, adjoint_b, name=scope,
-                               fallback=lambda: _builtin_matmul(a, b, builtin_kwargs))
+                               fallback=lambda: builtin_matmul(a, b, builtin_kwargs))
         if result is None:
-            return _builtin_matmul(a, b, builtin_kwargs, name=scope)
+            return builtin_matmul(a, b, builtin_kwargs, name=scope)
         return result
 
 
 # Where TF's gradient of a B shared by every matrix of A is slower than one GEMM's
-# (_builtin_matmul): from K·N of TALL_GRADIENT_MIN_KN up, or M up to TALL_GRADIENT_MAX_M.
+# (builtin_matmul): from K·N of TALL_GRADIENT_MIN_KN up, or M up to TALL_GRADIENT_MAX_M.
 # Below both, with long pieces of M rows, TF's own was the faster for bfloat16 and complex
-# (A[8192, 16, 16] · B[16, 4]: one GEMM 0.57-0.63× TF's sum of per-matrix products); from
-# them up one GEMM ran 1.0-245× TF's, the more the smaller M (M = 1, K = N = 256 at 44-245×)
-# — benchmarks/TALL_GRADIENT-xeon.md, python benchmarks/tall_gradient.py.
+# (dB of A[8192, 16, 16] · B[16, 4] alone: one GEMM 0.57-0.63× TF's sum of per-matrix
+# products; Xeon with AMX, 2026-12-07); from them up the forward with both gradients ran
+# 1.02-226× tf.linalg.matmul's, the more the smaller M (M = 1, K = N = 512 at 11-226×),
+# benchmarks/TALL_GRADIENT-xeon.md (python benchmarks/tall_gradient.py).
 TALL_GRADIENT_MIN_KN = 256
 TALL_GRADIENT_MAX_M = 4
 
 
 def tall_gradient_applies(m, k, n):
-    """Whether _builtin_matmul gives A[..., M, K] · B[K, N] (B shared) its one-GEMM gradient."""
+    """Whether builtin_matmul gives A[..., M, K] · B[K, N] (B shared) its one-GEMM gradient."""
     return k * n >= TALL_GRADIENT_MIN_KN or m <= TALL_GRADIENT_MAX_M
 
 
-def _builtin_matmul(a, b, builtin_kwargs, name=None):
+# tf.linalg.matmul's flags at their defaults (`a @ b`).
+MATMUL_DEFAULTS = {"transpose_a": False, "transpose_b": False, "adjoint_a": False,
+                   "adjoint_b": False, "a_is_sparse": False, "b_is_sparse": False,
+                   "output_type": None, "grad_a": False, "grad_b": False}
+
+
+def one_gemm_gradient(a, b, builtin_kwargs=MATMUL_DEFAULTS):
+    """(K, N) where builtin_matmul gives tf.linalg.matmul(a, b, **builtin_kwargs) the
+    gradient of one GEMM: A[..., M, K] · op(B)[K, N] of a float or complex dtype with B
+    of rank 2 or batch axes of 1, A not transposed, M, K, N static and within
+    tall_gradient_applies, a tape that may record, not under dispatch.disabled(); else None."""
+    kw = builtin_kwargs
+    sa, sb = _shape(a), _shape(b)
+    if (sa is None or sb is None or len(sa) < 3 or any(d != 1 for d in sb[:-2])
+            or kw["transpose_a"] or kw["adjoint_a"] or kw["output_type"] is not None
+            or kw["grad_a"] or kw["grad_b"] or kw["a_is_sparse"] or kw["b_is_sparse"]
+            or a.dtype != b.dtype or not (a.dtype.is_floating or a.dtype.is_complex)
+            or dispatch.disabled()
+            or (context.executing_eagerly() and not record.could_possibly_record())):
+        return None
+    m, k = sa[-2:]
+    n = sb[-2] if kw["transpose_b"] or kw["adjoint_b"] else sb[-1]
+    if None in (m, k, n) or not tall_gradient_applies(m, k, n):
+        return None
+    return k, n
+
+
+def builtin_matmul(a, b, builtin_kwargs=MATMUL_DEFAULTS, name=None):
     """tf.linalg.matmul(a, b, **builtin_kwargs), with one change for a B shared by every
     matrix of A (A[..., M, K] · op(B)[K, N], B of rank 2 or batch axes of 1): its gradient.
     TF's gradient of the broadcasting BatchMatMulV2 forms the [..., K, N] products
@@ -267,26 +295,20 @@ def _builtin_matmul(a, b, builtin_kwargs, name=None):
     [·M, N] · [N, K] GEMM. The forward is the built-in's own op, so results and errors stay
     the built-in's bits; gradients agree to rounding. Where TF's own gradient was the faster
     (tall_gradient_applies), where no tape can record (eager), and under dispatch.disabled()
-    this is tf.linalg.matmul itself."""
+    (one_gemm_gradient) this is tf.linalg.matmul itself."""
     kw = builtin_kwargs
-    sa, sb = _shape(a), _shape(b)
-    if (sa is None or sb is None or len(sa) < 3 or any(d != 1 for d in sb[:-2])
-            or kw["transpose_a"] or kw["adjoint_a"] or kw["output_type"] is not None
-            or kw["grad_a"] or kw["grad_b"] or a.dtype != b.dtype
-            or not (a.dtype.is_floating or a.dtype.is_complex) or dispatch.disabled()
-            or (context.executing_eagerly() and not record.could_possibly_record())):
+    sizes = one_gemm_gradient(a, b, kw)
+    if sizes is None:
         return builtins.matmul(a, b, name=name, **kw)
-    m, k = sa[-2:]
-    n = sb[-2] if kw["transpose_b"] or kw["adjoint_b"] else sb[-1]
-    if None in (m, k, n) or not tall_gradient_applies(m, k, n):
-        return builtins.matmul(a, b, name=name, **kw)
+    k, n = sizes
 
     @tf.custom_gradient
     def product(a, b):
         def gradient(dc):
             # The gradients of C = A · B (Bᴴ, Bᵀ) for A's rows stacked: dA = dC · Bᴴ (B, B̄)
             # and dB = Aᴴ · dC ((Aᴴ · dC)ᴴ, its transpose).
-            a2, dc2, b2 = tf.reshape(a, [-1, k]), tf.reshape(dc, [-1, n]), tf.reshape(b, sb[-2:])
+            a2, dc2 = tf.reshape(a, [-1, k]), tf.reshape(dc, [-1, n])
+            b2 = tf.reshape(b, tf.shape(b)[-2:])
             if kw["adjoint_b"]:
                 da, db = builtins.matmul(dc2, b2), builtins.matmul(dc2, a2, adjoint_a=True)
             elif kw["transpose_b"]:

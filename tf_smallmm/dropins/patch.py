@@ -60,8 +60,12 @@ def _matmul_operator(a, b):
     if a is None or b is None:
         return None
     with ops.name_scope(None, "matmul", [a, b]) as scope:
-        # (`a @ b` of two dense tensors is tf.matmul(a, b): the run-time branch's other side.)
-        return linalg.on_engine(a, b, name=scope, fallback=lambda: builtins.matmul(a, b))
+        # (`a @ b` of two dense tensors is tf.matmul(a, b): the run-time branch's other side,
+        # and where it goes to the built-in with the gradient of one GEMM, what runs.)
+        result = linalg.on_engine(a, b, name=scope, fallback=lambda: linalg.builtin_matmul(a, b))
+        if result is None and linalg.one_gemm_gradient(a, b):
+            result = linalg.builtin_matmul(a, b, name=scope)
+        return result
 
 
 def _operator(original, reflected):
