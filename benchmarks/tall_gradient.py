@@ -5,7 +5,7 @@ tf.linalg.matmul, with the model forced to the built-in for every product.
 
 TF's gradient of the broadcasting BatchMatMulV2 forms the [G, K, N] products A[i]ᴴ · dC[i]
 and sums them; the drop-in's is one [K, G·M] · [G·M, N] GEMM where that was the faster
-(linalg.TALL_GRADIENT_MIN_KN / TALL_GRADIENT_MAX_M), else TF's own. Each row times both
+(linalg.tall_gradient_applies), else TF's own. Each row times both
 sides as the sweep does (`sweep.paired`: both in tf.function, interleaved rounds, median of
 per-round ratios tf.linalg.matmul / drop-in, above 1 the drop-in is faster): forward (the
 same op on both sides, a control of the noise), forward with dB only (a frozen A or a
@@ -34,8 +34,9 @@ from tf_smallmm.tools import sweep
 # (M, K, N): both sides of the rule's bounds, matrix-vector products, and the [G, T, D] ·
 # [D, D] of a transformer's projections written with tf.matmul.
 POINTS = [(1, 8, 8), (1, 32, 32), (1, 64, 64), (1, 256, 256), (1, 512, 512), (3, 3, 1),
-          (4, 8, 8), (4, 16, 16), (8, 8, 8), (16, 16, 4), (8, 32, 1), (16, 32, 32),
-          (8, 64, 64), (64, 64, 64), (16, 128, 128), (128, 128, 128), (128, 512, 512)]
+          (4, 8, 8), (4, 16, 16), (8, 8, 8), (16, 16, 4), (8, 32, 1), (32, 32, 8),
+          (16, 32, 32), (8, 64, 64), (64, 64, 64), (16, 128, 128), (128, 128, 128),
+          (128, 512, 512)]
 # TF's gradient materialises G·K·N elements: at most this many bytes of them.
 MATERIALISED_MAX = 1 << 31
 
@@ -70,8 +71,8 @@ def markdown(rows, args, seconds):
              "built-in (median of per-round ratios, paired and interleaved; above 1 the "
              "drop-in is faster). *one GEMM*: the drop-in's gradient is one "
              "[K, G·M] · [G·M, N] GEMM for dB (yes) or TF's own (no, where TF's was the "
-             f"faster: K·N < {linalg.TALL_GRADIENT_MIN_KN} and M > "
-             f"{linalg.TALL_GRADIENT_MAX_M}). The forward is the same op on both sides: its "
+             f"faster: M > {linalg.TALL_GRADIENT_MAX_M} with N < M or K·N < "
+             f"{linalg.TALL_GRADIENT_MIN_KN}). The forward is the same op on both sides: its "
              "column is the noise."),
              "",
              "| A · B | dtype | one GEMM | fwd | fwd + dB | fwd + dA + dB | ms (drop-in / TF) |",

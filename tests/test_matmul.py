@@ -251,11 +251,12 @@ def test_fallback_paths_match_builtin(case):
 # gradient one GEMM of A's rows stacked where TF's sums per-matrix products
 # (linalg.builtin_matmul). (A, B shapes, flags of B, whether that gradient applies.)
 TALL_BUILTIN = [((6, 1, 5), (5, 4), {}, True),  # M <= TALL_GRADIENT_MAX_M
-                ((3, 2, 7, 20), (20, 16), {}, True),  # K·N >= TALL_GRADIENT_MIN_KN
+                ((3, 2, 7, 20), (20, 16), {}, True),  # N >= M, K·N >= TALL_GRADIENT_MIN_KN
                 ((2, 6, 16), (1, 16, 16), {}, True),  # B's batch axis of 1
                 ((4, 3, 5), (1, 1, 4, 5), {"transpose_b": True}, True),  # output of B's rank
                 ((5, 2, 4), (6, 4), {"adjoint_b": True}, True),
-                ((4, 8, 16), (16, 4), {}, False)]  # M = 8, K·N = 64: TF's own gradient
+                ((4, 8, 16), (16, 4), {}, False),  # M = 8, K·N = 64: TF's own gradient
+                ((3, 32, 32), (32, 8), {}, False)]  # N < M: TF's own gradient
 
 
 def _on_builtin(monkeypatch):

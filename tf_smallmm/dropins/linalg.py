@@ -243,19 +243,22 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
 
 
 # Where TF's gradient of a B shared by every matrix of A is slower than one GEMM's
-# (builtin_matmul): from K·N of TALL_GRADIENT_MIN_KN up, or M up to TALL_GRADIENT_MAX_M.
-# Below both, with long pieces of M rows, TF's own was the faster for bfloat16 and complex
-# (dB of A[8192, 16, 16] · B[16, 4] alone: one GEMM 0.57-0.63× TF's sum of per-matrix
-# products; Xeon with AMX, 2026-12-07); from them up the forward with both gradients ran
-# 1.02-226× tf.linalg.matmul's, the more the smaller M (M = 1, K = N = 512 at 11-226×),
-# benchmarks/TALL_GRADIENT-xeon.md (python benchmarks/tall_gradient.py).
+# (builtin_matmul): M up to TALL_GRADIENT_MAX_M, or N >= M with K·N of TALL_GRADIENT_MIN_KN
+# up. TF's per-matrix products make [G, K, N], N/M times A's size: with N < M that is less
+# than A, and their sum was level with one GEMM or faster for bfloat16 and complex (complex64
+# A[2048, 32, 32] · B[32, 8]: one GEMM 0.80× tf.linalg.matmul forward+backward,
+# SWEEP-xeon-tall.md; dB of A[8192, 16, 16] · B[16, 4] alone 0.57-0.63×; Xeon with AMX,
+# 2026-12-07), as with K·N < 256 (bfloat16 dB of A[32768, 8, 8] · B[8, 8] 0.91×). Within
+# the rule the forward with both gradients ran 1.02-226× tf.linalg.matmul's, the more the
+# smaller M (M = 1, K = N = 512 at 11-226×), benchmarks/TALL_GRADIENT-xeon.md (python
+# benchmarks/tall_gradient.py).
 TALL_GRADIENT_MIN_KN = 256
 TALL_GRADIENT_MAX_M = 4
 
 
 def tall_gradient_applies(m, k, n):
     """Whether builtin_matmul gives A[..., M, K] · B[K, N] (B shared) its one-GEMM gradient."""
-    return k * n >= TALL_GRADIENT_MIN_KN or m <= TALL_GRADIENT_MAX_M
+    return m <= TALL_GRADIENT_MAX_M or (n >= m and k * n >= TALL_GRADIENT_MIN_KN)
 
 
 # tf.linalg.matmul's flags at their defaults (`a @ b`).
