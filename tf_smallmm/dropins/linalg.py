@@ -269,21 +269,23 @@ MATMUL_DEFAULTS = {"transpose_a": False, "transpose_b": False, "adjoint_a": Fals
 
 def one_gemm_gradient(a, b, builtin_kwargs=MATMUL_DEFAULTS):
     """(K, N) where builtin_matmul gives tf.linalg.matmul(a, b, **builtin_kwargs) the
-    gradient of one GEMM: A[..., M, K] · op(B)[K, N] of a float or complex dtype with B
-    of rank 2 or batch axes of 1, A not transposed, M, K, N static and within
-    tall_gradient_applies, a tape that may record, not under dispatch.disabled(); else None."""
+    gradient of one GEMM: a product of a kernel dtype that _product_sizes reads as TALL
+    only (B of rank 2 or batch axes of 1 shared by every matrix of A, A not transposed),
+    M, K, N static and within tall_gradient_applies, a tape that may record, not under
+    dispatch.disabled(); else None."""
     kw = builtin_kwargs
-    sa, sb = _shape(a), _shape(b)
-    if (sa is None or sb is None or len(sa) < 3 or any(d != 1 for d in sb[:-2])
-            or kw["transpose_a"] or kw["adjoint_a"] or kw["output_type"] is not None
-            or kw["grad_a"] or kw["grad_b"] or kw["a_is_sparse"] or kw["b_is_sparse"]
-            or a.dtype != b.dtype or not (a.dtype.is_floating or a.dtype.is_complex)
-            or dispatch.disabled()
+    if (kw["output_type"] is not None or kw["grad_a"] or kw["grad_b"] or kw["a_is_sparse"]
+            or kw["b_is_sparse"] or a.dtype != b.dtype
+            or a.dtype.base_dtype not in dispatch.SUPPORTED_DTYPES or dispatch.disabled()
             or (context.executing_eagerly() and not record.could_possibly_record())):
         return None
-    m, k = sa[-2:]
-    n = sb[-2] if kw["transpose_b"] or kw["adjoint_b"] else sb[-1]
-    if None in (m, k, n) or not tall_gradient_applies(m, k, n):
+    # The family and sizes as the dispatch reads them: TALL only (B shared, A not transposed).
+    sizes = _product_sizes(_shape(a), _shape(b), bool(kw["transpose_a"] or kw["adjoint_a"]),
+                           bool(kw["transpose_b"] or kw["adjoint_b"]))
+    if sizes is None or len(sizes) != 1 or sizes[0][3] != dispatch.TALL:
+        return None
+    m, n, k = sizes[0][:3]
+    if not all(isinstance(s, int) for s in (m, n, k)) or not tall_gradient_applies(m, k, n):
         return None
     return k, n
 
