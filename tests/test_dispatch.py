@@ -63,7 +63,8 @@ def test_shared_matrix_times_vectors_asks_about_the_folded_product(monkeypatch, 
     one product with the batch as columns: the model is asked about that product, eagerly,
     in a graph, and (through the run-time branch) with the batch unknown."""
     asked, real = [], dispatch.choose
-    monkeypatch.setattr(dispatch, "choose", lambda *a: asked.append(a) or real(*a))
+    monkeypatch.setattr(dispatch, "choose",
+                        lambda *a, **kw: asked.append(a) or real(*a, **kw))
     w, u = tf.ones([6, 10, 16, 8]), tf.ones([batch, 6, 8])
     for f in (smm.capsule_predict, tf.function(smm.capsule_predict)):
         asked.clear()

@@ -26,18 +26,28 @@ M_ABOVE_8 = [[m, n, k] for m in CLASSES if m > 3 for n in CLASSES for k in CLASS
 
 @pytest.fixture
 def model(monkeypatch):
-    """install({dtype name: cells where the built-in wins}, cpu_class=..., families=...): a
-    synthetic model measured for avx512+bf16, DENSE family only unless `families` gives
-    {family: {dtype name: cells}} too."""
-    def install(cells=None, cpu_class="avx512+bf16", bounds=None, families=None):
+    """install({dtype name: cells where the built-in wins}, cpu_class=..., families=...,
+    forward=...): a synthetic model measured for avx512+bf16, DENSE family only unless
+    `families` gives {family: {dtype name: cells}} too; `forward` ({family: {dtype name:
+    cells}}) adds cells where only the built-in's forward wins."""
+    def install(cells=None, cpu_class="avx512+bf16", bounds=None, families=None,
+                forward=None):
         classes = len(bounds or BOUNDS) + 1
+        forward = forward or {}
 
-        def encode(measured):
-            return {dtype: dispatch.encode_cells({tuple(c) for c in dtype_cells}, classes)
-                    for dtype, dtype_cells in measured.items()}
+        def encode(measured, family):
+            split = forward.get(family, {})
+            out = {}
+            for dtype in set(measured) | set(split):
+                only = {tuple(c) for c in split.get(dtype, ())}
+                out[dtype] = dispatch.encode_cells(
+                    {tuple(c) for c in measured.get(dtype, ())} | only, classes, only)
+            return out
 
-        entry = {"builtin": {dispatch.DENSE: encode(cells or {}),
-                             **{f: encode(c) for f, c in (families or {}).items()}}}
+        families = dict({dispatch.DENSE: cells or {}}, **(families or {}))
+        for family in forward:
+            families.setdefault(family, {})
+        entry = {"builtin": {f: encode(c, f) for f, c in families.items()}}
         if bounds:  # the entry's own size classes
             entry["size_bounds"] = bounds
         data = {"size_bounds": BOUNDS, "classes": {"avx512+bf16": entry}}
@@ -70,6 +80,10 @@ def test_cells_round_trip_through_the_file_form():
     rows = dispatch.encode_cells(cells, len(CLASSES))
     assert rows[3].split()[1] == "............B"
     assert dispatch.decode_cells(rows) == cells
+    rows = dispatch.encode_cells(cells, len(CLASSES), forward={(3, 1, 12)})
+    assert rows[3].split()[1] == "............F"
+    assert dispatch.decode_cells(rows) == cells
+    assert dispatch.decode_cells(rows, "F") == {(3, 1, 12)}
 
 
 def test_a_family_the_model_has_not_measured_keeps_the_size_rule(model):
@@ -95,9 +109,9 @@ def test_a_contraction_without_a_common_batch_is_asked_as_one_gemm(model, monkey
     asked = []
     choose = dispatch.choose
 
-    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None):
+    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None, split=False):
         asked.append((m, n, k, family))
-        return choose(dtype, m, n, k, family, per_product)
+        return choose(dtype, m, n, k, family, per_product, split)
 
     model({"float32": [[m, n, k] for m in CLASSES if m > 8 for n in CLASSES for k in CLASSES]})
     monkeypatch.setattr(dispatch, "choose", spy)
@@ -129,9 +143,9 @@ def test_wrappers_ask_for_their_products_family(call, family, monkeypatch):
     asked = []
     choose = dispatch.choose
 
-    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None):
+    def spy(dtype, m, n, k, family=dispatch.DENSE, per_product=None, split=False):
         asked.append(family)
-        return choose(dtype, m, n, k, family, per_product)
+        return choose(dtype, m, n, k, family, per_product, split)
 
     monkeypatch.setattr(dispatch, "choose", spy)
     contraction._eager_lowering.cache_clear()
@@ -284,6 +298,12 @@ def test_run_time_predicate_agrees_with_the_table(model, cells):
 def ran_ops(build, feeds):
     """Types of the ops a v1 graph executed for `build(*placeholders)`, and the results.
     feeds: [(spec, value), ...]."""
+    executed, out = executed_ops(build, feeds)
+    return set(executed), out
+
+
+def executed_ops(build, feeds):
+    """ran_ops' op types as a list, one entry per node executed."""
     with tf.Graph().as_default():
         holders = [tf.compat.v1.placeholder(spec.dtype, spec.shape) for spec, _ in feeds]
         fetches = build(*holders)
@@ -293,12 +313,12 @@ def ran_ops(build, feeds):
                            options=tf.compat.v1.RunOptions(
                                trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
                            run_metadata=meta)
-    ran = set()
+    ran = []
     for dev in meta.step_stats.dev_stats:
         for node in dev.node_stats:
             label = node.timeline_label
             if " = " in label:
-                ran.add(label.split(" = ")[1].split("(")[0])
+                ran.append(label.split(" = ")[1].split("(")[0])
     return ran, out
 
 
@@ -386,6 +406,131 @@ def test_single_small_matrices_take_the_builtin_in_both_modes(model, a_shape, b_
         np.testing.assert_array_equal(smm.matmul(a, b), tf.function(smm.matmul)(a, b))
 
 
+# ------------------------------------------------------------------ the built-in's forward, our gradients
+EVERY_CELL = [list(c) for c in __import__("itertools").product(CLASSES, repeat=3)]
+SPLIT_CASES = [
+    # (a shape, b shape, matmul flags): a batch, adjoints, a rank-4 broadcast, a B shared
+    ((6, 5, 4), (6, 4, 3), {}),
+    ((6, 4, 5), (6, 3, 4), {"adjoint_a": True, "transpose_b": True}),
+    ((2, 1, 5, 4), (3, 4, 3), {}),
+    ((6, 5, 4), (3, 4), {"adjoint_b": True}),
+]
+
+
+@pytest.fixture
+def split_everywhere(model):
+    model(forward={family: {d.name: EVERY_CELL for d in dispatch.SUPPORTED_DTYPES}
+                   for family in (dispatch.DENSE, dispatch.SHARED, dispatch.TALL)})
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.complex64])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["batch", "adjoint", "broadcast", "tall"])
+def test_the_split_runs_the_builtins_forward_with_our_gradients(split_everywhere, case,
+                                                                dtype):
+    """Forward: the built-in's op and bits, no SmallMM op. Gradients: our kernels', equal to
+    tf.linalg.matmul's to rounding, in tf.function and eagerly."""
+    sa, sb, flags = case
+    a, b = random_tensor(sa, dtype, 1), random_tensor(sb, dtype, 2)
+    want = tf.linalg.matmul(a, b, **flags)
+    g = random_tensor(want.shape, dtype, 3)
+
+    def grads(fn):
+        def step(a, b, g):
+            with tf.GradientTape() as tape:
+                tape.watch([a, b])
+                y = fn(a, b, **flags)
+            return [y] + tape.gradient(y, [a, b], output_gradients=g)
+
+        return step
+
+    forward = tf.function(smm.matmul)
+    assert not smallmm_ops(forward.get_concrete_function(a, b, **flags))
+    np.testing.assert_array_equal(forward(a, b, **flags), want)
+    np.testing.assert_array_equal(smm.matmul(a, b, **flags), want)  # eager, no tape
+    ours = tf.function(grads(smm.matmul))
+    assert smallmm_ops(ours.get_concrete_function(a, b, g))
+    tol = 1e-5 if dtype.real_dtype == tf.float32 else 1e-12
+    expected = grads(tf.linalg.matmul)(a, b, g)
+    for run in (ours, grads(smm.matmul)):
+        got = run(a, b, g)
+        np.testing.assert_array_equal(got[0], want)
+        for x, y in zip(got[1:], expected[1:]):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: smm.matvec(a, b[..., 0]),
+    lambda a, b: a @ b,
+    lambda a, b: __import__("keras").ops.matmul(a, b),
+], ids=["matvec", "@", "keras.ops.matmul"])
+def test_every_product_drop_in_splits(split_everywhere, call):
+    a, b = random_tensor((6, 5, 4), tf.float32, 1), random_tensor((6, 4, 1), tf.float32, 2)
+
+    def step(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            y = call(a, b)
+        return [y] + tape.gradient(y, [a, b])
+
+    with smm.patched():
+        forward, grads = tf.function(call), tf.function(step)
+        assert not smallmm_ops(forward.get_concrete_function(a, b))
+        assert smallmm_ops(grads.get_concrete_function(a, b))
+        got = grads(a, b)
+    want = step(a, b)  # unpatched: the built-ins
+    for x, w in zip(got, want):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_has_second_derivatives_and_forward_mode(split_everywhere):
+    a, b = random_tensor((6, 5, 4), tf.float64, 1), random_tensor((4, 3), tf.float64, 2)
+
+    def second(mm, a, b):
+        with tf.GradientTape() as outer:
+            outer.watch(a)
+            with tf.GradientTape() as inner:
+                inner.watch(b)
+                y = mm(a, b)
+                loss = tf.reduce_sum(y * y)
+            db = inner.gradient(loss, b)
+        return outer.gradient(db, a)
+
+    def forward_mode(mm, a, b):
+        with tf.autodiff.ForwardAccumulator(a, tf.ones_like(a)) as acc:
+            y = mm(a, b)
+        return acc.jvp(y)
+
+    for fn in (second, forward_mode):
+        want = fn(tf.linalg.matmul, a, b)
+        for run in (fn, tf.function(fn)):
+            np.testing.assert_allclose(run(smm.matmul, a, b), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_split_forms_only_the_gradient_asked_for(split_everywhere):
+    """A custom gradient is not told which inputs need theirs: each is its own product, and
+    a graph that needs only dA (a frozen weight) runs only that one."""
+    a, b = random_tensor((6, 5, 4), tf.float32, 1), random_tensor((6, 4, 3), tf.float32, 2)
+
+    def build(which):
+        def fn(x, y):
+            out = smm.matmul(x, y)
+            return tf.gradients(out, [(x, y)[i] for i in which], grad_ys=tf.ones_like(out))
+        return fn
+
+    feeds = [(tf.TensorSpec(a.shape), a.numpy()), (tf.TensorSpec(b.shape), b.numpy())]
+    for which in ((0,), (1,), (0, 1)):
+        ran, out = executed_ops(build(which), feeds)
+        # (The forward does not run at all: no gradient reads it.)
+        assert sum(op.startswith("SmallMM") for op in ran) == len(which), ran
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            y = tf.linalg.matmul(a, b)
+        want = tape.gradient(y, [(a, b)[i] for i in which], output_gradients=tf.ones_like(y))
+        for x, w in zip(out, want):
+            np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ eager fast paths
 EAGER_CASES = [
     ("matmul", smm.matmul, tf.linalg.matmul, (2, 3, 3), (2, 3, 3)),
@@ -469,6 +614,23 @@ def test_eager_errors_are_the_builtins(call):
     assert str(ours.value) == str(builtin.value)
 
 
+def test_a_cell_where_only_the_forward_loses_splits_for_the_callers_that_ask(model):
+    """A cell marked 'F': the built-in for choose() and for the run-time branch, the
+    built-in's forward with our gradients for choose(..., split=True)."""
+    model({"float32": [[3, 6, 3]]}, forward={dispatch.DENSE: {"float32": [[3, 5, 3]]}})
+    assert dispatch.choose(tf.float32, 8, 16, 8) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 8, 16, 8, split=True) == dispatch.GRADIENTS
+    assert dispatch.choose(tf.float32, 8, 24, 8, split=True) == dispatch.BUILTIN
+    assert dispatch.choose(tf.float32, 8, 4, 8, split=True) == dispatch.KERNEL
+    # Sizes the run time decides: the split only where every class it may be splits.
+    assert dispatch.choose(tf.float32, 8, dispatch.AtLeast(13), 8,
+                           split=True) == dispatch.RUNTIME
+    n = tf.constant(16)
+    assert not bool(dispatch.kernel_wins(tf.float32, 8, n, 8))
+    with dispatch.builtin_ops():
+        assert dispatch.choose(tf.float32, 8, 16, 8, split=True) == dispatch.BUILTIN
+
+
 # ------------------------------------------------------------------ fitting the model
 def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
     """A cell goes to the built-in where its worst point is below the controls' noise
@@ -495,6 +657,29 @@ def test_the_fit_acts_only_on_losses_beyond_the_noise_and_interpolates():
     # Unmeasured: N 5-8 (3, 3, 3) is next to (3, 2, 3) only -> the built-in; N 17-24
     # (3, 6, 3) is between 1.5 and 0.8 -> sqrt(1.2) -> ours; N 33-64 next to 0.8.
     assert (3, 3, 3) in cells and (3, 6, 3) not in cells and (3, 8, 3) in cells
+    assert not dispatch.decode_cells(sweep.fit_model(rows, BOUNDS, floor)["float32"], "F")
+
+
+def test_the_fit_splits_measured_cells_whose_gradients_win():
+    """Where the forward loses and every mode with gradients wins by SPLIT_MIN, a measured
+    cell takes the built-in's forward with our gradients ('F'); a smaller win, a lost
+    gradient mode, or an interpolated cell stays the built-in's."""
+    from tf_smallmm.tools import sweep
+
+    win = sweep.SPLIT_MIN + 0.1
+    rows = [{"dtype": "float32", "point": p, "fwd": 0.8, "fwd_bwd": fb, **extra}
+            for p, fb, extra in [
+                ((8, 1, 8), win, {}),                                 # (3, 0, 3): split
+                ((8, 2, 8), win, {"fwd_da": win, "fwd_db": win}),     # (3, 1, 3): split
+                ((8, 4, 8), win, {"fwd_da": win, "fwd_db": 1.0}),     # (3, 2, 3): dB only
+                ((8, 12, 8), sweep.SPLIT_MIN - 0.05, {}),             # (3, 4, 3): too close
+                ((8, 16, 8), win, {}), ((8, 16, 7), 0.9, {}),         # (3, 5, 3): one point
+                ((8, 64, 8), win, {}),                                # (3, 8, 3): split
+            ]]
+    fitted = sweep.fit_model(rows, BOUNDS, sweep.NEAR)["float32"]
+    cells, split = dispatch.decode_cells(fitted), dispatch.decode_cells(fitted, "F")
+    assert split == {(3, 0, 3), (3, 1, 3), (3, 8, 3)}
+    assert {(3, 2, 3), (3, 4, 3), (3, 5, 3), (3, 6, 3)} <= cells  # (3, 6, 3): interpolated
 
 
 def test_a_class_entry_cuts_sizes_at_its_own_bounds(model):

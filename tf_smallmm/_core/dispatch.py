@@ -4,9 +4,9 @@ The result, errors and static shapes are the same either way; this only decides 
 `use_kernel(dtype)` says whether our ops may run here at all (library loaded, dtype,
 XLA, GPU, TF_SMALLMM_DISABLE); `choose(dtype, m, n, k, family)` says which side is faster
 for a product, from a model measured per CPU class, product family and dtype
-(dispatch_model.json). Sizes only
-known at run time get a RUNTIME answer, and the caller branches in the graph on
-`kernel_wins(...)`.
+(dispatch_model.json): our kernels, the built-in, or (where the caller can build it) the
+built-in's forward with our kernels' gradients. Sizes only known at run time get a RUNTIME
+answer, and the caller branches in the graph on `kernel_wins(...)`.
 """
 
 import bisect
@@ -170,6 +170,16 @@ def use_kernel(dtype):
 # one product; TALL: DENSE's for one piece, `per_product`).
 
 KERNEL, BUILTIN, RUNTIME = "kernel", "builtin", "runtime"
+# The built-in's forward with our kernels' gradients: cells where the forward of our kernels
+# loses and every mode with gradients wins (model mark 'F', tools/sweep.py SPLIT_MIN). On
+# a Xeon with AMX (SWEEP.json rows of 2026-12-07, kernels forced) 32 measured cells were
+# such, e.g. complex64 [8192, 3, 32] · [8192, 32, 8] at 0.75× forward and 1.17×
+# forward+backward; where the worse mode decided they went to the built-in whole. A
+# gradient product does not read the forward's output, so the split costs nothing: its
+# forward+backward is the built-in's forward and our gradients. Only `choose(...,
+# split=True)` answers it (other callers: BUILTIN), and only for sizes known at trace time
+# (a run-time branch takes such cells as the built-in's).
+GRADIENTS = "gradients"
 DENSE, SHARED, FOLDED, TALL = "dense", "shared", "folded", "tall"
 # The family a product of a family the model has not measured is asked about instead, with
 # the sizes of the product the kernels run (`per_product`).
@@ -277,18 +287,23 @@ def _measured_class(cpu_class, classes):
     return max(same_isa, key=lambda c: len(c.split("+")), default=None)
 
 
-def encode_cells(cells, classes):
-    """The model file's form of a set of (M, N, K) class cells: one string per M class,
-    of one group per N class (space-separated) of one character per K class, 'B' where
-    the built-in wins and '.' where our kernels do."""
-    return [" ".join("".join("B" if (m, n, k) in cells else "." for k in range(classes))
-                     for n in range(classes)) for m in range(classes)]
+def encode_cells(cells, classes, forward=frozenset()):
+    """The model file's form of a set of (M, N, K) class cells where the built-in wins: one
+    string per M class, of one group per N class (space-separated) of one character per K
+    class, '.' where our kernels win, 'B' where the built-in does, 'F' where only its
+    forward does (cells of `forward`, which are cells of `cells` too; see GRADIENTS)."""
+    def mark(cell):
+        return ("F" if cell in forward else "B") if cell in cells else "."
+
+    return [" ".join("".join(mark((m, n, k)) for k in range(classes)) for n in range(classes))
+            for m in range(classes)]
 
 
-def decode_cells(rows):
-    """The set of cells of encode_cells' strings."""
+def decode_cells(rows, marks="BF"):
+    """The set of cells of encode_cells' strings marked with one of `marks`: by default
+    those where the built-in wins (whole or the forward only); marks="F" the forward only."""
     return {(m, n, k) for m, row in enumerate(rows) for n, group in enumerate(row.split())
-            for k, mark in enumerate(group) if mark == "B"}
+            for k, mark in enumerate(group) if mark in marks}
 
 
 def _family_measured(dtype_name, cpu_class, family):
@@ -301,11 +316,11 @@ def _family_measured(dtype_name, cpu_class, family):
 
 @functools.cache
 def _table(dtype_name, cpu_class, family):
-    """(size bounds, the cells where the built-in wins) for this dtype, CPU class and
-    product family. Not measured for them (see _measured_class): the size rule
-    MAX_SMALL_MACS, or for 16-bit dtypes the dense family's cells where those were
-    measured; on a CPU class not measured at all, 16-bit products from 16³ multiply-adds
-    up also go to the built-in."""
+    """(size bounds, the cells where the built-in wins, those of them where only its forward
+    does) for this dtype, CPU class and product family. Not measured for them (see
+    _measured_class): the size rule MAX_SMALL_MACS, or for 16-bit dtypes the dense family's
+    cells where those were measured (never split); on a CPU class not measured at all,
+    16-bit products from 16³ multiply-adds up also go to the built-in whole."""
     data = model()
     source = _measured_class(cpu_class, data["classes"])
     entry = data["classes"].get(source, {})
@@ -314,8 +329,10 @@ def _table(dtype_name, cpu_class, family):
     every = list(itertools.product(range(len(bounds) + 1), repeat=3))
     families = entry.get("builtin", {})
     measured, dense = families.get(family, {}), families.get(DENSE, {})
+    forward = set()
     if dtype_name in measured:
         cells = decode_cells(measured[dtype_name])
+        forward = decode_cells(measured[dtype_name], "F")
     elif tf.as_dtype(dtype_name) in SIXTEEN_BIT and dtype_name in dense:
         # 16-bit products lose where the kernels' float32 arithmetic loses to the built-in's
         # 16-bit units, which sharing an operand does not change (SWEEP.md of 2026-12-01:
@@ -325,8 +342,9 @@ def _table(dtype_name, cpu_class, family):
     else:
         cells = {c for c in every if _cell_macs(c, bounds) > MAX_SMALL_MACS}
     if source != cpu_class and tf.as_dtype(dtype_name) in SIXTEEN_BIT:
-        cells |= {c for c in every if _cell_macs(c, bounds) > UNMEASURED_16BIT_MAX_MACS}
-    return bounds, frozenset(cells)
+        large = {c for c in every if _cell_macs(c, bounds) > UNMEASURED_16BIT_MAX_MACS}
+        cells, forward = cells | large, forward - large
+    return bounds, frozenset(cells), frozenset(forward)
 
 
 def folded_rows(m, batch):
@@ -372,20 +390,22 @@ def _classes(size, bounds):
 def _model_choice(dtype, m, n, k, family, cpu_class, per_product=None):
     if family in _UNMEASURED and not _family_measured(dtype.name, cpu_class, family):
         (m, n, k), family = per_product, _UNMEASURED[family]
-    bounds, builtin = _table(dtype.name, cpu_class, family)
-    wins = {cell not in builtin
-            for cell in itertools.product(*(_classes(s, bounds) for s in (m, n, k)))}
-    if wins == {True}:
+    bounds, builtin, forward = _table(dtype.name, cpu_class, family)
+    cells = set(itertools.product(*(_classes(s, bounds) for s in (m, n, k))))
+    if not cells & builtin:
         return KERNEL
-    return BUILTIN if wins == {False} else RUNTIME
+    if cells <= forward:
+        return GRADIENTS
+    return BUILTIN if cells <= builtin else RUNTIME
 
 
-def choose(dtype, m, n, k, family=DENSE, per_product=None):
+def choose(dtype, m, n, k, family=DENSE, per_product=None, split=False):
     """KERNEL, BUILTIN or RUNTIME for a product op(A)[M, K] · op(B)[K, N] of `dtype`
     (batched or not) of a family (DENSE, SHARED, FOLDED or TALL): each of m, n, k is an int or an
     AtLeast when only the run time knows it. RUNTIME: the model's answer depends on sizes
     unknown at trace time; the caller branches on `kernel_wins(...)` in the graph. Cheap
-    after the first call for a signature (eager code asks on every call).
+    after the first call for a signature (eager code asks on every call). With `split`,
+    also GRADIENTS: the built-in's forward with our kernels' gradients (else BUILTIN there).
 
     per_product: for FOLDED, the (M, N, K) of one of the products folded into m, n, k.
     Where the model has not measured FOLDED, that product is asked about as SHARED: the
@@ -397,7 +417,8 @@ def choose(dtype, m, n, k, family=DENSE, per_product=None):
         return BUILTIN
     if everywhere():
         return KERNEL
-    return _model_choice(dtype, m, n, k, family, isa_class(), per_product)
+    choice = _model_choice(dtype, m, n, k, family, isa_class(), per_product)
+    return BUILTIN if choice == GRADIENTS and not split else choice
 
 
 def kernel_wins(dtype, m, n, k, family=DENSE, per_product=None):
@@ -407,7 +428,7 @@ def kernel_wins(dtype, m, n, k, family=DENSE, per_product=None):
     in choose."""
     if family in _UNMEASURED and not _family_measured(dtype.name, isa_class(), family):
         (m, n, k), family = per_product, _UNMEASURED[family]
-    bounds, builtin = _table(dtype.name, isa_class(), family)
+    bounds, builtin, _ = _table(dtype.name, isa_class(), family)
     sizes = (m, n, k)
     unknown = [i for i, s in enumerate(sizes) if tf.is_tensor(s)]
     known = [(size_class(s, bounds),) if i not in unknown else range(len(bounds) + 1)

@@ -127,6 +127,14 @@ def _grads(x, y, tx, cx, ty, cy, grad, need_x=True, need_y=True, perms=((), (), 
     return (outs.pop(0) if need_x else None), (outs.pop(0) if need_y else None)
 
 
+def separate_gradients(x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, grad):
+    """(dx, dy) of product(x, y, transpose_x, ...) for upstream `grad` (see _grads), as two
+    ops: a tf.custom_gradient is not told which inputs need theirs, and a graph runs only
+    the one it needs (a frozen weight's dx, a model input's dy) where one op would form both."""
+    flags = (x, y, transpose_x, conjugate_x, transpose_y, conjugate_y, grad)
+    return _grads(*flags, need_y=False)[0], _grads(*flags, need_x=False)[1]
+
+
 def _skipped(op):
     # Inputs the tape does not need gradients for (e.g. a model's input data).
     return set(getattr(op, "skip_input_indices", None) or ())

@@ -153,11 +153,13 @@ def _run_time_product(a, b, transpose_a, transpose_b):
 
 
 def _choice(dtype, sa, sb, sizes):
-    """KERNEL, BUILTIN or RUNTIME for a product of static shapes sa, sb whose
+    """KERNEL, BUILTIN, GRADIENTS or RUNTIME for a product of static shapes sa, sb whose
     `_product_sizes` are `sizes` (None: the built-in)."""
     if sizes is None or _single_small_product(sa, sb):
         return dispatch.BUILTIN
-    choices = {dispatch.choose(dtype, *candidate) for candidate in sizes}
+    choices = {dispatch.choose(dtype, *candidate, split=True) for candidate in sizes}
+    if len(choices) > 1:  # the split where every reading of the shapes takes it only
+        choices = {dispatch.BUILTIN if c == dispatch.GRADIENTS else c for c in choices}
     return choices.pop() if len(choices) == 1 else dispatch.RUNTIME
 
 
@@ -336,13 +338,17 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
     graph. op transposes (transpose_x) and also conjugates (adjoint_x). Where sizes only
     the run time knows decide (e.g. a None batch folded into M), the result is a tf.cond
     between the kernel and `fallback()` (the same product by the built-in the caller
-    replaces); without a fallback such products are None too."""
+    replaces); where the model takes the built-in's forward with our gradients
+    (dispatch.GRADIENTS), it is `fallback()` with them. Without a fallback such products
+    are None too."""
     ta, tb = bool(transpose_a or adjoint_a), bool(transpose_b or adjoint_b)
     sa, sb, dtype = _shape(a), _shape(b), a.dtype.base_dtype
     sizes = _product_sizes(sa, sb, ta, tb) if a.dtype == b.dtype else None
     choice = _choice(dtype, sa, sb, sizes)
-    if choice == dispatch.BUILTIN or (choice == dispatch.RUNTIME and fallback is None):
+    if choice == dispatch.BUILTIN or (choice != dispatch.KERNEL and fallback is None):
         return None
+    if choice == dispatch.GRADIENTS:
+        return _with_our_gradients(a, b, ta, bool(adjoint_a), tb, bool(adjoint_b), fallback)
 
     def ours(name=None):
         return engine.product(a, b, transpose_x=ta, conjugate_x=bool(adjoint_a),
@@ -364,6 +370,23 @@ def on_engine(a, b, transpose_a=False, adjoint_a=False, transpose_b=False, adjoi
         if other is not None:
             win = other if win is None else tf.where(flag, other, win)
     return tf.cond(win, ours, fallback, name=name)
+
+
+def _with_our_gradients(a, b, ta, ca, tb, cb, forward):
+    """forward() (the built-in's op(a) · op(b), ta / tb: transposed, ca / cb: conjugated)
+    with our kernels' gradients (dispatch.GRADIENTS). Where no tape can record (eager),
+    forward() alone."""
+    if context.executing_eagerly() and not record.could_possibly_record():
+        return forward()
+
+    @tf.custom_gradient
+    def product(a, b):
+        def gradient(dc):
+            return engine.separate_gradients(a, b, ta, ca, tb, cb, dc)
+
+        return forward(), gradient
+
+    return product(a, b)
 
 
 def matvec(a, b, transpose_a=False, adjoint_a=False, a_is_sparse=False, b_is_sparse=False,

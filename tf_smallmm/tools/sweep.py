@@ -391,6 +391,9 @@ def measure(case, rounds, model=False):
     base_f, base_g = _steps(case.builtin, case.spec, [None] + y.shape[1:]
                             if case.spec else None, case.dtype)
     row["kernel"], row["branch"] = _uses_kernel(ours_f, (a, b))
+    if case.grads and not (row["kernel"] or row["branch"]):
+        # The built-in's forward with our gradients (dispatch.GRADIENTS)?
+        row["gradients"] = _uses_kernel(ours_g["fwd_bwd"], (a, b, g))[0]
     row["fwd"], row["ours_s"], row["builtin_s"] = paired(ours_f, base_f, (a, b), rounds)
     if case.grads:
         row["fwd_bwd"], row["ours_fb_s"], row["builtin_fb_s"] = paired(
@@ -431,17 +434,33 @@ NEAR = 0.97
 MODEL_BOUNDS = (1, 2, 3, 4, 7, 8, 12, 16, 24, 32, 64, 256, 1024, 4096)
 
 
+# A cell whose forward loses keeps the built-in's forward and takes our gradients (mark
+# 'F', dispatch.GRADIENTS) where every mode with gradients, measured with our forward, won
+# by at least SPLIT_MIN: with the built-in's faster forward in its place each of them is
+# faster still (the gradient products do not read the forward's output). The 10% covers
+# the Pair op the split gives up (its two gradient products run as separate ops) and noise.
+SPLIT_MIN = 1.1
+GRADIENT_MODES = ("fwd_bwd", "fwd_da", "fwd_db")
+
+
+def _scores(r):
+    """A row's (worst, forward, worst with gradients) ratios; 0 without gradient modes."""
+    return (_worst(r), r.get("fwd", np.inf),
+            min((r[k] for k in GRADIENT_MODES if k in r), default=0.0))
+
+
 def noise_floor(controls):
     ratios = [r[k] for r in controls for k in MODES if k in r]
     return min(NEAR, float(np.percentile(ratios, 10))) if ratios else NEAR
 
 
 def fit_model(rows, bounds, floor):
-    """{dtype name: the cells where the built-in wins, in dispatch.encode_cells' form},
-    from the forced-kernel rows of one family's model grid. A cell's score is
-    its worst point's ratio; a cell without a point takes the geometric mean of the
-    scores of the nearest measured cells (in size classes), i.e. it is interpolated
-    between them."""
+    """{dtype name: the cells where the built-in wins, and those where only its forward
+    does (SPLIT_MIN), in dispatch.encode_cells' form}, from the forced-kernel rows of one
+    family's model grid. A cell's scores (_scores) are its points' lowest; a cell without a
+    point takes the geometric mean of the scores of the nearest measured cells (in size
+    classes), i.e. it is interpolated between them, and is never split: the nearest cells
+    of a product beyond the grid are smaller products, whose gradients say nothing of it."""
     import itertools
 
     out = {}
@@ -450,17 +469,21 @@ def fit_model(rows, bounds, floor):
         for r in rows:
             if r.get("point") and r["dtype"] == dtype:
                 cell = tuple(dispatch.size_class(s, bounds) for s in r["point"])
-                scores[cell] = min(scores.get(cell, np.inf), _worst(r))
-        builtin = set()
+                scores[cell] = tuple(map(min, scores.get(cell, (np.inf,) * 3), _scores(r)))
+        builtin, forward = set(), set()
         for cell in itertools.product(range(len(bounds) + 1), repeat=3):
-            score = scores.get(cell)
+            score, measured = scores.get(cell), cell in scores
             if score is None:
                 dist = {c: sum(abs(i - j) for i, j in zip(c, cell)) for c in scores}
-                nearest = [np.log(scores[c]) for c in scores if dist[c] == min(dist.values())]
-                score = float(np.exp(np.mean(nearest)))
-            if score < floor:
+                nearest = [scores[c] for c in scores if dist[c] == min(dist.values())]
+                score = [float(np.exp(np.mean(np.log(np.maximum(v, 1e-9)))))
+                         for v in zip(*nearest)]
+            worst, fwd, gradients = score
+            if worst < floor:
                 builtin.add(cell)
-        out[dtype] = dispatch.encode_cells(builtin, len(bounds) + 1)
+                if measured and fwd < floor and gradients >= SPLIT_MIN:
+                    forward.add(cell)
+        out[dtype] = dispatch.encode_cells(builtin, len(bounds) + 1, forward)
     return out
 
 
@@ -711,6 +734,8 @@ def _path(r):
         return "eager"
     if r["branch"]:
         return "run-time branch"
+    if r.get("gradients"):
+        return "built-in, SmallMM gradients"
     return "SmallMM" if r["kernel"] else "built-in"
 
 
@@ -728,8 +753,9 @@ def markdown(rows, controls, roof, args, seconds, image):
     lo, hi = (min(spread), max(spread)) if spread else (float("nan"), float("nan"))
     below = [r for r in cases if _worst(r) < FLOOR_TARGET]
     rechecked = [r for r in cases if "first" in r]
-    on_ours = [r for r in cases if r.get("kernel") or r.get("branch")]
-    same_ops = [r for r in cases if "kernel" in r and not (r["kernel"] or r["branch"])]
+    on_ours = [r for r in cases if r.get("kernel") or r.get("branch") or r.get("gradients")]
+    same_ops = [r for r in cases
+                if "kernel" in r and not (r["kernel"] or r["branch"] or r.get("gradients"))]
     # The command as run: --family and --only leave cases out of the tables.
     family, only, out = (getattr(args, a, None) for a in ("family", "only", "out"))
     cmd = "python -m tf_smallmm.bench --sweep" + (" --quick" if args.quick else "") + \
@@ -751,7 +777,9 @@ def markdown(rows, controls, roof, args, seconds, image):
          "and the gradient of that input alone (the other not watched: a model's input, a "
          "frozen weight), for cases with a weight. Eager cases call both sides "
          "directly. 'path' is what our side ran: SmallMM, the built-in (the dispatch model's "
-         "choice), or a run-time branch between them (sizes unknown at trace time)."),
+         "choice), the built-in's forward with SmallMM gradients (the model's choice where "
+         "only our gradients win), or a run-time branch between SmallMM and the built-in "
+         "(sizes unknown at trace time)."),
         "",
         (f"Noise: {len(controls)} controls (the built-in against itself) ranged "
          f"{lo:.2f}–{hi:.2f}. {len(rechecked)} cases below {FLOOR_TARGET} were measured "
@@ -759,7 +787,7 @@ def markdown(rows, controls, roof, args, seconds, image):
          f"give the second measurement; 'first ×' the first pass's worst ratio). Below "
          f"{FLOOR_TARGET} after that: {len(below)} of {len(cases)} cases: "
          f"{sum(r in below for r in on_ours)} of the {len(on_ours)} that run SmallMM ops "
-         f"(or a run-time branch), {sum(r in below for r in same_ops)} of the "
+         f"(or a run-time branch, or SmallMM gradients), {sum(r in below for r in same_ops)} of the "
          f"{len(same_ops)} that the dispatch sends to the built-in (the same ops on both "
          f"sides: noise), {sum('kernel' not in r and r in below for r in cases)} of the "
          f"{sum('kernel' not in r for r in cases)} eager calls."),
