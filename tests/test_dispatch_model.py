@@ -705,17 +705,23 @@ def test_refit_fits_the_saved_rows_again_and_keeps_their_stamp(tmp_path, monkeyp
     monkeypatch.setattr(dispatch, "isa_class", lambda: "avx512+bf16")
     rows = [{"dtype": "float32", "point": p, "fwd": f, "fwd_bwd": 1.2} for p, f in [
         ((7, 32, 8), 0.7), ((8, 32, 8), 1.3), ((8, 1, 8), 1.5)]]
+    tall = [dict(r, family=dispatch.TALL) for r in rows]
     controls = [{"fwd": 1.0, "fwd_bwd": 1.0}] * 10
     saved = tmp_path / "SWEEP.json"
-    saved.write_text(json.dumps({"rows": [], "model_rows": rows, "model_controls": controls}))
+    saved.write_text(json.dumps({"rows": [], "model_rows": rows + tall,
+                                 "model_controls": controls}))
     stamp = {"date": "2026-01-02", "command": "python -m tf_smallmm.bench --sweep "
              "--write-model", "machine": "somewhere", "tensorflow": "2.21.0"}
+    tall_stamp = dict(stamp, date="2026-01-03", command=stamp["command"] + " --family tall")
     path = tmp_path / "model.json"
     path.write_text(json.dumps({"size_bounds": BOUNDS, "classes": {
-        "avx512+bf16": dict(stamp, builtin={})}}))
+        "avx512+bf16": dict(stamp, builtin={}, families={dispatch.TALL: tall_stamp})}}))
     sweep.refit_model(str(saved), str(path))
     entry = json.loads(path.read_text())["classes"]["avx512+bf16"]
     assert {k: entry[k] for k in stamp} == stamp and "refit-model" in entry["fitted"]
+    # Each family keeps when and how its own rows were measured.
+    own = entry["families"][dispatch.TALL]
+    assert {k: own[k] for k in tall_stamp} == tall_stamp and "refit-model" in own["fitted"]
     assert entry["size_bounds"] == list(sweep.MODEL_BOUNDS)
     cells = dispatch.decode_cells(entry["builtin"][dispatch.DENSE]["float32"])
     assert cells == dispatch.decode_cells(

@@ -491,8 +491,8 @@ def write_model(rows, controls, path, command, stamp=None):
     """Rewrites this CPU class's entry of the model file for the product families of the
     forced-kernel rows, from them and the controls measured with them. Cut at MODEL_BOUNDS
     where every family the entry holds is fitted again, else at the entry's own bounds
-    (one set of size classes per entry). `stamp` (date, command, machine, tensorflow)
-    says when and how the rows were measured, by default now."""
+    (one set of size classes per entry). `stamp` ({family: {date, command, machine,
+    tensorflow}}) says when and how each family's rows were measured, by default now."""
     with open(path) as f:
         data = json.load(f)
     old = data["classes"].get(dispatch.isa_class(), {})
@@ -501,15 +501,16 @@ def write_model(rows, controls, path, command, stamp=None):
     bounds = tuple(old.get("size_bounds", data["size_bounds"])) if kept else MODEL_BOUNDS
     floor = noise_floor(controls)
     ratios = [r[k] for r in controls for k in MODES if k in r] or [np.nan]
-    measured = dict(stamp or {"date": datetime.date.today().isoformat(), "command": command,
-                              "machine": machine(), "tensorflow": tf.__version__})
-    if stamp:
-        measured["fitted"] = f"{datetime.date.today().isoformat()}: {command}"
-    measured["noise"] = (f"{len(controls)} controls {min(ratios):.2f}-{max(ratios):.2f}, "
-                         f"floor {floor:.2f}")
+    now = {"date": datetime.date.today().isoformat(), "command": command,
+           "machine": machine(), "tensorflow": tf.__version__}
+    noise = f"{len(controls)} controls {min(ratios):.2f}-{max(ratios):.2f}, floor {floor:.2f}"
     # The entry's top-level stamp is its dense family's; other families carry their own.
     entry = {k: v for k, v in old.items() if k != "builtin"} if kept else {}
     for family in families:
+        measured = dict(stamp[family]) if stamp else dict(now)
+        if stamp:
+            measured["fitted"] = f"{datetime.date.today().isoformat()}: {command}"
+        measured["noise"] = noise
         if family == dispatch.DENSE:
             entry.update(measured)
         else:
@@ -584,7 +585,12 @@ def refit_model(sweep_json, path):
                          f"{dispatch.isa_class()}: run --sweep --write-model")
     with open(path) as f:
         old = json.load(f)["classes"].get(dispatch.isa_class(), {})
-    stamp = {k: old[k] for k in ("date", "command", "machine", "tensorflow") if k in old}
+    # Each family keeps its own stamp (the dense one is the entry's top level).
+    stamp = {}
+    for family in {r.get("family", dispatch.DENSE) for r in mine["rows"]}:
+        source = old.get("families", {}).get(family, old)
+        stamp[family] = {k: source[k] for k in ("date", "command", "machine", "tensorflow")
+                         if k in source}
     write_model(mine["rows"], mine["controls"], path,
                 "python -m tf_smallmm.bench --refit-model", stamp=stamp)
 
