@@ -249,7 +249,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, adjoint_a=False, adjoint_
 # up. TF's per-matrix products make [G, K, N], N/M times A's size: with N < M that is less
 # than A, and their sum was level with one GEMM or faster for bfloat16 and complex (complex64
 # A[2048, 32, 32] · B[32, 8]: one GEMM 0.80× tf.linalg.matmul forward+backward,
-# SWEEP-xeon-tall.md; dB of A[8192, 16, 16] · B[16, 4] alone 0.57-0.63×; Xeon with AMX,
+# SWEEP-xeon-tall.md of 30cc7ba; dB of A[8192, 16, 16] · B[16, 4] alone 0.57-0.63×; Xeon with AMX,
 # 2026-12-07), as with K·N < 256 (bfloat16 dB of A[32768, 8, 8] · B[8, 8] 0.91×). Within
 # the rule the forward with both gradients ran 1.02-226× tf.linalg.matmul's, the more the
 # smaller M (M = 1, K = N = 512 at 11-226×), benchmarks/TALL_GRADIENT-xeon.md (python
