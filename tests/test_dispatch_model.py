@@ -7,8 +7,10 @@ the executor's step stats.
 """
 
 import dataclasses
+import itertools
 import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -407,7 +409,7 @@ def test_single_small_matrices_take_the_builtin_in_both_modes(model, a_shape, b_
 
 
 # ------------------------------------------------------------------ the built-in's forward, our gradients
-EVERY_CELL = [list(c) for c in __import__("itertools").product(CLASSES, repeat=3)]
+EVERY_CELL = [list(c) for c in itertools.product(CLASSES, repeat=3)]
 SPLIT_CASES = [
     # (a shape, b shape, matmul flags): a batch, adjoints, a rank-4 broadcast, a B shared
     ((6, 5, 4), (6, 4, 3), {}),
@@ -462,7 +464,7 @@ def test_the_split_runs_the_builtins_forward_with_our_gradients(split_everywhere
 @pytest.mark.parametrize("call", [
     lambda a, b: smm.matvec(a, b[..., 0]),
     lambda a, b: a @ b,
-    lambda a, b: __import__("keras").ops.matmul(a, b),
+    lambda a, b: keras.ops.matmul(a, b),
 ], ids=["matvec", "@", "keras.ops.matmul"])
 def test_every_product_drop_in_splits(split_everywhere, call):
     a, b = random_tensor((6, 5, 4), tf.float32, 1), random_tensor((6, 4, 1), tf.float32, 2)
